@@ -1,0 +1,47 @@
+"""Packaging for mpsupernet.
+
+torch is deliberately given as a range: the exact build used on the project's own CPU machines
+(torch 2.13.0) is pinned by the Makefile, which installs it before this package.
+"""
+
+from setuptools import find_packages, setup
+
+install_requires = [
+    "torch>=2.4",
+    "transformers>=5.0,<6",
+    "accelerate>=1.0",
+    "datasets>=3.0",
+    "huggingface_hub>=1.0",
+    "safetensors>=0.4.3",
+    "numpy>=1.24",
+    "pillow>=10.0",
+    "torchmetrics>=1.4",
+    "pymoo>=0.6.1",
+    "matplotlib>=3.7",
+    "tqdm>=4.64",
+]
+
+extras = {
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+}
+
+setup(
+    name="mpsupernet",
+    version="0.1.0.dev0",
+    description="Mixed-precision quantized supernets from the Segment Anything Model, fine-tuned with LoRA",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    package_data={"mpsupernet": ["pretrained/*.safetensors", "pretrained/*.json"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=install_requires,
+    extras_require=extras,
+    entry_points={"console_scripts": ["mpsupernet=mpsupernet.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
