@@ -1,0 +1,59 @@
+import os
+from local_hub import free_port  # tests/ is on sys.path for pytest (rootdir conftest)
+HUB_PORT = free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+os.environ.setdefault("HF_TOKEN", "hf_local_test_token")
+os.environ.pop("HF_HUB_OFFLINE", None)
+
+import pytest  # noqa: E402
+
+from local_hub import LocalHubServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def local_hub(tmp_path_factory):
+    """A `LocalHubServer` on `HF_ENDPOINT` for the whole test session."""
+    with LocalHubServer(tmp_path_factory.mktemp("hub"), port=HUB_PORT) as hub:
+        yield hub
+
+
+import torch  # noqa: E402
+from transformers import SamModel  # noqa: E402
+
+from mpsupernet import SamSupernetForMaskGeneration  # noqa: E402
+from mpsupernet.testing_utils import make_sam_config  # noqa: E402
+
+
+def make_tiny_sam(seed: int = 0, attn_implementation: str = "sdpa") -> SamModel:
+    """A tiny random SAM whose outputs are of order 0.1-1, so that a tolerance of 1e-5 means something.
+
+    SAM's own initialisation gives mask logits of order 1e-3; every weight is perturbed to make them larger.
+    """
+    torch.manual_seed(seed)
+    sam = SamModel(make_sam_config(attn_implementation=attn_implementation)).eval()
+    with torch.no_grad():
+        for parameter in sam.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.2)
+    return sam
+
+
+@pytest.fixture
+def tiny_sam():
+    return make_tiny_sam()
+
+
+@pytest.fixture
+def tiny_supernet(tiny_sam):
+    return SamSupernetForMaskGeneration.from_sam(tiny_sam).eval()
+
+
+@pytest.fixture
+def prompt_inputs():
+    """Two 128x128 images, each with one box and one two-point prompt."""
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "pixel_values": torch.randn(2, 3, 128, 128, generator=generator),
+        "input_points": torch.rand(2, 1, 2, 2, generator=generator) * 128,
+        "input_labels": torch.tensor([[[1, 0]], [[1, 1]]]),
+        "input_boxes": torch.tensor([[[10.0, 12.0, 90.0, 100.0]], [[30.0, 5.0, 120.0, 64.0]]]),
+    }
