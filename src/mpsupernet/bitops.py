@@ -1,0 +1,157 @@
+"""Analytic MACs and BitOPs of a subnet architecture, without running anything.
+
+`BitOPs = Σ MACs × weight_bits × activation_bits` over every matmul-like operation of the image encoder, for one
+image. Float operations count at `config.float_bits` on both operands. The act×act attention products (queries ×
+keys, probabilities × values) count at the activation bits of the block's `qkv` layer when
+`config.quantize_attention_products` is set, else in float; the decomposed relative-position products multiply a
+(quantized) query by a float table. The counts follow transformers' SAM operation by operation, windows padded as the
+encoder pads them, so that they agree exactly with `torch.utils.flop_counter` (FLOPs = 2 × MACs).
+
+The prompt encoder and mask decoder run once per prompt, not per image, stay in float and do not change with the
+architecture; they are not part of these counts.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .configuration_sam_supernet import FLOAT_BITS, SamSupernetConfig
+from .search_space import SearchSpace, SubnetArchitecture
+
+
+@dataclass(frozen=True)
+class BitOpsRow:
+    """One operation of the count: its name, kind, MACs and the bit-widths of its two operands."""
+
+    name: str
+    kind: str
+    macs: int
+    weight_bits: int
+    activation_bits: int
+
+    @property
+    def bitops(self) -> int:
+        return self.macs * self.weight_bits * self.activation_bits
+
+
+@dataclass
+class BitOpsReport:
+    """BitOPs of one architecture, with per-operation rows and the two references every reduction needs.
+
+    Attributes:
+        rows: every counted operation (`kind` is `"conv"`, `"linear"` or `"attention"`).
+        full_precision_bitops: the base SAM at full size, every operation in float.
+        w8a8_bitops: the base SAM at full size with every quantized layer (and attention product) at 8 bits.
+    """
+
+    rows: list[BitOpsRow]
+    full_precision_bitops: int
+    w8a8_bitops: int
+    architecture: dict = field(default_factory=dict)
+
+    @property
+    def total_macs(self) -> int:
+        return sum(row.macs for row in self.rows)
+
+    @property
+    def total_bitops(self) -> int:
+        return sum(row.bitops for row in self.rows)
+
+    @property
+    def attention_bitops(self) -> int:
+        """BitOPs of the act×act (and relative-position) attention products, reported apart."""
+        return sum(row.bitops for row in self.rows if row.kind == "attention")
+
+    @property
+    def reduction_vs_full_precision(self) -> float:
+        """Share of the full-precision BitOPs saved (0.95 means 95% fewer)."""
+        return 1.0 - self.total_bitops / self.full_precision_bitops
+
+    @property
+    def reduction_vs_w8a8(self) -> float:
+        """Share of the uniform W8A8 BitOPs saved; negative if this subnet costs more."""
+        return 1.0 - self.total_bitops / self.w8a8_bitops
+
+    def summary(self) -> dict:
+        """The headline figures as plain numbers (JSON-serialisable)."""
+        return {
+            "bitops": self.total_bitops,
+            "gbitops": self.total_bitops / 1e9,
+            "macs": self.total_macs,
+            "attention_bitops": self.attention_bitops,
+            "full_precision_bitops": self.full_precision_bitops,
+            "w8a8_bitops": self.w8a8_bitops,
+            "share_of_full_precision": self.total_bitops / self.full_precision_bitops,
+            "reduction_vs_full_precision": self.reduction_vs_full_precision,
+            "share_of_w8a8": self.total_bitops / self.w8a8_bitops,
+            "reduction_vs_w8a8": self.reduction_vs_w8a8,
+        }
+
+    def to_dict(self) -> dict:
+        rows = [{**asdict(row), "bitops": row.bitops} for row in self.rows]
+        return {**self.summary(), "architecture": self.architecture, "rows": rows}
+
+
+def count_operations(config: SamSupernetConfig, arch: SubnetArchitecture) -> list[BitOpsRow]:
+    """Every matmul-like operation of the image encoder running `arch`, for one image."""
+    vision = config.vision_config
+    float_bits = config.float_bits
+    hidden, patch, out_channels = vision.hidden_size, vision.patch_size, vision.output_channels
+    head_dim = hidden // vision.num_attention_heads
+    grid = arch.resolution // patch
+    tokens = grid * grid
+
+    def bits(name: str) -> tuple[int, int]:
+        weight_bits, activation_bits = arch.bits_of(name)
+        return _as_counted(weight_bits, float_bits), _as_counted(activation_bits, float_bits)
+
+    in_float = (float_bits, float_bits)
+    rows = [BitOpsRow("patch_embed", "conv", tokens * hidden * vision.num_channels * patch * patch, *in_float)]
+    for block in arch.kept_blocks:
+        prefix = f"layers.{block}"
+        heads, mlp_dim = arch.num_heads[block], arch.mlp_dims[block]
+        window = vision.window_size if block not in vision.global_attn_indexes else 0
+        side = math.ceil(grid / window) * window if window else grid  # windowed blocks pad the grid
+        num_windows = (side // window) ** 2 if window else 1
+        window_side = window or grid
+        window_tokens = window_side * window_side
+        padded_tokens = num_windows * window_tokens
+        width = heads * head_dim
+
+        qkv_w, qkv_a = bits(f"{prefix}.attn.qkv")
+        product_bits = qkv_a if config.quantize_attention_products else _as_counted(FLOAT_BITS, float_bits)
+        products = num_windows * heads * window_tokens * window_tokens * head_dim
+        rows.append(BitOpsRow(f"{prefix}.attn.qkv", "linear", padded_tokens * hidden * 3 * width, qkv_w, qkv_a))
+        rows.append(BitOpsRow(f"{prefix}.attn.query_key", "attention", products, product_bits, product_bits))
+        if vision.use_rel_pos:
+            rel_pos = 2 * num_windows * heads * window_tokens * window_side * head_dim
+            rows.append(BitOpsRow(f"{prefix}.attn.rel_pos", "attention", rel_pos, float_bits, product_bits))
+        rows.append(BitOpsRow(f"{prefix}.attn.probs_value", "attention", products, product_bits, product_bits))
+        rows.append(BitOpsRow(f"{prefix}.attn.proj", "linear", padded_tokens * width * hidden, *bits(f"{prefix}.attn.proj")))
+        rows.append(BitOpsRow(f"{prefix}.mlp.lin1", "linear", tokens * hidden * mlp_dim, *bits(f"{prefix}.mlp.lin1")))
+        rows.append(BitOpsRow(f"{prefix}.mlp.lin2", "linear", tokens * mlp_dim * hidden, *bits(f"{prefix}.mlp.lin2")))
+    rows.append(BitOpsRow("neck.conv1", "conv", tokens * hidden * out_channels, *in_float))
+    rows.append(BitOpsRow("neck.conv2", "conv", tokens * out_channels * out_channels * 9, *in_float))
+    return rows
+
+
+def _as_counted(bits: int, float_bits: int) -> int:
+    return float_bits if bits >= 16 else bits
+
+
+def count_bitops(config: SamSupernetConfig, arch: SubnetArchitecture) -> BitOpsReport:
+    """The BitOPs report of `arch`: per-operation rows, totals and both reductions.
+
+    Args:
+        config (`SamSupernetConfig`): the supernet configuration.
+        arch (`SubnetArchitecture`): the architecture to price; it is checked against the search space first.
+    """
+    space = SearchSpace(config)
+    space.validate(arch)
+    full_precision = count_operations(config, space.full_precision())
+    w8a8 = count_operations(config, space.largest(weight_bits=8, activation_bits=8))
+    return BitOpsReport(
+        rows=count_operations(config, arch),
+        full_precision_bitops=sum(row.bitops for row in full_precision),
+        w8a8_bitops=sum(row.bitops for row in w8a8),
+        architecture=arch.to_dict(),
+    )

@@ -1,0 +1,241 @@
+"""Configuration of a mixed-precision SAM supernet and of the standalone subnets extracted from it."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import SamConfig
+
+FLOAT_BITS = 32
+"""The bit-width that means "not quantized": a layer set to it runs in floating point."""
+
+LORA_MODES = ("shared", "multiplex", "multipath")
+BIT_GRANULARITIES = ("layer", "block")
+QUANTIZABLE_LAYERS = ("qkv", "proj", "lin1", "lin2")
+MASK_DECODER_TRAINING = ("full", "frozen")
+ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def _check_choices(name, values, allowed=None, minimum=None):
+    """Validates a non-empty list of distinct ints, optionally within a set or above a minimum."""
+    if not values:
+        raise ValueError(f"`{name}` must be a non-empty list, got {values!r}.")
+    if len(set(values)) != len(values):
+        raise ValueError(f"`{name}` must not repeat values, got {values!r}.")
+    for value in values:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"`{name}` must hold integers, got {value!r} in {values!r}.")
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"`{name}` has {value}, which is not allowed; allowed values are {list(allowed)}.")
+        if minimum is not None and value < minimum:
+            raise ValueError(f"`{name}` has {value}, which is below the minimum {minimum}.")
+
+
+@strict
+class SamSupernetConfig(SamConfig):
+    r"""
+    Configuration of a [`SamSupernetForMaskGeneration`]: the configuration of the base SAM (every argument of
+    `transformers.SamConfig`, from which this class inherits) plus the search space, the quantizers, the LoRA adapters
+    and the progressive bit-width schedule. Lists left as `None` get defaults that scale with the base SAM.
+
+    Search space:
+        resolution_choices (`list[int]`, *optional*):
+            Input resolutions a subnet may run at, each a multiple of the patch size and at most the base
+            `image_size`. Defaults to the base size, 3/4 of it and 1/2 of it (1024/768/512 for ViT-B).
+        skippable_blocks (`list[int]`, *optional*):
+            Encoder blocks that elastic depth may drop, in the order they are dropped: a subnet of depth
+            `num_hidden_layers - k` skips the first `k` of them. Global-attention blocks cannot be skipped. Defaults
+            to the windowed blocks that directly precede a global block, deepest first (ViT-B: 10, 7, 4, 1).
+        mlp_dim_choices (`list[int]`, *optional*):
+            MLP hidden sizes a block may keep (the first `mlp_dim` units after importance reordering). Defaults to
+            100%, 75% and 50% of the base `mlp_dim`.
+        num_heads_choices (`list[int]`, *optional*):
+            Numbers of attention heads a block may keep. Defaults to 100%, 75% and 50% of the base head count.
+        weight_bit_choices (`list[int]`, *optional*, defaults to `[2, 3, 4, 6, 8]`):
+            Weight bit-widths of the quantized layers. Each layer may also be set to 32 (float, not quantized).
+        activation_bit_choices (`list[int]`, *optional*, defaults to `[4, 6, 8]`):
+            Activation bit-widths of the quantized layers (inputs of the quantized Linears and of the attention
+            products). Each layer may also be set to 32.
+        bit_granularity (`str`, *optional*, defaults to `"layer"`):
+            `"layer"`: every quantized layer has its own bit-widths; `"block"`: all quantized layers of an encoder
+            block share them.
+        quantized_layers (`list[str]`, *optional*, defaults to `["qkv", "proj", "lin1", "lin2"]`):
+            Which Linears of each encoder block are quantized. The others, the patch embedding, the neck and the
+            mask decoder stay at full precision.
+        quantize_attention_products (`bool`, *optional*, defaults to `True`):
+            Whether the act x act attention products (queries x keys, probabilities x values) run on fake-quantized
+            operands at the activation bits of the block's `qkv` layer. When `False` they run (and count) in float.
+        float_bits (`int`, *optional*, defaults to 32):
+            The bit-width at which floating-point operations are counted in BitOPs (32 for fp32 deployment, 16 for
+            fp16/bf16).
+
+    Quantizers:
+        activation_offset (`bool`, *optional*, defaults to `True`):
+            Activations use an unsigned grid with a learned offset (LSQ+); otherwise a signed symmetric grid.
+        step_size_min (`float`, *optional*, defaults to 1e-8):
+            Lower bound applied to every learned step size, which must stay positive.
+
+    LoRA:
+        lora_rank (`int`, *optional*, defaults to 8):
+            Rank of every adapter.
+        lora_alpha (`float`, *optional*, defaults to 16.0):
+            Adapter scaling numerator: the adapter adds `lora_alpha / lora_rank * B @ A` to the frozen weight before
+            it is quantized.
+        lora_mode (`str`, *optional*, defaults to `"multiplex"`):
+            `"shared"`: one adapter per layer for every subnet; `"multiplex"`: one adapter per weight bit-width,
+            chosen by the active bit-width; `"multipath"`: a shared adapter plus one per weight bit-width, summed.
+            A float (32-bit) layer uses the adapter of the highest weight bit-width.
+        mask_decoder_training (`str`, *optional*, defaults to `"full"`):
+            `"full"` trains every mask-decoder weight; `"frozen"` keeps it fixed.
+
+    Progressive bit-widths:
+        progressive_bits_schedule (`list[list]`, *optional*):
+            Pairs `[fraction_of_training, [bits, ...]]`: from that fraction of training on, those weight and
+            activation bit-widths are enabled. The first pair must start at 0.0. Defaults to the higher half of the
+            bit choices from the start, then each lower bit-width added at evenly spaced fractions up to 0.5.
+
+    Supernet state:
+        importance_reordered (`bool`, *optional*, defaults to `False`):
+            Set by [`SamSupernetForMaskGeneration.from_sam`] once MLP units and heads have been reordered by importance,
+            so that loading the supernet again does not reorder twice.
+    """
+
+    model_type = "sam_supernet"
+
+    resolution_choices: list[int] | None = None
+    skippable_blocks: list[int] | None = None
+    mlp_dim_choices: list[int] | None = None
+    num_heads_choices: list[int] | None = None
+    weight_bit_choices: list[int] | None = None
+    activation_bit_choices: list[int] | None = None
+    bit_granularity: str = "layer"
+    quantized_layers: list[str] | None = None
+    quantize_attention_products: bool = True
+    float_bits: int = FLOAT_BITS
+    activation_offset: bool = True
+    step_size_min: float = 1e-8
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_mode: str = "multiplex"
+    mask_decoder_training: str = "full"
+    progressive_bits_schedule: list | None = None
+    importance_reordered: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        vision = self.vision_config
+        image_size, patch_size = vision.image_size, vision.patch_size
+        if self.resolution_choices is None:
+            self.resolution_choices = sorted(
+                {image_size, _round_to(image_size * 3 // 4, patch_size), _round_to(image_size // 2, patch_size)},
+                reverse=True,
+            )
+        if self.skippable_blocks is None:
+            windowed = [i for i in range(vision.num_hidden_layers) if i not in vision.global_attn_indexes]
+            self.skippable_blocks = sorted((i for i in windowed if i + 1 in vision.global_attn_indexes), reverse=True)
+        if self.mlp_dim_choices is None:
+            self.mlp_dim_choices = sorted({max(1, round(vision.mlp_dim * r)) for r in (1.0, 0.75, 0.5)}, reverse=True)
+        if self.num_heads_choices is None:
+            heads = vision.num_attention_heads
+            self.num_heads_choices = sorted({max(1, round(heads * r)) for r in (1.0, 0.75, 0.5)}, reverse=True)
+        if self.weight_bit_choices is None:
+            self.weight_bit_choices = [2, 3, 4, 6, 8]
+        if self.activation_bit_choices is None:
+            self.activation_bit_choices = [4, 6, 8]
+        if self.quantized_layers is None:
+            self.quantized_layers = list(QUANTIZABLE_LAYERS)
+        if self.progressive_bits_schedule is None:
+            self.progressive_bits_schedule = default_progressive_schedule(
+                sorted(set(self.weight_bit_choices) | set(self.activation_bit_choices))
+            )
+        self.validate_search_space()
+
+    def validate_search_space(self):
+        """Raises a `ValueError` that names the offending value if the search space or a setting is invalid."""
+        vision = self.vision_config
+        patch_size = vision.patch_size
+        _check_choices("resolution_choices", self.resolution_choices, minimum=patch_size)
+        for resolution in self.resolution_choices:
+            if resolution % patch_size or resolution > vision.image_size:
+                raise ValueError(
+                    f"`resolution_choices` has {resolution}; every resolution must be a multiple of the patch size "
+                    f"{patch_size} and at most the base image size {vision.image_size}."
+                )
+        if len(set(self.skippable_blocks)) != len(self.skippable_blocks):
+            raise ValueError(f"`skippable_blocks` must not repeat blocks, got {self.skippable_blocks!r}.")
+        windowed = [i for i in range(vision.num_hidden_layers) if i not in vision.global_attn_indexes]
+        for block in self.skippable_blocks:
+            if block not in windowed:
+                raise ValueError(
+                    f"`skippable_blocks` has {block}; only windowed blocks can be skipped: {windowed} "
+                    f"(global-attention blocks {list(vision.global_attn_indexes)} always stay)."
+                )
+        _check_choices("mlp_dim_choices", self.mlp_dim_choices, allowed=range(1, vision.mlp_dim + 1))
+        _check_choices("num_heads_choices", self.num_heads_choices, allowed=range(1, vision.num_attention_heads + 1))
+        _check_choices("weight_bit_choices", self.weight_bit_choices, allowed=ALLOWED_BITS)
+        _check_choices("activation_bit_choices", self.activation_bit_choices, allowed=ALLOWED_BITS)
+        for name in self.quantized_layers:
+            if name not in QUANTIZABLE_LAYERS:
+                raise ValueError(f"`quantized_layers` has {name!r}; allowed layer names are {list(QUANTIZABLE_LAYERS)}.")
+        if self.bit_granularity not in BIT_GRANULARITIES:
+            raise ValueError(f"`bit_granularity` is {self.bit_granularity!r}; allowed: {list(BIT_GRANULARITIES)}.")
+        if self.lora_mode not in LORA_MODES:
+            raise ValueError(f"`lora_mode` is {self.lora_mode!r}; allowed: {list(LORA_MODES)}.")
+        if self.mask_decoder_training not in MASK_DECODER_TRAINING:
+            raise ValueError(
+                f"`mask_decoder_training` is {self.mask_decoder_training!r}; allowed: {list(MASK_DECODER_TRAINING)}."
+            )
+        if self.lora_rank < 1:
+            raise ValueError(f"`lora_rank` must be at least 1, got {self.lora_rank}.")
+        if self.float_bits not in (16, 32):
+            raise ValueError(f"`float_bits` is {self.float_bits}; allowed: [16, 32].")
+        if not self.step_size_min > 0:
+            raise ValueError(f"`step_size_min` must be positive, got {self.step_size_min}.")
+        validate_progressive_schedule(
+            self.progressive_bits_schedule, set(self.weight_bit_choices) | set(self.activation_bit_choices)
+        )
+
+    def to_sam_config(self) -> SamConfig:
+        """The plain `SamConfig` of the base model, without the supernet settings."""
+        return SamConfig(
+            vision_config=self.vision_config.to_dict(),
+            prompt_encoder_config=self.prompt_encoder_config.to_dict(),
+            mask_decoder_config=self.mask_decoder_config.to_dict(),
+            initializer_range=self.initializer_range,
+        )
+
+
+def _round_to(value: int, multiple: int) -> int:
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def default_progressive_schedule(bit_choices: list[int]) -> list:
+    """High bit-widths first, then each lower one enabled at evenly spaced fractions of training up to one half."""
+    bits = sorted(bit_choices, reverse=True)
+    start = max(1, (len(bits) + 1) // 2)
+    schedule = [[0.0, bits[:start]]]
+    remaining = bits[start:]
+    for index, bit in enumerate(remaining):
+        schedule.append([round(0.5 * (index + 1) / len(remaining), 4), [bit]])
+    return schedule
+
+
+def validate_progressive_schedule(schedule, allowed_bits: set[int]) -> None:
+    """Checks a progressive bit-width schedule: `[[fraction, [bits, ...]], ...]`, fractions rising from 0.0."""
+    if not isinstance(schedule, (list, tuple)) or not schedule:
+        raise ValueError(f"`progressive_bits_schedule` must be a non-empty list of [fraction, [bits]], got {schedule!r}.")
+    previous = -1.0
+    for entry in schedule:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], (list, tuple))):
+            raise ValueError(f"`progressive_bits_schedule` entry {entry!r} is not of the form [fraction, [bits, ...]].")
+        fraction, bits = entry
+        if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0 or fraction <= previous:
+            raise ValueError(
+                f"`progressive_bits_schedule` fraction {fraction!r} must be in [0, 1] and larger than the one before."
+            )
+        for bit in bits:
+            if bit not in allowed_bits:
+                raise ValueError(
+                    f"`progressive_bits_schedule` enables {bit} bits, which is not among the bit choices "
+                    f"{sorted(allowed_bits)}."
+                )
+        previous = fraction
+    if schedule[0][0] != 0.0:
+        raise ValueError(f"`progressive_bits_schedule` must start at fraction 0.0, got {schedule[0][0]!r}.")

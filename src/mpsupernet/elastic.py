@@ -1,0 +1,221 @@
+"""The elastic, quantized pieces of SAM's ViT image encoder: heads, MLP width, depth and input resolution.
+
+The modules keep the names and parameter shapes of transformers' `SamVisionEncoder`, so a SAM state dict loads into
+them as it is; they reuse transformers' window partitioning and relative-position code.
+"""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.sam.modeling_sam import (
+    SamMLPBlock,
+    SamPatchEmbeddings,
+    SamVisionAttention,
+    SamVisionEncoderOutput,
+    SamVisionLayer,
+    SamVisionNeck,
+)
+
+from .configuration_sam_supernet import FLOAT_BITS, SamSupernetConfig
+from .lora import QuantizedLoraLinear
+from .quantization import LsqQuantizer
+from .search_space import SubnetArchitecture
+
+
+def make_quantized_linear(linear: nn.Linear, config: SamSupernetConfig) -> QuantizedLoraLinear:
+    """A `QuantizedLoraLinear` of the same shape as `linear`, set up from the supernet configuration."""
+    return QuantizedLoraLinear(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        weight_bit_choices=config.weight_bit_choices,
+        activation_bit_choices=config.activation_bit_choices,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_mode=config.lora_mode,
+        activation_offset=config.activation_offset,
+        step_size_min=config.step_size_min,
+    )
+
+
+class ElasticSamVisionAttention(SamVisionAttention):
+    """SAM's windowed/global attention with a selectable number of heads and quantized act×act products.
+
+    The first `active_heads` heads are kept (heads are sorted by importance when the supernet is built): the fused
+    `qkv` keeps those heads' rows of each of q, k and v, and `proj` the matching input columns. When the products are
+    quantized, queries, keys and values are fake-quantized at the block's activation bits, and so are the attention
+    probabilities (on an unsigned grid), so the products run on the operands that BitOPs prices.
+    """
+
+    def __init__(self, config: SamSupernetConfig, window_size: int):
+        super().__init__(config.vision_config, window_size)
+        self.qkv = make_quantized_linear(self.qkv, config)
+        self.proj = make_quantized_linear(self.proj, config)
+        self.head_dim = config.vision_config.hidden_size // self.num_attention_heads
+        self.use_sdpa = config._attn_implementation == "sdpa"
+        self.quantize_products = config.quantize_attention_products
+        bits, offset, step_min = config.activation_bit_choices, config.activation_offset, config.step_size_min
+        self.query_quantizer = LsqQuantizer(bits, signed=True, step_size_min=step_min)
+        self.key_quantizer = LsqQuantizer(bits, signed=True, step_size_min=step_min)
+        self.value_quantizer = LsqQuantizer(bits, signed=not offset, learn_offset=offset, step_size_min=step_min)
+        self.probs_quantizer = LsqQuantizer(bits, signed=False, step_size_min=step_min)
+        self.active_heads = self.num_attention_heads
+
+    def product_quantizers(self) -> tuple[LsqQuantizer, ...]:
+        return self.query_quantizer, self.key_quantizer, self.value_quantizer, self.probs_quantizer
+
+    def set_active(self, num_heads: int, product_bits: int) -> None:
+        """Keeps the first `num_heads` heads; runs the act×act products at `product_bits` (32 = float)."""
+        self.active_heads = num_heads
+        bits = product_bits if self.quantize_products else FLOAT_BITS
+        for quantizer in self.product_quantizers():
+            quantizer.set_bits(bits)
+
+    def head_rows(self, num_heads: int, device) -> torch.Tensor | None:
+        """Rows of the fused qkv weight that belong to the first `num_heads` heads of each of q, k and v."""
+        if num_heads == self.num_attention_heads:
+            return None
+        width = self.num_attention_heads * self.head_dim
+        kept = torch.arange(num_heads * self.head_dim, device=device)
+        return torch.cat([kept + part * width for part in range(3)])
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, height, width, _ = hidden_states.shape
+        heads = self.active_heads
+        qkv = self.qkv(hidden_states).reshape(batch_size, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        query, key, value = qkv.reshape(3, batch_size * heads, height * width, -1).unbind(0)
+        query = self.query_quantizer(query)
+        key = self.key_quantizer(key)
+        value = self.value_quantizer(value)
+
+        bias = None
+        if self.use_rel_pos:
+            bias = self.get_decomposed_rel_pos(query, self.rel_pos_h, self.rel_pos_w, (height, width), (height, width))
+            bias = bias.reshape(batch_size * heads, height * width, height * width)
+
+        attn_weights = None
+        if self.use_sdpa and not self.probs_quantizer.is_quantizing and not output_attentions:
+            attn_output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
+        else:
+            attn_weights = (query * self.scale) @ key.transpose(-2, -1)
+            if bias is not None:
+                attn_weights = attn_weights + bias
+            attn_weights = torch.softmax(attn_weights, dtype=torch.float32, dim=-1).to(query.dtype)
+            probs = nn.functional.dropout(attn_weights, p=self.dropout, training=self.training)
+            attn_output = self.probs_quantizer(probs) @ value
+
+        attn_output = attn_output.reshape(batch_size, heads, height, width, -1).permute(0, 2, 3, 1, 4)
+        attn_output = self.proj(attn_output.reshape(batch_size, height, width, -1))
+        return attn_output, attn_weights
+
+
+class ElasticSamVisionLayer(SamVisionLayer):
+    """A SAM encoder block whose attention and MLP are elastic and quantized; transformers' forward is reused."""
+
+    def __init__(self, config: SamSupernetConfig, window_size: int):
+        # The attention built by transformers is replaced right away; building it as "eager" keeps its constructor
+        # from depending on an attention implementation that is only resolved later, when loading a checkpoint.
+        vision = copy.copy(config.vision_config)
+        vision._attn_implementation = "eager"
+        super().__init__(vision, window_size)
+        self.attn = ElasticSamVisionAttention(config, window_size)
+        self.mlp.lin1 = make_quantized_linear(self.mlp.lin1, config)
+        self.mlp.lin2 = make_quantized_linear(self.mlp.lin2, config)
+
+    def quantized_linears(self) -> dict[str, QuantizedLoraLinear]:
+        return {"attn.qkv": self.attn.qkv, "attn.proj": self.attn.proj, "mlp.lin1": self.mlp.lin1, "mlp.lin2": self.mlp.lin2}
+
+    def set_active(self, num_heads: int, mlp_dim: int, bits: dict[str, tuple[int, int]]) -> None:
+        """Selects heads, MLP width and the `(weight_bits, activation_bits)` of each quantized Linear."""
+        attn, mlp = self.attn, self.mlp
+        device = attn.qkv.weight.device
+        product_bits = bits["attn.qkv"][1]
+        attn.set_active(num_heads, product_bits)
+        width = num_heads * attn.head_dim
+        mlp_rows = None if mlp_dim == mlp.lin1.out_features else torch.arange(mlp_dim, device=device)
+        attn.qkv.set_active(*bits["attn.qkv"], output_index=attn.head_rows(num_heads, device))
+        attn.proj.set_active(*bits["attn.proj"], in_features=width)
+        mlp.lin1.set_active(*bits["mlp.lin1"], output_index=mlp_rows)
+        mlp.lin2.set_active(*bits["mlp.lin2"], in_features=mlp_dim)
+
+
+class ElasticSamVisionEncoder(nn.Module):
+    """SAM's ViT image encoder with elastic resolution and depth.
+
+    At a resolution below the base `image_size`, the absolute position embedding is interpolated to the smaller
+    grid (transformers never interpolates it; the relative-position tables are already interpolated inside the
+    attention), and the output embedding is resized back to the base grid, so that the prompt encoder, the mask
+    decoder and the prompts' coordinate frame stay those of the base model.
+
+    It accepts pixel values at the base `image_size` (what `SamProcessor` produces; they are resized to the active
+    resolution) or already at the active resolution.
+    """
+
+    def __init__(self, config: SamSupernetConfig):
+        super().__init__()
+        vision = config.vision_config
+        self.config = config
+        self.image_size = vision.image_size
+        self.patch_size = vision.patch_size
+        self.patch_embed = SamPatchEmbeddings(vision)
+        grid = vision.image_size // vision.patch_size
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, vision.hidden_size)) if vision.use_abs_pos else None
+        self.layers = nn.ModuleList(
+            ElasticSamVisionLayer(config, vision.window_size if i not in vision.global_attn_indexes else 0)
+            for i in range(vision.num_hidden_layers)
+        )
+        self.neck = SamVisionNeck(vision)
+        self.resolution = vision.image_size
+        self.kept_blocks = tuple(range(vision.num_hidden_layers))
+
+    def set_active(self, arch: SubnetArchitecture) -> None:
+        """Applies an architecture (already validated against the search space) to every block."""
+        self.resolution = arch.resolution
+        self.kept_blocks = arch.kept_blocks
+        for index, layer in enumerate(self.layers):
+            bits = {path: arch.bits_of(f"layers.{index}.{path}") for path in layer.quantized_linears()}
+            layer.set_active(arch.num_heads[index], arch.mlp_dims[index], bits)
+
+    def prepare_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Checks the input size and resizes base-size images to the active resolution."""
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.patch_embed.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {self.patch_embed.num_channels}, height, width); "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        size = tuple(pixel_values.shape[-2:])
+        allowed = {(self.image_size, self.image_size), (self.resolution, self.resolution)}
+        if size not in allowed:
+            raise ValueError(
+                f"Image of size {size[0]}x{size[1]} does not fit this model: pixel values must be "
+                f"{self.image_size}x{self.image_size} (the processor's frame) or the active resolution "
+                f"{self.resolution}x{self.resolution}."
+            )
+        if size[0] != self.resolution:
+            pixel_values = F.interpolate(
+                pixel_values, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False, antialias=True
+            )
+        return pixel_values
+
+    def position_embedding(self, grid: int) -> torch.Tensor:
+        if self.pos_embed.shape[1] == grid:
+            return self.pos_embed
+        resized = F.interpolate(self.pos_embed.permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic", align_corners=False)
+        return resized.permute(0, 2, 3, 1)
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> SamVisionEncoderOutput:
+        pixel_values = self.prepare_pixel_values(pixel_values)
+        # SamPatchEmbeddings refuses any size but image_size, so its projection is applied directly.
+        hidden_states = self.patch_embed.projection(pixel_values).permute(0, 2, 3, 1)
+        grid = hidden_states.shape[1]
+        if self.pos_embed is not None:
+            hidden_states = hidden_states + self.position_embedding(grid)
+        for index in self.kept_blocks:
+            hidden_states = self.layers[index](hidden_states)
+        embeddings = self.neck(hidden_states)
+        base_grid = self.image_size // self.patch_size
+        if grid != base_grid:
+            embeddings = F.interpolate(embeddings, size=(base_grid, base_grid), mode="bilinear", align_corners=False)
+        return SamVisionEncoderOutput(last_hidden_state=embeddings)

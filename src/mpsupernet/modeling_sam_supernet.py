@@ -1,0 +1,261 @@
+"""`SamSupernetForMaskGeneration`: a transformers SAM turned into an elastic, mixed-precision quantized supernet."""
+
+import os
+import random
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+from transformers import PreTrainedModel, SamModel
+from transformers.models.sam.modeling_sam import SamImageSegmentationOutput
+from transformers.utils import logging
+
+from .bitops import BitOpsReport, count_bitops
+from .configuration_sam_supernet import SamSupernetConfig
+from .elastic import ElasticSamVisionAttention, ElasticSamVisionEncoder, ElasticSamVisionLayer
+from .lora import QuantizedLoraLinear
+from .quantization import LsqQuantizer
+from .search_space import SearchSpace, SubnetArchitecture
+
+logger = logging.get_logger(__name__)
+
+SAM_CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path")
+
+
+class SamSupernetPreTrainedModel(PreTrainedModel):
+    """Base class: configuration class, weight initialisation and gradient-checkpointing support."""
+
+    config_class = SamSupernetConfig
+    base_model_prefix = "sam"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ElasticSamVisionLayer", "SamTwoWayAttentionBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        if isinstance(module, QuantizedLoraLinear):
+            module.reset_lora_parameters()
+        elif isinstance(module, LsqQuantizer):
+            module.step_size.fill_(1.0)
+            if module.offset is not None:
+                module.offset.zero_()
+            module.initialized.zero_()
+        elif isinstance(module, SamModel):
+            module._init_weights(module)
+        elif isinstance(module, ElasticSamVisionEncoder) and module.pos_embed is not None:
+            module.pos_embed.zero_()
+
+
+class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
+    """A mixed-precision quantized SAM supernet with quantization-aware LoRA.
+
+    The model holds a transformers `SamModel` (`self.sam`) whose image encoder is replaced by an
+    [`ElasticSamVisionEncoder`]; the prompt encoder and mask decoder are SAM's own. Base weights are frozen; the
+    adapters, the quantizers' step sizes and (by default) the mask decoder train. One subnet is active at a time:
+    choose it with [`set_subnet`], from [`sample_subnet`], [`largest_subnet`], [`smallest_subnet`] or
+    [`full_precision_subnet`]; [`forward`] then computes what that subnet computes.
+
+    Build one from a SAM checkpoint with [`from_sam`]; save and load it with `save_pretrained` / `from_pretrained`.
+
+    Args:
+        config ([`SamSupernetConfig`]): the base SAM configuration plus the supernet settings.
+    """
+
+    _tied_weights_keys = {
+        "sam.prompt_encoder.shared_embedding.positional_embedding": "sam.shared_image_embedding.positional_embedding"
+    }
+
+    def __init__(self, config: SamSupernetConfig):
+        super().__init__(config)
+        sam_config = config.to_sam_config()
+        sam_config._attn_implementation = config._attn_implementation
+        self.sam = SamModel(sam_config)
+        self.sam.vision_encoder = ElasticSamVisionEncoder(config)
+        self.search_space = SearchSpace(config)
+        self.post_init()
+        self.freeze_base_model()
+        self.set_subnet(self.search_space.full_precision())
+
+    # --- building -----------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_sam(cls, sam: SamModel | str | os.PathLike, sam_kwargs: dict | None = None, **config_overrides):
+        """Converts a SAM checkpoint into a supernet.
+
+        Args:
+            sam (`SamModel`, `str` or `os.PathLike`): a loaded `SamModel`, or anything `SamModel.from_pretrained`
+                accepts (a Hub repo id such as `"facebook/sam-vit-base"`, or a local folder).
+            sam_kwargs (`dict`, *optional*): extra arguments for `SamModel.from_pretrained` (`revision`, `token`, ...).
+            config_overrides: [`SamSupernetConfig`] arguments (search space, LoRA, quantizers), and
+                `attn_implementation` (`"sdpa"` or `"eager"`).
+
+        The base weights are copied as they are, then MLP units and attention heads are reordered by importance
+        (which leaves the full model's output unchanged) so that narrower subnets keep the most important ones, and
+        the weight quantizers' step sizes are initialised from the weights.
+        """
+        if not isinstance(sam, SamModel):
+            sam = SamModel.from_pretrained(sam, **(sam_kwargs or {}))
+        attn_implementation = config_overrides.pop("attn_implementation", sam.config._attn_implementation)
+        base = {k: v for k, v in sam.config.to_dict().items() if k not in SAM_CONFIG_KEYS_NOT_COPIED}
+        config = SamSupernetConfig(**{**base, **config_overrides})
+        config._attn_implementation = attn_implementation
+        model = cls(config)
+        model.to(dtype=sam.dtype)
+        incompatible = model.sam.load_state_dict(sam.state_dict(), strict=False)
+        if incompatible.unexpected_keys:
+            raise ValueError(f"The SAM checkpoint has weights the supernet cannot place: {incompatible.unexpected_keys}.")
+        new_parameter_markers = ("lora_", "quantizer.")
+        missing_base = [key for key in incompatible.missing_keys if not any(m in key for m in new_parameter_markers)]
+        if missing_base:
+            raise ValueError(f"The SAM checkpoint lacks weights the supernet needs: {missing_base}.")
+        model.reorder_by_importance()
+        model.initialize_weight_quantizers()
+        model.set_subnet(model.search_space.full_precision())
+        return model
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Loads a saved supernet (local folder or Hub repo), as `PreTrainedModel.from_pretrained` does.
+
+        Loading replaces the parameter objects, so the base weights are frozen again afterwards.
+        """
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        except SafetensorError as error:
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise OSError(
+                f"The weights of {str(source)!r} are not a readable safetensors file (corrupted or truncated: "
+                f"{error}). Save the supernet again, or download it again with `force_download=True`."
+            ) from error
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_base_model()
+        model.set_subnet(model.search_space.full_precision())
+        return loaded
+
+    @torch.no_grad()
+    def reorder_by_importance(self) -> None:
+        """Sorts MLP hidden units and attention heads of every block by importance, most important first.
+
+        Importance of an MLP unit: the product of the L2 norms of its `lin1` row and `lin2` column; of a head: the
+        L2 norm of its q, k, v rows times that of its `proj` columns. Permuting units and heads consistently leaves
+        the full model's function unchanged. Runs once: the config remembers it.
+        """
+        if self.config.importance_reordered:
+            return
+        for layer in self.sam.vision_encoder.layers:
+            _reorder_mlp(layer.mlp)
+            _reorder_heads(layer.attn)
+        self.config.importance_reordered = True
+
+    @torch.no_grad()
+    def initialize_weight_quantizers(self) -> None:
+        """Sets every weight quantizer's step sizes, for every bit-width, from the current merged weights."""
+        for module in self.modules():
+            if isinstance(module, QuantizedLoraLinear):
+                module.initialize_weight_quantizer()
+
+    def freeze_base_model(self) -> None:
+        """Freezes SAM's own weights; adapters, step sizes and (per the config) the mask decoder stay trainable."""
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(_is_supernet_parameter(name))
+        if self.config.mask_decoder_training == "full":
+            self.sam.mask_decoder.requires_grad_(True)
+
+    # --- the active subnet ----------------------------------------------------------------------------------------
+    def set_subnet(self, arch: SubnetArchitecture | dict) -> None:
+        """Activates an architecture (a `SubnetArchitecture` or its `to_dict()`), after checking it."""
+        if isinstance(arch, dict):
+            arch = SubnetArchitecture.from_dict(arch)
+        self.search_space.validate(arch)
+        self.sam.vision_encoder.set_active(arch)
+        self.active_subnet = arch
+
+    def sample_subnet(self, seed: int | random.Random | None = None, **bit_choices) -> SubnetArchitecture:
+        """A random architecture of the search space (not activated; pass it to `set_subnet`).
+
+        Args:
+            seed (`int` or `random.Random`, *optional*): for a reproducible draw.
+            bit_choices: `weight_bit_choices=` / `activation_bit_choices=` to restrict the bit-widths drawn.
+        """
+        return self.search_space.sample(seed, **bit_choices)
+
+    def largest_subnet(self) -> SubnetArchitecture:
+        """Full resolution, depth and width at the highest quantized bit-widths."""
+        return self.search_space.largest()
+
+    def smallest_subnet(self) -> SubnetArchitecture:
+        """Lowest resolution, depth and width at the lowest bit-widths."""
+        return self.search_space.smallest()
+
+    def full_precision_subnet(self) -> SubnetArchitecture:
+        """The largest subnet with every layer in float: the base SAM (plus its adapters)."""
+        return self.search_space.full_precision()
+
+    def bitops(self, arch: SubnetArchitecture | dict | None = None) -> BitOpsReport:
+        """The BitOPs report of `arch` (default: the active subnet), counted analytically (see `mpsupernet.bitops`)."""
+        if isinstance(arch, dict):
+            arch = SubnetArchitecture.from_dict(arch)
+        return count_bitops(self.config, arch or self.active_subnet)
+
+    # --- running --------------------------------------------------------------------------------------------------
+    def get_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image embeddings of the active subnet, on the base model's prompt grid."""
+        return self.sam.vision_encoder(pixel_values).last_hidden_state
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_points: torch.Tensor | None = None,
+        input_labels: torch.LongTensor | None = None,
+        input_boxes: torch.Tensor | None = None,
+        input_masks: torch.LongTensor | None = None,
+        image_embeddings: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        **kwargs,
+    ) -> SamImageSegmentationOutput:
+        """Runs the active subnet; takes and returns what `SamModel.forward` takes and returns.
+
+        `pixel_values` may be at the base `image_size` (as `SamProcessor` makes them) or at the active resolution;
+        prompts are always in the base model's coordinate frame.
+        """
+        return self.sam(
+            pixel_values=pixel_values,
+            input_points=input_points,
+            input_labels=input_labels,
+            input_boxes=input_boxes,
+            input_masks=input_masks,
+            image_embeddings=image_embeddings,
+            multimask_output=multimask_output,
+            **kwargs,
+        )
+
+
+def _is_supernet_parameter(name: str) -> bool:
+    return "lora_" in name or "quantizer." in name
+
+
+def _reorder_mlp(mlp) -> None:
+    lin1, lin2 = mlp.lin1, mlp.lin2
+    importance = lin1.weight.norm(dim=1) * lin2.weight.norm(dim=0)
+    order = torch.argsort(importance, descending=True)
+    lin1.weight.copy_(lin1.weight[order])
+    if lin1.bias is not None:
+        lin1.bias.copy_(lin1.bias[order])
+    lin2.weight.copy_(lin2.weight[:, order])
+
+
+def _reorder_heads(attn: ElasticSamVisionAttention) -> None:
+    heads, head_dim = attn.num_attention_heads, attn.head_dim
+    qkv = attn.qkv.weight.view(3, heads, head_dim, -1)
+    proj_columns = attn.proj.weight.view(attn.proj.out_features, heads, head_dim)
+    importance = qkv.pow(2).sum(dim=(0, 2, 3)).sqrt() * proj_columns.pow(2).sum(dim=(0, 2)).sqrt()
+    order = torch.argsort(importance, descending=True)
+    qkv.copy_(qkv[:, order])
+    if attn.qkv.bias is not None:
+        qkv_bias = attn.qkv.bias.view(3, heads, head_dim)
+        qkv_bias.copy_(qkv_bias[:, order])
+    proj_columns.copy_(proj_columns[:, order])
+
+
+__all__ = ["SamSupernetForMaskGeneration", "SamSupernetPreTrainedModel"]

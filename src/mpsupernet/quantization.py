@@ -1,0 +1,167 @@
+"""LSQ fake quantizers that keep one learned step size per bit-width candidate.
+
+A supernet switches a layer between 2 and 8 bits from one step to the next; one shared step size cannot serve both
+(the 2-bit grid needs a step about 40 times coarser), so each candidate bit-width owns its step (and offset).
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .configuration_sam_supernet import FLOAT_BITS
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Rounds in the forward pass and lets the gradient through unchanged (straight-through estimator)."""
+    return (x.round() - x).detach() + x
+
+
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Returns `x` unchanged, with its gradient multiplied by `scale` (LSQ's step-size gradient scaling)."""
+    return (x - x * scale).detach() + x * scale
+
+
+def integer_range(bits: int, signed: bool) -> tuple[int, int]:
+    """The integer grid of a `bits`-bit quantizer: `[-2^(b-1), 2^(b-1) - 1]` if signed, else `[0, 2^b - 1]`."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+class LsqQuantizer(nn.Module):
+    """Learned-step-size fake quantizer (LSQ, and LSQ+ with a learned offset) with a step per bit-width.
+
+    Args:
+        bit_choices (`list[int]`):
+            The bit-widths this quantizer can run at. Setting `active_bits` to 32 (or anything of at least 16)
+            turns it into the identity.
+        num_channels (`int`, *optional*, defaults to 1):
+            Number of step sizes per bit-width: the number of output channels for per-channel weight quantization,
+            1 for per-tensor activation quantization.
+        signed (`bool`, *optional*, defaults to `True`):
+            Whether the integer grid is symmetric around zero (weights) or unsigned (activations with an offset,
+            attention probabilities).
+        learn_offset (`bool`, *optional*, defaults to `False`):
+            Whether a learned offset is subtracted before quantization and added back after (LSQ+).
+        step_size_min (`float`, *optional*, defaults to 1e-8):
+            Lower bound on the step size, which must stay positive.
+
+    Step sizes start uninitialised; they are set from statistics of the first tensor quantized at each bit-width
+    (weights: the weight itself; activations: the first calibration or training batch), averaged across processes
+    when `torch.distributed` is initialised so that data-parallel replicas stay identical.
+    """
+
+    def __init__(
+        self,
+        bit_choices: list[int],
+        num_channels: int = 1,
+        signed: bool = True,
+        learn_offset: bool = False,
+        step_size_min: float = 1e-8,
+    ):
+        super().__init__()
+        self.bit_choices = list(bit_choices)
+        self.signed = signed
+        self.step_size_min = step_size_min
+        self.step_size = nn.Parameter(torch.ones(len(self.bit_choices), num_channels))
+        self.offset = nn.Parameter(torch.zeros(len(self.bit_choices), 1)) if learn_offset else None
+        self.register_buffer("initialized", torch.zeros(len(self.bit_choices), dtype=torch.bool))
+        self.active_bits = FLOAT_BITS
+
+    def extra_repr(self) -> str:
+        return f"bit_choices={self.bit_choices}, signed={self.signed}, offset={self.offset is not None}"
+
+    @property
+    def is_quantizing(self) -> bool:
+        return self.active_bits < 16
+
+    def bit_index(self, bits: int) -> int:
+        if bits not in self.bit_choices:
+            raise ValueError(f"{bits} bits is not a bit-width of this quantizer; allowed: {self.bit_choices} or 32.")
+        return self.bit_choices.index(bits)
+
+    def set_bits(self, bits: int) -> None:
+        """Selects the bit-width (32 for no quantization)."""
+        if bits < 16:
+            self.bit_index(bits)
+        self.active_bits = bits
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor, bits: int, channel_dim: int | None = None) -> None:
+        """Sets the step size (and offset) of `bits` from the statistics of `x`.
+
+        Per-channel steps follow LSQ's initialisation (`2 * mean|x| / sqrt(q_max)`), which suits low bit-widths far
+        better than max-scaling. Per-tensor activation ranges are clipped to three standard deviations around the
+        mean, which keeps rare outliers from wasting the grid.
+        """
+        index = self.bit_index(bits)
+        q_min, q_max = integer_range(bits, self.signed)
+        x = x.detach().float()
+        if channel_dim is not None:
+            per_channel = x.transpose(0, channel_dim).flatten(1).abs().mean(dim=1)
+            step = 2 * per_channel / math.sqrt(q_max)
+        else:
+            mean, std = x.mean(), x.std() if x.numel() > 1 else x.abs().mean()
+            low = torch.maximum(x.min(), mean - 3 * std)
+            high = torch.minimum(x.max(), mean + 3 * std)
+            if self.offset is not None:
+                step = (high - low) / (q_max - q_min)
+                self._sync_mean(low)
+                self.offset.data[index] = low
+            else:
+                step = torch.maximum(high.abs(), low.abs()) / q_max
+            step = step.reshape(1)
+        step = step.clamp_min(self.step_size_min)
+        self._sync_mean(step)
+        self.step_size.data[index] = step.to(self.step_size.dtype)
+        self.initialized[index] = True
+
+    @staticmethod
+    def _sync_mean(tensor: torch.Tensor) -> None:
+        if dist.is_available() and dist.is_initialized() and tensor.device.type != "meta":
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor /= dist.get_world_size()
+
+    def forward(self, x: torch.Tensor, channel_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Fake-quantizes `x` at the active bit-width.
+
+        Args:
+            x (`torch.Tensor`): the tensor; per-channel quantizers take a weight of shape `(out, in)`.
+            channel_index (`torch.Tensor`, *optional*): the output channels `x` holds, when a sliced weight is
+                quantized (elastic width); defaults to all channels.
+        """
+        if not self.is_quantizing:
+            return x
+        bits = self.active_bits
+        index = self.bit_index(bits)
+        per_channel = self.step_size.shape[1] > 1
+        if x.device.type != "meta" and not bool(self.initialized[index]):
+            self.initialize(x, bits, channel_dim=0 if per_channel else None)
+        q_min, q_max = integer_range(bits, self.signed)
+        step = self.step_size[index].clamp_min(self.step_size_min)
+        if per_channel:
+            if channel_index is not None:
+                step = step[channel_index.to(step.device)]
+            step = step.reshape(-1, *([1] * (x.dim() - 1)))
+            elements_per_step = x[0].numel()
+        else:
+            elements_per_step = x.numel()
+        step = scale_gradient(step, 1.0 / math.sqrt(elements_per_step * q_max))
+        offset = self.offset[index] if self.offset is not None else None
+        if offset is not None:
+            x = x - offset
+        x = round_ste(torch.clamp(x / step, q_min, q_max)) * step
+        if offset is not None:
+            x = x + offset
+        return x
+
+    @torch.no_grad()
+    def quantize_to_integers(self, x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer codes and per-channel scales of a weight at `bits` (for export): `x ≈ codes * scales`."""
+        index = self.bit_index(bits)
+        q_min, q_max = integer_range(bits, self.signed)
+        step = self.step_size[index].clamp_min(self.step_size_min).reshape(-1, *([1] * (x.dim() - 1)))
+        codes = torch.clamp(torch.round(x / step), q_min, q_max).to(torch.int8)
+        return codes, step.reshape(-1)

@@ -1,0 +1,341 @@
+"""The architecture of a subnet, and the search space that makes, checks, samples, mutates and crosses it.
+
+A `SubnetArchitecture` is the one value that every stage passes around: the model runs it, `bitops` prices it, the
+search ranks it, extraction freezes it and the model card prints it.
+"""
+
+import json
+import random
+from dataclasses import dataclass, replace
+
+from .configuration_sam_supernet import FLOAT_BITS, SamSupernetConfig
+
+LAYER_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "lin1": "mlp.lin1", "lin2": "mlp.lin2"}
+
+
+@dataclass(frozen=True)
+class SubnetArchitecture:
+    """An immutable, hashable subnet architecture.
+
+    Args:
+        resolution (`int`): input resolution in pixels.
+        skipped_blocks (`tuple[int]`): encoder blocks the subnet drops (a prefix of `config.skippable_blocks`).
+        num_heads (`tuple[int]`): attention heads kept, per encoder block.
+        mlp_dims (`tuple[int]`): MLP hidden units kept, per encoder block.
+        layer_names (`tuple[str]`): the quantized layers, named inside the vision encoder
+            (`"layers.0.attn.qkv"`); the bit-width tuples follow this order.
+        weight_bits (`tuple[int]`): weight bits per quantized layer (32 = float).
+        activation_bits (`tuple[int]`): input-activation bits per quantized layer (32 = float).
+
+    Per-block values of skipped blocks carry no meaning; `SearchSpace.canonical` sets them to the largest choices so
+    that equal subnets compare equal.
+    """
+
+    resolution: int
+    skipped_blocks: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    mlp_dims: tuple[int, ...]
+    layer_names: tuple[str, ...]
+    weight_bits: tuple[int, ...]
+    activation_bits: tuple[int, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.num_heads)
+
+    @property
+    def depth(self) -> int:
+        """Number of encoder blocks kept."""
+        return self.num_blocks - len(self.skipped_blocks)
+
+    @property
+    def kept_blocks(self) -> tuple[int, ...]:
+        return tuple(block for block in range(self.num_blocks) if block not in self.skipped_blocks)
+
+    def bits_of(self, layer_name: str) -> tuple[int, int]:
+        """`(weight_bits, activation_bits)` of a quantized layer, or float if the layer is not quantized."""
+        if layer_name not in self.layer_names:
+            return FLOAT_BITS, FLOAT_BITS
+        index = self.layer_names.index(layer_name)
+        return self.weight_bits[index], self.activation_bits[index]
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable description, with bit-widths keyed by the quantized layer's name."""
+        return {
+            "resolution": self.resolution,
+            "depth": self.depth,
+            "skipped_blocks": list(self.skipped_blocks),
+            "num_heads": list(self.num_heads),
+            "mlp_dims": list(self.mlp_dims),
+            "weight_bits": dict(zip(self.layer_names, self.weight_bits)),
+            "activation_bits": dict(zip(self.layer_names, self.activation_bits)),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SubnetArchitecture":
+        """Reads `to_dict`'s output back; raises a `ValueError` naming a missing, unknown or malformed field.
+
+        Whether the values are in a given search space is checked by `SearchSpace.validate`.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"An architecture must be a dict, got {type(data).__name__}: {data!r}.")
+        required = ("resolution", "skipped_blocks", "num_heads", "mlp_dims", "weight_bits", "activation_bits")
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise ValueError(f"The architecture dict lacks {missing}; it needs {list(required)}.")
+        unknown = sorted(set(data) - set(required) - {"depth"})
+        if unknown:
+            raise ValueError(f"The architecture dict has unknown keys {unknown}; allowed: {list(required) + ['depth']}.")
+        for key in ("skipped_blocks", "num_heads", "mlp_dims"):
+            if not isinstance(data[key], (list, tuple)) or not all(_is_int(v) for v in data[key]):
+                raise ValueError(f"`{key}` must be a list of integers, got {data[key]!r}.")
+        if not _is_int(data["resolution"]):
+            raise ValueError(f"`resolution` must be an integer, got {data['resolution']!r}.")
+        weight_bits, activation_bits = data["weight_bits"], data["activation_bits"]
+        for key, value in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
+            if not isinstance(value, dict) or not all(_is_int(v) for v in value.values()):
+                raise ValueError(f"`{key}` must map layer names to integer bit-widths, got {value!r}.")
+        if list(weight_bits) != list(activation_bits):
+            raise ValueError(
+                f"`weight_bits` and `activation_bits` must name the same layers in the same order; got "
+                f"{list(weight_bits)} and {list(activation_bits)}."
+            )
+        arch = cls(
+            resolution=data["resolution"],
+            skipped_blocks=tuple(data["skipped_blocks"]),
+            num_heads=tuple(data["num_heads"]),
+            mlp_dims=tuple(data["mlp_dims"]),
+            layer_names=tuple(weight_bits),
+            weight_bits=tuple(weight_bits.values()),
+            activation_bits=tuple(activation_bits.values()),
+        )
+        if "depth" in data and data["depth"] != arch.depth:
+            raise ValueError(
+                f"`depth` is {data['depth']!r} but {len(arch.num_heads)} blocks less {len(arch.skipped_blocks)} "
+                f"skipped make {arch.depth}."
+            )
+        return arch
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class SearchSpace:
+    """The set of subnet architectures a `SamSupernetConfig` allows.
+
+    Args:
+        config (`SamSupernetConfig`): the supernet configuration that defines the choices.
+    """
+
+    def __init__(self, config: SamSupernetConfig):
+        vision = config.vision_config
+        self.config = config
+        self.num_blocks = vision.num_hidden_layers
+        self.global_blocks = tuple(vision.global_attn_indexes)
+        self.skippable_blocks = tuple(config.skippable_blocks)
+        self.resolution_choices = tuple(sorted(config.resolution_choices, reverse=True))
+        self.depth_choices = tuple(range(self.num_blocks, self.num_blocks - len(self.skippable_blocks) - 1, -1))
+        self.num_heads_choices = tuple(sorted(config.num_heads_choices, reverse=True))
+        self.mlp_dim_choices = tuple(sorted(config.mlp_dim_choices, reverse=True))
+        self.weight_bit_choices = tuple(sorted(config.weight_bit_choices, reverse=True))
+        self.activation_bit_choices = tuple(sorted(config.activation_bit_choices, reverse=True))
+        self.layer_names = tuple(
+            f"layers.{block}.{LAYER_PATHS[kind]}"
+            for block in range(self.num_blocks)
+            for kind in LAYER_PATHS
+            if kind in config.quantized_layers
+        )
+        self.layer_blocks = tuple(int(name.split(".")[1]) for name in self.layer_names)
+
+    # --- structure -------------------------------------------------------------------------------------------------
+    def skipped_blocks(self, depth: int) -> tuple[int, ...]:
+        """The blocks a subnet of this depth skips."""
+        return self.skippable_blocks[: self.num_blocks - depth]
+
+    # --- making ----------------------------------------------------------------------------------------------------
+    def _uniform(self, resolution, depth, heads, mlp_dim, weight_bits, activation_bits) -> SubnetArchitecture:
+        layers = len(self.layer_names)
+        return SubnetArchitecture(
+            resolution=resolution,
+            skipped_blocks=self.skipped_blocks(depth),
+            num_heads=(heads,) * self.num_blocks,
+            mlp_dims=(mlp_dim,) * self.num_blocks,
+            layer_names=self.layer_names,
+            weight_bits=(weight_bits,) * layers,
+            activation_bits=(activation_bits,) * layers,
+        )
+
+    def largest(self, weight_bits: int | None = None, activation_bits: int | None = None) -> SubnetArchitecture:
+        """Full resolution, depth and width, at the highest bit-widths (or the ones given, 32 for float)."""
+        return self._uniform(
+            self.resolution_choices[0],
+            self.depth_choices[0],
+            self.num_heads_choices[0],
+            self.mlp_dim_choices[0],
+            weight_bits or self.weight_bit_choices[0],
+            activation_bits or self.activation_bit_choices[0],
+        )
+
+    def full_precision(self) -> SubnetArchitecture:
+        """The largest subnet with every layer in float: the base SAM itself."""
+        return self.largest(FLOAT_BITS, FLOAT_BITS)
+
+    def smallest(self, weight_bits: int | None = None, activation_bits: int | None = None) -> SubnetArchitecture:
+        """Lowest resolution, depth and width, at the lowest bit-widths (or the ones given)."""
+        return self.canonical(
+            self._uniform(
+                self.resolution_choices[-1],
+                self.depth_choices[-1],
+                self.num_heads_choices[-1],
+                self.mlp_dim_choices[-1],
+                weight_bits or self.weight_bit_choices[-1],
+                activation_bits or self.activation_bit_choices[-1],
+            )
+        )
+
+    def sample(
+        self,
+        rng: random.Random | int | None = None,
+        weight_bit_choices: tuple[int, ...] | None = None,
+        activation_bit_choices: tuple[int, ...] | None = None,
+    ) -> SubnetArchitecture:
+        """Draws an architecture uniformly per dimension.
+
+        Args:
+            rng (`random.Random` or `int`, *optional*): a generator, or a seed for a new one.
+            weight_bit_choices, activation_bit_choices (`tuple[int]`, *optional*): restrict the bit-widths drawn
+                (the progressive schedule enables low bit-widths late).
+        """
+        rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+        weight_choices = tuple(weight_bit_choices or self.weight_bit_choices)
+        activation_choices = tuple(activation_bit_choices or self.activation_bit_choices)
+        num_heads = tuple(rng.choice(self.num_heads_choices) for _ in range(self.num_blocks))
+        mlp_dims = tuple(rng.choice(self.mlp_dim_choices) for _ in range(self.num_blocks))
+        weight_bits, activation_bits = self._sample_bits(rng, weight_choices, activation_choices)
+        arch = SubnetArchitecture(
+            resolution=rng.choice(self.resolution_choices),
+            skipped_blocks=self.skipped_blocks(rng.choice(self.depth_choices)),
+            num_heads=num_heads,
+            mlp_dims=mlp_dims,
+            layer_names=self.layer_names,
+            weight_bits=weight_bits,
+            activation_bits=activation_bits,
+        )
+        return self.canonical(arch)
+
+    def _sample_bits(self, rng, weight_choices, activation_choices):
+        if self.config.bit_granularity == "block":
+            per_block_w = [rng.choice(weight_choices) for _ in range(self.num_blocks)]
+            per_block_a = [rng.choice(activation_choices) for _ in range(self.num_blocks)]
+            return (
+                tuple(per_block_w[block] for block in self.layer_blocks),
+                tuple(per_block_a[block] for block in self.layer_blocks),
+            )
+        return (
+            tuple(rng.choice(weight_choices) for _ in self.layer_names),
+            tuple(rng.choice(activation_choices) for _ in self.layer_names),
+        )
+
+    def mutate(self, arch: SubnetArchitecture, rng: random.Random, probability: float = 0.1) -> SubnetArchitecture:
+        """Redraws each gene of `arch` with the given probability (bits per block under block granularity)."""
+        fresh = self.sample(rng)
+        return self.crossover(arch, fresh, rng, take_second=probability)
+
+    def crossover(
+        self, first: SubnetArchitecture, second: SubnetArchitecture, rng: random.Random, take_second: float = 0.5
+    ) -> SubnetArchitecture:
+        """Takes each gene from `second` with probability `take_second`, else from `first`."""
+
+        def pick(a, b):
+            return b if rng.random() < take_second else a
+
+        def pick_each(a, b):
+            return tuple(pick(x, y) for x, y in zip(a, b))
+
+        if self.config.bit_granularity == "block":
+            from_second = [rng.random() < take_second for _ in range(self.num_blocks)]
+            weight_bits = tuple(
+                (b if from_second[block] else a)
+                for a, b, block in zip(first.weight_bits, second.weight_bits, self.layer_blocks)
+            )
+            activation_bits = tuple(
+                (b if from_second[block] else a)
+                for a, b, block in zip(first.activation_bits, second.activation_bits, self.layer_blocks)
+            )
+        else:
+            weight_bits = pick_each(first.weight_bits, second.weight_bits)
+            activation_bits = pick_each(first.activation_bits, second.activation_bits)
+        child = SubnetArchitecture(
+            resolution=pick(first.resolution, second.resolution),
+            skipped_blocks=pick(first.skipped_blocks, second.skipped_blocks),
+            num_heads=pick_each(first.num_heads, second.num_heads),
+            mlp_dims=pick_each(first.mlp_dims, second.mlp_dims),
+            layer_names=self.layer_names,
+            weight_bits=weight_bits,
+            activation_bits=activation_bits,
+        )
+        return self.canonical(child)
+
+    def canonical(self, arch: SubnetArchitecture) -> SubnetArchitecture:
+        """Sets the per-block values of skipped blocks to the largest choices, so equal subnets compare equal."""
+        skipped = set(arch.skipped_blocks)
+        if not skipped:
+            return arch
+        top_w, top_a = self.weight_bit_choices[0], self.activation_bit_choices[0]
+        return replace(
+            arch,
+            num_heads=tuple(self.num_heads_choices[0] if b in skipped else h for b, h in enumerate(arch.num_heads)),
+            mlp_dims=tuple(self.mlp_dim_choices[0] if b in skipped else m for b, m in enumerate(arch.mlp_dims)),
+            weight_bits=tuple(
+                top_w if block in skipped else bits for bits, block in zip(arch.weight_bits, self.layer_blocks)
+            ),
+            activation_bits=tuple(
+                top_a if block in skipped else bits for bits, block in zip(arch.activation_bits, self.layer_blocks)
+            ),
+        )
+
+    # --- checking --------------------------------------------------------------------------------------------------
+    def validate(self, arch: SubnetArchitecture) -> None:
+        """Raises a `ValueError` naming the first value of `arch` that the space does not allow."""
+        if arch.resolution not in self.resolution_choices:
+            raise ValueError(
+                f"Resolution {arch.resolution} is not in the search space; allowed: {list(self.resolution_choices)}."
+            )
+        if arch.layer_names != self.layer_names:
+            raise ValueError(
+                f"The architecture quantizes layers {list(arch.layer_names)}; this space quantizes "
+                f"{list(self.layer_names)}."
+            )
+        self._check_per_item("num_heads", arch.num_heads, self.num_heads_choices, self.num_blocks, "block")
+        self._check_per_item("mlp_dims", arch.mlp_dims, self.mlp_dim_choices, self.num_blocks, "block")
+        if arch.skipped_blocks != self.skipped_blocks(arch.num_blocks - len(arch.skipped_blocks)):
+            allowed = [list(self.skipped_blocks(depth)) for depth in self.depth_choices]
+            raise ValueError(
+                f"Skipped blocks {list(arch.skipped_blocks)} are not in the search space; blocks are skipped in the "
+                f"order {list(self.skippable_blocks)}, so the allowed sets are {allowed}."
+            )
+        allowed_w = self.weight_bit_choices + (FLOAT_BITS,)
+        allowed_a = self.activation_bit_choices + (FLOAT_BITS,)
+        self._check_per_item("weight_bits", arch.weight_bits, allowed_w, len(self.layer_names), "layer")
+        self._check_per_item("activation_bits", arch.activation_bits, allowed_a, len(self.layer_names), "layer")
+        if self.config.bit_granularity == "block":
+            for bits_name in ("weight_bits", "activation_bits"):
+                per_block = {}
+                for name, block, bits in zip(self.layer_names, self.layer_blocks, getattr(arch, bits_name)):
+                    if per_block.setdefault(block, bits) != bits:
+                        raise ValueError(
+                            f"`{bits_name}` of {name} is {bits} but {per_block[block]} elsewhere in block {block}; "
+                            "with bit_granularity='block' all quantized layers of a block share their bit-widths."
+                        )
+
+    def _check_per_item(self, field, values, allowed, length, unit):
+        if len(values) != length:
+            raise ValueError(f"`{field}` has {len(values)} entries; this space needs one per {unit}: {length}.")
+        for position, value in enumerate(values):
+            if value not in allowed:
+                where = self.layer_names[position] if unit == "layer" else f"block {position}"
+                raise ValueError(f"`{field}` of {where} is {value!r}; allowed: {sorted(allowed)}.")

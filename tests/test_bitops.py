@@ -1,0 +1,108 @@
+"""The analytic MACs/BitOPs count against torch.utils.flop_counter, on a tiny SAM and at ViT-B size."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mpsupernet import SamSupernetConfig, SamSupernetForMaskGeneration, count_bitops
+from mpsupernet.testing_utils import make_vit_b_sam_config
+
+from conftest import make_tiny_sam
+
+
+def counted_flops(model, pixel_values):
+    """FLOPs of one image-encoder forward, per module, as torch's flop counter sees them.
+
+    A first pass fills the quantized-weight cache, so that the counted pass runs only inference operations (the
+    adapter merge B·A is weight preparation that an extracted subnet no longer does).
+    """
+    with torch.no_grad():
+        model.get_image_embeddings(pixel_values)
+        with FlopCounterMode(display=False) as counter:
+            model.get_image_embeddings(pixel_values)
+    return counter
+
+
+@pytest.fixture(scope="module")
+def eager_supernet():
+    sam = make_tiny_sam(attn_implementation="eager")
+    return SamSupernetForMaskGeneration.from_sam(sam, attn_implementation="eager").eval()
+
+
+def test_macs_match_flop_counter_on_sampled_tiny_subnets(eager_supernet):
+    pixel_values = torch.randn(1, 3, 128, 128)
+    archs = [eager_supernet.sample_subnet(seed) for seed in range(20)]
+    archs += [eager_supernet.largest_subnet(), eager_supernet.smallest_subnet()]
+    assert len({arch.resolution for arch in archs}) == 3 and len({arch.depth for arch in archs}) == 3
+    for arch in archs:
+        eager_supernet.set_subnet(arch)
+        counter = counted_flops(eager_supernet, pixel_values)
+        report = eager_supernet.bitops(arch)
+        assert counter.get_total_flops() == 2 * report.total_macs, arch.to_dict()
+        per_module = counter.get_flop_counts()
+        for row in report.rows:
+            if row.kind != "linear":
+                continue
+            module_flops = sum(per_module[f"ElasticSamVisionEncoder.{row.name}"].values())
+            assert module_flops == 2 * row.macs, row.name
+            weight_bits, activation_bits = arch.bits_of(row.name)
+            expected_bits = (weight_bits if weight_bits < 16 else 32) * (activation_bits if activation_bits < 16 else 32)
+            assert row.bitops == row.macs * expected_bits
+
+
+def test_bitops_follow_from_macs_and_bits(eager_supernet):
+    arch = eager_supernet.sample_subnet(seed=7)
+    report = eager_supernet.bitops(arch)
+    assert report.total_bitops == sum(row.macs * row.weight_bits * row.activation_bits for row in report.rows)
+    qkv_bits = dict(zip(arch.layer_names, arch.activation_bits))
+    for row in report.rows:
+        if row.name.endswith(("query_key", "probs_value")):
+            block_qkv = row.name.rsplit(".", 2)[0] + ".attn.qkv"
+            assert row.weight_bits == row.activation_bits == qkv_bits[block_qkv]
+        if row.kind == "conv":
+            assert (row.weight_bits, row.activation_bits) == (32, 32)
+    assert report.attention_bitops == sum(r.bitops for r in report.rows if r.kind == "attention") > 0
+
+
+def test_references_and_reductions(eager_supernet):
+    space = eager_supernet.search_space
+    full = eager_supernet.bitops(space.full_precision())
+    assert full.total_bitops == full.full_precision_bitops == full.total_macs * 32 * 32
+    assert full.reduction_vs_full_precision == 0.0
+    w8a8 = eager_supernet.bitops(space.largest(8, 8))
+    assert w8a8.total_bitops == w8a8.w8a8_bitops
+    small = eager_supernet.bitops(space.smallest())
+    assert 0 < small.total_bitops < w8a8.total_bitops < full.total_bitops
+    assert small.reduction_vs_w8a8 == pytest.approx(1 - small.total_bitops / w8a8.total_bitops)
+    summary = small.to_dict()
+    assert summary["bitops"] == small.total_bitops and len(summary["rows"]) == len(small.rows)
+
+
+def test_float_bits_setting_changes_how_float_counts(tiny_sam):
+    fp16 = SamSupernetForMaskGeneration.from_sam(tiny_sam, float_bits=16)
+    report = fp16.bitops(fp16.full_precision_subnet())
+    assert report.total_bitops == report.total_macs * 16 * 16
+
+
+def test_unquantized_attention_products_count_in_float(tiny_sam):
+    model = SamSupernetForMaskGeneration.from_sam(tiny_sam, quantize_attention_products=False)
+    report = model.bitops(model.smallest_subnet())
+    products = [row for row in report.rows if row.name.endswith("query_key")]
+    assert products and all(row.weight_bits == row.activation_bits == 32 for row in products)
+
+
+def test_vit_b_largest_and_smallest_match_flop_counter_on_meta():
+    config = SamSupernetConfig(
+        **{k: v for k, v in make_vit_b_sam_config().to_dict().items() if k != "model_type"},
+        attn_implementation="eager",
+    )
+    with torch.device("meta"):
+        model = SamSupernetForMaskGeneration(config)
+    pixel_values = torch.empty(1, 3, 1024, 1024, device="meta")
+    for arch in (model.largest_subnet(), model.smallest_subnet()):
+        model.set_subnet(arch)
+        counter = counted_flops(model, pixel_values)
+        assert counter.get_total_flops() == 2 * count_bitops(config, arch).total_macs
+    # SAM ViT-B's image encoder: about 487 GMACs at 1024 px
+    full = count_bitops(config, model.full_precision_subnet())
+    assert 480e9 < full.total_macs < 495e9

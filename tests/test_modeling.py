@@ -1,0 +1,291 @@
+"""SamSupernetForMaskGeneration: equivalence with SAM, elastic dimensions, gradients, saving and bad input."""
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForMaskGeneration, SamModel
+
+from mpsupernet import SamSupernetForMaskGeneration
+from mpsupernet.lora import QuantizedLoraLinear
+
+
+def run(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model(**inputs, **kwargs)
+
+
+def assert_same_output(reference, candidate, atol=1e-5):
+    assert reference.pred_masks.abs().mean() > 0.05, "outputs too small for the tolerance to mean anything"
+    torch.testing.assert_close(candidate.pred_masks, reference.pred_masks, atol=atol, rtol=0)
+    torch.testing.assert_close(candidate.iou_scores, reference.iou_scores, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("multimask_output", [True, False])
+def test_full_precision_subnet_reproduces_sam(tiny_sam, prompt_inputs, multimask_output):
+    supernet = SamSupernetForMaskGeneration.from_sam(tiny_sam).eval()
+    supernet.set_subnet(supernet.full_precision_subnet())
+    reference = run(tiny_sam, prompt_inputs, multimask_output=multimask_output)
+    assert_same_output(reference, run(supernet, prompt_inputs, multimask_output=multimask_output))
+
+
+def test_from_sam_folder_reproduces_sam(tiny_sam, prompt_inputs, tmp_path):
+    tiny_sam.save_pretrained(tmp_path / "sam")
+    supernet = SamSupernetForMaskGeneration.from_sam(str(tmp_path / "sam")).eval()
+    assert_same_output(run(tiny_sam, prompt_inputs), run(supernet, prompt_inputs))
+
+
+def test_importance_reordering_sorts_units_and_keeps_weights(tiny_sam, tiny_supernet):
+    assert tiny_supernet.config.importance_reordered
+    layer = tiny_supernet.sam.vision_encoder.layers[0]
+    importance = layer.mlp.lin1.weight.norm(dim=1) * layer.mlp.lin2.weight.norm(dim=0)
+    assert torch.all(importance[:-1] >= importance[1:])
+    original = tiny_sam.vision_encoder.layers[0].mlp.lin1.weight
+    # the same rows, in another order
+    torch.testing.assert_close(layer.mlp.lin1.weight.sort(dim=0).values, original.sort(dim=0).values)
+
+
+def test_largest_quantized_subnet_is_close_but_not_equal(tiny_sam, tiny_supernet, prompt_inputs):
+    tiny_supernet.set_subnet(tiny_supernet.largest_subnet())  # W8A8 everywhere
+    reference, quantized = run(tiny_sam, prompt_inputs), run(tiny_supernet, prompt_inputs)
+    difference = (reference.pred_masks - quantized.pred_masks).abs().mean()
+    assert 0 < difference < 0.5 * reference.pred_masks.abs().mean()
+
+
+def record_shapes(model):
+    """Registers hooks that record, per module name, the shapes of the inputs and outputs seen."""
+    shapes = {}
+    handles = []
+    for name, module in model.sam.vision_encoder.named_modules():
+        if isinstance(module, QuantizedLoraLinear) or name.startswith("layers.") and name.count(".") == 1:
+            handles.append(
+                module.register_forward_hook(
+                    lambda mod, args, out, name=name: shapes.setdefault(name, []).append(
+                        (tuple(args[0].shape) if args else None, tuple(out[0].shape if isinstance(out, tuple) else out.shape))
+                    )
+                )
+            )
+    return shapes, handles
+
+
+def test_each_elastic_dimension_changes_shapes_and_cost(tiny_supernet, prompt_inputs):
+    space = tiny_supernet.search_space
+    largest = tiny_supernet.largest_subnet()
+    base_cost = tiny_supernet.bitops(largest)
+    head_dim = 64 // 4
+    variants = {
+        "resolution": largest.__class__(**{**largest.__dict__, "resolution": 64}),
+        "depth": largest.__class__(**{**largest.__dict__, "skipped_blocks": space.skipped_blocks(3)}),
+        "mlp": largest.__class__(**{**largest.__dict__, "mlp_dims": (128, 256, 192, 256)}),
+        "heads": largest.__class__(**{**largest.__dict__, "num_heads": (2, 4, 3, 4)}),
+        "bits": largest.__class__(**{**largest.__dict__, "weight_bits": (4,) * 16, "activation_bits": (4,) * 16}),
+    }
+    for name, arch in variants.items():
+        tiny_supernet.set_subnet(arch)
+        shapes, handles = record_shapes(tiny_supernet)
+        output = run(tiny_supernet, prompt_inputs)
+        for handle in handles:
+            handle.remove()
+        assert output.pred_masks.shape == (2, 1, 3, 32, 32)
+        assert tiny_supernet.bitops(arch).total_bitops < base_cost.total_bitops, name
+        if name == "resolution":
+            assert shapes["layers.0"][0][0] == (2, 4, 4, 64)  # 64 px / patch 16
+        if name == "depth":
+            assert "layers.2" not in shapes and "layers.3" in shapes
+        if name == "mlp":
+            assert shapes["layers.0.mlp.lin1"][0][1][-1] == 128
+            assert shapes["layers.0.mlp.lin2"][0][0][-1] == 128
+            assert shapes["layers.2.mlp.lin1"][0][1][-1] == 192
+        if name == "heads":
+            assert shapes["layers.0.attn.qkv"][0][1][-1] == 3 * 2 * head_dim
+            assert shapes["layers.0.attn.proj"][0][0][-1] == 2 * head_dim
+            assert shapes["layers.2.attn.qkv"][0][1][-1] == 3 * 3 * head_dim
+        if name == "bits":
+            lin1 = tiny_supernet.sam.vision_encoder.layers[1].mlp.lin1
+            with torch.no_grad():
+                weight = lin1.quantized_weight()
+            levels_per_row = [row.unique().numel() for row in weight]
+            assert max(levels_per_row) <= 16 and max(levels_per_row) > 4
+
+
+def test_elastic_resolution_keeps_prompts_in_base_frame(tiny_supernet):
+    """A box prompt lands on the same region whatever the resolution: the mask logits stay correlated."""
+    largest = tiny_supernet.full_precision_subnet()
+    image = torch.zeros(1, 3, 128, 128)
+    image[..., 16:64, 64:120] = 3.0
+    inputs = {"pixel_values": image, "input_boxes": torch.tensor([[[64.0, 16.0, 120.0, 64.0]]])}
+    masks = {}
+    for resolution in (128, 64):
+        tiny_supernet.set_subnet(largest.__class__(**{**largest.__dict__, "resolution": resolution}))
+        masks[resolution] = run(tiny_supernet, inputs, multimask_output=False).pred_masks.flatten()
+        small_input = torch.nn.functional.interpolate(image, size=(resolution, resolution), mode="bilinear")
+        same = run(tiny_supernet, {**inputs, "pixel_values": small_input}, multimask_output=False)
+        assert same.pred_masks.shape == (1, 1, 1, 32, 32)
+    correlation = torch.corrcoef(torch.stack([masks[128], masks[64]]))[0, 1]
+    assert correlation > 0.5
+
+
+def test_sampled_subnet_backward_reaches_only_trainable_parameters(tiny_supernet, prompt_inputs):
+    tiny_supernet.train()
+    tiny_supernet.set_subnet(tiny_supernet.sample_subnet(seed=3))
+    output = tiny_supernet(**prompt_inputs)
+    output.pred_masks.pow(2).mean().backward()
+    names_with_grad = {name for name, p in tiny_supernet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(name.endswith("lora_B") for name in names_with_grad)
+    assert any("weight_quantizer.step_size" in name for name in names_with_grad)
+    assert any("input_quantizer.step_size" in name for name in names_with_grad)
+    assert any(name.startswith("sam.mask_decoder.") for name in names_with_grad)
+    for name, parameter in tiny_supernet.named_parameters():
+        is_base = not ("lora_" in name or "quantizer." in name or name.startswith("sam.mask_decoder."))
+        if is_base:
+            assert not parameter.requires_grad and parameter.grad is None, name
+
+
+def test_frozen_mask_decoder_option(tiny_sam):
+    supernet = SamSupernetForMaskGeneration.from_sam(tiny_sam, mask_decoder_training="frozen")
+    trainable = {name for name, p in supernet.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name or "quantizer." in name for name in trainable)
+
+
+@pytest.mark.parametrize("lora_mode", ["shared", "multiplex", "multipath"])
+def test_quantizer_sees_the_merged_adapter_weight(tiny_sam, lora_mode):
+    supernet = SamSupernetForMaskGeneration.from_sam(tiny_sam, lora_mode=lora_mode)
+    layer = supernet.sam.vision_encoder.layers[0].mlp.lin1
+    expected_adapters = {"shared": 1, "multiplex": 5, "multipath": 6}[lora_mode]
+    assert layer.lora_A.shape[0] == layer.lora_B.shape[0] == expected_adapters
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05)
+    layer.set_active(weight_bits=4, activation_bits=32, output_index=torch.arange(128), in_features=64)
+    scaling = supernet.config.lora_alpha / supernet.config.lora_rank
+    chosen = {"shared": [0], "multiplex": [2], "multipath": [0, 3]}[lora_mode]  # 4 bits is index 2 of [2,3,4,6,8]
+    merged = layer.weight[:128] + sum(scaling * layer.lora_B[i, :128] @ layer.lora_A[i] for i in chosen)
+    step = layer.weight_quantizer.step_size[2, :128].unsqueeze(1)
+    expected = torch.clamp(torch.round(merged / step), -8, 7) * step
+    with torch.no_grad():
+        torch.testing.assert_close(layer.quantized_weight(), expected)
+
+
+def test_multiplex_adapters_are_separate_per_bit_width(tiny_supernet, prompt_inputs):
+    arch4 = tiny_supernet.search_space.largest(weight_bits=4, activation_bits=8)
+    arch8 = tiny_supernet.search_space.largest(weight_bits=8, activation_bits=8)
+    before = {}
+    for arch in (arch4, arch8):
+        tiny_supernet.set_subnet(arch)
+        before[arch.weight_bits[0]] = run(tiny_supernet, prompt_inputs).pred_masks
+    with torch.no_grad():
+        for module in tiny_supernet.modules():
+            if isinstance(module, QuantizedLoraLinear):
+                module.lora_B[2].normal_(0, 0.5)  # the 4-bit adapter only
+    for arch in (arch4, arch8):
+        tiny_supernet.set_subnet(arch)
+        after = run(tiny_supernet, prompt_inputs).pred_masks
+        changed = not torch.allclose(after, before[arch.weight_bits[0]])
+        assert changed == (arch.weight_bits[0] == 4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_supernet, prompt_inputs):
+    tiny_supernet.train()
+    tiny_supernet.set_subnet(tiny_supernet.sample_subnet(seed=5))
+    gradients = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            tiny_supernet.activation_checkpointing_enable()
+            assert tiny_supernet.sam.vision_encoder.layers[0].gradient_checkpointing
+        tiny_supernet.zero_grad()
+        tiny_supernet(**prompt_inputs).pred_masks.pow(2).mean().backward()
+        gradients.append(tiny_supernet.sam.vision_encoder.layers[0].mlp.lin1.weight_quantizer.step_size.grad.clone())
+    torch.testing.assert_close(gradients[0], gradients[1])
+
+
+def test_save_and_load_round_trip(tiny_supernet, prompt_inputs, tmp_path):
+    arch = tiny_supernet.sample_subnet(seed=11)
+    with torch.no_grad():
+        for name, parameter in tiny_supernet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    tiny_supernet.set_subnet(arch)
+    expected = run(tiny_supernet, prompt_inputs)
+    tiny_supernet.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    for loader in (SamSupernetForMaskGeneration, AutoModel, AutoModelForMaskGeneration):
+        loaded = loader.from_pretrained(tmp_path).eval()
+        assert isinstance(loaded, SamSupernetForMaskGeneration)
+        assert loaded.config.lora_mode == tiny_supernet.config.lora_mode
+        state, loaded_state = tiny_supernet.state_dict(), loaded.state_dict()
+        assert state.keys() == loaded_state.keys()
+        for key in state:
+            torch.testing.assert_close(loaded_state[key], state[key], rtol=0, atol=0)
+        assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+            n for n, p in tiny_supernet.named_parameters() if p.requires_grad
+        }
+        loaded.set_subnet(arch.to_dict())
+        torch.testing.assert_close(run(loaded, prompt_inputs).pred_masks, expected.pred_masks, rtol=0, atol=1e-6)
+
+
+def test_arch_dict_is_json_and_round_trips(tiny_supernet):
+    import json
+
+    arch = tiny_supernet.sample_subnet(seed=2)
+    text = json.dumps(arch.to_dict())
+    assert type(arch).from_dict(json.loads(text)) == arch
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------------
+def test_unknown_bit_width_is_rejected(tiny_supernet):
+    arch = tiny_supernet.largest_subnet().to_dict()
+    arch["weight_bits"]["layers.1.mlp.lin1"] = 5
+    with pytest.raises(ValueError, match=r"`weight_bits` of layers.1.mlp.lin1 is 5; allowed: \[2, 3, 4, 6, 8, 32\]"):
+        tiny_supernet.set_subnet(arch)
+
+
+def test_resolution_not_in_space_is_rejected(tiny_supernet):
+    arch = tiny_supernet.largest_subnet().to_dict()
+    arch["resolution"] = 80
+    with pytest.raises(ValueError, match=r"Resolution 80 is not in the search space; allowed: \[128, 96, 64\]"):
+        tiny_supernet.set_subnet(arch)
+
+
+def test_image_of_wrong_size_is_rejected(tiny_supernet, prompt_inputs):
+    tiny_supernet.set_subnet(tiny_supernet.smallest_subnet())
+    inputs = {**prompt_inputs, "pixel_values": torch.randn(2, 3, 100, 100)}
+    with pytest.raises(ValueError, match=r"100x100 .* must be 128x128 .* or the active resolution 64x64"):
+        run(tiny_supernet, inputs)
+    with pytest.raises(ValueError, match=r"shape \(batch, 3, height, width\); got \(2, 1, 128, 128\)"):
+        run(tiny_supernet, {**prompt_inputs, "pixel_values": torch.randn(2, 1, 128, 128)})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.pop("mlp_dims"), r"lacks \['mlp_dims'\]"),
+        (lambda d: d.update(colour="red"), r"unknown keys \['colour'\]"),
+        (lambda d: d.update(num_heads="4,4"), r"`num_heads` must be a list of integers, got '4,4'"),
+        (lambda d: (d.pop("depth"), d.update(num_heads=[4, 4, 4])), r"`num_heads` has 3 entries; .* one per block: 4"),
+        (lambda d: d.update(mlp_dims=[256, 256, 100, 256]), r"`mlp_dims` of block 2 is 100; allowed: \[128, 192, 256\]"),
+        (lambda d: (d.pop("depth"), d.update(skipped_blocks=[0])), r"Skipped blocks \[0\] are not in the search space"),
+        (lambda d: d["activation_bits"].pop("layers.0.attn.qkv"), r"must name the same layers"),
+        (lambda d: d.update(depth=2), r"`depth` is 2 but 4 blocks less 0 skipped make 4"),
+    ],
+)
+def test_malformed_arch_dict_is_rejected(tiny_supernet, change, message):
+    arch = tiny_supernet.largest_subnet().to_dict()
+    change(arch)
+    with pytest.raises(ValueError, match=message):
+        tiny_supernet.set_subnet(arch)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupted_safetensors_is_reported(tiny_supernet, tmp_path, damage):
+    tiny_supernet.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a tensor" * 8)
+    with pytest.raises(OSError, match=r"not a readable safetensors file \(corrupted or truncated"):
+        SamSupernetForMaskGeneration.from_pretrained(tmp_path)
+
+
+def test_from_sam_rejects_a_checkpoint_that_is_not_sam(tmp_path):
+    with pytest.raises(OSError):
+        SamSupernetForMaskGeneration.from_sam(str(tmp_path / "missing"))
+
+
+def test_isinstance_of_sam_inside(tiny_supernet):
+    assert isinstance(tiny_supernet.sam, SamModel)
