@@ -1,0 +1,47 @@
+"""Segmentation data for SAM: a synthetic dataset, adapters from Hub schemas, prompt sampling and preprocessing."""
+
+from .adapters import (
+    STANDARD_FEATURES,
+    decode_coco_segmentation,
+    from_coco_annotations,
+    from_instance_mask_columns,
+    from_semantic_maps,
+    semantic_map_to_masks,
+)
+from .processing import (
+    MODEL_INPUT_NAMES,
+    PROMPT_MODES,
+    SamSegmentationPreprocessor,
+    collate_fn,
+    low_res_mask_size,
+    remove_examples_without_masks,
+)
+from .prompts import PAD_POINT_LABEL, jitter_box, mask_to_box, sample_points
+from .synthetic import (
+    SYNTHETIC_FEATURES,
+    make_synthetic_segmentation_dataset,
+    make_synthetic_segmentation_dataset_dict,
+)
+
+
+__all__ = [
+    "MODEL_INPUT_NAMES",
+    "PAD_POINT_LABEL",
+    "PROMPT_MODES",
+    "STANDARD_FEATURES",
+    "SYNTHETIC_FEATURES",
+    "SamSegmentationPreprocessor",
+    "collate_fn",
+    "decode_coco_segmentation",
+    "from_coco_annotations",
+    "from_instance_mask_columns",
+    "from_semantic_maps",
+    "jitter_box",
+    "low_res_mask_size",
+    "make_synthetic_segmentation_dataset",
+    "make_synthetic_segmentation_dataset_dict",
+    "mask_to_box",
+    "remove_examples_without_masks",
+    "sample_points",
+    "semantic_map_to_masks",
+]
