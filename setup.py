@@ -19,6 +19,7 @@ install_requires = [
     "pymoo>=0.6.1",
     "matplotlib>=3.7",
     "tqdm>=4.64",
+    "jinja2>=3.0",
 ]
 
 extras = {
@@ -32,9 +33,14 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    package_dir={"": "src"},
-    packages=find_packages("src"),
-    package_data={"mpsupernet": ["pretrained/*.safetensors", "pretrained/*.json"]},
+    # The card templates live at the top of the repository, where people look for them, and ship inside the
+    # package as `mpsupernet.model_cards` so that installed code can render them.
+    package_dir={"": "src", "mpsupernet.model_cards": "model_cards"},
+    packages=find_packages("src") + ["mpsupernet.model_cards"],
+    package_data={
+        "mpsupernet": ["pretrained/*/*.safetensors", "pretrained/*/*.json"],
+        "mpsupernet.model_cards": ["*.md"],
+    },
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=install_requires,

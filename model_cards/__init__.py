@@ -1,0 +1,1 @@
+"""Model card templates, rendered with huggingface_hub.ModelCard."""
