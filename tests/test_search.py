@@ -8,7 +8,6 @@ import torch
 from accelerate.state import AcceleratorState
 
 from mpsupernet import SamSupernetConfig, SearchSpace
-from mpsupernet import bitops as bitops_module
 from mpsupernet.data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset
 from mpsupernet.search import (
     ArchitectureEncoding,
@@ -146,11 +145,13 @@ def test_pareto_front_filters_sorts_and_answers_budgets():
     assert ParetoFront([]).best_under(100) is None
 
 
-def test_best_under_reads_budget_strings():
-    if not hasattr(bitops_module, "parse_budget"):
-        pytest.skip("mpsupernet.bitops.parse_budget has not landed yet")
+def test_budget_strings_go_through_parse_budget(tmp_path):
     front = ParetoFront([entry(100, 0.5), entry(200, 0.6)], metadata={"full_precision": {"bitops": 1000}})
     assert front.best_under("15%").bitops == 100
+    assert front.best_under("0.2k").bitops == 200
+    assert front.plot(tmp_path / "front.png", budgets=["15%"]).exists()
+    with pytest.raises(ValueError, match="15%"):
+        ParetoFront([entry(100, 0.5)]).best_under("15%")
 
 
 def test_pareto_front_load_names_a_bad_file(tmp_path):
@@ -232,11 +233,14 @@ def test_search_with_block_bits_min_bitops_and_sms_emoa(tiny_sam, tmp_path):
         population_size=6,
         generations=2,
         min_bitops=2 * smallest,
+        max_bitops="50%",
         algorithm="smsemoa",
         evaluate_full_precision=False,
         progress=False,
     )
-    assert front.evaluated and all(e.bitops >= 2 * smallest for e in front.evaluated)
+    max_bitops = supernet.bitops(supernet.full_precision_subnet()).total_bitops // 2
+    assert front.metadata["search"]["max_bitops"] == max_bitops
+    assert front.evaluated and all(2 * smallest <= e.bitops <= max_bitops for e in front.evaluated)
     for e in front.evaluated:
         supernet.search_space.validate(e.to_architecture())
     assert front.full_precision_mean_iou is None
