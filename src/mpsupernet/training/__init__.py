@@ -1,5 +1,6 @@
-"""Supernet training: losses."""
+"""Supernet training: losses, the sandwich rule with progressive bit-widths, the Trainer and the Accelerate loop."""
 
+from .loop import train_supernet
 from .losses import (
     DISTILLATION_KINDS,
     SamLossOutput,
@@ -9,14 +10,33 @@ from .losses import (
     sam_loss,
     sigmoid_focal_loss,
 )
+from .sampling import (
+    DISTILLATION_TEACHERS,
+    ProgressiveBitsSchedule,
+    SandwichSampler,
+    SandwichStepOutput,
+    check_training_batch,
+    evaluate_subnets,
+    supernet_training_step,
+)
+from .trainer import SupernetTrainer
 
 
 __all__ = [
     "DISTILLATION_KINDS",
+    "DISTILLATION_TEACHERS",
+    "ProgressiveBitsSchedule",
     "SamLossOutput",
+    "SandwichSampler",
+    "SandwichStepOutput",
+    "SupernetTrainer",
+    "check_training_batch",
     "dice_loss",
+    "evaluate_subnets",
     "iou_prediction_loss",
     "mask_distillation_loss",
     "sam_loss",
     "sigmoid_focal_loss",
+    "supernet_training_step",
+    "train_supernet",
 ]
