@@ -1,4 +1,4 @@
-"""`train_supernet`: supernet training in a plain Accelerate loop (one process, DDP on CPUs or GPUs, `accelerate launch`).
+"""`train_supernet`: supernet training in a plain Accelerate loop (one process, or DDP under `accelerate launch`).
 
 It trains exactly what `SupernetTrainer` trains (the step is `supernet_training_step`), with checkpoints that
 resume bit-for-bit: the step counter, model, optimizer, learning-rate schedule and RNG states are saved with
@@ -28,7 +28,14 @@ from transformers.utils import logging
 
 from ..data.processing import SamSegmentationPreprocessor, collate_fn, remove_examples_without_masks
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
-from .sampling import SandwichSampler, evaluate_subnets, supernet_training_step
+from .sampling import (
+    SandwichSampler,
+    check_distillation,
+    check_distributed_support,
+    evaluate_subnets,
+    initialize_quantizers,
+    supernet_training_step,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -82,7 +89,9 @@ def _resolve_checkpoint(resume_from_checkpoint: str | os.PathLike | bool, output
     if resume_from_checkpoint is True:
         last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
         if last is None:
-            raise ValueError(f"resume_from_checkpoint=True, but {output_dir} holds no '{CHECKPOINT_PREFIX}-<step>' folder.")
+            raise ValueError(
+                f"resume_from_checkpoint=True, but {output_dir} holds no '{CHECKPOINT_PREFIX}-<step>' folder."
+            )
         return Path(last)
     path = Path(resume_from_checkpoint)
     # The scheduler and the TrainingProgress are the two objects registered for checkpointing.
@@ -189,6 +198,7 @@ def train_supernet(
     _check_dataset(train_dataset, "train_dataset", preprocessor)
     if eval_dataset is not None:
         _check_dataset(eval_dataset, "eval_dataset", preprocessor)
+    check_distillation(distillation)
     sampler = SandwichSampler(model.config, num_random_subnets=num_random_subnets, seed=seed)
 
     accelerator = Accelerator(
@@ -223,8 +233,16 @@ def train_supernet(
         shard = eval_data.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
         eval_loader = DataLoader(shard.with_transform(eval_preprocessor), batch_size=batch_size, collate_fn=collate_fn)
 
+    if not resume_from_checkpoint:
+        # Each process initialises on its own examples; the statistics are averaged across processes.
+        first = accelerator.process_index * batch_size
+        processed = train_loader.dataset
+        calibration = collate_fn([processed[index % len(processed)] for index in range(first, first + batch_size)])
+        model.to(accelerator.device)
+        initialize_quantizers(model, {k: v.to(accelerator.device) for k, v in calibration.items()}, sampler.schedule)
+    check_distributed_support(accelerator, model, sampler.schedule)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.train()
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
@@ -249,7 +267,11 @@ def train_supernet(
         if eval_loader is None:
             return None
         results = evaluate_subnets(
-            supernet, eval_loader, eval_archs, device=accelerator.device, show_progress=accelerator.is_local_main_process
+            supernet,
+            eval_loader,
+            eval_archs,
+            device=accelerator.device,
+            show_progress=accelerator.is_local_main_process,
         )
         model.train()
         return results

@@ -23,6 +23,7 @@ from transformers.utils import logging
 from ..configuration_sam_supernet import SamSupernetConfig, validate_progressive_schedule
 from ..data.processing import MODEL_INPUT_NAMES
 from ..evaluation import evaluate_mean_iou
+from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from ..quantization import LsqQuantizer
 from ..search_space import SearchSpace, SubnetArchitecture
 from .losses import DISTILLATION_KINDS, mask_distillation_loss, sam_loss
@@ -124,6 +125,19 @@ class ProgressiveBitsSchedule:
         self._applied_bits = enabled
         return copied
 
+    def pending_copies(self, model: nn.Module) -> int:
+        """How many (quantizer, bit-width) step sizes `initialize_new_bits` will still copy during training.
+
+        Counts the bit-widths enabled after the start that a quantizer of `model` has not initialised yet.
+        """
+        late_bits = set(self.enabled_bits(1.0)) - set(self.enabled_bits(0.0))
+        return sum(
+            not bool(module.initialized[module.bit_index(bits)])
+            for module in model.modules()
+            if isinstance(module, LsqQuantizer)
+            for bits in late_bits & set(module.bit_choices)
+        )
+
 
 def _copy_from_next_higher_bits(quantizer: LsqQuantizer, bits: int, enabled: tuple[int, ...]) -> int:
     target = quantizer.bit_index(bits)
@@ -193,6 +207,83 @@ class SandwichSampler:
         return archs
 
 
+def check_training_batch(batch: dict) -> None:
+    """Raises a `ValueError` naming what is missing if `batch` cannot train a SAM supernet.
+
+    A batch needs `pixel_values`, `ground_truth_masks` and at least one prompt (`input_boxes` or `input_points`
+    with `input_labels`), as `mpsupernet.data.SamSegmentationPreprocessor` and `collate_fn` make them.
+    """
+    missing = [name for name in ("pixel_values", "ground_truth_masks") if name not in batch]
+    if not any(name in batch for name in PROMPT_INPUT_NAMES):
+        missing.append(" or ".join(PROMPT_INPUT_NAMES))
+    if "input_points" in batch and "input_labels" not in batch:
+        missing.append("input_labels")
+    if missing:
+        raise ValueError(
+            f"The training batch lacks {missing}; it has {sorted(batch)}. Preprocess the dataset with "
+            "`mpsupernet.data.SamSegmentationPreprocessor` (through `Dataset.set_transform`) and batch it with "
+            "`mpsupernet.data.collate_fn`; with the Trainer, keep `remove_unused_columns=False`."
+        )
+
+
+@torch.no_grad()
+def initialize_quantizers(
+    model: SamSupernetForMaskGeneration, batch: dict[str, torch.Tensor], schedule: ProgressiveBitsSchedule
+) -> None:
+    """Initialises every activation quantizer, at every bit-width enabled from the start, on one batch.
+
+    Each activation step size is otherwise set from the first tensor it quantizes, inside a forward pass. Doing it
+    here, before the model is wrapped for distributed training, makes the initialisation independent of which subnets
+    train first, and keeps it out of wrappers that shard or shadow the parameters (FSDP, DeepSpeed), where a write in
+    the forward pass would be lost. The full-size subnet runs once per enabled activation bit-width, with its weights
+    at the highest enabled weight bit-width. Bit-widths enabled later start from the next higher one instead (see
+    `ProgressiveBitsSchedule.initialize_new_bits`).
+
+    Args:
+        model (`SamSupernetForMaskGeneration`): the unwrapped supernet; its active subnet is restored afterwards.
+        batch (`dict[str, torch.Tensor]`): a batch from `mpsupernet.data.collate_fn`, on the model's device. In a
+            distributed run every process must call this (the statistics are averaged across processes).
+        schedule (`ProgressiveBitsSchedule`): gives the bit-widths enabled at the start.
+    """
+    check_training_batch(batch)
+    inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
+    weight_bits = schedule.weight_bit_choices(0.0)[0]
+    previous, was_training = model.active_subnet, model.training
+    model.eval()
+    try:
+        for activation_bits in schedule.activation_bit_choices(0.0):
+            model.set_subnet(model.search_space.largest(weight_bits, activation_bits))
+            model(**inputs)
+    finally:
+        model.set_subnet(previous)
+        model.train(was_training)
+
+
+def check_distributed_support(
+    accelerator: Accelerator, model: SamSupernetForMaskGeneration, schedule: ProgressiveBitsSchedule
+) -> None:
+    """Refuses a run whose progressive schedule would write step sizes under FSDP or DeepSpeed.
+
+    Handing step sizes to a newly enabled bit-width writes into parameters in the middle of training. FSDP keeps
+    only a shard of each parameter outside the forward pass, and DeepSpeed keeps master copies in its optimizer that
+    overwrite the model's parameters at the next step, so such a write would be lost or misplaced. DDP keeps whole
+    parameters on every process and is unaffected.
+
+    Raises:
+        `ValueError`: under FSDP or DeepSpeed, if some quantizer still needs a step size from a higher bit-width.
+    """
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
+    pending = schedule.pending_copies(model)
+    if pending:
+        raise ValueError(
+            f"The progressive schedule {model.config.progressive_bits_schedule} would copy {pending} quantizer step "
+            f"size(s) into newly enabled bit-widths during training, which {accelerator.distributed_type.value} "
+            "cannot take (parameters are sharded or shadowed by the optimizer). Train with DDP, or use a schedule "
+            "whose bit-widths are all enabled at fraction 0.0."
+        )
+
+
 @dataclass
 class SandwichStepOutput:
     """What one sandwich step computed, per subnet (detached, before any gradient-accumulation scaling).
@@ -211,23 +302,12 @@ class SandwichStepOutput:
         return torch.stack(list(self.losses.values())).sum()
 
 
-def check_training_batch(batch: dict) -> None:
-    """Raises a `ValueError` naming what is missing if `batch` cannot train a SAM supernet.
-
-    A batch needs `pixel_values`, `ground_truth_masks` and at least one prompt (`input_boxes` or `input_points`
-    with `input_labels`), as `mpsupernet.data.SamSegmentationPreprocessor` and `collate_fn` make them.
-    """
-    missing = [name for name in ("pixel_values", "ground_truth_masks") if name not in batch]
-    if not any(name in batch for name in PROMPT_INPUT_NAMES):
-        missing.append(" or ".join(PROMPT_INPUT_NAMES))
-    if "input_points" in batch and "input_labels" not in batch:
-        missing.append("input_labels")
-    if missing:
-        raise ValueError(
-            f"The training batch lacks {missing}; it has {sorted(batch)}. Preprocess the dataset with "
-            "`mpsupernet.data.SamSegmentationPreprocessor` (through `Dataset.set_transform`) and batch it with "
-            "`mpsupernet.data.collate_fn`; with the Trainer, keep `remove_unused_columns=False`."
-        )
+def check_distillation(teacher: str | None, kind: str = "kl") -> None:
+    """Raises a `ValueError` naming the value if the distillation teacher or kind is unknown."""
+    if teacher is not None and teacher not in DISTILLATION_TEACHERS:
+        raise ValueError(f"Unknown distillation teacher {teacher!r}; allowed: {list(DISTILLATION_TEACHERS)} or None.")
+    if kind not in DISTILLATION_KINDS:
+        raise ValueError(f"Unknown distillation kind {kind!r}; allowed: {list(DISTILLATION_KINDS)}.")
 
 
 @contextlib.contextmanager
@@ -299,10 +379,7 @@ def supernet_training_step(
     Returns:
         `SandwichStepOutput` with each subnet's (detached, unscaled) losses.
     """
-    if distillation is not None and distillation not in DISTILLATION_TEACHERS:
-        raise ValueError(f"Unknown distillation teacher {distillation!r}; allowed: {list(DISTILLATION_TEACHERS)} or None.")
-    if distillation_kind not in DISTILLATION_KINDS:
-        raise ValueError(f"Unknown distillation kind {distillation_kind!r}; allowed: {list(DISTILLATION_KINDS)}.")
+    check_distillation(distillation, distillation_kind)
     if not archs:
         raise ValueError("`archs` is empty; give at least one subnet to train.")
     if distillation == "largest" and next(iter(archs)) != "largest":
@@ -362,7 +439,9 @@ def evaluate_subnets(
     try:
         for name, arch in archs.items():
             model.set_subnet(arch)
-            results[name] = evaluate_mean_iou(model, dataloader, description=f"mIoU of the {name} subnet", **evaluate_kwargs)
+            results[name] = evaluate_mean_iou(
+                model, dataloader, description=f"mIoU of the {name} subnet", **evaluate_kwargs
+            )
     finally:
         model.set_subnet(previous)
     return results

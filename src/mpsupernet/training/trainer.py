@@ -12,10 +12,12 @@ from transformers.utils import logging
 from ..data.processing import collate_fn
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from .sampling import (
-    DISTILLATION_TEACHERS,
     SandwichSampler,
+    check_distillation,
+    check_distributed_support,
     check_training_batch,
     evaluate_subnets,
+    initialize_quantizers,
     supernet_training_step,
 )
 
@@ -79,17 +81,20 @@ class SupernetTrainer(Trainer):
                 f"SupernetTrainer trains a SamSupernetForMaskGeneration, got {type(model).__name__}. Build one with "
                 "`SamSupernetForMaskGeneration.from_sam(...)` or `.from_pretrained(...)`."
             )
-        if distillation is not None and distillation not in DISTILLATION_TEACHERS:
-            raise ValueError(f"Unknown distillation teacher {distillation!r}; allowed: {list(DISTILLATION_TEACHERS)} or None.")
+        check_distillation(distillation, distillation_kind)
         args = args if args is not None else TrainingArguments(output_dir="trainer_output")
         if args.remove_unused_columns:
-            logger.info("SupernetTrainer sets `remove_unused_columns=False`: the preprocessing transform needs the raw columns.")
+            logger.info(
+                "SupernetTrainer sets `remove_unused_columns=False`: the preprocessing transform needs the raw columns."
+            )
             args.remove_unused_columns = False
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = True
         super().__init__(model=model, args=args, data_collator=data_collator or collate_fn, **kwargs)
         self.sampler = SandwichSampler(
-            model.config, num_random_subnets=num_random_subnets, seed=args.seed if sandwich_seed is None else sandwich_seed
+            model.config,
+            num_random_subnets=num_random_subnets,
+            seed=args.seed if sandwich_seed is None else sandwich_seed,
         )
         self.distillation = distillation
         self.distillation_kind = distillation_kind
@@ -97,6 +102,34 @@ class SupernetTrainer(Trainer):
         self.multimask_output = multimask_output
         self._subnet_loss_sums: dict[str, torch.Tensor] = {}
         self._subnet_loss_batches = 0
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        """`Trainer.train`, after initialising the activation quantizers on the first training examples.
+
+        The initialisation (see `initialize_quantizers`) runs before the model is wrapped for distributed training,
+        on `per_device_train_batch_size` examples per process; a resumed run takes the step sizes from its checkpoint
+        instead. Under FSDP or DeepSpeed, a progressive schedule that would hand step sizes over during training is
+        refused (see `check_distributed_support`).
+        """
+        supernet = self.accelerator.unwrap_model(self.model)
+        if not resume_from_checkpoint and self.train_dataset is not None:
+            self._initialize_quantizers(supernet)
+        check_distributed_support(self.accelerator, supernet, self.sampler.schedule)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    def _initialize_quantizers(self, supernet: SamSupernetForMaskGeneration) -> None:
+        dataset = self.train_dataset
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            logger.info("The training dataset cannot be indexed: quantizers initialise on their first training batch.")
+            return
+        # Indexing, not a dataloader: drawing a batch must not consume the random state that shuffles the data.
+        size = self.args.per_device_train_batch_size
+        first = self.args.process_index * size
+        batch = self.data_collator([dataset[index % len(dataset)] for index in range(first, first + size)])
+        device = next(supernet.parameters()).device
+        initialize_quantizers(
+            supernet, {name: value.to(device) for name, value in batch.items()}, self.sampler.schedule
+        )
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The parent's choice (no biases, no norms) without the quantizers' step sizes and offsets."""
