@@ -2,8 +2,10 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskGeneration
 
-from .bitops import BitOpsReport, count_bitops
-from .configuration_sam_supernet import SamSupernetConfig
+from .bitops import BitOpsReport, count_bitops, parse_budget
+from .configuration_sam_supernet import SamSubnetConfig, SamSupernetConfig
+from .extraction import extract_subnet
+from .modeling_sam_subnet import SamSubnetForMaskGeneration
 from .modeling_sam_supernet import SamSupernetForMaskGeneration
 from .search_space import SearchSpace, SubnetArchitecture
 
@@ -12,12 +14,19 @@ __version__ = "0.1.0.dev0"
 AutoConfig.register(SamSupernetConfig.model_type, SamSupernetConfig)
 AutoModel.register(SamSupernetConfig, SamSupernetForMaskGeneration)
 AutoModelForMaskGeneration.register(SamSupernetConfig, SamSupernetForMaskGeneration)
+AutoConfig.register(SamSubnetConfig.model_type, SamSubnetConfig)
+AutoModel.register(SamSubnetConfig, SamSubnetForMaskGeneration)
+AutoModelForMaskGeneration.register(SamSubnetConfig, SamSubnetForMaskGeneration)
 
 __all__ = [
     "BitOpsReport",
+    "SamSubnetConfig",
+    "SamSubnetForMaskGeneration",
     "SamSupernetConfig",
     "SamSupernetForMaskGeneration",
     "SearchSpace",
     "SubnetArchitecture",
     "count_bitops",
+    "extract_subnet",
+    "parse_budget",
 ]

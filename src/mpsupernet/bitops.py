@@ -12,7 +12,9 @@ architecture; they are not part of these counts.
 """
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal, InvalidOperation
 
 from .configuration_sam_supernet import FLOAT_BITS, SamSupernetConfig
 from .search_space import SearchSpace, SubnetArchitecture
@@ -155,3 +157,57 @@ def count_bitops(config: SamSupernetConfig, arch: SubnetArchitecture) -> BitOpsR
         w8a8_bitops=sum(row.bitops for row in w8a8),
         architecture=arch.to_dict(),
     )
+
+
+BUDGET_FORMS = (
+    "a positive number of BitOPs (an int or float such as 35e9, or a string such as '120G', '1.5T', '900M', "
+    "'35e9' or '120 GBitOPs') or a share of the full-precision model such as '5%' (above 0% and at most 100%)"
+)
+_SI_PREFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15}
+_BUDGET_PATTERN = re.compile(
+    r"(?P<number>[+-]?[0-9.]+(?:e[+-]?[0-9]+)?)\s*(?:(?P<prefix>[kmgtp]?)(?:bit\s*ops|bops)?|(?P<percent>%))"
+)
+
+
+def parse_budget(budget: int | float | str, full_precision_bitops: int | None = None) -> int:
+    """A BitOPs budget as a positive whole number of BitOPs (a fractional budget is rounded down).
+
+    Args:
+        budget (`int`, `float` or `str`): a number of BitOPs (`35e9`); a string holding one, with an optional SI
+            prefix (k, M, G, T, P) and unit (`"120G"`, `"1.5T"`, `"900M"`, `"35e9"`, `"120 GBitOPs"`); or a share
+            of the full-precision model (`"5%"`, above 0% and at most 100%).
+        full_precision_bitops (`int`, *optional*): the BitOPs of the full-precision model, which a share refers to.
+
+    Raises:
+        `ValueError`: naming the value and the accepted forms, if the budget is not understood, not positive, a
+        share outside (0%, 100%] or a share without `full_precision_bitops`.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+        raise ValueError(f"Budget {budget!r} is not understood; give {BUDGET_FORMS}.")
+    if isinstance(budget, str):
+        match = _BUDGET_PATTERN.fullmatch(budget.strip().lower())
+        try:
+            number = Decimal(match["number"]) if match else None
+        except InvalidOperation:
+            number = None
+        if number is None:
+            raise ValueError(f"Budget {budget!r} is not understood; give {BUDGET_FORMS}.")
+        if match["percent"]:
+            if not 0 < number <= 100:
+                raise ValueError(f"Budget {budget!r} is a share outside (0%, 100%]; give {BUDGET_FORMS}.")
+            if full_precision_bitops is None:
+                raise ValueError(
+                    f"Budget {budget!r} is a share of the full-precision model, whose BitOPs are not known here; "
+                    "give a number of BitOPs instead, such as '120G'."
+                )
+            value = number * full_precision_bitops / 100
+        else:
+            value = number * _SI_PREFIXES[match["prefix"]]
+    else:
+        if not math.isfinite(budget):
+            raise ValueError(f"Budget {budget!r} is not a finite number; give {BUDGET_FORMS}.")
+        value = Decimal(budget)
+    bitops = math.floor(value)
+    if bitops < 1:
+        raise ValueError(f"Budget {budget!r} is not a positive number of BitOPs; give {BUDGET_FORMS}.")
+    return bitops

@@ -239,3 +239,126 @@ def validate_progressive_schedule(schedule, allowed_bits: set[int]) -> None:
         previous = fraction
     if schedule[0][0] != 0.0:
         raise ValueError(f"`progressive_bits_schedule` must start at fraction 0.0, got {schedule[0][0]!r}.")
+
+
+@strict
+class SamSubnetConfig(SamConfig):
+    r"""
+    Configuration of a [`SamSubnetForMaskGeneration`]: one architecture of a supernet, extracted as a standalone
+    model. It holds the configuration of the base SAM the supernet was built from (every argument of
+    `transformers.SamConfig`: the vision configuration keeps the base depth, heads, MLP width and image size), the
+    architecture that says what of it is kept, and the settings the quantized layers run with. Every shape of the
+    model follows from these, so transformers can build it before loading its weights.
+
+    Subnet:
+        architecture (`dict`, *optional*):
+            The architecture, as `SubnetArchitecture.to_dict()` writes it: `resolution`, `skipped_blocks`,
+            `num_heads` and `mlp_dims` per block of the base model (blocks keep their base numbering), and
+            `weight_bits` / `activation_bits` per quantized layer (`"layers.3.mlp.lin1"`; 32 means float, and a layer
+            not listed is float). Defaults to the base model itself: every block at full width, in float.
+        bitops (`int`, *optional*):
+            BitOPs of the image encoder for one image (see `mpsupernet.bitops`), set by extraction.
+        bitops_report (`dict`, *optional*):
+            `BitOpsReport.summary()` of the architecture in the supernet it was extracted from; it keeps the two
+            references (`full_precision_bitops`, `w8a8_bitops`) that the reductions are measured against.
+
+    Runtime (as in [`SamSupernetConfig`]):
+        quantize_attention_products (`bool`, *optional*, defaults to `True`):
+            Whether the act×act attention products run on operands quantized at the activation bits of the block's
+            `qkv` layer.
+        activation_offset (`bool`, *optional*, defaults to `True`):
+            Activations use an unsigned grid with a learned offset (LSQ+); otherwise a signed symmetric grid.
+        float_bits (`int`, *optional*, defaults to 32):
+            The bit-width at which floating-point operations are counted in BitOPs (32 or 16).
+        step_size_min (`float`, *optional*, defaults to 1e-8):
+            Lower bound applied to every step size, as in the supernet.
+    """
+
+    model_type = "sam_subnet"
+
+    architecture: dict | None = None
+    bitops: int | None = None
+    bitops_report: dict | None = None
+    quantize_attention_products: bool = True
+    activation_offset: bool = True
+    float_bits: int = FLOAT_BITS
+    step_size_min: float = 1e-8
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.architecture is None:
+            vision = self.vision_config
+            blocks = vision.num_hidden_layers
+            self.architecture = {
+                "resolution": vision.image_size,
+                "depth": blocks,
+                "skipped_blocks": [],
+                "num_heads": [vision.num_attention_heads] * blocks,
+                "mlp_dims": [vision.mlp_dim] * blocks,
+                "weight_bits": {},
+                "activation_bits": {},
+            }
+        self.validate_architecture()
+
+    # The plain SAM configuration is built exactly as for the supernet: from the base sub-configurations.
+    to_sam_config = SamSupernetConfig.to_sam_config
+
+    def subnet_architecture(self):
+        """`architecture` as a `SubnetArchitecture`."""
+        # Imported here: search_space imports this module.
+        from .search_space import SubnetArchitecture
+
+        return SubnetArchitecture.from_dict(self.architecture)
+
+    def validate_architecture(self) -> None:
+        """Raises a `ValueError` naming the offending value if the architecture does not fit the base SAM."""
+        from .search_space import LAYER_PATHS
+
+        vision = self.vision_config
+        arch = self.subnet_architecture()
+        blocks = vision.num_hidden_layers
+        if len(arch.num_heads) != blocks or len(arch.mlp_dims) != blocks:
+            raise ValueError(
+                f"The architecture gives {len(arch.num_heads)} head counts and {len(arch.mlp_dims)} MLP widths; the "
+                f"base model has {blocks} blocks and needs one of each per block."
+            )
+        patch_size = vision.patch_size
+        if arch.resolution % patch_size or not patch_size <= arch.resolution <= vision.image_size:
+            raise ValueError(
+                f"The architecture's resolution is {arch.resolution}; it must be a multiple of the patch size "
+                f"{patch_size} between {patch_size} and the base image size {vision.image_size}."
+            )
+        windowed = [i for i in range(blocks) if i not in vision.global_attn_indexes]
+        if len(set(arch.skipped_blocks)) != len(arch.skipped_blocks) or not set(arch.skipped_blocks) <= set(windowed):
+            raise ValueError(
+                f"The architecture skips blocks {list(arch.skipped_blocks)}; only distinct windowed blocks can be "
+                f"skipped: {windowed}."
+            )
+        for field, values, largest in (
+            ("num_heads", arch.num_heads, vision.num_attention_heads),
+            ("mlp_dims", arch.mlp_dims, vision.mlp_dim),
+        ):
+            for block, value in enumerate(values):
+                if not 1 <= value <= largest:
+                    raise ValueError(f"`{field}` of block {block} is {value}; allowed: 1 to {largest}.")
+        layer_names = {f"layers.{block}.{path}" for block in range(blocks) for path in LAYER_PATHS.values()}
+        allowed_bits = ALLOWED_BITS + (FLOAT_BITS,)
+        for name, weight_bits, activation_bits in zip(arch.layer_names, arch.weight_bits, arch.activation_bits):
+            if name not in layer_names:
+                raise ValueError(
+                    f"The architecture sets bits for {name!r}, which is not a quantizable layer of this "
+                    f"{blocks}-block model (names look like 'layers.0.attn.qkv', 'layers.0.mlp.lin2')."
+                )
+            for field, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
+                if bits not in allowed_bits:
+                    raise ValueError(f"`{field}` of {name} is {bits}; allowed: {list(allowed_bits)}.")
+        if self.float_bits not in (16, 32):
+            raise ValueError(f"`float_bits` is {self.float_bits}; allowed: [16, 32].")
+        if not self.step_size_min > 0:
+            raise ValueError(f"`step_size_min` must be positive, got {self.step_size_min}.")
+        reported = (self.bitops_report or {}).get("bitops", self.bitops)
+        if self.bitops is not None and reported != self.bitops:
+            raise ValueError(
+                f"`bitops` is {self.bitops} but `bitops_report` says {reported!r}; they must describe the same "
+                "architecture."
+            )

@@ -40,46 +40,42 @@ def make_quantized_linear(linear: nn.Linear, config: SamSupernetConfig) -> Quant
     )
 
 
-class ElasticSamVisionAttention(SamVisionAttention):
-    """SAM's windowed/global attention with a selectable number of heads and quantized act×act products.
+def eager_vision_config(vision_config):
+    """A copy of `vision_config` that builds transformers' eager attention.
 
-    The first `active_heads` heads are kept (heads are sorted by importance when the supernet is built): the fused
-    `qkv` keeps those heads' rows of each of q, k and v, and `proj` the matching input columns. When the products are
-    quantized, queries, keys and values are fake-quantized at the block's activation bits, and so are the attention
-    probabilities (on an unsigned grid), so the products run on the operands that BitOPs prices.
+    The encoder blocks here replace the attention transformers builds right away; building it as "eager" keeps its
+    constructor from depending on an attention implementation that is only resolved later, when loading a checkpoint.
+    """
+    vision = copy.copy(vision_config)
+    vision._attn_implementation = "eager"
+    return vision
+
+
+class QuantizedSamVisionAttention(SamVisionAttention):
+    """SAM's windowed/global attention on quantized Linears, with quantized act×act products.
+
+    `active_heads` heads of the base model's head width run: the fused `qkv` gives their queries, keys and values,
+    `proj` mixes them back. When the products are quantized, queries, keys and values are fake-quantized at the
+    block's activation bits, and so are the attention probabilities (on an unsigned grid), so the products run on the
+    operands that BitOPs prices.
+
+    Subclasses set `qkv`, `proj` and the four product quantizers (`query_quantizer`, `key_quantizer`,
+    `value_quantizer`, `probs_quantizer`): the supernet's elastic ones, or the fixed ones of an extracted subnet.
+
+    Args:
+        vision_config (`SamVisionConfig`): the base SAM's vision configuration (head width, relative positions).
+        window_size (`int`): the attention window, 0 for global attention.
+        use_sdpa (`bool`): whether float products run in `scaled_dot_product_attention`.
     """
 
-    def __init__(self, config: SamSupernetConfig, window_size: int):
-        super().__init__(config.vision_config, window_size)
-        self.qkv = make_quantized_linear(self.qkv, config)
-        self.proj = make_quantized_linear(self.proj, config)
-        self.head_dim = config.vision_config.hidden_size // self.num_attention_heads
-        self.use_sdpa = config._attn_implementation == "sdpa"
-        self.quantize_products = config.quantize_attention_products
-        bits, offset, step_min = config.activation_bit_choices, config.activation_offset, config.step_size_min
-        self.query_quantizer = LsqQuantizer(bits, signed=True, step_size_min=step_min)
-        self.key_quantizer = LsqQuantizer(bits, signed=True, step_size_min=step_min)
-        self.value_quantizer = LsqQuantizer(bits, signed=not offset, learn_offset=offset, step_size_min=step_min)
-        self.probs_quantizer = LsqQuantizer(bits, signed=False, step_size_min=step_min)
+    def __init__(self, vision_config, window_size: int, use_sdpa: bool):
+        super().__init__(vision_config, window_size)
+        self.head_dim = vision_config.hidden_size // self.num_attention_heads
+        self.use_sdpa = use_sdpa
         self.active_heads = self.num_attention_heads
 
     def product_quantizers(self) -> tuple[LsqQuantizer, ...]:
         return self.query_quantizer, self.key_quantizer, self.value_quantizer, self.probs_quantizer
-
-    def set_active(self, num_heads: int, product_bits: int) -> None:
-        """Keeps the first `num_heads` heads; runs the act×act products at `product_bits` (32 = float)."""
-        self.active_heads = num_heads
-        bits = product_bits if self.quantize_products else FLOAT_BITS
-        for quantizer in self.product_quantizers():
-            quantizer.set_bits(bits)
-
-    def head_rows(self, num_heads: int, device) -> torch.Tensor | None:
-        """Rows of the fused qkv weight that belong to the first `num_heads` heads of each of q, k and v."""
-        if num_heads == self.num_attention_heads:
-            return None
-        width = self.num_attention_heads * self.head_dim
-        kept = torch.arange(num_heads * self.head_dim, device=device)
-        return torch.cat([kept + part * width for part in range(3)])
 
     def forward(self, hidden_states: torch.Tensor, output_attentions=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, height, width, _ = hidden_states.shape
@@ -111,15 +107,45 @@ class ElasticSamVisionAttention(SamVisionAttention):
         return attn_output, attn_weights
 
 
+class ElasticSamVisionAttention(QuantizedSamVisionAttention):
+    """The supernet's attention: a selectable number of heads, LoRA-adapted quantized Linears, multi-bit products.
+
+    The first `active_heads` heads are kept (heads are sorted by importance when the supernet is built): the fused
+    `qkv` keeps those heads' rows of each of q, k and v, and `proj` the matching input columns.
+    """
+
+    def __init__(self, config: SamSupernetConfig, window_size: int):
+        super().__init__(config.vision_config, window_size, use_sdpa=config._attn_implementation == "sdpa")
+        self.qkv = make_quantized_linear(self.qkv, config)
+        self.proj = make_quantized_linear(self.proj, config)
+        self.quantize_products = config.quantize_attention_products
+        bits, offset, step_min = config.activation_bit_choices, config.activation_offset, config.step_size_min
+        self.query_quantizer = LsqQuantizer(bits, signed=True, step_size_min=step_min)
+        self.key_quantizer = LsqQuantizer(bits, signed=True, step_size_min=step_min)
+        self.value_quantizer = LsqQuantizer(bits, signed=not offset, learn_offset=offset, step_size_min=step_min)
+        self.probs_quantizer = LsqQuantizer(bits, signed=False, step_size_min=step_min)
+
+    def set_active(self, num_heads: int, product_bits: int) -> None:
+        """Keeps the first `num_heads` heads; runs the act×act products at `product_bits` (32 = float)."""
+        self.active_heads = num_heads
+        bits = product_bits if self.quantize_products else FLOAT_BITS
+        for quantizer in self.product_quantizers():
+            quantizer.set_bits(bits)
+
+    def head_rows(self, num_heads: int, device) -> torch.Tensor | None:
+        """Rows of the fused qkv weight that belong to the first `num_heads` heads of each of q, k and v."""
+        if num_heads == self.num_attention_heads:
+            return None
+        width = self.num_attention_heads * self.head_dim
+        kept = torch.arange(num_heads * self.head_dim, device=device)
+        return torch.cat([kept + part * width for part in range(3)])
+
+
 class ElasticSamVisionLayer(SamVisionLayer):
     """A SAM encoder block whose attention and MLP are elastic and quantized; transformers' forward is reused."""
 
     def __init__(self, config: SamSupernetConfig, window_size: int):
-        # The attention built by transformers is replaced right away; building it as "eager" keeps its constructor
-        # from depending on an attention implementation that is only resolved later, when loading a checkpoint.
-        vision = copy.copy(config.vision_config)
-        vision._attn_implementation = "eager"
-        super().__init__(vision, window_size)
+        super().__init__(eager_vision_config(config.vision_config), window_size)
         self.attn = ElasticSamVisionAttention(config, window_size)
         self.mlp.lin1 = make_quantized_linear(self.mlp.lin1, config)
         self.mlp.lin2 = make_quantized_linear(self.mlp.lin2, config)
@@ -141,8 +167,8 @@ class ElasticSamVisionLayer(SamVisionLayer):
         mlp.lin2.set_active(*bits["mlp.lin2"], in_features=mlp_dim)
 
 
-class ElasticSamVisionEncoder(nn.Module):
-    """SAM's ViT image encoder with elastic resolution and depth.
+class ResizingSamVisionEncoder(nn.Module):
+    """SAM's ViT image encoder, running its blocks at an input resolution at or below the base `image_size`.
 
     At a resolution below the base `image_size`, the absolute position embedding is interpolated to the smaller
     grid (transformers never interpolates it; the relative-position tables are already interpolated inside the
@@ -151,32 +177,27 @@ class ElasticSamVisionEncoder(nn.Module):
 
     It accepts pixel values at the base `image_size` (what `SamProcessor` produces; they are resized to the active
     resolution) or already at the active resolution.
+
+    Args:
+        vision_config (`SamVisionConfig`): the base SAM's vision configuration.
+        layers (`nn.ModuleList`): the encoder blocks; those listed in `kept_blocks` (all, unless a subclass says
+            otherwise) run, in order.
+        resolution (`int`, *optional*): the input resolution the blocks run at; defaults to the base `image_size`.
     """
 
-    def __init__(self, config: SamSupernetConfig):
+    def __init__(self, vision_config, layers: nn.ModuleList, resolution: int | None = None):
         super().__init__()
-        vision = config.vision_config
-        self.config = config
-        self.image_size = vision.image_size
-        self.patch_size = vision.patch_size
-        self.patch_embed = SamPatchEmbeddings(vision)
-        grid = vision.image_size // vision.patch_size
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, vision.hidden_size)) if vision.use_abs_pos else None
-        self.layers = nn.ModuleList(
-            ElasticSamVisionLayer(config, vision.window_size if i not in vision.global_attn_indexes else 0)
-            for i in range(vision.num_hidden_layers)
+        self.image_size = vision_config.image_size
+        self.patch_size = vision_config.patch_size
+        self.patch_embed = SamPatchEmbeddings(vision_config)
+        grid = vision_config.image_size // vision_config.patch_size
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(1, grid, grid, vision_config.hidden_size)) if vision_config.use_abs_pos else None
         )
-        self.neck = SamVisionNeck(vision)
-        self.resolution = vision.image_size
-        self.kept_blocks = tuple(range(vision.num_hidden_layers))
-
-    def set_active(self, arch: SubnetArchitecture) -> None:
-        """Applies an architecture (already validated against the search space) to every block."""
-        self.resolution = arch.resolution
-        self.kept_blocks = arch.kept_blocks
-        for index, layer in enumerate(self.layers):
-            bits = {path: arch.bits_of(f"layers.{index}.{path}") for path in layer.quantized_linears()}
-            layer.set_active(arch.num_heads[index], arch.mlp_dims[index], bits)
+        self.layers = layers
+        self.neck = SamVisionNeck(vision_config)
+        self.resolution = resolution or vision_config.image_size
+        self.kept_blocks = tuple(range(len(layers)))
 
     def prepare_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Checks the input size and resizes base-size images to the active resolution."""
@@ -219,3 +240,24 @@ class ElasticSamVisionEncoder(nn.Module):
         if grid != base_grid:
             embeddings = F.interpolate(embeddings, size=(base_grid, base_grid), mode="bilinear", align_corners=False)
         return SamVisionEncoderOutput(last_hidden_state=embeddings)
+
+
+class ElasticSamVisionEncoder(ResizingSamVisionEncoder):
+    """SAM's ViT image encoder with elastic resolution, depth, heads, MLP width and bit-widths (see `set_active`)."""
+
+    def __init__(self, config: SamSupernetConfig):
+        vision = config.vision_config
+        layers = nn.ModuleList(
+            ElasticSamVisionLayer(config, vision.window_size if i not in vision.global_attn_indexes else 0)
+            for i in range(vision.num_hidden_layers)
+        )
+        super().__init__(vision, layers)
+        self.config = config
+
+    def set_active(self, arch: SubnetArchitecture) -> None:
+        """Applies an architecture (already validated against the search space) to every block."""
+        self.resolution = arch.resolution
+        self.kept_blocks = arch.kept_blocks
+        for index, layer in enumerate(self.layers):
+            bits = {path: arch.bits_of(f"layers.{index}.{path}") for path in layer.quantized_linears()}
+            layer.set_active(arch.num_heads[index], arch.mlp_dims[index], bits)

@@ -198,6 +198,41 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
             arch = SubnetArchitecture.from_dict(arch)
         return count_bitops(self.config, arch or self.active_subnet)
 
+    def extract_subnet(
+        self,
+        budget: int | float | str,
+        pareto_front=None,
+        save_directory: str | os.PathLike | None = None,
+    ):
+        """Extracts the subnet to use under a BitOPs budget as a standalone `SamSubnetForMaskGeneration`.
+
+        The architecture comes from `pareto_front` (or, if not given, from a `pareto_front` attribute of this model,
+        as the search leaves it): its best entry under the budget. Without a front the choice is cost-only: the
+        first architecture that fits the budget on a greedy descent from the full-precision model that lowers bits
+        first, then MLP width, heads, depth and resolution (see `mpsupernet.extraction.select_architecture`).
+
+        Args:
+            budget (`int`, `float` or `str`): BitOPs of the image encoder per image: a number, a string such as
+                `"120G"`, `"1.5T"`, `"900M"`, `"35e9"`, or a share of the full-precision model such as `"5%"`.
+            pareto_front (`mpsupernet.search.ParetoFront`, *optional*): evaluated architectures to choose from.
+            save_directory (`str` or `os.PathLike`, *optional*): where to `save_pretrained` the subnet; nothing is
+                written if the budget is rejected.
+
+        Returns:
+            `SamSubnetForMaskGeneration`: the subnet, with `config.bitops` at most the budget.
+
+        Raises:
+            `ValueError`: if the budget is not understood, or is below the smallest subnet's BitOPs (named).
+        """
+        # Imported here: extraction builds on the subnet model, which the supernet does not otherwise need.
+        from . import extraction
+
+        front = pareto_front if pareto_front is not None else getattr(self, "pareto_front", None)
+        subnet = extraction.extract_subnet(self, extraction.select_architecture(self, budget, front))
+        if save_directory is not None:
+            subnet.save_pretrained(save_directory)
+        return subnet
+
     # --- running --------------------------------------------------------------------------------------------------
     def get_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image embeddings of the active subnet, on the base model's prompt grid."""

@@ -1,0 +1,234 @@
+"""Freezing one architecture of a supernet into a standalone, quantized subnet, and choosing it under a budget.
+
+[`extract_subnet`] turns an architecture into a [`SamSubnetForMaskGeneration`]: LoRA adapters are merged, weights are
+quantized with the supernet's own step sizes into integer codes and packed, skipped blocks and dropped heads and MLP
+units are cut away, and the activation quantizers keep their steps at the chosen bit-widths. [`select_architecture`]
+picks the architecture for a BitOPs budget, from a Pareto front when there is one.
+"""
+
+from collections.abc import Iterator
+
+import torch
+
+from .bitops import parse_budget
+from .configuration_sam_supernet import FLOAT_BITS, SamSubnetConfig
+from .lora import QuantizedLoraLinear
+from .modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration, is_float
+from .packing import pack_codes
+from .quantization import LsqQuantizer
+from .search_space import SearchSpace, SubnetArchitecture
+
+BIT_LADDERS = ("weight_bits", "activation_bits")
+DESCENT_ORDER = ("mlp_dim", "num_heads", "depth", "resolution")
+
+
+@torch.no_grad()
+def extract_subnet(supernet, arch: SubnetArchitecture | dict) -> SamSubnetForMaskGeneration:
+    """Extracts one architecture of a supernet as a standalone [`SamSubnetForMaskGeneration`].
+
+    Each quantized Linear's weight is the supernet's: the LoRA adapters of its weight bit-width merged in
+    (`QuantizedLoraLinear.merged_weight`), quantized with the layer's own step sizes, so that the subnet's dequantized
+    weight equals the supernet's fake-quantized weight exactly; the codes are packed at their bit-width. Float layers
+    keep their merged float weight. The activation and attention-product quantizers keep their step (and offset) at
+    the architecture's bits. Patch embedding, position embedding, neck, prompt encoder and mask decoder are copied.
+
+    Args:
+        supernet (`SamSupernetForMaskGeneration`): the trained supernet; its active subnet is left as it was.
+        arch (`SubnetArchitecture` or `dict`): the architecture (checked against the supernet's search space).
+
+    Raises:
+        `ValueError`: if the architecture is not in the search space, or if an activation quantizer it needs was
+        never calibrated at its bit-width (the supernet never ran at those bits).
+    """
+    if isinstance(arch, dict):
+        arch = SubnetArchitecture.from_dict(arch)
+    previous = supernet.active_subnet
+    supernet.set_subnet(arch)
+    try:
+        return _extract_active_subnet(supernet, arch)
+    finally:
+        supernet.set_subnet(previous)
+
+
+def _extract_active_subnet(supernet, arch: SubnetArchitecture) -> SamSubnetForMaskGeneration:
+    source_config = supernet.config
+    report = supernet.bitops(arch)
+    config = SamSubnetConfig(
+        vision_config=source_config.vision_config.to_dict(),
+        prompt_encoder_config=source_config.prompt_encoder_config.to_dict(),
+        mask_decoder_config=source_config.mask_decoder_config.to_dict(),
+        initializer_range=source_config.initializer_range,
+        architecture=arch.to_dict(),
+        bitops=report.total_bitops,
+        bitops_report=report.summary(),
+        quantize_attention_products=source_config.quantize_attention_products,
+        activation_offset=source_config.activation_offset,
+        float_bits=source_config.float_bits,
+        step_size_min=source_config.step_size_min,
+    )
+    config._attn_implementation = source_config._attn_implementation
+    subnet = SamSubnetForMaskGeneration(config).to(device=supernet.device, dtype=supernet.dtype).eval()
+
+    layers_prefix = "vision_encoder.layers."
+    shared = {key: value for key, value in supernet.sam.state_dict().items() if not key.startswith(layers_prefix)}
+    subnet.sam.load_state_dict(shared, strict=False)
+    source_layers = supernet.sam.vision_encoder.layers
+    for target, block in zip(subnet.sam.vision_encoder.layers, arch.kept_blocks):
+        source = source_layers[block]
+        target.layer_norm1.load_state_dict(source.layer_norm1.state_dict())
+        target.layer_norm2.load_state_dict(source.layer_norm2.state_dict())
+        if source.attn.use_rel_pos:
+            target.attn.rel_pos_h.copy_(source.attn.rel_pos_h)
+            target.attn.rel_pos_w.copy_(source.attn.rel_pos_w)
+        for path, linear in source.quantized_linears().items():
+            _copy_linear(linear, target.get_submodule(path), f"layers.{block}.{path}")
+        for name, source_quantizer, target_quantizer in zip(
+            ("query", "key", "value", "probs"), source.attn.product_quantizers(), target.attn.product_quantizers()
+        ):
+            _copy_quantizer(source_quantizer, target_quantizer, f"the {name} quantizer of layers.{block}.attn")
+    return subnet
+
+
+def _copy_linear(source: QuantizedLoraLinear, target, name: str) -> None:
+    """Writes the active sub-layer of a supernet Linear into a subnet Linear (plain or quantized)."""
+    # Exactly the weight the supernet multiplies with: adapters merged, rows and columns sliced, fake-quantized.
+    weight = source.quantized_weight()
+    if isinstance(target, QuantizedLinear) and not is_float(target.weight_bits):
+        step = _effective_weight_step(source)
+        codes = torch.round(weight / step.unsqueeze(1)).to(torch.int8)
+        target.packed_weight.copy_(pack_codes(codes, target.weight_bits))
+        target.weight_scale.copy_(step)
+    else:
+        target.weight.copy_(weight)
+    if target.bias is not None:
+        target.bias.copy_(source.active_bias())
+    if isinstance(target, QuantizedLinear):
+        _copy_quantizer(source.input_quantizer, target.input_quantizer, f"the input quantizer of {name}")
+
+
+def _effective_weight_step(linear: QuantizedLoraLinear) -> torch.Tensor:
+    """The per-row step that the supernet's weight quantizer divides and multiplies by.
+
+    `LsqQuantizer` rescales the step's gradient with an expression that can move its value by one ulp, so the stored
+    step is not quite the one used. Quantizing a weight whose every row holds one stored step gives code 1 times the
+    step used: exactly that step. With it, `codes * step` reproduces the fake-quantized weight bit for bit.
+    """
+    quantizer = linear.weight_quantizer
+    rows = linear.output_index
+    step = quantizer.step_size[quantizer.bit_index(quantizer.active_bits)].clamp_min(quantizer.step_size_min)
+    if rows is not None:
+        step = step[rows.to(step.device)]
+    probe = step.unsqueeze(1).expand(-1, linear.active_in_features)
+    return quantizer(probe, channel_index=rows)[:, 0]
+
+
+def _copy_quantizer(source: LsqQuantizer, target: LsqQuantizer, name: str) -> None:
+    """Copies the step (and offset) of the target's single bit-width; a float target has none to copy."""
+    if not target.is_quantizing:
+        return
+    bits = target.active_bits
+    index = source.bit_index(bits)
+    if not bool(source.initialized[index]):
+        raise ValueError(
+            f"The {bits}-bit step size of {name} was never calibrated: the supernet has not run a subnet with "
+            f"{bits}-bit activations there. Train or calibrate it at those bits (a forward pass on data with such a "
+            "subnet active) before extracting."
+        )
+    target.step_size.copy_(source.step_size[index : index + 1])
+    if source.offset is not None:
+        target.offset.copy_(source.offset[index : index + 1])
+
+
+def select_architecture(supernet, budget: int | float | str, pareto_front=None) -> SubnetArchitecture:
+    """The architecture to extract under a BitOPs budget.
+
+    With a Pareto front, its best entry under the budget (`pareto_front.best_under`). Without one, a cost-only
+    choice: the first architecture of [`descent_path`] (from the full-precision model down, lowering bits first, then
+    MLP width, heads, depth and resolution) whose BitOPs fit the budget. That choice is deterministic and fits the
+    budget, but knows nothing of quality; run the search (`mpsupernet.search`) for a front to choose from instead.
+
+    Args:
+        supernet (`SamSupernetForMaskGeneration`): the supernet.
+        budget (`int`, `float` or `str`): BitOPs, or a string that `mpsupernet.bitops.parse_budget` reads ("120G",
+            "1.5T", "35e9", "5%" of the full-precision model).
+        pareto_front (`mpsupernet.search.ParetoFront`, *optional*): evaluated architectures to choose from.
+
+    Raises:
+        `ValueError`: if the budget is not understood, is below the smallest subnet's BitOPs (the message names
+        them), or if the Pareto front has nothing under it.
+    """
+    space = supernet.search_space
+    max_bitops = parse_budget(budget, supernet.bitops(space.full_precision()).total_bitops)
+    smallest = supernet.bitops(space.smallest()).total_bitops
+    if max_bitops < smallest:
+        raise ValueError(
+            f"Budget {budget!r} ({max_bitops} BitOPs) is below the cheapest subnet of this supernet: the smallest "
+            f"reachable BitOPs is {format_bitops(smallest)}."
+        )
+    if pareto_front is None:
+        return next(arch for arch in descent_path(space) if supernet.bitops(arch).total_bitops <= max_bitops)
+    entry = pareto_front.best_under(max_bitops)
+    if entry is None:
+        raise ValueError(
+            f"The Pareto front has no architecture under the budget {budget!r} ({format_bitops(max_bitops)}); give a "
+            "larger budget, or no front for a cost-only choice."
+        )
+    arch = SubnetArchitecture.from_dict(entry.architecture)
+    bitops = supernet.bitops(arch).total_bitops
+    if bitops > max_bitops:
+        raise ValueError(
+            f"The Pareto front's choice under {budget!r} costs {format_bitops(bitops)} in this supernet, more than the "
+            f"budget ({entry.bitops} according to the front): the front was made for another supernet configuration."
+        )
+    return arch
+
+
+def descent_path(space: SearchSpace) -> Iterator[SubnetArchitecture]:
+    """Uniform architectures from the full-precision model down to the smallest subnet, one step at a time.
+
+    Each step lowers one dimension by one choice: bit-widths first (whichever of the weight and activation bits is
+    higher, the weight bits on a tie), then, once both are at their lowest, the MLP width, the heads, the depth and
+    the resolution, each down to its lowest. The cost never rises along the path; it ends at `space.smallest()`.
+    """
+    ladders = {
+        "weight_bits": (FLOAT_BITS, *space.weight_bit_choices),
+        "activation_bits": (FLOAT_BITS, *space.activation_bit_choices),
+        "mlp_dim": space.mlp_dim_choices,
+        "num_heads": space.num_heads_choices,
+        "depth": space.depth_choices,
+        "resolution": space.resolution_choices,
+    }
+    position = dict.fromkeys(ladders, 0)
+    while True:
+        value = {name: ladders[name][index] for name, index in position.items()}
+        blocks, layers = space.num_blocks, len(space.layer_names)
+        yield space.canonical(
+            SubnetArchitecture(
+                resolution=value["resolution"],
+                skipped_blocks=space.skipped_blocks(value["depth"]),
+                num_heads=(value["num_heads"],) * blocks,
+                mlp_dims=(value["mlp_dim"],) * blocks,
+                layer_names=space.layer_names,
+                weight_bits=(value["weight_bits"],) * layers,
+                activation_bits=(value["activation_bits"],) * layers,
+            )
+        )
+        lowerable = [name for name in ladders if position[name] + 1 < len(ladders[name])]
+        bits = [name for name in BIT_LADDERS if name in lowerable]
+        if bits:
+            position[max(bits, key=lambda name: (value[name], name == "weight_bits"))] += 1
+        elif any(name in lowerable for name in DESCENT_ORDER):
+            position[next(name for name in DESCENT_ORDER if name in lowerable)] += 1
+        else:
+            return
+
+
+def format_bitops(bitops: int) -> str:
+    """BitOPs for a message: rounded with an SI prefix, and exact, e.g. `1.79 TBitOPs ("1794100690944")`."""
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if bitops >= factor:
+            return f'{bitops / factor:.3g} {prefix}BitOPs ("{bitops}")'
+    return f'{bitops} BitOPs ("{bitops}")'
+
+
+__all__ = ["descent_path", "extract_subnet", "format_bitops", "select_architecture"]

@@ -1,0 +1,387 @@
+"""`SamSubnetForMaskGeneration`: one architecture of a supernet as a standalone, quantized SAM.
+
+The blocks the architecture skips are gone, the heads and MLP units it drops are cut out of the weights, and every
+quantized Linear stores its weight as packed integer codes with one scale per output channel, so that the saved
+model shrinks with its bit-widths. It computes what the supernet computes with that architecture active.
+"""
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from torch import nn
+from transformers import PreTrainedModel, SamModel
+from transformers.models.sam.modeling_sam import SamImageSegmentationOutput, SamVisionLayer
+from transformers.utils import logging
+
+from .bitops import BitOpsReport, count_operations
+from .configuration_sam_supernet import FLOAT_BITS, SamSubnetConfig
+from .elastic import QuantizedSamVisionAttention, ResizingSamVisionEncoder, eager_vision_config
+from .packing import packed_size, unpack_codes
+from .quantization import LsqQuantizer
+from .search_space import LAYER_PATHS, SubnetArchitecture
+
+logger = logging.get_logger(__name__)
+
+
+def is_float(bits: int) -> bool:
+    """Whether a bit-width means "not quantized" (the supernet's convention: 16 bits and more run in float)."""
+    return bits >= 16
+
+
+def fixed_quantizer(bits: int, signed: bool, learn_offset: bool, step_size_min: float) -> LsqQuantizer:
+    """An `LsqQuantizer` that runs at one bit-width only, with its step (and offset) given, never calibrated.
+
+    At a float bit-width it has no bit-width to run at and passes values through.
+    """
+    quantizer = LsqQuantizer(
+        [] if is_float(bits) else [bits], signed=signed, learn_offset=learn_offset, step_size_min=step_size_min
+    )
+    quantizer.initialized.fill_(True)
+    quantizer.set_bits(bits)
+    return quantizer
+
+
+def activation_quantizer(bits: int, config: SamSubnetConfig) -> LsqQuantizer:
+    """The quantizer of a Linear's input or of attention values: unsigned with an offset (LSQ+) or signed."""
+    offset = config.activation_offset
+    return fixed_quantizer(bits, signed=not offset, learn_offset=offset, step_size_min=config.step_size_min)
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear layer of an extracted subnet: integer weight codes, per-output-channel scales, quantized input.
+
+    The weight is stored as `packed_weight`, the codes packed at `weight_bits` bits (see `mpsupernet.packing`), and
+    `weight_scale`; it is dequantized (`codes * scale`) when the layer runs. Without autograd the dequantized weight
+    is computed once and cached, so inference runs only the matmul. A float (32-bit) weight is kept as `weight`.
+    The input runs through an `LsqQuantizer` at `activation_bits` (the identity at 32 bits).
+
+    Args:
+        in_features (`int`), out_features (`int`), bias (`bool`): as for `nn.Linear`.
+        weight_bits (`int`): 2 to 8, or 32 for a float weight.
+        activation_bits (`int`): 2 to 8, or 32 for float inputs.
+        config ([`SamSubnetConfig`]): gives the activation grid (`activation_offset`) and `step_size_min`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, weight_bits: int, activation_bits: int, config):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_bits, self.activation_bits = weight_bits, activation_bits
+        if is_float(weight_bits):
+            self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        else:
+            num_bytes = packed_size(out_features * in_features, weight_bits)
+            self.register_buffer("packed_weight", torch.zeros(num_bytes, dtype=torch.uint8))
+            self.weight_scale = nn.Parameter(torch.empty(out_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.input_quantizer = activation_quantizer(activation_bits, config)
+        self._cached_weight: tuple[tuple, torch.Tensor] | None = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Zero weights and bias: a layer that has not been given its extracted values outputs zeros."""
+        if is_float(self.weight_bits):
+            self.weight.zero_()
+        else:
+            self.packed_weight.zero_()
+            self.weight_scale.zero_()
+        if self.bias is not None:
+            self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight_bits={self.weight_bits}, activation_bits={self.activation_bits}"
+        )
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the layer multiplies with: `codes * scale` per output channel (or the float weight)."""
+        if is_float(self.weight_bits):
+            return self.weight
+        if torch.is_grad_enabled():
+            return self._dequantize()
+        # Storage addresses change when the model moves or its tensors are replaced; versions when they change in
+        # place: either makes the cached weight stale.
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in (self.packed_weight, self.weight_scale))
+        if self._cached_weight is None or self._cached_weight[0] != key:
+            self._cached_weight = (key, self._dequantize())
+        return self._cached_weight[1]
+
+    def _dequantize(self) -> torch.Tensor:
+        codes = unpack_codes(self.packed_weight, self.weight_bits, (self.out_features, self.in_features))
+        return codes.to(self.weight_scale.dtype) * self.weight_scale.unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.dequantized_weight(), self.bias)
+
+
+def make_subnet_linear(in_features: int, out_features: int, bias: bool, weight_bits: int, activation_bits: int, config):
+    """A plain `nn.Linear` where weights and inputs are both float, else a [`QuantizedLinear`]."""
+    if is_float(weight_bits) and is_float(activation_bits):
+        return nn.Linear(in_features, out_features, bias=bias)
+    return QuantizedLinear(in_features, out_features, bias, weight_bits, activation_bits, config)
+
+
+def float_weight(linear: nn.Module) -> torch.Tensor:
+    """The float weight a subnet Linear (plain or quantized) multiplies with."""
+    return linear.dequantized_weight() if isinstance(linear, QuantizedLinear) else linear.weight
+
+
+class SamSubnetVisionAttention(QuantizedSamVisionAttention):
+    """The attention of one subnet block: its kept heads only, quantized Linears and act×act products at fixed bits.
+
+    Args:
+        config ([`SamSubnetConfig`]): the subnet configuration.
+        window_size (`int`): the attention window, 0 for global attention.
+        num_heads (`int`): the heads kept: `qkv` has `3 * num_heads * head_dim` outputs, `proj` `num_heads * head_dim`
+            inputs.
+        qkv_bits, proj_bits (`tuple[int, int]`): `(weight_bits, activation_bits)` of the two Linears.
+        product_bits (`int`): bit-width of the act×act products' operands (32 = float).
+    """
+
+    def __init__(self, config: SamSubnetConfig, window_size: int, num_heads: int, qkv_bits, proj_bits, product_bits):
+        vision = config.vision_config
+        super().__init__(vision, window_size, use_sdpa=config._attn_implementation == "sdpa")
+        width = num_heads * self.head_dim
+        self.qkv = make_subnet_linear(vision.hidden_size, 3 * width, vision.qkv_bias, *qkv_bits, config)
+        self.proj = make_subnet_linear(width, vision.hidden_size, True, *proj_bits, config)
+        step_min = config.step_size_min
+        self.query_quantizer = fixed_quantizer(product_bits, signed=True, learn_offset=False, step_size_min=step_min)
+        self.key_quantizer = fixed_quantizer(product_bits, signed=True, learn_offset=False, step_size_min=step_min)
+        self.value_quantizer = activation_quantizer(product_bits, config)
+        self.probs_quantizer = fixed_quantizer(product_bits, signed=False, learn_offset=False, step_size_min=step_min)
+        self.num_attention_heads = self.active_heads = num_heads
+
+
+class SamSubnetVisionLayer(SamVisionLayer):
+    """One kept encoder block of a subnet, at its own width; transformers' forward is reused.
+
+    Args:
+        config ([`SamSubnetConfig`]): the subnet configuration.
+        arch (`SubnetArchitecture`): the subnet's architecture.
+        block (`int`): which block of the base model this is (its window size, widths and bits follow from it).
+    """
+
+    def __init__(self, config: SamSubnetConfig, arch: SubnetArchitecture, block: int):
+        vision = config.vision_config
+        window_size = vision.window_size if block not in vision.global_attn_indexes else 0
+        super().__init__(eager_vision_config(vision), window_size)
+
+        def bits(path: str) -> tuple[int, int]:
+            return arch.bits_of(f"layers.{block}.{path}")
+
+        qkv_bits = bits(LAYER_PATHS["qkv"])
+        product_bits = qkv_bits[1] if config.quantize_attention_products else FLOAT_BITS
+        self.attn = SamSubnetVisionAttention(
+            config, window_size, arch.num_heads[block], qkv_bits, bits(LAYER_PATHS["proj"]), product_bits
+        )
+        hidden, mlp_dim = vision.hidden_size, arch.mlp_dims[block]
+        self.mlp.lin1 = make_subnet_linear(hidden, mlp_dim, True, *bits(LAYER_PATHS["lin1"]), config)
+        self.mlp.lin2 = make_subnet_linear(mlp_dim, hidden, True, *bits(LAYER_PATHS["lin2"]), config)
+
+
+class SamSubnetVisionEncoder(ResizingSamVisionEncoder):
+    """The image encoder of a subnet: only the kept blocks, run at the subnet's resolution.
+
+    `layers[i]` is block `base_blocks[i]` of the base model. Input and output sizes are handled as in the supernet.
+    """
+
+    def __init__(self, config: SamSubnetConfig):
+        arch = config.subnet_architecture()
+        layers = nn.ModuleList(SamSubnetVisionLayer(config, arch, block) for block in arch.kept_blocks)
+        super().__init__(config.vision_config, layers, resolution=arch.resolution)
+        self.base_blocks = arch.kept_blocks
+
+
+class SamSubnetPreTrainedModel(PreTrainedModel):
+    """Base class: configuration class and weight initialisation."""
+
+    config_class = SamSubnetConfig
+    base_model_prefix = "sam"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SamSubnetVisionLayer", "SamTwoWayAttentionBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        if isinstance(module, QuantizedLinear):
+            module.reset_parameters()
+        elif isinstance(module, LsqQuantizer):
+            module.step_size.fill_(1.0)
+            if module.offset is not None:
+                module.offset.zero_()
+            module.initialized.fill_(True)
+        elif isinstance(module, SamModel):
+            module._init_weights(module)
+        elif isinstance(module, SamSubnetVisionEncoder) and module.pos_embed is not None:
+            module.pos_embed.zero_()
+
+
+class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
+    """A standalone SAM subnet extracted from a mixed-precision supernet.
+
+    The model holds a transformers `SamModel` (`self.sam`) whose image encoder keeps only the subnet's blocks, each
+    cut to its heads and MLP width, with quantized Linears stored as packed integer codes (see
+    [`QuantizedLinear`]); the prompt encoder and mask decoder are SAM's own. [`forward`] takes and returns what
+    `SamModel.forward` does, and reproduces the supernet's output for this architecture.
+
+    Make one with `SamSupernetForMaskGeneration.extract_subnet(budget)` (or `mpsupernet.extraction.extract_subnet`);
+    save and load it with `save_pretrained` / `from_pretrained` (or `AutoModel.from_pretrained`).
+
+    Args:
+        config ([`SamSubnetConfig`]): the base SAM configuration, the architecture and the runtime settings; every
+            shape follows from it.
+    """
+
+    _tied_weights_keys = {
+        "sam.prompt_encoder.shared_embedding.positional_embedding": "sam.shared_image_embedding.positional_embedding"
+    }
+
+    def __init__(self, config: SamSubnetConfig):
+        super().__init__(config)
+        sam_config = config.to_sam_config()
+        sam_config._attn_implementation = config._attn_implementation
+        self.sam = SamModel(sam_config)
+        self.sam.vision_encoder = SamSubnetVisionEncoder(config)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Loads a saved subnet (local folder or Hub repo), as `PreTrainedModel.from_pretrained` does."""
+        try:
+            return super().from_pretrained(*args, **kwargs)
+        except SafetensorError as error:
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise OSError(
+                f"The weights of {str(source)!r} are not a readable safetensors file (corrupted or truncated: "
+                f"{error}). Save the subnet again, or download it again with `force_download=True`."
+            ) from error
+
+    @property
+    def architecture(self) -> SubnetArchitecture:
+        """The subnet's architecture (blocks numbered as in the base model)."""
+        return self.config.subnet_architecture()
+
+    def bitops_report(self) -> BitOpsReport:
+        """The BitOPs report of this subnet, recounted from its configuration.
+
+        The rows are counted from the architecture as for the supernet (`mpsupernet.bitops`); the full-precision and
+        W8A8 references are those of the supernet it was extracted from, kept in `config.bitops_report`.
+        """
+        summary = self.config.bitops_report
+        if summary is None:
+            raise ValueError(
+                "This subnet's configuration has no `bitops_report`, so the references of its reductions are unknown; "
+                "subnets made by `extract_subnet` have one."
+            )
+        return BitOpsReport(
+            rows=count_operations(self.config, self.architecture),
+            full_precision_bitops=summary["full_precision_bitops"],
+            w8a8_bitops=summary["w8a8_bitops"],
+            architecture=self.config.architecture,
+        )
+
+    def get_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image embeddings on the base model's prompt grid."""
+        return self.sam.vision_encoder(pixel_values).last_hidden_state
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_points: torch.Tensor | None = None,
+        input_labels: torch.LongTensor | None = None,
+        input_boxes: torch.Tensor | None = None,
+        input_masks: torch.LongTensor | None = None,
+        image_embeddings: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        **kwargs,
+    ) -> SamImageSegmentationOutput:
+        """Takes and returns what `SamModel.forward` takes and returns.
+
+        `pixel_values` may be at the base `image_size` (as `SamProcessor` makes them) or at the subnet's resolution;
+        prompts are always in the base model's coordinate frame.
+        """
+        return self.sam(
+            pixel_values=pixel_values,
+            input_points=input_points,
+            input_labels=input_labels,
+            input_boxes=input_boxes,
+            input_masks=input_masks,
+            image_embeddings=image_embeddings,
+            multimask_output=multimask_output,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def to_sam_model(self) -> SamModel:
+        """This subnet as a plain transformers `SamModel`, with the dequantized weights.
+
+        Possible where the architecture is uniform: every kept block keeps all the base model's heads (a plain SAM
+        attention is as wide as the hidden size) and the same MLP width, and the subnet runs at the base image size.
+        Skipped blocks are simply absent (`global_attn_indexes` is renumbered). A plain `SamModel` has no activation
+        quantizers: its activations and attention products run in float, so its output equals this subnet's only
+        where the subnet's activations are float too (its weights are the same either way).
+
+        Raises:
+            `ValueError`: naming the dimension that is not uniform.
+        """
+        arch, vision = self.architecture, self.config.vision_config
+        kept = arch.kept_blocks
+        if arch.resolution != vision.image_size:
+            raise ValueError(
+                f"Resolution is not uniform with the base model: the subnet runs at {arch.resolution} px, a plain "
+                f"SamModel only at the base image size {vision.image_size}."
+            )
+        heads = [arch.num_heads[block] for block in kept]
+        if set(heads) != {vision.num_attention_heads}:
+            raise ValueError(
+                f"Heads are not uniform: the kept blocks {list(kept)} keep {heads} heads; a plain SamModel needs all "
+                f"{vision.num_attention_heads} in every block (its attention is as wide as the hidden size)."
+            )
+        mlp_dims = [arch.mlp_dims[block] for block in kept]
+        if len(set(mlp_dims)) > 1:
+            raise ValueError(
+                f"MLP width is not uniform: the kept blocks {list(kept)} keep {mlp_dims} units; a plain SamModel has "
+                "one mlp_dim."
+            )
+        quantized_inputs = [
+            name
+            for name, bits in zip(arch.layer_names, arch.activation_bits)
+            if not is_float(bits) and int(name.split(".")[1]) in kept
+        ]
+        if quantized_inputs:
+            logger.warning(
+                f"to_sam_model: {len(quantized_inputs)} layers of this subnet quantize their inputs (e.g. "
+                f"{quantized_inputs[0]}); the plain SamModel runs them in float, so its output differs."
+            )
+
+        sam_config = self.config.to_sam_config()
+        sam_config.vision_config.num_hidden_layers = len(kept)
+        sam_config.vision_config.global_attn_indexes = [
+            i for i, b in enumerate(kept) if b in vision.global_attn_indexes
+        ]
+        sam_config.vision_config.mlp_dim = mlp_dims[0]
+        sam_config._attn_implementation = self.config._attn_implementation
+        sam = SamModel(sam_config).to(device=self.device, dtype=self.dtype)
+
+        layers_prefix = "vision_encoder.layers."
+        state = {key: value for key, value in self.sam.state_dict().items() if not key.startswith(layers_prefix)}
+        for position, layer in enumerate(self.sam.vision_encoder.layers):
+            prefix = f"{layers_prefix}{position}."
+            for part in ("layer_norm1", "layer_norm2"):
+                state.update(layer.get_submodule(part).state_dict(prefix=f"{prefix}{part}."))
+            if layer.attn.use_rel_pos:
+                state[f"{prefix}attn.rel_pos_h"] = layer.attn.rel_pos_h
+                state[f"{prefix}attn.rel_pos_w"] = layer.attn.rel_pos_w
+            for path in LAYER_PATHS.values():
+                linear = layer.get_submodule(path)
+                state[f"{prefix}{path}.weight"] = float_weight(linear)
+                if linear.bias is not None:
+                    state[f"{prefix}{path}.bias"] = linear.bias
+        sam.load_state_dict(state)
+        return sam.train(self.training)
+
+
+__all__ = ["QuantizedLinear", "SamSubnetForMaskGeneration", "SamSubnetPreTrainedModel"]
