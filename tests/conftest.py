@@ -24,13 +24,14 @@ from mpsupernet import SamSupernetForMaskGeneration  # noqa: E402
 from mpsupernet.testing_utils import make_sam_config  # noqa: E402
 
 
-def make_tiny_sam(seed: int = 0, attn_implementation: str = "sdpa") -> SamModel:
+def make_tiny_sam(seed: int = 0, attn_implementation: str = "sdpa", **config_kwargs) -> SamModel:
     """A tiny random SAM whose outputs are of order 0.1-1, so that a tolerance of 1e-5 means something.
 
     SAM's own initialisation gives mask logits of order 1e-3; every weight is perturbed to make them larger.
+    `config_kwargs` go to `make_sam_config` (e.g. `hidden_size=128` for a SAM whose encoder dominates its size).
     """
     torch.manual_seed(seed)
-    sam = SamModel(make_sam_config(attn_implementation=attn_implementation)).eval()
+    sam = SamModel(make_sam_config(attn_implementation=attn_implementation, **config_kwargs)).eval()
     with torch.no_grad():
         for parameter in sam.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.2)

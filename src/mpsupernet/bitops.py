@@ -211,3 +211,13 @@ def parse_budget(budget: int | float | str, full_precision_bitops: int | None = 
     if bitops < 1:
         raise ValueError(f"Budget {budget!r} is not a positive number of BitOPs; give {BUDGET_FORMS}.")
     return bitops
+
+
+def format_bitops(bitops: float, exact: bool = False) -> str:
+    """BitOPs with an SI prefix, e.g. `1.79 TBitOPs`; with `exact`, the integer too: `1.79 TBitOPs ("1794100690944")`."""
+    text = f"{bitops:.3g} BitOPs"
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if bitops >= factor:
+            text = f"{bitops / factor:.3g} {prefix}BitOPs"
+            break
+    return f'{text} ("{int(bitops)}")' if exact else text

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.sam.modeling_sam import (
-    SamMLPBlock,
     SamPatchEmbeddings,
     SamVisionAttention,
     SamVisionEncoderOutput,

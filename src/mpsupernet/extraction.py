@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .bitops import parse_budget
+from .bitops import format_bitops, parse_budget
 from .configuration_sam_supernet import FLOAT_BITS, SamSubnetConfig
 from .lora import QuantizedLoraLinear
 from .modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration, is_float
@@ -163,21 +163,21 @@ def select_architecture(supernet, budget: int | float | str, pareto_front=None) 
     if max_bitops < smallest:
         raise ValueError(
             f"Budget {budget!r} ({max_bitops} BitOPs) is below the cheapest subnet of this supernet: the smallest "
-            f"reachable BitOPs is {format_bitops(smallest)}."
+            f"reachable BitOPs is {format_bitops(smallest, exact=True)}."
         )
     if pareto_front is None:
         return next(arch for arch in descent_path(space) if supernet.bitops(arch).total_bitops <= max_bitops)
     entry = pareto_front.best_under(max_bitops)
     if entry is None:
         raise ValueError(
-            f"The Pareto front has no architecture under the budget {budget!r} ({format_bitops(max_bitops)}); give a "
+            f"The Pareto front has no architecture under the budget {budget!r} ({format_bitops(max_bitops, exact=True)}); give a "
             "larger budget, or no front for a cost-only choice."
         )
     arch = SubnetArchitecture.from_dict(entry.architecture)
     bitops = supernet.bitops(arch).total_bitops
     if bitops > max_bitops:
         raise ValueError(
-            f"The Pareto front's choice under {budget!r} costs {format_bitops(bitops)} in this supernet, more than the "
+            f"The Pareto front's choice under {budget!r} costs {format_bitops(bitops, exact=True)} in this supernet, more than the "
             f"budget ({entry.bitops} according to the front): the front was made for another supernet configuration."
         )
     return arch
@@ -223,12 +223,4 @@ def descent_path(space: SearchSpace) -> Iterator[SubnetArchitecture]:
             return
 
 
-def format_bitops(bitops: int) -> str:
-    """BitOPs for a message: rounded with an SI prefix, and exact, e.g. `1.79 TBitOPs ("1794100690944")`."""
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if bitops >= factor:
-            return f'{bitops / factor:.3g} {prefix}BitOPs ("{bitops}")'
-    return f'{bitops} BitOPs ("{bitops}")'
-
-
-__all__ = ["descent_path", "extract_subnet", "format_bitops", "select_architecture"]
+__all__ = ["descent_path", "extract_subnet", "select_architecture"]

@@ -135,8 +135,9 @@ class QuantizedLoraLinear(nn.Linear):
     def quantized_weight(self) -> torch.Tensor:
         """The merged weight, fake-quantized at the active weight bit-width.
 
-        Without autograd (evaluation, search) the result is cached until the sub-layer changes or a parameter is
-        modified in place (an optimizer step bumps its version), so inference runs only the layer's own matmul.
+        Without autograd (evaluation, search) the result is cached until the sub-layer changes, a parameter is
+        modified in place (an optimizer step bumps its version) or moves (`.to(device)` gives it new storage), so
+        inference runs only the layer's own matmul.
         """
         quantizer = self.weight_quantizer
         if quantizer.is_quantizing and self.weight.device.type != "meta":
@@ -144,7 +145,9 @@ class QuantizedLoraLinear(nn.Linear):
                 self.initialize_weight_quantizer(quantizer.active_bits)
         if torch.is_grad_enabled():
             return quantizer(self.merged_weight(), channel_index=self.output_index)
-        versions = tuple(p._version for p in (self.weight, self.lora_A, self.lora_B, quantizer.step_size))
+        versions = tuple(
+            (p._version, p.data_ptr(), p.device) for p in (self.weight, self.lora_A, self.lora_B, quantizer.step_size)
+        )
         if self._cached_weight is None or self._cached_weight[0] != versions:
             self._cached_weight = (versions, quantizer(self.merged_weight(), channel_index=self.output_index))
         return self._cached_weight[1]

@@ -7,13 +7,13 @@ model shrinks with its bit-widths. It computes what the supernet computes with t
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel, SamModel
 from transformers.models.sam.modeling_sam import SamImageSegmentationOutput, SamVisionLayer
 from transformers.utils import logging
 
 from .bitops import BitOpsReport, count_operations
+from .checkpoints import readable_safetensors
 from .configuration_sam_supernet import FLOAT_BITS, SamSubnetConfig
 from .elastic import QuantizedSamVisionAttention, ResizingSamVisionEncoder, eager_vision_config
 from .packing import packed_size, unpack_codes
@@ -250,14 +250,9 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Loads a saved subnet (local folder or Hub repo), as `PreTrainedModel.from_pretrained` does."""
-        try:
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        with readable_safetensors(source, "subnet"):
             return super().from_pretrained(*args, **kwargs)
-        except SafetensorError as error:
-            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            raise OSError(
-                f"The weights of {str(source)!r} are not a readable safetensors file (corrupted or truncated: "
-                f"{error}). Save the subnet again, or download it again with `force_download=True`."
-            ) from error
 
     @property
     def architecture(self) -> SubnetArchitecture:

@@ -4,15 +4,15 @@ import os
 import random
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel, SamModel
 from transformers.models.sam.modeling_sam import SamImageSegmentationOutput
 from transformers.utils import logging
 
 from .bitops import BitOpsReport, count_bitops
+from .checkpoints import readable_safetensors
 from .configuration_sam_supernet import SamSupernetConfig
-from .elastic import ElasticSamVisionAttention, ElasticSamVisionEncoder, ElasticSamVisionLayer
+from .elastic import ElasticSamVisionAttention, ElasticSamVisionEncoder
 from .lora import QuantizedLoraLinear
 from .quantization import LsqQuantizer
 from .search_space import SearchSpace, SubnetArchitecture
@@ -120,14 +120,9 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
 
         Loading replaces the parameter objects, so the base weights are frozen again afterwards.
         """
-        try:
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        with readable_safetensors(source, "supernet"):
             loaded = super().from_pretrained(*args, **kwargs)
-        except SafetensorError as error:
-            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            raise OSError(
-                f"The weights of {str(source)!r} are not a readable safetensors file (corrupted or truncated: "
-                f"{error}). Save the supernet again, or download it again with `force_download=True`."
-            ) from error
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.freeze_base_model()
         model.set_subnet(model.search_space.full_precision())
@@ -161,6 +156,34 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
             parameter.requires_grad_(_is_supernet_parameter(name))
         if self.config.mask_decoder_training == "full":
             self.sam.mask_decoder.requires_grad_(True)
+
+    @torch.no_grad()
+    def calibrate_quantizers(
+        self,
+        pixel_values: torch.Tensor,
+        activation_bits: tuple[int, ...] | None = None,
+        weight_bits: int | None = None,
+    ) -> None:
+        """Sets the activation step sizes of every quantizer from one batch of images.
+
+        Each activation step is otherwise set from the first tensor it quantizes. The full-size subnet runs once per
+        activation bit-width, with its weights at `weight_bits` (default: the highest). Steps that are already set
+        are kept. Extraction needs the steps of every activation bit-width a subnet uses.
+
+        Args:
+            pixel_values (`torch.Tensor`): calibration images, as the processor makes them.
+            activation_bits (`tuple[int]`, *optional*): the bit-widths to calibrate; defaults to all of them.
+            weight_bits (`int`, *optional*): the weight bit-width the calibration runs at.
+        """
+        previous, was_training = self.active_subnet, self.training
+        self.eval()
+        try:
+            for bits in activation_bits or self.search_space.activation_bit_choices:
+                self.set_subnet(self.search_space.largest(weight_bits, bits))
+                self.get_image_embeddings(pixel_values)
+        finally:
+            self.set_subnet(previous)
+            self.train(was_training)
 
     # --- the active subnet ----------------------------------------------------------------------------------------
     def set_subnet(self, arch: SubnetArchitecture | dict) -> None:

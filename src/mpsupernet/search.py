@@ -30,7 +30,7 @@ from pymoo.operators.repair.rounding import RoundingRepair
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .bitops import BitOpsReport
+from .bitops import BitOpsReport, format_bitops
 from .search_space import SearchSpace, SubnetArchitecture
 
 logger = logging.get_logger(__name__)
@@ -287,7 +287,7 @@ class ParetoFront:
                 axes.axvline(self.full_precision_bitops, color="tab:red", linestyle=":", label="full precision")
         for budget in budgets:
             value = _resolve_budget(budget, self.full_precision_bitops, name="budget")
-            axes.axvline(value, color="tab:green", linestyle="--", linewidth=1, label=f"budget {_format_bitops(value)}")
+            axes.axvline(value, color="tab:green", linestyle="--", linewidth=1, label=f"budget {format_bitops(value)}")
         axes.set_xscale("log")
         axes.set_xlabel("BitOPs per image (image encoder)")
         axes.set_ylabel("mean IoU")
@@ -304,13 +304,6 @@ class ParetoFront:
 
 def _percent(value: int, reference: int | None) -> float | None:
     return None if not reference else round(100.0 * value / reference, 2)
-
-
-def _format_bitops(bitops: float) -> str:
-    for factor, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
-        if bitops >= factor:
-            return f"{bitops / factor:.3g}{unit}"
-    return f"{bitops:.3g}"
 
 
 def _resolve_budget(budget: float | str, full_precision_bitops: int | None, name: str = "budget") -> int:
@@ -742,9 +735,9 @@ def evolutionary_search(
 def _log_generation(generation: int, generations: int, evaluations: _Evaluations, max_bitops: int | None) -> None:
     front = evaluations.front()
     best = front.entries[-1] if front.entries else None
-    budget = f"under {_format_bitops(max_bitops)} BitOPs" if max_bitops is not None else "overall"
+    budget = f"under {format_bitops(max_bitops)}" if max_bitops is not None else "overall"
     best_text = (
-        f"{best.mean_iou:.4f} at {_format_bitops(best.bitops)} BitOPs" if best else "none (nothing evaluated yet)"
+        f"{best.mean_iou:.4f} at {format_bitops(best.bitops)}" if best else "none (nothing evaluated yet)"
     )
     logger.info(
         f"Generation {generation}/{generations}: {len(evaluations.entries)} architectures evaluated, front of "

@@ -1,0 +1,325 @@
+"""Model cards for extracted subnets, and tiers of subnets on the Hugging Face Hub.
+
+A *tier* is one extracted subnet, stored in a subfolder of one Hub repository; `tiers.json` at the root of that
+repository lists every tier with its BitOPs and quality, so `load_subnet` can pick the best tier under a budget after
+downloading one small file.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
+from transformers.utils import logging
+
+from .bitops import parse_budget
+
+logger = logging.get_logger(__name__)
+
+MANIFEST_NAME = "tiers.json"
+TIER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+CARD_TAGS = ["mpsupernet", "segment-anything", "sam", "mixed-precision", "quantization", "lora", "bitops"]
+
+
+def subnet_card_template() -> str:
+    """The Jinja template of subnet cards (`model_cards/subnet_card.md` in the repository)."""
+    return resources.files("mpsupernet.model_cards").joinpath("subnet_card.md").read_text(encoding="utf-8")
+
+
+def render_subnet_card(
+    subnet,
+    *,
+    base_model: str,
+    dataset_name: str,
+    mean_iou: float | None = None,
+    dataset_split: str | None = None,
+    repo_id: str | None = None,
+    subfolder: str | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """Renders the model card of an extracted subnet.
+
+    Args:
+        subnet (`SamSubnetForMaskGeneration`): the subnet; its BitOPs report and architecture are printed.
+        base_model (`str`): the Hub id of the SAM checkpoint the supernet was built from.
+        dataset_name (`str`): the dataset the quality was measured on.
+        mean_iou (`float`, *optional*): measured mean mask IoU; goes into the card's `model-index` too.
+        dataset_split (`str`, *optional*): the split it was measured on.
+        repo_id (`str`, *optional*), subfolder (`str`, *optional*): where the subnet is published, for the loading
+            snippet.
+        license (`str`, *optional*, defaults to `"apache-2.0"`): the card's license; SAM's weights are Apache-2.0.
+
+    Returns:
+        `huggingface_hub.ModelCard`: metadata (base model, `mask-generation`, tags, model-index with the mIoU) and a
+        body with the BitOPs (absolute and against both references), the architecture and the per-layer bits.
+    """
+    report = subnet.bitops_report()
+    summary = report.summary()
+    gbitops = summary["gbitops"]
+    eval_results = None
+    if mean_iou is not None:
+        eval_results = [
+            EvalResult(
+                task_type="mask-generation",
+                dataset_type=dataset_name,
+                dataset_name=dataset_name,
+                dataset_split=dataset_split,
+                metric_type="mean_iou",
+                metric_name="Mean IoU",
+                metric_value=round(float(mean_iou), 6),
+            )
+        ]
+    title = f"{base_model.split('/')[-1]} mixed-precision subnet, {gbitops:.3g} GBitOPs"
+    card_data = ModelCardData(
+        base_model=base_model,
+        pipeline_tag="mask-generation",
+        library_name="mpsupernet",
+        license=license,
+        tags=CARD_TAGS,
+        model_name=title,
+        eval_results=eval_results,
+        datasets=[dataset_name] if "/" in dataset_name else None,
+    )
+    # BitOPs in the metadata let the Hub's search and `load_subnet` read the cost without parsing the body.
+    card_data.bitops = summary["bitops"]
+    card_data.bitops_share_of_full_precision = round(summary["share_of_full_precision"], 6)
+    card_data.bitops_share_of_w8a8 = round(summary["share_of_w8a8"], 6)
+    architecture = dict(report.architecture)
+    return ModelCard.from_template(
+        card_data,
+        template_str=subnet_card_template(),
+        title=title,
+        base_model=base_model,
+        report=summary,
+        rows=report.rows,
+        architecture=architecture,
+        mean_iou=mean_iou,
+        dataset_name=dataset_name,
+        dataset_split=dataset_split,
+        repo_id=repo_id,
+        subfolder=subfolder,
+        float_bits=subnet.config.float_bits,
+        image_size=subnet.config.vision_config.image_size,
+    )
+
+
+def save_subnet_with_card(subnet, save_directory: str | os.PathLike, **card_kwargs) -> ModelCard:
+    """Saves a subnet (safetensors + config) and its model card (`README.md`) into `save_directory`."""
+    save_directory = Path(save_directory)
+    subnet.save_pretrained(save_directory)
+    card = render_subnet_card(subnet, **card_kwargs)
+    card.save(save_directory / "README.md")
+    return card
+
+
+def save_tiers(
+    tiers: Mapping[str, object],
+    save_directory: str | os.PathLike,
+    *,
+    base_model: str,
+    dataset_name: str,
+    mean_ious: Mapping[str, float] | None = None,
+    repo_id: str | None = None,
+) -> dict:
+    """Writes several subnets as tiers into a folder laid out as a tiers repository (see [`push_tiers`]).
+
+    Args:
+        tiers (`Mapping[str, SamSubnetForMaskGeneration]`): tier name (used as the subfolder) → subnet.
+        save_directory (`str` or `os.PathLike`): the folder; created if missing.
+        base_model (`str`), dataset_name (`str`): for the cards.
+        mean_ious (`Mapping[str, float]`, *optional*): measured mean IoU per tier.
+        repo_id (`str`, *optional*): the Hub repository the folder is meant for, named in the cards.
+
+    Returns:
+        `dict`: the manifest written to `tiers.json`.
+    """
+    mean_ious = dict(mean_ious or {})
+    _check_tiers(tiers, mean_ious)
+    target = Path(save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written next to the target and renamed at the end, so that a failure never leaves half a tiers folder.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        manifest = _write_tiers(tiers, staging, base_model, dataset_name, mean_ious, repo_id or target.name)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _write_tiers(tiers, save_directory: Path, base_model, dataset_name, mean_ious, repo_id) -> dict:
+    manifest = {"base_model": base_model, "dataset": dataset_name, "tiers": {}}
+    for name, subnet in sorted(tiers.items(), key=lambda item: item[1].config.bitops):
+        save_subnet_with_card(
+            subnet,
+            save_directory / name,
+            base_model=base_model,
+            dataset_name=dataset_name,
+            mean_iou=mean_ious.get(name),
+            repo_id=repo_id,
+            subfolder=name,
+        )
+        summary = subnet.bitops_report().summary()
+        manifest["full_precision_bitops"] = summary["full_precision_bitops"]
+        manifest["tiers"][name] = {
+            "subfolder": name,
+            "bitops": summary["bitops"],
+            "share_of_full_precision": summary["share_of_full_precision"],
+            "share_of_w8a8": summary["share_of_w8a8"],
+            "mean_iou": mean_ious.get(name),
+            "architecture": subnet.config.architecture,
+        }
+    (save_directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    _tiers_overview_card(manifest, repo_id).save(save_directory / "README.md")
+    return manifest
+
+
+def _check_tiers(tiers: Mapping[str, object], mean_ious: Mapping[str, float]) -> None:
+    if not tiers:
+        raise ValueError("`tiers` is empty; give at least one tier name → subnet.")
+    for name, subnet in tiers.items():
+        if not TIER_NAME_PATTERN.match(name):
+            raise ValueError(f"Tier name {name!r} is not a valid folder name; use letters, digits, '.', '_' and '-'.")
+        if getattr(subnet.config, "model_type", None) != "sam_subnet":
+            raise ValueError(f"Tier {name!r} is a {type(subnet).__name__}, not an extracted SamSubnetForMaskGeneration.")
+    unknown = sorted(set(mean_ious) - set(tiers))
+    if unknown:
+        raise ValueError(f"`mean_ious` names tiers {unknown} that are not among {sorted(tiers)}.")
+
+
+def push_tiers(
+    tiers: Mapping[str, object],
+    repo_id: str,
+    *,
+    base_model: str,
+    dataset_name: str,
+    mean_ious: Mapping[str, float] | None = None,
+    private: bool = False,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Publishes several subnets as tiers of one Hub repository, in one commit.
+
+    Each tier goes into its own subfolder (weights, config and model card); `tiers.json` lists them, and the root
+    `README.md` compares them. Everything is staged locally (checked before anything is sent) and uploaded as a single
+    commit, so a failure leaves the repository as it was.
+
+    Args:
+        tiers (`Mapping[str, SamSubnetForMaskGeneration]`): tier name (used as the subfolder) → subnet.
+        repo_id (`str`): the Hub repository, created if missing.
+        base_model (`str`), dataset_name (`str`): for the cards.
+        mean_ious (`Mapping[str, float]`, *optional*): measured mean IoU per tier.
+        private (`bool`), token (`str`), revision (`str`), commit_message (`str`): as in `huggingface_hub`.
+
+    Returns:
+        `str`: the commit's URL.
+    """
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="mpsupernet-tiers-") as staging:
+        folder = Path(staging) / "repo"
+        save_tiers(tiers, folder, base_model=base_model, dataset_name=dataset_name, mean_ious=mean_ious, repo_id=repo_id)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            commit_message=commit_message or f"Publish {len(tiers)} mpsupernet tiers: {', '.join(sorted(tiers))}",
+        )
+    logger.info(f"Pushed tiers {sorted(tiers)} to {repo_id}")
+    return commit.commit_url
+
+
+def _tiers_overview_card(manifest: dict, repo_id: str) -> ModelCard:
+    lines = [
+        f"# {repo_id.split('/')[-1]}: mixed-precision SAM subnets by BitOPs tier",
+        "",
+        f"Subnets of [{manifest['base_model']}](https://huggingface.co/{manifest['base_model']}) extracted with "
+        "mpsupernet. Each tier is a subfolder with its own model card.",
+        "",
+        "| tier | GBitOPs | % of full precision | % of W8A8 | mean IoU |",
+        "|---|---|---|---|---|",
+    ]
+    for name, tier in manifest["tiers"].items():
+        miou = "–" if tier["mean_iou"] is None else f"{tier['mean_iou']:.4f}"
+        lines.append(
+            f"| `{name}` | {tier['bitops'] / 1e9:.3f} | {100 * tier['share_of_full_precision']:.2f} | "
+            f"{100 * tier['share_of_w8a8']:.2f} | {miou} |"
+        )
+    lines += [
+        "",
+        "```python",
+        "import mpsupernet",
+        f'subnet = mpsupernet.load_subnet("{repo_id}", max_bitops="5%")  # the best tier under the budget',
+        "```",
+    ]
+    card_data = ModelCardData(
+        base_model=manifest["base_model"], pipeline_tag="mask-generation", library_name="mpsupernet", tags=CARD_TAGS
+    )
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def read_tiers_manifest(repo_id: str | os.PathLike, revision: str | None = None, token: str | None = None) -> dict:
+    """The `tiers.json` of a Hub repository or a local folder."""
+    if Path(repo_id).is_dir():
+        path = Path(repo_id) / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(repo_id)!r} has no {MANIFEST_NAME}; it was not written by `push_tiers`.")
+    else:
+        path = hf_hub_download(str(repo_id), MANIFEST_NAME, revision=revision, token=token)
+    return json.loads(Path(path).read_text())
+
+
+def select_tier(manifest: dict, max_bitops) -> str:
+    """The tier to use under `max_bitops`: the best measured mean IoU among those that fit, else the costliest.
+
+    `max_bitops` takes what `mpsupernet.bitops.parse_budget` takes ("40G", "5%", a number).
+    """
+    budget = parse_budget(max_bitops, manifest["full_precision_bitops"])
+    tiers = manifest["tiers"]
+    fitting = {name: tier for name, tier in tiers.items() if tier["bitops"] <= budget}
+    if not fitting:
+        cheapest = min(tiers, key=lambda name: tiers[name]["bitops"])
+        raise ValueError(
+            f"No tier fits under {max_bitops!r} ({budget} BitOPs); the cheapest tier, {cheapest!r}, needs "
+            f"{tiers[cheapest]['bitops']} BitOPs ({tiers[cheapest]['bitops'] / 1e9:.3f} G). Available tiers: "
+            + ", ".join(f"{name}={tier['bitops'] / 1e9:.3f}G" for name, tier in tiers.items())
+        )
+
+    def rank(name):
+        tier = fitting[name]
+        return (tier["mean_iou"] is not None, tier["mean_iou"] or 0.0, tier["bitops"])
+
+    return max(fitting, key=rank)
+
+
+def load_subnet(repo_id: str | os.PathLike, max_bitops, revision: str | None = None, token: str | None = None, **kwargs):
+    """Downloads and loads the best ready-made subnet under a BitOPs budget.
+
+    Args:
+        repo_id (`str` or `os.PathLike`): a Hub repository written by [`push_tiers`], or a local copy of one.
+        max_bitops (`int`, `float` or `str`): the budget: a number of BitOPs, `"40G"`, `"1.5T"`, or `"5%"` of the
+            full-precision model.
+        revision (`str`), token (`str`): as in `huggingface_hub`.
+        kwargs: passed to `SamSubnetForMaskGeneration.from_pretrained`.
+
+    Returns:
+        `SamSubnetForMaskGeneration`: the chosen tier's subnet; its `config.bitops` is within the budget.
+    """
+    from .modeling_sam_subnet import SamSubnetForMaskGeneration
+
+    manifest = read_tiers_manifest(repo_id, revision=revision, token=token)
+    tier = select_tier(manifest, max_bitops)
+    logger.info(f"Loading tier {tier!r} ({manifest['tiers'][tier]['bitops'] / 1e9:.3f} GBitOPs) from {repo_id}")
+    if Path(repo_id).is_dir():
+        return SamSubnetForMaskGeneration.from_pretrained(Path(repo_id) / manifest["tiers"][tier]["subfolder"], **kwargs)
+    return SamSubnetForMaskGeneration.from_pretrained(
+        str(repo_id), subfolder=manifest["tiers"][tier]["subfolder"], revision=revision, token=token, **kwargs
+    )
