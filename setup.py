@@ -20,11 +20,14 @@ install_requires = [
     "matplotlib>=3.7",
     "tqdm>=4.64",
     "jinja2>=3.0",
+    "pycocotools>=2.0.6",
+    "scipy>=1.10",
 ]
 
 extras = {
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    "benchmarks": ["peft>=0.13"],
 }
+extras["dev"] = ["pytest>=8.0", "pytest-timeout>=2.3"] + extras["benchmarks"]
 
 setup(
     name="mpsupernet",
