@@ -1,0 +1,168 @@
+"""Peak training memory: our LoRA supernet against a full-fine-tuning mixed-precision supernet (the paper's QFA*).
+
+Both variants are the same `SamSupernetForMaskGeneration` built from the same random SAM, trained on the same inputs
+with the same sandwich of subnets per step (the largest, the smallest and two random ones, drawn from the same
+seeds) and the same fake quantization. They differ only in what trains:
+
+- `lora`: our method. Base weights frozen; adapters, quantizer step sizes and the mask decoder train (AdamW over
+  those only).
+- `full`: the QFA* baseline of the paper. Every weight trains (AdamW over all), the same quantizers included.
+
+Each variant runs in a fresh subprocess, one after the other, so that neither inherits the other's allocations. The
+peak is taken over steps 2..N, once AdamW's states exist (they are created in step 1): on the CPU from the resident
+set (`ru_maxrss`, its high-water mark reset after step 1), on CUDA from `torch.cuda.max_memory_allocated`. Both the
+total peak and the increment over the memory in use right after building the model are reported.
+
+    python benchmarks/training_memory.py                      # CPU, ViT-B at 256 px, 2 steps (a few minutes)
+    python benchmarks/training_memory.py --device cuda --image-size 1024 --steps 3 --gradient-checkpointing --bf16
+"""
+
+import argparse
+import functools
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import _common
+
+NAME = "training_memory"
+VARIANTS = ("lora", "full")
+PAPER_RATIO = 0.82  # "about 18% less training memory" than QFA*
+TARGET_RATIO = 0.5
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _common.add_common_arguments(parser, NAME, image_size=256)
+    parser.add_argument(
+        "--steps", type=int, default=2, help="Optimizer steps; the peak is taken over 2..N (default: 2)."
+    )
+    # Internal: run one variant in this process and write its figures to a file (the parent starts these).
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the peak is measured once optimizer states exist, from step 2 on.")
+    return args
+
+
+def measure_variant(args: argparse.Namespace) -> dict:
+    """Builds one variant, trains it for `args.steps` sandwich steps and returns its memory figures (bytes)."""
+    device = _common.check_device(args.device)
+    sam = _common.build_sam(args.image_size, args.tiny, args.seed)
+    model = _common.build_supernet(sam)
+    config = sam.config
+    del sam  # the supernet holds its own copy of the weights
+    if args.variant == "full":
+        model.requires_grad_(True)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    model.to(device).train()
+    trainable = _common.trainable_parameters(model)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    inputs = _common.make_inputs(config, args.batch_size, args.prompts, device, args.seed)
+    gc.collect()
+    after_build = _common.current_memory(device)
+
+    step_seconds = []
+    for step in range(args.steps):
+        if step == 1:
+            _common.reset_peak_memory(device)
+        subnets = _common.sandwich_subnets(model, step, args.seed)
+        train = functools.partial(_common.train_step, model, optimizer, inputs, subnets, args.bf16)
+        step_seconds.append(_common.timed(train, device))
+        print(f"  [{args.variant}] step {step + 1}/{args.steps}: {step_seconds[-1]:.1f} s", flush=True)
+    peak = _common.peak_memory(device)
+    return {
+        "variant": args.variant,
+        "model": _common.describe_model(config),
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "trainable_parameters": sum(parameter.numel() for parameter in trainable),
+        "memory_after_build_bytes": after_build,
+        "peak_bytes": peak,
+        "training_increment_bytes": peak - after_build,
+        "step_seconds": step_seconds,
+    }
+
+
+def child_command(args: argparse.Namespace, variant: str, result_file: Path) -> list[str]:
+    """The command line that measures `variant` in a fresh Python process with the same settings."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--result-file", str(result_file)]
+    command += ["--device", args.device, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size)]
+    command += ["--prompts", str(args.prompts), "--steps", str(args.steps), "--seed", str(args.seed)]
+    switches = {"--gradient-checkpointing": args.gradient_checkpointing, "--bf16": args.bf16, "--tiny": args.tiny}
+    return command + [flag for flag, on in switches.items() if on]
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measures both variants, each in its own subprocess, and returns the figures and the LoRA/full ratios."""
+    measurements = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for variant in VARIANTS:
+            print(f"measuring `{variant}` in a fresh process ...", flush=True)
+            result_file = Path(folder) / f"{variant}.json"
+            subprocess.run(child_command(args, variant, result_file), check=True)
+            measurements[variant] = json.loads(result_file.read_text())
+    lora, full = measurements["lora"], measurements["full"]
+    ratio_peak = lora["peak_bytes"] / full["peak_bytes"]
+    return {
+        "benchmark": NAME,
+        "machine": _common.machine_info(_common.check_device(args.device)),
+        "settings": _common.settings_of(args),
+        "measurements": measurements,
+        "ratio_peak": ratio_peak,
+        "ratio_increment": lora["training_increment_bytes"] / full["training_increment_bytes"],
+        "paper_ratio": PAPER_RATIO,
+        "target_ratio": TARGET_RATIO,
+        "target_met": ratio_peak <= TARGET_RATIO,
+    }
+
+
+def print_results(results: dict) -> None:
+    settings = results["settings"]
+    measurements = results["measurements"]
+    memory_kind = "GPU tensors allocated" if settings["device"].startswith("cuda") else "process resident set"
+    _common.print_header(
+        "Peak training memory: LoRA supernet vs full-fine-tuning supernet (QFA*)",
+        results["machine"],
+        {
+            "model": measurements["lora"]["model"],
+            "memory": memory_kind,
+            **{key: settings[key] for key in ("batch_size", "prompts", "steps", "gradient_checkpointing", "bf16")},
+            "subnets per step": f"largest, smallest, {_common.RANDOM_SUBNETS_PER_STEP} random",
+        },
+    )
+    rows = [
+        [
+            name,
+            f"{m['trainable_parameters'] / 1e6:.1f}M / {m['parameters'] / 1e6:.1f}M",
+            m["memory_after_build_bytes"] / _common.MIB,
+            m["peak_bytes"] / _common.MIB,
+            m["training_increment_bytes"] / _common.MIB,
+            _common.median(m["step_seconds"][1:]),
+        ]
+        for name, m in measurements.items()
+    ]
+    _common.print_table(["variant", "trainable / all", "after build MiB", "peak MiB", "increment MiB", "step s"], rows)
+    print(f"ratio LoRA/full of the training increment: {results['ratio_increment']:.3f}")
+    print(f"paper (LoRA vs QFA*): about {results['paper_ratio']}")
+    _common.verdict("ratio LoRA/full of the total peak", results["ratio_peak"], results["target_ratio"])
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.variant:
+        args.result_file.write_text(json.dumps(measure_variant(args)))
+        return
+    results = run(args)
+    print_results(results)
+    _common.write_json(args.output, results)
+
+
+if __name__ == "__main__":
+    main()
