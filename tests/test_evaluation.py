@@ -134,6 +134,7 @@ def _distributed_worker(rank: int, init_file: str, results: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # about 8 s alone on 2 cores (two interpreters importing torch), over 20 s on a busy machine
 def test_mean_mask_iou_syncs_across_processes(tmp_path):
     mp.spawn(_distributed_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     values = [float((tmp_path / f"rank{rank}.txt").read_text()) for rank in range(2)]
