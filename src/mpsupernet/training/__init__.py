@@ -12,6 +12,7 @@ from .losses import (
 )
 from .sampling import (
     DISTILLATION_TEACHERS,
+    QUANTIZER_LR_SCALE,
     ProgressiveBitsSchedule,
     SandwichSampler,
     SandwichStepOutput,
@@ -19,7 +20,8 @@ from .sampling import (
     check_distributed_support,
     check_training_batch,
     evaluate_subnets,
-    initialize_quantizers,
+    is_quantizer_parameter,
+    quantizer_parameter_groups,
     supernet_training_step,
 )
 from .trainer import SupernetTrainer
@@ -29,6 +31,7 @@ __all__ = [
     "DISTILLATION_KINDS",
     "DISTILLATION_TEACHERS",
     "ProgressiveBitsSchedule",
+    "QUANTIZER_LR_SCALE",
     "SamLossOutput",
     "SandwichSampler",
     "SandwichStepOutput",
@@ -38,9 +41,10 @@ __all__ = [
     "check_training_batch",
     "dice_loss",
     "evaluate_subnets",
-    "initialize_quantizers",
     "iou_prediction_loss",
+    "is_quantizer_parameter",
     "mask_distillation_loss",
+    "quantizer_parameter_groups",
     "sam_loss",
     "sigmoid_focal_loss",
     "supernet_training_step",

@@ -29,11 +29,12 @@ from transformers.utils import logging
 from ..data.processing import SamSegmentationPreprocessor, collate_fn, remove_examples_without_masks
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from .sampling import (
+    QUANTIZER_LR_SCALE,
     SandwichSampler,
     check_distillation,
     check_distributed_support,
     evaluate_subnets,
-    initialize_quantizers,
+    quantizer_parameter_groups,
     supernet_training_step,
 )
 
@@ -133,6 +134,7 @@ def train_supernet(
     preprocessor: SamSegmentationPreprocessor | None = None,
     distillation: str | None = "largest",
     max_grad_norm: float | None = 1.0,
+    quantizer_lr_scale: float = QUANTIZER_LR_SCALE,
 ) -> dict:
     """Trains a supernet with the sandwich rule in an Accelerate loop and saves it with `save_pretrained`.
 
@@ -168,6 +170,8 @@ def train_supernet(
         distillation (`str`, *optional*, defaults to `"largest"`): the distillation teacher, `"largest"`,
             `"full_precision"` or `None` (see `supernet_training_step`).
         max_grad_norm (`float`, *optional*, defaults to 1.0): gradient-norm clipping; `None` or 0 turns it off.
+        quantizer_lr_scale (`float`, *optional*, defaults to `QUANTIZER_LR_SCALE`): the quantizers' step sizes and
+            offsets learn at `learning_rate` times this (see `quantizer_parameter_groups`).
 
     Returns:
         `dict`: `steps` (optimizer steps reached), `resumed_from_step`, `seconds` (training time of this call),
@@ -199,6 +203,7 @@ def train_supernet(
     if eval_dataset is not None:
         _check_dataset(eval_dataset, "eval_dataset", preprocessor)
     check_distillation(distillation)
+    checkpoint = _resolve_checkpoint(resume_from_checkpoint, output_dir) if resume_from_checkpoint else None
     sampler = SandwichSampler(model.config, num_random_subnets=num_random_subnets, seed=seed)
 
     accelerator = Accelerator(
@@ -233,19 +238,20 @@ def train_supernet(
         shard = eval_data.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
         eval_loader = DataLoader(shard.with_transform(eval_preprocessor), batch_size=batch_size, collate_fn=collate_fn)
 
-    if not resume_from_checkpoint:
+    if checkpoint is None:
         # Each process initialises on its own examples; the statistics are averaged across processes.
         first = accelerator.process_index * batch_size
         processed = train_loader.dataset
         calibration = collate_fn([processed[index % len(processed)] for index in range(first, first + batch_size)])
         model.to(accelerator.device)
-        initialize_quantizers(model, {k: v.to(accelerator.device) for k, v in calibration.items()}, sampler.schedule)
+        sampler.schedule.calibrate_start_bits(model, calibration["pixel_values"].to(accelerator.device))
     check_distributed_support(accelerator, model, sampler.schedule)
     if gradient_checkpointing:
         model.activation_checkpointing_enable()
     model.train()
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        quantizer_parameter_groups(model, learning_rate, quantizer_lr_scale), lr=learning_rate, weight_decay=0.0
+    )
     # Stepped by hand once per optimizer step: a prepared scheduler would step once per process.
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=max_steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -253,8 +259,7 @@ def train_supernet(
     accelerator.register_for_checkpointing(scheduler, progress)
     supernet = accelerator.unwrap_model(model)
 
-    if resume_from_checkpoint:
-        checkpoint = _resolve_checkpoint(resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         logger.info(f"Resumed from {checkpoint} at step {progress.step}.")
     start_step = progress.step
@@ -321,9 +326,9 @@ def train_supernet(
             logger.info(f"step {progress.step}/{max_steps}: {final_losses}")
             window_sums, window_batches = {}, 0
         if save_steps and progress.step % save_steps == 0:
-            checkpoint = output_dir / f"{CHECKPOINT_PREFIX}-{progress.step}"
-            accelerator.save_state(str(checkpoint))
-            logger.info(f"Saved checkpoint {checkpoint}.")
+            saved = output_dir / f"{CHECKPOINT_PREFIX}-{progress.step}"
+            accelerator.save_state(str(saved))
+            logger.info(f"Saved checkpoint {saved}.")
     progress_bar.close()
     seconds = time.perf_counter() - start_time
 

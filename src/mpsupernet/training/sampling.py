@@ -33,6 +33,40 @@ logger = logging.get_logger(__name__)
 
 DISTILLATION_TEACHERS = ("largest", "full_precision")
 PROMPT_INPUT_NAMES = ("input_boxes", "input_points")
+QUANTIZER_LR_SCALE = 0.01
+"""Default ratio of the quantizers' learning rate to the adapters' (see `quantizer_parameter_groups`)."""
+
+
+def is_quantizer_parameter(name: str) -> bool:
+    """Whether a parameter name is a quantizer's step size or offset."""
+    return "quantizer." in name
+
+
+def quantizer_parameter_groups(model: nn.Module, learning_rate: float, quantizer_lr_scale: float) -> list[dict]:
+    """Optimizer parameter groups: the trainable parameters, with the quantizers' own at a scaled learning rate.
+
+    Adam moves every parameter by about the learning rate per step, whatever its gradient's scale, and so ignores
+    LSQ's gradient scaling. Adapters and decoder weights take that well, but an 8-bit step size is of the order of
+    1e-3 to 1e-2: at the adapters' learning rate it would change by tens of percent per step.
+
+    Args:
+        model (`nn.Module`): the supernet; frozen parameters are left out.
+        learning_rate (`float`): the learning rate of the adapters and the mask decoder.
+        quantizer_lr_scale (`float`): the quantizers' learning rate is `learning_rate * quantizer_lr_scale`.
+
+    Returns:
+        `list[dict]`: two groups, `{"params": [...]}` and `{"params": [...], "lr": ...}`.
+    """
+    if not quantizer_lr_scale >= 0:
+        raise ValueError(f"`quantizer_lr_scale` must be non-negative, got {quantizer_lr_scale!r}.")
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for name, p in trainable if not is_quantizer_parameter(name)]},
+        {
+            "params": [p for name, p in trainable if is_quantizer_parameter(name)],
+            "lr": learning_rate * quantizer_lr_scale,
+        },
+    ]
 
 
 def _check_fraction(fraction: float) -> float:
@@ -124,6 +158,26 @@ class ProgressiveBitsSchedule:
             )
         self._applied_bits = enabled
         return copied
+
+    def calibrate_start_bits(self, model: SamSupernetForMaskGeneration, pixel_values: torch.Tensor) -> None:
+        """Sets the activation step sizes of the bit-widths enabled at the start from one batch of images.
+
+        Each activation step size is otherwise set from the first tensor it quantizes, inside a training forward
+        pass. Calibrating first, before the model is wrapped for distributed training, makes the initialisation
+        independent of which subnets train first, and keeps it out of wrappers that shard or shadow parameters
+        (FSDP, DeepSpeed), where a write in the forward pass would be lost. Bit-widths enabled later start from the
+        next higher one instead (`initialize_new_bits`). In a distributed run every process must call this: the
+        statistics are averaged across processes.
+
+        Args:
+            model (`SamSupernetForMaskGeneration`): the unwrapped supernet.
+            pixel_values (`torch.Tensor`): calibration images on the model's device, as the processor makes them.
+        """
+        model.calibrate_quantizers(
+            pixel_values,
+            activation_bits=self.activation_bit_choices(0.0),
+            weight_bits=self.weight_bit_choices(0.0)[0],
+        )
 
     def pending_copies(self, model: nn.Module) -> int:
         """How many (quantizer, bit-width) step sizes `initialize_new_bits` will still copy during training.
@@ -226,39 +280,6 @@ def check_training_batch(batch: dict) -> None:
         )
 
 
-@torch.no_grad()
-def initialize_quantizers(
-    model: SamSupernetForMaskGeneration, batch: dict[str, torch.Tensor], schedule: ProgressiveBitsSchedule
-) -> None:
-    """Initialises every activation quantizer, at every bit-width enabled from the start, on one batch.
-
-    Each activation step size is otherwise set from the first tensor it quantizes, inside a forward pass. Doing it
-    here, before the model is wrapped for distributed training, makes the initialisation independent of which subnets
-    train first, and keeps it out of wrappers that shard or shadow the parameters (FSDP, DeepSpeed), where a write in
-    the forward pass would be lost. The full-size subnet runs once per enabled activation bit-width, with its weights
-    at the highest enabled weight bit-width. Bit-widths enabled later start from the next higher one instead (see
-    `ProgressiveBitsSchedule.initialize_new_bits`).
-
-    Args:
-        model (`SamSupernetForMaskGeneration`): the unwrapped supernet; its active subnet is restored afterwards.
-        batch (`dict[str, torch.Tensor]`): a batch from `mpsupernet.data.collate_fn`, on the model's device. In a
-            distributed run every process must call this (the statistics are averaged across processes).
-        schedule (`ProgressiveBitsSchedule`): gives the bit-widths enabled at the start.
-    """
-    check_training_batch(batch)
-    inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
-    weight_bits = schedule.weight_bit_choices(0.0)[0]
-    previous, was_training = model.active_subnet, model.training
-    model.eval()
-    try:
-        for activation_bits in schedule.activation_bit_choices(0.0):
-            model.set_subnet(model.search_space.largest(weight_bits, activation_bits))
-            model(**inputs)
-    finally:
-        model.set_subnet(previous)
-        model.train(was_training)
-
-
 def check_distributed_support(
     accelerator: Accelerator, model: SamSupernetForMaskGeneration, schedule: ProgressiveBitsSchedule
 ) -> None:
@@ -315,17 +336,18 @@ def _defer_gradient_sync(accelerator: Accelerator, model: nn.Module):
     """Backward passes inside accumulate gradients locally; the next one outside synchronises everything.
 
     DDP (and FSDP) skip their all-reduce under `no_sync`. DeepSpeed's engine instead steps its optimizer after every
-    backward that accelerate marks as a sync point, so the sync flag is lowered as well.
+    backward that accelerate marks as a sync point, so the sync flag is lowered as well. Only entered when the caller
+    would synchronise (`accelerator.sync_gradients`): otherwise the caller's own `no_sync` already covers every
+    backward, and FSDP2's `no_sync` would switch synchronisation back on when it exits.
     """
     gradient_state = accelerator.gradient_state
-    was_syncing = gradient_state.sync_gradients
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         gradient_state._set_sync_gradients(False)
     try:
         with accelerator.no_sync(model):
             yield
     finally:
-        gradient_state._set_sync_gradients(was_syncing)
+        gradient_state._set_sync_gradients(True)
 
 
 def supernet_training_step(
@@ -344,16 +366,17 @@ def supernet_training_step(
     """Trains the sandwich on one batch: forward and backward of every subnet, gradients accumulated.
 
     For each subnet in order: activate it, run the batch, compute SAM's loss (focal + dice + IoU MSE) against
-    `ground_truth_masks` and, for every subnet but the largest, add `distillation_weight` times the in-place
+    `ground_truth_masks` and, for every subnet but the teacher, add `distillation_weight` times the in-place
     distillation loss towards the teacher's mask logits; then backpropagate `loss * loss_scale` at once.
 
     Memory: each subnet is backpropagated right after its forward, so only one subnet's activations live at a time
     (summing the losses and calling backward once would hold all of them). With several backward passes per
     optimizer step, data-parallel gradients must be reduced once, not once per subnet: every backward but the last
     runs under `accelerator.no_sync`, and the last one reduces the gradients accumulated by all of them. When the
-    caller is itself inside `no_sync` (a micro-batch that is not the last of a gradient-accumulation cycle), nothing
-    is reduced at all, as it should be. DDP must be built with `find_unused_parameters=True`: subnets use different
-    adapters, heads and blocks, so the last backward does not reach every trained parameter.
+    caller does not synchronise this micro-batch (`accelerator.sync_gradients` is False: not the last micro-batch of
+    a gradient-accumulation cycle, already under the caller's `no_sync`), nothing is reduced at all. DDP must be
+    built with `find_unused_parameters=True`: subnets use different adapters, heads and blocks, so the last backward
+    does not reach every trained parameter.
 
     Args:
         model (`nn.Module`): the supernet as prepared by `accelerator` (possibly wrapped in DDP).
@@ -364,11 +387,12 @@ def supernet_training_step(
         loss_scale (`float`, *optional*, defaults to 1.0): multiplies every loss before backward (the Trainer divides
             by its gradient-accumulation steps here; accelerate's own loop lets `accelerator.backward` do it).
         distillation (`str`, *optional*, defaults to `"largest"`): the teacher of in-place distillation.
-            `"largest"`: the largest subnet's mask logits of this very step, detached (no extra cost).
-            `"full_precision"`: the supernet's full-precision subnet (float weights with the current adapters and
-            mask decoder), run once more without gradients. `None`: no distillation. A teacher with the adapters
-            switched off is not offered: the mask decoder trains too, so the base model no longer exists inside
-            the supernet once training has started.
+            `"largest"`: the largest subnet's mask logits of this very step, detached (no extra cost); the other
+            subnets learn from it. `"full_precision"`: the supernet's full-precision subnet (float weights with the
+            current adapters and mask decoder), run once more without gradients; every subnet, the largest
+            included, learns from it. `None`: no distillation. A teacher with the adapters switched off is not
+            offered: the mask decoder trains too, so the base model no longer exists inside the supernet once
+            training has started.
         distillation_kind (`str`, *optional*, defaults to `"kl"`): `"kl"` or `"mse"`, see
             `mpsupernet.training.mask_distillation_loss`.
         distillation_weight (`float`, *optional*, defaults to 1.0): weight of the distillation loss.
@@ -402,8 +426,8 @@ def supernet_training_step(
     names = list(archs)
     for position, name in enumerate(names):
         supernet.set_subnet(archs[name])
-        is_last = position == len(names) - 1
-        with contextlib.nullcontext() if is_last else _defer_gradient_sync(accelerator, model):
+        defer_sync = accelerator.sync_gradients and position < len(names) - 1
+        with _defer_gradient_sync(accelerator, model) if defer_sync else contextlib.nullcontext():
             outputs = model(**inputs, multimask_output=multimask_output)
             pred_masks = outputs.pred_masks.float()
             loss = sam_loss(pred_masks, outputs.iou_scores.float(), targets).loss

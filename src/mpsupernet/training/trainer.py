@@ -12,12 +12,13 @@ from transformers.utils import logging
 from ..data.processing import collate_fn
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from .sampling import (
+    QUANTIZER_LR_SCALE,
     SandwichSampler,
     check_distillation,
     check_distributed_support,
     check_training_batch,
     evaluate_subnets,
-    initialize_quantizers,
+    is_quantizer_parameter,
     supernet_training_step,
 )
 
@@ -44,8 +45,8 @@ class SupernetTrainer(Trainer):
     `mpsupernet.data.collate_fn`. Two arguments are set for this model whatever was given:
     `remove_unused_columns=False` (the transform needs the raw columns and `ground_truth_masks` is no forward
     argument) and, unless set explicitly, `ddp_find_unused_parameters=True` (each subnet leaves some trained
-    parameters unused). Weight decay, if any, skips the quantizers' step sizes and offsets: decaying them would shrink
-    the quantization ranges.
+    parameters unused). Weight decay, if any, skips the quantizers' step sizes and offsets (decaying them would shrink
+    the quantization ranges), and these learn at a scaled learning rate.
 
     Args:
         model (`SamSupernetForMaskGeneration`): the supernet (its base weights are frozen; the optimizer gets only the
@@ -59,6 +60,8 @@ class SupernetTrainer(Trainer):
         distillation_kind (`str`, *optional*, defaults to `"kl"`): `"kl"` or `"mse"`.
         distillation_weight (`float`, *optional*, defaults to 1.0): weight of the distillation loss.
         multimask_output (`bool`, *optional*, defaults to `False`): train and evaluate with three masks per prompt.
+        quantizer_lr_scale (`float`, *optional*, defaults to `QUANTIZER_LR_SCALE`): the quantizers' step sizes and
+            offsets learn at `args.learning_rate` times this (see `quantizer_parameter_groups`).
         kwargs: every other `Trainer` argument (`train_dataset`, `eval_dataset`, `callbacks`, ...).
     """
 
@@ -74,6 +77,7 @@ class SupernetTrainer(Trainer):
         distillation_kind: str = "kl",
         distillation_weight: float = 1.0,
         multimask_output: bool = False,
+        quantizer_lr_scale: float = QUANTIZER_LR_SCALE,
         **kwargs,
     ):
         if not isinstance(model, SamSupernetForMaskGeneration):
@@ -82,6 +86,8 @@ class SupernetTrainer(Trainer):
                 "`SamSupernetForMaskGeneration.from_sam(...)` or `.from_pretrained(...)`."
             )
         check_distillation(distillation, distillation_kind)
+        if not quantizer_lr_scale >= 0:
+            raise ValueError(f"`quantizer_lr_scale` must be non-negative, got {quantizer_lr_scale!r}.")
         args = args if args is not None else TrainingArguments(output_dir="trainer_output")
         if args.remove_unused_columns:
             logger.info(
@@ -100,24 +106,25 @@ class SupernetTrainer(Trainer):
         self.distillation_kind = distillation_kind
         self.distillation_weight = distillation_weight
         self.multimask_output = multimask_output
+        self.quantizer_lr_scale = quantizer_lr_scale
         self._subnet_loss_sums: dict[str, torch.Tensor] = {}
         self._subnet_loss_batches = 0
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
-        """`Trainer.train`, after initialising the activation quantizers on the first training examples.
+        """`Trainer.train`, after calibrating the activation quantizers on the first training examples.
 
-        The initialisation (see `initialize_quantizers`) runs before the model is wrapped for distributed training,
-        on `per_device_train_batch_size` examples per process; a resumed run takes the step sizes from its checkpoint
-        instead. Under FSDP or DeepSpeed, a progressive schedule that would hand step sizes over during training is
-        refused (see `check_distributed_support`).
+        The calibration (see `ProgressiveBitsSchedule.calibrate_start_bits`) runs before the model is wrapped for
+        distributed training, on `per_device_train_batch_size` examples per process; a resumed run takes the step
+        sizes from its checkpoint instead. Under FSDP or DeepSpeed, a progressive schedule that would hand step sizes
+        over during training is refused (see `check_distributed_support`).
         """
         supernet = self.accelerator.unwrap_model(self.model)
         if not resume_from_checkpoint and self.train_dataset is not None:
-            self._initialize_quantizers(supernet)
+            self._calibrate_quantizers(supernet)
         check_distributed_support(self.accelerator, supernet, self.sampler.schedule)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
-    def _initialize_quantizers(self, supernet: SamSupernetForMaskGeneration) -> None:
+    def _calibrate_quantizers(self, supernet: SamSupernetForMaskGeneration) -> None:
         dataset = self.train_dataset
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             logger.info("The training dataset cannot be indexed: quantizers initialise on their first training batch.")
@@ -126,14 +133,31 @@ class SupernetTrainer(Trainer):
         size = self.args.per_device_train_batch_size
         first = self.args.process_index * size
         batch = self.data_collator([dataset[index % len(dataset)] for index in range(first, first + size)])
-        device = next(supernet.parameters()).device
-        initialize_quantizers(
-            supernet, {name: value.to(device) for name, value in batch.items()}, self.sampler.schedule
-        )
+        pixel_values = batch["pixel_values"].to(next(supernet.parameters()).device)
+        self.sampler.schedule.calibrate_start_bits(supernet, pixel_values)
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The parent's choice (no biases, no norms) without the quantizers' step sizes and offsets."""
-        return [name for name in super().get_decay_parameter_names(model) if "quantizer." not in name]
+        return [name for name in super().get_decay_parameter_names(model) if not is_quantizer_parameter(name)]
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """`Trainer.create_optimizer`, with the quantizers' parameters in their own groups at `learning_rate *
+        quantizer_lr_scale` (see `quantizer_parameter_groups`). An optimizer given to the trainer is left as it is."""
+        if self.optimizer is not None:
+            return self.optimizer
+        optimizer = super().create_optimizer(model)
+        model = model if model is not None else self.model
+        quantizer_ids = {id(p) for name, p in model.named_parameters() if is_quantizer_parameter(name)}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in quantizer_ids]
+            if not moved:
+                continue
+            group["params"] = [p for p in group["params"] if id(p) not in quantizer_ids]
+            if not group["params"]:
+                optimizer.param_groups.remove(group)
+            settings = {key: value for key, value in group.items() if key != "params"}
+            optimizer.add_param_group({**settings, "params": moved, "lr": group["lr"] * self.quantizer_lr_scale})
+        return optimizer
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None = None

@@ -1,0 +1,458 @@
+"""Supernet training: the sandwich sampler, the progressive schedule, the Trainer and the Accelerate loop."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from transformers import TrainingArguments
+
+from conftest import make_tiny_sam
+from mpsupernet import SamSupernetConfig, SamSupernetForMaskGeneration
+from mpsupernet.data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset
+from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.quantization import LsqQuantizer
+from mpsupernet.training import (
+    QUANTIZER_LR_SCALE,
+    ProgressiveBitsSchedule,
+    SandwichSampler,
+    SupernetTrainer,
+    check_distributed_support,
+    check_training_batch,
+    sam_loss,
+    supernet_training_step,
+    train_supernet,
+)
+from mpsupernet.training import loop as training_loop
+
+
+SCHEDULE = [[0.0, [8, 6, 4]], [0.25, [3]], [0.5, [2]]]
+
+
+@pytest.fixture(scope="module")
+def pretrained_sam():
+    """The embedded pretrained SAM when the package ships it, a tiny random one otherwise: the tests that training
+    lowers the loss run on it. The mechanics (resuming, accumulation, the sandwich) run on the tiny one."""
+    try:
+        return load_embedded_sam()
+    except FileNotFoundError:
+        return make_tiny_sam()
+
+
+@pytest.fixture(scope="module")
+def sam():
+    return make_tiny_sam()
+
+
+def make_supernet(sam, **overrides):
+    torch.manual_seed(0)
+    return SamSupernetForMaskGeneration.from_sam(copy.deepcopy(sam), **overrides)
+
+
+@pytest.fixture(scope="module")
+def train_data():
+    return make_synthetic_segmentation_dataset(6, image_size=64, seed=3)
+
+
+def make_preprocessor(model):
+    return SamSegmentationPreprocessor(model.config, prompts_per_image=2, seed=0)
+
+
+def fixed_batch(model, dataset):
+    preprocessor = make_preprocessor(model)
+    processed = dataset.with_transform(preprocessor)
+    return collate_fn([processed[i] for i in range(4)])
+
+
+@torch.no_grad()
+def subnet_losses(model, batch):
+    """SAM loss of the largest and smallest subnets on one batch."""
+    model.eval()
+    losses = {}
+    for name, arch in (("largest", model.largest_subnet()), ("smallest", model.smallest_subnet())):
+        model.set_subnet(arch)
+        outputs = model(pixel_values=batch["pixel_values"], input_boxes=batch["input_boxes"], multimask_output=False)
+        losses[name] = sam_loss(outputs.pred_masks, outputs.iou_scores, batch["ground_truth_masks"]).loss.item()
+    return losses
+
+
+def kept_bits(arch, sampler):
+    """The weight and activation bit-widths of the blocks a subnet keeps (skipped blocks carry placeholders)."""
+    kept = [block in arch.kept_blocks for block in sampler.search_space.layer_blocks]
+    weight = {bits for bits, keep in zip(arch.weight_bits, kept) if keep}
+    activation = {bits for bits, keep in zip(arch.activation_bits, kept) if keep}
+    return weight, activation
+
+
+def trainable_state(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+# --- sampling and the progressive schedule ---------------------------------------------------------------------------
+def test_progressive_schedule_enables_bits_over_training():
+    config = SamSupernetConfig(progressive_bits_schedule=SCHEDULE)
+    schedule = ProgressiveBitsSchedule(config)
+    assert schedule.enabled_bits(0.0) == (8, 6, 4)
+    assert schedule.enabled_bits(0.2) == (8, 6, 4)
+    assert schedule.enabled_bits(0.25) == (8, 6, 4, 3)
+    assert schedule.enabled_bits(1.0) == (8, 6, 4, 3, 2)
+    assert schedule.weight_bit_choices(0.3) == (8, 6, 4, 3)
+    assert schedule.activation_bit_choices(0.3) == (8, 6, 4)  # 3 bits is no activation choice
+    with pytest.raises(ValueError, match="fraction must be in"):
+        schedule.enabled_bits(1.5)
+
+
+def test_sandwich_sampler_is_deterministic_and_follows_the_schedule():
+    config = SamSupernetConfig(progressive_bits_schedule=SCHEDULE)
+    sampler = SandwichSampler(config, num_random_subnets=2, seed=7)
+    first = sampler.sample(5, 0.1)
+    assert list(first) == ["largest", "smallest", "random_0", "random_1"]
+    # A fresh sampler (a resumed run, another rank) draws the same subnets; other steps and seeds draw others.
+    assert SandwichSampler(config, num_random_subnets=2, seed=7).sample(5, 0.1) == first
+    assert sampler.sample(6, 0.1) != first
+    assert SandwichSampler(config, num_random_subnets=2, seed=8).sample(5, 0.1) != first
+
+    assert kept_bits(first["largest"], sampler) == ({8}, {8})
+    assert kept_bits(first["smallest"], sampler) == ({4}, {4})  # 3 and 2 bits are not enabled yet
+    for step in range(20):
+        for arch in list(sampler.sample(step, 0.1).values())[2:]:
+            weight, activation = kept_bits(arch, sampler)
+            assert weight <= {8, 6, 4} and activation <= {8, 6, 4}
+    late = sampler.sample(5, 0.9)
+    assert kept_bits(late["smallest"], sampler) == ({2}, {4})
+    assert late["smallest"].resolution == min(config.resolution_choices)
+
+
+def test_newly_enabled_bits_start_from_the_next_higher_step_sizes(sam):
+    model = make_supernet(
+        sam, activation_bit_choices=[3, 4, 6, 8], progressive_bits_schedule=[[0.0, [8, 6, 4]], [0.5, [3]]]
+    )
+    quantizers = [m for m in model.modules() if isinstance(m, LsqQuantizer)]
+    activation_quantizers = [q for q in quantizers if q.step_size.shape[1] == 1]
+    with torch.no_grad():
+        for number, quantizer in enumerate(activation_quantizers):
+            quantizer.step_size[quantizer.bit_index(4)] = 0.1 + number
+            if quantizer.offset is not None:
+                quantizer.offset[quantizer.bit_index(4)] = -0.5 - number
+            quantizer.initialized[quantizer.bit_index(4)] = True
+    weight_quantizer = model.sam.vision_encoder.layers[0].mlp.lin1.weight_quantizer
+    weight_quantizer.initialized[weight_quantizer.bit_index(3)] = False
+    weight_steps_before = {id(q): q.step_size.detach().clone() for q in quantizers}
+
+    schedule = ProgressiveBitsSchedule(model.config)
+    assert schedule.initialize_new_bits(model, 0.4) == 0
+    assert not any(bool(q.initialized[q.bit_index(3)]) for q in activation_quantizers)
+
+    assert schedule.initialize_new_bits(model, 0.5) == len(activation_quantizers) + 1
+    for quantizer in activation_quantizers + [weight_quantizer]:
+        three, four = quantizer.bit_index(3), quantizer.bit_index(4)
+        assert bool(quantizer.initialized[three])
+        torch.testing.assert_close(quantizer.step_size[three], quantizer.step_size[four], rtol=0, atol=0)
+        if quantizer.offset is not None:
+            torch.testing.assert_close(quantizer.offset[three], quantizer.offset[four], rtol=0, atol=0)
+    # Weight quantizers initialised from their weights at conversion keep their own 3-bit steps.
+    other = model.sam.vision_encoder.layers[1].attn.qkv.weight_quantizer
+    torch.testing.assert_close(other.step_size, weight_steps_before[id(other)], rtol=0, atol=0)
+
+    # Exactly once: a later call, or a fresh schedule after resuming, copies nothing more.
+    with torch.no_grad():
+        activation_quantizers[0].step_size[activation_quantizers[0].bit_index(4)] = 5.0
+    assert schedule.initialize_new_bits(model, 0.9) == 0
+    assert ProgressiveBitsSchedule(model.config).initialize_new_bits(model, 0.9) == 0
+    assert activation_quantizers[0].step_size[activation_quantizers[0].bit_index(3), 0].item() == pytest.approx(0.1)
+
+
+def test_start_bits_calibrate_before_training_and_fsdp_refuses_late_copies(sam, train_data):
+    model = make_supernet(
+        sam, activation_bit_choices=[3, 4, 6, 8], progressive_bits_schedule=[[0.0, [8, 6, 4]], [0.5, [3]]]
+    )
+    schedule = ProgressiveBitsSchedule(model.config)
+    activation_quantizers = [m for m in model.modules() if isinstance(m, LsqQuantizer) and m.step_size.shape[1] == 1]
+    assert schedule.pending_copies(model) == len(activation_quantizers)
+    schedule.calibrate_start_bits(model, fixed_batch(model, train_data)["pixel_values"])
+    for quantizer in activation_quantizers:
+        assert [bool(quantizer.initialized[quantizer.bit_index(b)]) for b in (8, 6, 4, 3)] == [True, True, True, False]
+    assert model.active_subnet == model.full_precision_subnet()
+
+    check_distributed_support(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), model, schedule)
+    with pytest.raises(ValueError, match="cannot take"):
+        check_distributed_support(SimpleNamespace(distributed_type=DistributedType.FSDP), model, schedule)
+    schedule.initialize_new_bits(model, 0.5)
+    assert schedule.pending_copies(model) == 0
+    check_distributed_support(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED), model, schedule)
+
+
+@pytest.mark.parametrize(
+    "distillation, multimask_output", [("largest", False), ("full_precision", True), (None, False)]
+)
+def test_sandwich_step_backpropagates_every_subnet_into_trainable_parameters(
+    sam, train_data, distillation, multimask_output
+):
+    model = make_supernet(sam).train()
+    archs = SandwichSampler(model.config, num_random_subnets=1, seed=0).sample(0, 0.0)
+    output = supernet_training_step(
+        model,
+        fixed_batch(model, train_data),
+        archs,
+        accelerator=Accelerator(cpu=True),
+        distillation=distillation,
+        multimask_output=multimask_output,
+    )
+    assert list(output.losses) == ["largest", "smallest", "random_0"]
+    students = {None: [], "largest": ["smallest", "random_0"], "full_precision": ["largest", "smallest", "random_0"]}
+    assert list(output.distillation_losses) == students[distillation]
+    assert torch.isfinite(output.total) and output.total > 0
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            assert parameter.grad is None, name
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("sam.mask_decoder."))
+    with pytest.raises(ValueError, match="first subnet must be named 'largest'"):
+        supernet_training_step(
+            model, fixed_batch(model, train_data), dict(reversed(archs.items())), accelerator=Accelerator(cpu=True)
+        )
+    with pytest.raises(ValueError, match="Unknown distillation teacher 'base'"):
+        supernet_training_step(model, {}, archs, accelerator=Accelerator(cpu=True), distillation="base")
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+def test_bad_configurations_are_named(sam):
+    with pytest.raises(ValueError, match="`lora_mode` is 'dual'"):
+        make_supernet(sam, lora_mode="dual")
+    with pytest.raises(ValueError, match="must start at fraction 0.0"):
+        SamSupernetConfig(progressive_bits_schedule=[[0.5, [8]]])
+    with pytest.raises(ValueError, match="not of the form"):
+        SamSupernetConfig(progressive_bits_schedule=[[0.0, 8]])
+    config = SamSupernetConfig(progressive_bits_schedule=[[0.0, [2, 3]], [0.5, [8, 6, 4]]])
+    with pytest.raises(ValueError, match="no activation bit-width"):
+        SandwichSampler(config)
+    config = SamSupernetConfig()
+    config.progressive_bits_schedule = [[0.0, [8]], [0.0, [4]]]  # edited after the config checked it
+    with pytest.raises(ValueError, match="larger than the one before"):
+        ProgressiveBitsSchedule(config)
+    with pytest.raises(ValueError, match="num_random_subnets"):
+        SandwichSampler(SamSupernetConfig(), num_random_subnets=-1)
+
+
+def test_bad_datasets_and_batches_are_named(sam, train_data, tmp_path):
+    model = make_supernet(sam)
+    common = dict(output_dir=tmp_path, max_steps=1, learning_rate=1e-3, batch_size=2)
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['masks'\]"):
+        train_supernet(model, train_data.remove_columns("masks"), **common)
+    with pytest.raises(ValueError, match="already has a transform"):
+        train_supernet(model, train_data.with_transform(make_preprocessor(model)), **common)
+    with pytest.raises(ValueError, match="`max_steps` must be a positive integer"):
+        train_supernet(model, train_data, **{**common, "max_steps": 0})
+    with pytest.raises(ValueError, match="not a checkpoint of train_supernet"):
+        train_supernet(model, train_data, **common, resume_from_checkpoint=tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="SamSupernetForMaskGeneration"):
+        SupernetTrainer(model=make_tiny_sam(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    batch = fixed_batch(model, train_data)
+    with pytest.raises(ValueError, match=r"lacks \['ground_truth_masks'\]"):
+        check_training_batch({k: v for k, v in batch.items() if k != "ground_truth_masks"})
+    with pytest.raises(ValueError, match="input_boxes or input_points"):
+        check_training_batch({k: v for k, v in batch.items() if k != "input_boxes"})
+
+
+# --- the Trainer --------------------------------------------------------------------------------------------------
+def trainer_arguments(output_dir, **overrides):
+    arguments = dict(
+        output_dir=str(output_dir),
+        max_steps=5,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
+        learning_rate=3e-4,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    arguments.update(overrides)
+    return TrainingArguments(**arguments)
+
+
+def test_trainer_lowers_the_loss_and_trains_only_the_supernet_parameters(pretrained_sam, train_data, tmp_path):
+    model = make_supernet(pretrained_sam)
+    batch = fixed_batch(model, train_data)
+    before_losses = subnet_losses(model, batch)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = SupernetTrainer(
+        model=model,
+        args=trainer_arguments(tmp_path),
+        train_dataset=train_data.with_transform(make_preprocessor(model)),
+        eval_dataset=train_data.select(range(4)).with_transform(make_preprocessor(model)),
+    )
+    trainer.train()
+    after_losses = subnet_losses(model, batch)
+    assert after_losses["largest"] < before_losses["largest"]
+    assert after_losses["smallest"] < before_losses["smallest"]
+
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert {"loss/largest", "loss/smallest", "loss/random_0", "loss/random_1"} <= set(logged[0])
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_mean_iou_largest"] <= 1.0 and 0.0 <= metrics["eval_mean_iou_smallest"] <= 1.0
+
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    for name in before:
+        trainable = "lora_" in name or "quantizer." in name or name.startswith("sam.mask_decoder.")
+        if not trainable:
+            assert name not in changed, f"frozen base weight {name} changed"
+    assert any("lora_B" in name for name in changed)
+    assert any("weight_quantizer.step_size" in name for name in changed)
+    assert any("input_quantizer" in name for name in changed)
+    assert any(name.startswith("sam.mask_decoder.") for name in changed)
+    assert not any("quantizer." in name for name in trainer.get_decay_parameter_names(model))
+    # The quantizers learn in their own groups, at a scaled learning rate; every trainable parameter is optimized.
+    quantizer_ids = {id(p) for name, p in model.named_parameters() if "quantizer." in name}
+    optimized = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert sorted(map(id, optimized)) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    for group in trainer.optimizer.param_groups:
+        in_group = {id(p) for p in group["params"]}
+        expected = 3e-4 * QUANTIZER_LR_SCALE if in_group <= quantizer_ids else 3e-4
+        assert not (in_group & quantizer_ids) or in_group <= quantizer_ids
+        assert group["initial_lr"] == pytest.approx(expected)
+
+
+def test_trainer_resumes_from_its_checkpoint(sam, train_data, tmp_path):
+    def run(output_dir, resume=None):
+        model = make_supernet(sam)
+        trainer = SupernetTrainer(
+            model=model,
+            args=trainer_arguments(output_dir, max_steps=2, save_strategy="steps", save_steps=1, logging_steps=2),
+            num_random_subnets=1,
+            train_dataset=train_data.with_transform(make_preprocessor(model)),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainable_state(model)
+
+    uninterrupted = run(tmp_path / "full")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-1"))
+    torch.testing.assert_close(resumed, uninterrupted, rtol=1e-5, atol=1e-6)
+
+
+# --- the Accelerate loop ------------------------------------------------------------------------------------------
+def test_accelerate_loop_lowers_the_loss_and_saves_the_supernet(pretrained_sam, train_data, tmp_path):
+    model = make_supernet(pretrained_sam)
+    batch = fixed_batch(model, train_data)
+    before_losses = subnet_losses(model, batch)
+    summary = train_supernet(
+        model,
+        train_data,
+        train_data.select(range(2)),
+        output_dir=tmp_path,
+        max_steps=5,
+        learning_rate=3e-4,
+        batch_size=2,
+        num_random_subnets=1,
+        log_steps=3,
+        preprocessor=make_preprocessor(model),
+    )
+    after_losses = subnet_losses(model, batch)
+    assert after_losses["largest"] < before_losses["largest"]
+    assert after_losses["smallest"] < before_losses["smallest"]
+    assert summary["steps"] == 5 and [entry["step"] for entry in summary["log_history"]] == [3, 5]
+    assert set(summary["final_losses"]) == {"largest", "smallest", "random_0"}
+    assert set(summary["mean_iou_after"]) == {"largest", "smallest"}
+
+    reloaded = SamSupernetForMaskGeneration.from_pretrained(tmp_path)
+    torch.testing.assert_close(trainable_state(reloaded), trainable_state(model), rtol=0, atol=0)
+
+
+def test_accelerate_loop_resumes_with_the_same_subnets_and_parameters(sam, train_data, tmp_path, monkeypatch):
+    drawn = []
+    sample = training_loop.SandwichSampler.sample
+
+    def recording_sample(self, step, fraction):
+        archs = sample(self, step, fraction)
+        drawn.append((step, archs))
+        return archs
+
+    monkeypatch.setattr(training_loop.SandwichSampler, "sample", recording_sample)
+    # 6 examples in batches of 2 (3 per epoch), 2 micro-batches per step: the resumed step skips 2 batches of the
+    # first epoch and crosses into the second.
+    common = dict(
+        max_steps=2, learning_rate=3e-3, batch_size=2, num_random_subnets=1, gradient_accumulation_steps=2, save_steps=1
+    )
+    model = make_supernet(sam)
+    train_supernet(model, train_data, output_dir=tmp_path / "full", preprocessor=make_preprocessor(model), **common)
+    uninterrupted, uninterrupted_draws = trainable_state(model), dict(drawn)
+
+    drawn.clear()
+    model = make_supernet(sam)
+    summary = train_supernet(
+        model,
+        train_data,
+        output_dir=tmp_path / "resumed",
+        preprocessor=make_preprocessor(model),
+        resume_from_checkpoint=tmp_path / "full" / "checkpoint-1",
+        **common,
+    )
+    assert summary["resumed_from_step"] == 1 and summary["steps"] == 2
+    assert dict(drawn) == {1: uninterrupted_draws[1]}
+    torch.testing.assert_close(trainable_state(model), uninterrupted, rtol=1e-5, atol=1e-6)
+
+
+def calibrated_supernet(sam, train_data):
+    """A supernet whose quantizers are initialised on a fixed batch, so that runs with other batch sizes compare."""
+    model = make_supernet(sam)
+    sampler = SandwichSampler(model.config)
+    sampler.schedule.calibrate_start_bits(model, fixed_batch(model, train_data)["pixel_values"])
+    return model
+
+
+PER_TENSOR_QUANTIZERS = ("input_quantizer", "query_quantizer", "key_quantizer", "value_quantizer", "probs_quantizer")
+
+
+def batch_size_free(state):
+    """Leaves out the activation quantizers' step sizes, whose LSQ gradient scale `1 / sqrt(N * q_max)` counts the
+    elements `N` of the whole micro-batch: their gradient changes with the micro-batch size, by design of LSQ."""
+    return {
+        name: value
+        for name, value in state.items()
+        if not (name.endswith("step_size") and any(kind in name for kind in PER_TENSOR_QUANTIZERS))
+    }
+
+
+def sgd(parameters, lr, weight_decay=0.0):
+    """Plain SGD in place of AdamW: Adam's step is nearly scale-free, so it would hide a wrongly scaled gradient."""
+    return torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay)
+
+
+def test_gradient_accumulation_and_checkpointing_leave_the_gradient_unchanged(sam, train_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(training_loop.torch.optim, "AdamW", sgd)
+
+    def run(name, batch_size, accumulation, checkpointing=False):
+        model = calibrated_supernet(sam, train_data)
+        train_supernet(
+            model, train_data, output_dir=tmp_path / name, max_steps=1, learning_rate=1.0, batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing, num_random_subnets=1,
+            preprocessor=make_preprocessor(model), max_grad_norm=None,
+        )  # fmt: skip
+        return trainable_state(model)
+
+    one_batch = run("one_batch", batch_size=2, accumulation=1)
+    torch.testing.assert_close(run("checkpointed", 2, 1, checkpointing=True), one_batch, rtol=1e-4, atol=1e-6)
+    accumulated = run("accumulated", batch_size=1, accumulation=2)
+    torch.testing.assert_close(batch_size_free(accumulated), batch_size_free(one_batch), rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_gradient_accumulation_leaves_the_gradient_unchanged(sam, train_data, tmp_path):
+    def run(name, batch_size, accumulation):
+        model = calibrated_supernet(sam, train_data)
+        arguments = trainer_arguments(
+            tmp_path / name, max_steps=1, learning_rate=1.0, max_grad_norm=0.0,
+            per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        )  # fmt: skip
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        trainer = SupernetTrainer(
+            model=model, args=arguments, num_random_subnets=1, optimizers=(sgd(trainable, lr=1.0), None),
+            train_dataset=train_data.with_transform(make_preprocessor(model)),
+        )  # fmt: skip
+        trainer.train()
+        return trainable_state(model)
+
+    accumulated, one_batch = run("accumulated", 1, 2), run("one_batch", 2, 1)
+    torch.testing.assert_close(batch_size_free(accumulated), batch_size_free(one_batch), rtol=1e-4, atol=1e-6)
