@@ -11,7 +11,6 @@ import datetime
 import json
 import os
 import platform
-import random
 import resource
 import time
 from pathlib import Path
@@ -23,11 +22,13 @@ from transformers import SamModel
 from mpsupernet import SamSupernetForMaskGeneration, SubnetArchitecture
 from mpsupernet.data import low_res_mask_size
 from mpsupernet.testing_utils import make_sam_config, make_vit_b_sam_config
-from mpsupernet.training.losses import sam_loss
+from mpsupernet.training import SandwichSampler, sam_loss
 
 MIB = 2**20
 RANDOM_SUBNETS_PER_STEP = 2
 """The sandwich rule of supernet training: the largest subnet, the smallest, and this many random ones per step."""
+TRAINING_FRACTION = 1.0
+"""Where in training the subnets are drawn: at the end, every bit-width of the progressive schedule is enabled."""
 
 
 # --- command line ----------------------------------------------------------------------------------------------------
@@ -124,10 +125,13 @@ def make_inputs(config, batch_size: int, prompts: int, device: torch.device, see
 
 
 def sandwich_subnets(model: SamSupernetForMaskGeneration, step: int, seed: int) -> list[SubnetArchitecture]:
-    """The subnets of one sandwich-rule step; the same `step` and `seed` give the same subnets in every process."""
-    rng = random.Random(seed * 1_000_003 + step)
-    random_subnets = [model.sample_subnet(rng) for _ in range(RANDOM_SUBNETS_PER_STEP)]
-    return [model.largest_subnet(), model.smallest_subnet(), *random_subnets]
+    """The subnets supernet training trains at `step`: largest, smallest, then the random ones.
+
+    They are drawn by training's own `SandwichSampler`, so the same `step` and `seed` give the same subnets in every
+    process, and the benchmark trains what training trains.
+    """
+    sampler = SandwichSampler(model.config, num_random_subnets=RANDOM_SUBNETS_PER_STEP, seed=seed)
+    return list(sampler.sample(step, TRAINING_FRACTION).values())
 
 
 def train_step(
