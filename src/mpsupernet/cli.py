@@ -1,0 +1,245 @@
+"""The `mpsupernet` command: convert, train, search, extract, push and the end-to-end demo.
+
+Heavy imports happen inside each command, so that `mpsupernet --help` answers at once.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DATASET_SCHEMAS = ("standard", "coco", "semantic")
+
+
+def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64, num_validation: int = 32, seed: int = 0):
+    """Train and validation splits in the standard schema (`image`, `masks`, `image_id`).
+
+    Args:
+        spec (`str`): `"synthetic"` (the built-in dataset), a folder written by `Dataset.save_to_disk` /
+            `DatasetDict.save_to_disk`, or a Hub dataset id for `datasets.load_dataset`.
+        schema (`str`): how the dataset stores masks: `"standard"` (image + list of masks), `"coco"` (objects with
+            polygon/RLE segmentations) or `"semantic"` (an ADE20K-style label map).
+        num_train, num_validation (`int`): sizes of the synthetic splits, or of the split made when a dataset has
+            no validation split.
+        seed (`int`): seed of the synthetic data and of the split.
+    """
+    import datasets
+
+    from .data import (
+        from_coco_annotations,
+        from_instance_mask_columns,
+        from_semantic_maps,
+        make_synthetic_segmentation_dataset_dict,
+    )
+
+    if schema not in DATASET_SCHEMAS:
+        raise ValueError(f"Unknown dataset schema {schema!r}; allowed: {list(DATASET_SCHEMAS)}.")
+    if spec == "synthetic":
+        splits = make_synthetic_segmentation_dataset_dict(num_train, num_validation, seed=seed)
+        return splits["train"], splits["validation"]
+    loaded = datasets.load_from_disk(spec) if Path(spec).exists() else datasets.load_dataset(spec)
+    converter = {"standard": from_instance_mask_columns, "coco": from_coco_annotations, "semantic": from_semantic_maps}
+    loaded = converter[schema](loaded)
+    if isinstance(loaded, datasets.Dataset):
+        split = loaded.train_test_split(test_size=min(num_validation, len(loaded) // 2), seed=seed)
+        return split["train"], split["test"]
+    validation = next((loaded[name] for name in ("validation", "val", "test") if name in loaded), None)
+    if "train" not in loaded or validation is None:
+        raise ValueError(f"Dataset {spec!r} has splits {list(loaded)}; it needs 'train' and 'validation' (or 'test').")
+    return loaded["train"], validation
+
+
+def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="synthetic", help="'synthetic', a save_to_disk folder, or a Hub id")
+    parser.add_argument("--schema", default="standard", choices=DATASET_SCHEMAS, help="how the dataset stores masks")
+    parser.add_argument("--num-train", type=int, default=64, help="training images of the synthetic dataset")
+    parser.add_argument("--num-validation", type=int, default=32, help="validation images")
+
+
+def cmd_convert(args) -> None:
+    from .modeling_sam_supernet import SamSupernetForMaskGeneration
+    from .pretrained import load_embedded_sam
+
+    overrides = {"lora_mode": args.lora_mode, "lora_rank": args.lora_rank}
+    sam = load_embedded_sam() if args.sam == "embedded" else args.sam
+    supernet = SamSupernetForMaskGeneration.from_sam(sam, **overrides)
+    supernet.save_pretrained(args.output_dir)
+    print(f"Supernet saved to {args.output_dir}")
+
+
+def _load_supernet(path: str):
+    from .modeling_sam_supernet import SamSupernetForMaskGeneration
+    from .pretrained import load_embedded_sam
+
+    if path == "embedded":
+        return SamSupernetForMaskGeneration.from_sam(load_embedded_sam())
+    return SamSupernetForMaskGeneration.from_pretrained(path)
+
+
+def cmd_train(args) -> None:
+    from .training.loop import train_supernet
+
+    train, validation = load_dataset_splits(args.dataset, args.schema, args.num_train, args.num_validation, args.seed)
+    summary = train_supernet(
+        _load_supernet(args.supernet),
+        train,
+        validation,
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        num_random_subnets=args.num_random_subnets,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+        resume_from_checkpoint=args.resume_from_checkpoint,
+        save_steps=args.save_steps,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def cmd_search(args) -> None:
+    from .search import run_search
+
+    _, validation = load_dataset_splits(args.dataset, args.schema, args.num_train, args.num_validation, args.seed)
+    front = run_search(
+        _load_supernet(args.supernet),
+        validation,
+        output_dir=args.output_dir,
+        population_size=args.population_size,
+        generations=args.generations,
+        max_bitops=args.max_bitops,
+        max_eval_batches=args.max_eval_batches,
+        seed=args.seed,
+    )
+    for row in front.to_table():
+        print(row)
+
+
+def cmd_extract(args) -> None:
+    from .hub import save_subnet_with_card
+    from .search import ParetoFront
+
+    supernet = _load_supernet(args.supernet)
+    front = ParetoFront.load(args.pareto_front) if args.pareto_front else None
+    subnet = supernet.extract_subnet(args.budget, pareto_front=front)
+    entry = front.best_under(subnet.config.bitops) if front else None
+    save_subnet_with_card(
+        subnet,
+        args.output_dir,
+        base_model=args.base_model,
+        dataset_name=args.dataset_name,
+        mean_iou=entry.mean_iou if entry else None,
+    )
+    print(json.dumps(subnet.bitops_report().summary(), indent=2))
+
+
+def cmd_push(args) -> None:
+    from .hub import push_tiers
+    from .modeling_sam_subnet import SamSubnetForMaskGeneration
+
+    tiers = {}
+    for item in args.tier:
+        name, _, folder = item.partition("=")
+        if not folder:
+            raise SystemExit(f"--tier {item!r}: expected NAME=FOLDER.")
+        tiers[name] = SamSubnetForMaskGeneration.from_pretrained(folder)
+    mean_ious = dict((k, float(v)) for k, _, v in (item.partition("=") for item in args.mean_iou))
+    url = push_tiers(
+        tiers, args.repo_id, base_model=args.base_model, dataset_name=args.dataset_name, mean_ious=mean_ious,
+        private=args.private,
+    )
+    print(url)
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(
+        output_dir=args.output_dir,
+        train_steps=args.train_steps,
+        population_size=args.population_size,
+        generations=args.generations,
+        seed=args.seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpsupernet", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="turn a SAM checkpoint into a supernet")
+    convert.add_argument("--sam", default="embedded", help="'embedded', a folder, or a Hub id like facebook/sam-vit-base")
+    convert.add_argument("--output-dir", required=True)
+    convert.add_argument("--lora-mode", default="multiplex", choices=("shared", "multiplex", "multipath"))
+    convert.add_argument("--lora-rank", type=int, default=8)
+    convert.set_defaults(func=cmd_convert)
+
+    train = commands.add_parser("train", help="train a supernet (use `accelerate launch -m mpsupernet.cli train` to scale)")
+    train.add_argument("--supernet", default="embedded", help="'embedded' or a saved supernet folder")
+    _add_dataset_arguments(train)
+    train.add_argument("--output-dir", required=True)
+    train.add_argument("--max-steps", type=int, default=200)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--num-random-subnets", type=int, default=2)
+    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    train.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--save-steps", type=int, default=None)
+    train.add_argument("--resume-from-checkpoint", default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_train)
+
+    search = commands.add_parser("search", help="evolutionary search of the Pareto front (BitOPs vs mIoU)")
+    search.add_argument("--supernet", required=True)
+    _add_dataset_arguments(search)
+    search.add_argument("--output-dir", required=True)
+    search.add_argument("--population-size", type=int, default=16)
+    search.add_argument("--generations", type=int, default=5)
+    search.add_argument("--max-bitops", default=None, help='a budget: "120G", "1.5T", "5%%" or a number')
+    search.add_argument("--max-eval-batches", type=int, default=None)
+    search.add_argument("--seed", type=int, default=0)
+    search.set_defaults(func=cmd_search)
+
+    extract = commands.add_parser("extract", help="extract the best subnet under a BitOPs budget")
+    extract.add_argument("--supernet", required=True)
+    extract.add_argument("--budget", required=True, help='"120G", "1.5T", "5%%" or a number of BitOPs')
+    extract.add_argument("--pareto-front", default=None, help="pareto_front.json written by `mpsupernet search`")
+    extract.add_argument("--output-dir", required=True)
+    extract.add_argument("--base-model", default="facebook/sam-vit-base")
+    extract.add_argument("--dataset-name", default="synthetic")
+    extract.set_defaults(func=cmd_extract)
+
+    push = commands.add_parser("push", help="publish extracted subnets as tiers of one Hub repository")
+    push.add_argument("--repo-id", required=True)
+    push.add_argument("--tier", action="append", required=True, help="NAME=FOLDER of an extracted subnet (repeat)")
+    push.add_argument("--mean-iou", action="append", default=[], help="NAME=VALUE (repeat)")
+    push.add_argument("--base-model", default="facebook/sam-vit-base")
+    push.add_argument("--dataset-name", default="synthetic")
+    push.add_argument("--private", action="store_true")
+    push.set_defaults(func=cmd_push)
+
+    demo = commands.add_parser("demo", help="the whole method end to end on the embedded default, offline")
+    demo.add_argument("--output-dir", default="outputs/demo")
+    demo.add_argument("--train-steps", type=int, default=100)
+    demo.add_argument("--population-size", type=int, default=10)
+    demo.add_argument("--generations", type=int, default=3)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as error:
+        print(f"mpsupernet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
