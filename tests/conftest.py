@@ -38,6 +38,19 @@ def make_tiny_sam(seed: int = 0, attn_implementation: str = "sdpa", **config_kwa
     return sam
 
 
+def run(model, inputs, **kwargs):
+    """A forward pass without autograd."""
+    with torch.no_grad():
+        return model(**inputs, **kwargs)
+
+
+def assert_same_output(reference, candidate, atol=1e-5):
+    """SAM outputs agree within `atol`, on outputs large enough for that tolerance to mean something."""
+    assert reference.pred_masks.abs().mean() > 0.05, "outputs too small for the tolerance to mean anything"
+    torch.testing.assert_close(candidate.pred_masks, reference.pred_masks, atol=atol, rtol=0)
+    torch.testing.assert_close(candidate.iou_scores, reference.iou_scores, atol=atol, rtol=0)
+
+
 @pytest.fixture
 def tiny_sam():
     return make_tiny_sam()

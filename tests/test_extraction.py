@@ -17,18 +17,7 @@ from mpsupernet.packing import pack_codes, packed_size, unpack_codes
 from mpsupernet.quantization import integer_range
 from mpsupernet.testing_utils import make_sam_config
 
-from conftest import make_tiny_sam
-
-
-def run(model, inputs, **kwargs):
-    with torch.no_grad():
-        return model(**inputs, **kwargs)
-
-
-def assert_same_output(reference, candidate, atol=1e-5):
-    assert reference.pred_masks.abs().mean() > 0.05, "outputs too small for the tolerance to mean anything"
-    torch.testing.assert_close(candidate.pred_masks, reference.pred_masks, atol=atol, rtol=0)
-    torch.testing.assert_close(candidate.iou_scores, reference.iou_scores, atol=atol, rtol=0)
+from conftest import assert_same_output, make_tiny_sam, run
 
 
 def prepare_supernet(sam: SamModel, **overrides) -> SamSupernetForMaskGeneration:
@@ -39,12 +28,7 @@ def prepare_supernet(sam: SamModel, **overrides) -> SamSupernetForMaskGeneration
         for name, parameter in supernet.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-        image = torch.randn(1, 3, 128, 128, generator=generator)
-        space = supernet.search_space
-        for bits in space.activation_bit_choices:
-            supernet.set_subnet(space.largest(weight_bits=8, activation_bits=bits))
-            supernet.get_image_embeddings(image)
-    supernet.set_subnet(space.full_precision())
+    supernet.calibrate_quantizers(torch.randn(1, 3, 128, 128, generator=generator), weight_bits=8)
     return supernet
 
 

@@ -7,16 +7,7 @@ from transformers import AutoModel, AutoModelForMaskGeneration, SamModel
 from mpsupernet import SamSupernetForMaskGeneration
 from mpsupernet.lora import QuantizedLoraLinear
 
-
-def run(model, inputs, **kwargs):
-    with torch.no_grad():
-        return model(**inputs, **kwargs)
-
-
-def assert_same_output(reference, candidate, atol=1e-5):
-    assert reference.pred_masks.abs().mean() > 0.05, "outputs too small for the tolerance to mean anything"
-    torch.testing.assert_close(candidate.pred_masks, reference.pred_masks, atol=atol, rtol=0)
-    torch.testing.assert_close(candidate.iou_scores, reference.iou_scores, atol=atol, rtol=0)
+from conftest import assert_same_output, run
 
 
 @pytest.mark.parametrize("multimask_output", [True, False])
