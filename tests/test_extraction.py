@@ -380,3 +380,16 @@ def test_subnet_config_rejects_an_architecture_that_does_not_fit(supernet, chang
             **{key: sam_config[key] for key in ("vision_config", "prompt_encoder_config", "mask_decoder_config")},
             architecture=architecture,
         )
+
+
+def test_extraction_and_forward_under_inference_mode(supernet, prompt_inputs):
+    """Weights made under `torch.inference_mode` carry no version counter; the weight caches must cope."""
+    arch = supernet.sample_subnet(seed=4)
+    supernet.set_subnet(arch)
+    expected = run(supernet, prompt_inputs)
+    with torch.inference_mode():
+        for _ in range(2):
+            assert torch.equal(supernet(**prompt_inputs).pred_masks, expected.pred_masks)
+        subnet = extract_subnet(supernet, arch)
+        for _ in range(2):
+            assert torch.equal(subnet(**prompt_inputs).pred_masks, expected.pred_masks)

@@ -223,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the whole method end to end on the embedded default, offline")
     demo.add_argument("--output-dir", default="outputs/demo")
-    demo.add_argument("--train-steps", type=int, default=100)
-    demo.add_argument("--population-size", type=int, default=10)
-    demo.add_argument("--generations", type=int, default=3)
+    demo.add_argument("--train-steps", type=int, default=600)
+    demo.add_argument("--population-size", type=int, default=16)
+    demo.add_argument("--generations", type=int, default=6)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
     return parser

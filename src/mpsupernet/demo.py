@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
+from .bitops import format_bitops
 from .data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset_dict
 from .evaluation import evaluate_mean_iou
 from .hub import save_tiers
@@ -21,9 +22,20 @@ from .training.loop import train_supernet
 
 logger = logging.get_logger(__name__)
 
-DEMO_TIER_BUDGETS = {"xs": "2.5%", "s": "5%", "m": "10%"}
-"""Tier name → BitOPs budget, as shares of the full-precision model. The embedded SAM is small, so its float patch
-embedding and neck weigh more than in ViT-B: its smallest subnet costs 1.9% of full precision and uniform W8A8 13%."""
+TIER_NAMES = ("xs", "s", "m")
+MAX_TIER_SHARE = 0.10
+"""Tiers are drawn from the Pareto front below this share of the full-precision BitOPs. The embedded SAM is small, so
+its float patch embedding and neck weigh more than in ViT-B: its smallest subnet costs 1.9% of full precision and
+uniform W8A8 13%."""
+
+
+def pick_tier_budgets(front) -> dict[str, int]:
+    """Three front points spread from the cheapest to the best under `MAX_TIER_SHARE`, as tier name → BitOPs budget."""
+    cap = MAX_TIER_SHARE * front.full_precision_bitops
+    candidates = [entry for entry in front.entries if entry.bitops <= cap] or front.entries[:1]
+    last = len(candidates) - 1
+    picks = sorted({round(index * last / (len(TIER_NAMES) - 1)) for index in range(len(TIER_NAMES))})
+    return {name: candidates[index].bitops for name, index in zip(TIER_NAMES, picks)}
 
 
 def _mean_iou(model, dataset, config, seed: int, batch_size: int = 8) -> float:
@@ -37,11 +49,11 @@ def _mean_iou(model, dataset, config, seed: int, batch_size: int = 8) -> float:
 
 def run_demo(
     output_dir: str = "outputs/demo",
-    train_steps: int = 100,
+    train_steps: int = 600,
     num_train: int = 256,
     num_validation: int = 32,
-    population_size: int = 10,
-    generations: int = 3,
+    population_size: int = 16,
+    generations: int = 6,
     seed: int = 0,
 ) -> dict:
     """Runs the demo and writes everything under `output_dir`.
@@ -91,14 +103,11 @@ def run_demo(
         dataset_name="mpsupernet synthetic shapes",
     )
 
-    print(f"[4/5] Extracting tiers {DEMO_TIER_BUDGETS}")
+    budgets = pick_tier_budgets(front)
+    print(f"[4/5] Extracting tiers under {', '.join(f'{n}: {format_bitops(b)}' for n, b in budgets.items())}")
     tiers, mean_ious = {}, {}
-    for name, budget in DEMO_TIER_BUDGETS.items():
+    for name, budget in budgets.items():
         subnet = supernet.extract_subnet(budget, pareto_front=front)
-        same = next((other for other, tier in tiers.items() if tier.config.architecture == subnet.config.architecture), None)
-        if same is not None:
-            print(f"  tier {name} ({budget}): the front's best is the architecture of tier {same}; not repeated")
-            continue
         tiers[name] = subnet
         mean_ious[name] = _mean_iou(subnet, splits["validation"], subnet.config, seed)
     manifest = save_tiers(
@@ -121,7 +130,7 @@ def run_demo(
     for name, tier in manifest["tiers"].items():
         rows.append(
             {
-                "model": f"tier {name} (<= {DEMO_TIER_BUDGETS[name]})",
+                "model": f"tier {name}",
                 "gbitops": tier["bitops"] / 1e9,
                 "share_of_full_precision": tier["share_of_full_precision"],
                 "mean_iou": tier["mean_iou"],

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_sam_supernet import FLOAT_BITS
-from .quantization import LsqQuantizer
+from .quantization import LsqQuantizer, tensors_state_key
 
 
 def num_adapters(lora_mode: str, num_weight_bits: int) -> int:
@@ -145,9 +145,7 @@ class QuantizedLoraLinear(nn.Linear):
                 self.initialize_weight_quantizer(quantizer.active_bits)
         if torch.is_grad_enabled():
             return quantizer(self.merged_weight(), channel_index=self.output_index)
-        versions = tuple(
-            (p._version, p.data_ptr(), p.device) for p in (self.weight, self.lora_A, self.lora_B, quantizer.step_size)
-        )
+        versions = tensors_state_key(self.weight, self.lora_A, self.lora_B, quantizer.step_size)
         if self._cached_weight is None or self._cached_weight[0] != versions:
             self._cached_weight = (versions, quantizer(self.merged_weight(), channel_index=self.output_index))
         return self._cached_weight[1]

@@ -17,7 +17,7 @@ from .checkpoints import readable_safetensors
 from .configuration_sam_supernet import FLOAT_BITS, SamSubnetConfig
 from .elastic import QuantizedSamVisionAttention, ResizingSamVisionEncoder, eager_vision_config
 from .packing import packed_size, unpack_codes
-from .quantization import LsqQuantizer
+from .quantization import LsqQuantizer, tensors_state_key
 from .search_space import LAYER_PATHS, SubnetArchitecture
 
 logger = logging.get_logger(__name__)
@@ -102,7 +102,7 @@ class QuantizedLinear(nn.Module):
             return self._dequantize()
         # Storage addresses change when the model moves or its tensors are replaced; versions when they change in
         # place: either makes the cached weight stale.
-        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in (self.packed_weight, self.weight_scale))
+        key = tensors_state_key(self.packed_weight, self.weight_scale)
         if self._cached_weight is None or self._cached_weight[0] != key:
             self._cached_weight = (key, self._dequantize())
         return self._cached_weight[1]

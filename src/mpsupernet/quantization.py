@@ -23,6 +23,17 @@ def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     return (x - x * scale).detach() + x * scale
 
 
+def tensors_state_key(*tensors: torch.Tensor) -> tuple:
+    """A key that changes when any of `tensors` is modified in place, moved or replaced: for caching derived weights.
+
+    Inference tensors (made under `torch.inference_mode`) keep no version counter; they cannot be modified outside
+    inference mode, so their storage identifies them.
+    """
+    return tuple(
+        (t.data_ptr(), t.device, t.dtype, None if t.is_inference() else t._version) for t in tensors
+    )
+
+
 def integer_range(bits: int, signed: bool) -> tuple[int, int]:
     """The integer grid of a `bits`-bit quantizer: `[-2^(b-1), 2^(b-1) - 1]` if signed, else `[0, 2^b - 1]`."""
     if signed:
