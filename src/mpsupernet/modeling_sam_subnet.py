@@ -209,13 +209,11 @@ class SamSubnetPreTrainedModel(PreTrainedModel):
         if isinstance(module, QuantizedLinear):
             module.reset_parameters()
         elif isinstance(module, LsqQuantizer):
-            module.step_size.fill_(1.0)
-            if module.offset is not None:
-                module.offset.zero_()
-            module.initialized.fill_(True)
+            # An extracted subnet's steps are always loaded from its checkpoint, never calibrated again.
+            module.reset_steps(initialized=True)
         elif isinstance(module, SamModel):
             module._init_weights(module)
-        elif isinstance(module, SamSubnetVisionEncoder) and module.pos_embed is not None:
+        elif isinstance(module, ResizingSamVisionEncoder) and module.pos_embed is not None:
             module.pos_embed.zero_()
 
 

@@ -12,7 +12,7 @@ from transformers.utils import logging
 from .bitops import BitOpsReport, count_bitops
 from .checkpoints import readable_safetensors
 from .configuration_sam_supernet import SamSupernetConfig
-from .elastic import ElasticSamVisionAttention, ElasticSamVisionEncoder
+from .elastic import ElasticSamVisionAttention, ElasticSamVisionEncoder, ResizingSamVisionEncoder
 from .lora import QuantizedLoraLinear
 from .quantization import LsqQuantizer
 from .search_space import SearchSpace, SubnetArchitecture
@@ -38,13 +38,10 @@ class SamSupernetPreTrainedModel(PreTrainedModel):
         if isinstance(module, QuantizedLoraLinear):
             module.reset_lora_parameters()
         elif isinstance(module, LsqQuantizer):
-            module.step_size.fill_(1.0)
-            if module.offset is not None:
-                module.offset.zero_()
-            module.initialized.zero_()
+            module.reset_steps(initialized=False)
         elif isinstance(module, SamModel):
             module._init_weights(module)
-        elif isinstance(module, ElasticSamVisionEncoder) and module.pos_embed is not None:
+        elif isinstance(module, ResizingSamVisionEncoder) and module.pos_embed is not None:
             module.pos_embed.zero_()
 
 

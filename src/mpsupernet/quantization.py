@@ -84,6 +84,14 @@ class LsqQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return f"bit_choices={self.bit_choices}, signed={self.signed}, offset={self.offset is not None}"
 
+    @torch.no_grad()
+    def reset_steps(self, initialized: bool = False) -> None:
+        """Unit step sizes, zero offsets; `initialized` says whether those values count as set (no data init)."""
+        self.step_size.fill_(1.0)
+        if self.offset is not None:
+            self.offset.zero_()
+        self.initialized.fill_(initialized)
+
     @property
     def is_quantizing(self) -> bool:
         return self.active_bits < 16
