@@ -10,8 +10,10 @@ seeds) and the same fake quantization. They differ only in what trains:
 
 Each variant runs in a fresh subprocess, one after the other, so that neither inherits the other's allocations. The
 peak is taken over steps 2..N, once AdamW's states exist (they are created in step 1): on the CPU from the resident
-set (`ru_maxrss`, its high-water mark reset after step 1), on CUDA from `torch.cuda.max_memory_allocated`. Both the
-total peak and the increment over the memory in use right after building the model are reported.
+set (`ru_maxrss`, its high-water mark reset after step 1), on CUDA from `torch.cuda.max_memory_allocated`. The
+target is judged on the peak above the memory in use before the model is built: on the CPU that subtracts the Python,
+torch and transformers runtime (about 0.5 GiB, the same in both), as CUDA's counter leaves out the CUDA context. The
+whole process's peak and the increment over the built model are printed beside it.
 
     python benchmarks/training_memory.py                      # CPU, ViT-B at 256 px, 2 steps (a few minutes)
     python benchmarks/training_memory.py --device cuda --image-size 1024 --steps 3 --gradient-checkpointing --bf16
@@ -21,6 +23,7 @@ import argparse
 import functools
 import gc
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def measure_variant(args: argparse.Namespace) -> dict:
     """Builds one variant, trains it for `args.steps` sandwich steps and returns its memory figures (bytes)."""
     device = _common.check_device(args.device)
+    gc.collect()
+    before_model = _common.current_memory(device)
     sam = _common.build_sam(args.image_size, args.tiny, args.seed)
     model = _common.build_supernet(sam)
     config = sam.config
@@ -83,8 +88,10 @@ def measure_variant(args: argparse.Namespace) -> dict:
         "model": _common.describe_model(config),
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "trainable_parameters": sum(parameter.numel() for parameter in trainable),
+        "memory_before_model_bytes": before_model,
         "memory_after_build_bytes": after_build,
         "peak_bytes": peak,
+        "peak_model_and_training_bytes": peak - before_model,
         "training_increment_bytes": peak - after_build,
         "step_seconds": step_seconds,
     }
@@ -99,6 +106,17 @@ def child_command(args: argparse.Namespace, variant: str, result_file: Path) -> 
     return command + [flag for flag, on in switches.items() if on]
 
 
+def child_environment() -> dict:
+    """The environment of the measuring processes: glibc told to give freed tensor memory back to the system.
+
+    By default glibc raises its mmap threshold each time a large block is freed, after which tensors of that size come
+    from the heap, whose freed pages stay in the resident set: the peak then reflects the allocation history more
+    than the tensors alive. A fixed 128 KiB threshold maps every tensor of that size or more on its own and unmaps
+    it when freed, in both variants alike. (On CUDA the allocator's own counter is read and this changes nothing.)
+    """
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
 def run(args: argparse.Namespace) -> dict:
     """Measures both variants, each in its own subprocess, and returns the figures and the LoRA/full ratios."""
     measurements = {}
@@ -106,20 +124,21 @@ def run(args: argparse.Namespace) -> dict:
         for variant in VARIANTS:
             print(f"measuring `{variant}` in a fresh process ...", flush=True)
             result_file = Path(folder) / f"{variant}.json"
-            subprocess.run(child_command(args, variant, result_file), check=True)
+            subprocess.run(child_command(args, variant, result_file), check=True, env=child_environment())
             measurements[variant] = json.loads(result_file.read_text())
     lora, full = measurements["lora"], measurements["full"]
-    ratio_peak = lora["peak_bytes"] / full["peak_bytes"]
+    ratio = lora["peak_model_and_training_bytes"] / full["peak_model_and_training_bytes"]
     return {
         "benchmark": NAME,
         "machine": _common.machine_info(_common.check_device(args.device)),
         "settings": _common.settings_of(args),
         "measurements": measurements,
-        "ratio_peak": ratio_peak,
+        "ratio_peak_model_and_training": ratio,
+        "ratio_peak_process": lora["peak_bytes"] / full["peak_bytes"],
         "ratio_increment": lora["training_increment_bytes"] / full["training_increment_bytes"],
         "paper_ratio": PAPER_RATIO,
         "target_ratio": TARGET_RATIO,
-        "target_met": ratio_peak <= TARGET_RATIO,
+        "target_met": ratio <= TARGET_RATIO,
     }
 
 
@@ -141,17 +160,23 @@ def print_results(results: dict) -> None:
         [
             name,
             f"{m['trainable_parameters'] / 1e6:.1f}M / {m['parameters'] / 1e6:.1f}M",
+            m["memory_before_model_bytes"] / _common.MIB,
             m["memory_after_build_bytes"] / _common.MIB,
             m["peak_bytes"] / _common.MIB,
-            m["training_increment_bytes"] / _common.MIB,
+            m["peak_model_and_training_bytes"] / _common.MIB,
             _common.median(m["step_seconds"][1:]),
         ]
         for name, m in measurements.items()
     ]
-    _common.print_table(["variant", "trainable / all", "after build MiB", "peak MiB", "increment MiB", "step s"], rows)
-    print(f"ratio LoRA/full of the training increment: {results['ratio_increment']:.3f}")
+    header = ["variant", "trainable / all", "runtime MiB", "after build MiB", "peak MiB", "peak - runtime MiB"]
+    _common.print_table(header + ["step s"], rows)
+    print(f"ratio LoRA/full of the whole process's peak (runtime included): {results['ratio_peak_process']:.3f}")
+    print(f"ratio LoRA/full of the increment over the built model: {results['ratio_increment']:.3f}")
     print(f"paper (LoRA vs QFA*): about {results['paper_ratio']}")
-    _common.verdict("ratio LoRA/full of the total peak", results["ratio_peak"], results["target_ratio"])
+    _common.verdict(
+        "ratio LoRA/full of the peak of model and training", results["ratio_peak_model_and_training"],
+        results["target_ratio"],
+    )
 
 
 def main(argv=None) -> None:

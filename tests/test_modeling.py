@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForMaskGeneration, SamModel
 
 from mpsupernet import SamSupernetForMaskGeneration
@@ -152,6 +153,75 @@ def test_quantizer_sees_the_merged_adapter_weight(tiny_sam, lora_mode):
     expected = torch.clamp(torch.round(merged / step), -8, 7) * step
     with torch.no_grad():
         torch.testing.assert_close(layer.quantized_weight(), expected)
+
+
+def make_trainable_lora_linear(lora_mode: str) -> QuantizedLoraLinear:
+    """A layer whose every tensor trains (the full-fine-tuning case), with non-zero adapters and a sliced sub-layer."""
+    torch.manual_seed(0)
+    layer = QuantizedLoraLinear(48, 40, True, [2, 4, 8], [4, 8], lora_rank=4, lora_alpha=8, lora_mode=lora_mode)
+    layer.requires_grad_(True)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    return layer
+
+
+@pytest.mark.parametrize("lora_mode", ["shared", "multiplex", "multipath"])
+@pytest.mark.parametrize("weight_bits", [2, 4, 32])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recomputed_weight_gives_the_gradients_of_plain_autograd(lora_mode, weight_bits, autocast):
+    layer = make_trainable_lora_linear(lora_mode)
+    layer.set_active(weight_bits, 8, output_index=torch.tensor([0, 5, 9, 17, 33, 39]), in_features=30)
+    weight_function = layer.weight_function()
+    x = torch.randn(2, 7, 30, requires_grad=True)
+    tensors = [x, *(p for p in layer.parameters())]
+
+    def gradients(forward):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = forward()
+        return output, torch.autograd.grad(output.float().square().sum(), tensors, allow_unused=True)
+
+    output, grads = gradients(lambda: layer(x))
+    # The same computation with autograd storing everything: the quantizers and the merge as ordinary ops.
+    weight_inputs = (layer.weight, layer.lora_A, layer.lora_B, layer.weight_quantizer.step_size)
+    expected_output, expected_grads = gradients(
+        lambda: F.linear(layer.input_quantizer(x), weight_function(*weight_inputs), layer.active_bias())
+    )
+    assert torch.equal(output, expected_output)
+    for (name, _), grad, expected in zip([("x", x), *layer.named_parameters()], grads, expected_grads):
+        if expected is None:  # the weight step sizes when the weight is float
+            assert grad is None and weight_bits == 32, name
+        else:
+            torch.testing.assert_close(grad, expected, rtol=0, atol=0, msg=name)
+    assert all(grad.abs().sum() > 0 for grad in grads[:5])  # x, weight, bias and both adapters
+
+
+def test_backward_uses_the_sub_layer_of_its_forward_pass():
+    layer = make_trainable_lora_linear("multiplex")
+    x = torch.randn(3, 48)
+    layer.set_active(4, 8)
+    expected = torch.autograd.grad(layer(x).square().sum(), layer.lora_B)[0]
+    loss = layer(x).square().sum()
+    layer.set_active(2, 4, output_index=torch.arange(10), in_features=20)  # another subnet before backward
+    assert torch.equal(torch.autograd.grad(loss, layer.lora_B)[0], expected)
+
+
+def test_forward_keeps_no_weight_sized_tensor_for_backward():
+    layer = make_trainable_lora_linear("shared")
+    layer.set_active(4, 8)
+    parameters = {p.data_ptr() for p in layer.parameters()}
+    kept = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in parameters:
+            kept.append(tensor.numel())
+        return tensor
+
+    x = torch.randn(2, 48)  # 96 elements; the weight has 40 × 48 = 1920
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = layer(x)
+    output.sum().backward()
+    assert kept and max(kept) <= x.numel(), kept
+    assert layer.lora_B.grad.abs().sum() > 0
 
 
 def test_multiplex_adapters_are_separate_per_bit_width(tiny_supernet, prompt_inputs):

@@ -121,16 +121,50 @@ class QuantizedLoraLinear(nn.Linear):
     def merged_weight(self, weight_bits: int | None = None) -> torch.Tensor:
         """`W0 + s·B·A` for the active rows and columns, before quantization."""
         weight_bits = self.weight_quantizer.active_bits if weight_bits is None else weight_bits
-        columns = self.active_in_features
-        weight = self.weight[:, :columns]
-        lora_A, lora_B = self.lora_A[..., :columns], self.lora_B
-        if self.output_index is not None:
-            rows = self.output_index.to(weight.device)
-            weight = weight.index_select(0, rows)
-            lora_B = lora_B.index_select(1, rows)
+        return self._merge(
+            self.weight, self.lora_A, self.lora_B, weight_bits, self.output_index, self.active_in_features
+        )
+
+    def _merge(
+        self,
+        weight: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        weight_bits: int,
+        rows: torch.Tensor | None,
+        columns: int,
+    ) -> torch.Tensor:
+        weight, lora_A = weight[:, :columns], lora_A[..., :columns]
+        if rows is not None:
+            rows = rows.to(weight.device)
+            weight, lora_B = weight.index_select(0, rows), lora_B.index_select(1, rows)
         for index in self.adapter_indices(weight_bits):
             weight = weight + self.lora_scaling * (lora_B[index] @ lora_A[index])
         return weight
+
+    def weight_function(self):
+        """The active quantized weight as a function of `(weight, lora_A, lora_B, weight step sizes)`.
+
+        The active rows, columns and bit-width are frozen when it is made, so that the weight recomputed in the
+        backward pass is the one the forward pass used even if another subnet was activated in between.
+        """
+        rows, columns = self.output_index, self.active_in_features
+        bits = self.weight_quantizer.active_bits
+
+        def quantized_weight(weight, lora_A, lora_B, step_size):
+            merged = self._merge(weight, lora_A, lora_B, bits, rows, columns)
+            return self.weight_quantizer.fake_quantize(merged, bits, step_size, channel_index=rows)
+
+        return quantized_weight
+
+    def _ensure_weight_steps(self) -> None:
+        quantizer = self.weight_quantizer
+        if quantizer.is_quantizing and self.weight.device.type != "meta":
+            if not bool(quantizer.initialized[quantizer.bit_index(quantizer.active_bits)]):
+                self.initialize_weight_quantizer(quantizer.active_bits)
+
+    def _weight_inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.weight, self.lora_A, self.lora_B, self.weight_quantizer.step_size
 
     def quantized_weight(self) -> torch.Tensor:
         """The merged weight, fake-quantized at the active weight bit-width.
@@ -139,15 +173,13 @@ class QuantizedLoraLinear(nn.Linear):
         modified in place (an optimizer step bumps its version) or moves (`.to(device)` gives it new storage), so
         inference runs only the layer's own matmul.
         """
-        quantizer = self.weight_quantizer
-        if quantizer.is_quantizing and self.weight.device.type != "meta":
-            if not bool(quantizer.initialized[quantizer.bit_index(quantizer.active_bits)]):
-                self.initialize_weight_quantizer(quantizer.active_bits)
+        self._ensure_weight_steps()
+        weight_inputs = self._weight_inputs()
         if torch.is_grad_enabled():
-            return quantizer(self.merged_weight(), channel_index=self.output_index)
-        versions = tensors_state_key(self.weight, self.lora_A, self.lora_B, quantizer.step_size)
+            return self.weight_function()(*weight_inputs)
+        versions = tensors_state_key(*weight_inputs)
         if self._cached_weight is None or self._cached_weight[0] != versions:
-            self._cached_weight = (versions, quantizer(self.merged_weight(), channel_index=self.output_index))
+            self._cached_weight = (versions, self.weight_function()(*weight_inputs))
         return self._cached_weight[1]
 
     @torch.no_grad()
@@ -167,4 +199,54 @@ class QuantizedLoraLinear(nn.Linear):
         return self.bias.index_select(0, self.output_index.to(self.bias.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.active_bias())
+        x = self.input_quantizer(x)
+        if not torch.is_grad_enabled():
+            return F.linear(x, self.quantized_weight(), self.active_bias())
+        self._ensure_weight_steps()
+        return RecomputedWeightLinear.apply(x, self.active_bias(), self.weight_function(), *self._weight_inputs())
+
+
+class RecomputedWeightLinear(torch.autograd.Function):
+    """`F.linear(x, weight_fn(*weight_inputs), bias)` that keeps only `x` and `weight_inputs` for the backward pass.
+
+    Autograd would keep every weight-sized tensor on the way from the frozen weight to its quantized copy (the merged
+    weight, the scaled one, the clamp's input, the rounded one) until backward, in every layer: for ViT-B several
+    times the model's own size, more than the activations at moderate resolutions. Here the weight is computed
+    without autograd in the forward pass and recomputed, one layer at a time, in the backward pass, where autograd
+    differentiates `weight_fn` as usual. Under autocast both passes run at the autocast dtype, as `F.linear` would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, weight_fn, *weight_inputs):
+        device_type = x.device.type
+        ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
+        ctx.weight_fn = weight_fn
+        ctx.input_dtype = x.dtype
+        output = F.linear(x, weight_fn(*weight_inputs), bias)
+        # Keep the input at the dtype the matmul saw (bf16 under autocast), as F.linear's own backward would.
+        ctx.save_for_backward(x.to(output.dtype), bias, *weight_inputs)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, bias, *weight_inputs = ctx.saved_tensors
+        needs_weight_grad = ctx.needs_input_grad[3:]
+        device_type, autocast_dtype, autocast_enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
+            leaves = [tensor.detach().requires_grad_(needs) for tensor, needs in zip(weight_inputs, needs_weight_grad)]
+            weight = ctx.weight_fn(*leaves)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_output @ weight.detach().to(grad_output.dtype)).to(ctx.input_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_output.flatten(0, -2).sum(0).to(bias.dtype)
+        weight_grads = [None] * len(leaves)
+        if any(needs_weight_grad):
+            grad_weight = grad_output.flatten(0, -2).transpose(0, 1) @ x.flatten(0, -2).to(grad_output.dtype)
+            wanted = [index for index, needs in enumerate(needs_weight_grad) if needs]
+            grads = torch.autograd.grad(
+                weight, [leaves[index] for index in wanted], grad_weight.to(weight.dtype), allow_unused=True
+            )
+            for index, grad in zip(wanted, grads):
+                weight_grads[index] = grad
+        return grad_x, grad_bias, None, *weight_grads

@@ -13,14 +13,39 @@ from torch import nn
 from .configuration_sam_supernet import FLOAT_BITS
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Rounds in the forward pass and lets the gradient through unchanged (straight-through estimator)."""
-    return (x.round() - x).detach() + x
+class LsqFakeQuantize(torch.autograd.Function):
+    """`round(clamp((x - offset) / step, q_min, q_max)) * step + offset` with LSQ's gradients, keeping only `x`.
 
+    Written as ordinary ops, autograd would keep three tensors the size of `x` per quantizer (the scaled input, the
+    clamp's mask, the rounded codes) until backward; for the attention probabilities of every block that is most of
+    a supernet's training memory. Here backward recomputes them from `x`. Gradients (Esser et al., LSQ; Bhalgat et
+    al., LSQ+): the straight-through estimator for `x` inside the clamp range, `(round(v) - v)` inside and the clamp
+    bound outside for the step, scaled by `grad_scale`, and 1 outside the range for the offset.
+    """
 
-def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Returns `x` unchanged, with its gradient multiplied by `scale` (LSQ's step-size gradient scaling)."""
-    return (x - x * scale).detach() + x * scale
+    @staticmethod
+    def forward(ctx, x, step, offset, q_min: int, q_max: int, grad_scale: float):
+        ctx.q_range, ctx.grad_scale = (q_min, q_max), grad_scale
+        ctx.save_for_backward(x, step, offset)
+        scaled = (x if offset is None else x - offset) / step
+        quantized = scaled.clamp(q_min, q_max).round_() * step
+        return quantized if offset is None else quantized + offset
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, step, offset = ctx.saved_tensors
+        q_min, q_max = ctx.q_range
+        scaled = (x if offset is None else x - offset) / step
+        inside = (scaled >= q_min) & (scaled <= q_max)
+        grad_x = grad_step = grad_offset = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_output * inside
+        if ctx.needs_input_grad[1]:
+            step_gradient = scaled.clamp(q_min, q_max).round() - torch.where(inside, scaled, 0)
+            grad_step = (grad_output * step_gradient).sum_to_size(step.shape) * ctx.grad_scale
+        if offset is not None and ctx.needs_input_grad[2]:
+            grad_offset = grad_output.masked_fill(inside, 0).sum_to_size(offset.shape)
+        return grad_x, grad_step, grad_offset, None, None, None
 
 
 def tensors_state_key(*tensors: torch.Tensor) -> tuple:
@@ -144,7 +169,7 @@ class LsqQuantizer(nn.Module):
             tensor /= dist.get_world_size()
 
     def forward(self, x: torch.Tensor, channel_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Fake-quantizes `x` at the active bit-width.
+        """Fake-quantizes `x` at the active bit-width, first initialising that bit-width's step from `x` if unset.
 
         Args:
             x (`torch.Tensor`): the tensor; per-channel quantizers take a weight of shape `(out, in)`.
@@ -154,27 +179,38 @@ class LsqQuantizer(nn.Module):
         if not self.is_quantizing:
             return x
         bits = self.active_bits
+        if x.device.type != "meta" and not bool(self.initialized[self.bit_index(bits)]):
+            self.initialize(x, bits, channel_dim=0 if self.step_size.shape[1] > 1 else None)
+        return self.fake_quantize(x, bits, self.step_size, self.offset, channel_index)
+
+    def fake_quantize(
+        self,
+        x: torch.Tensor,
+        bits: int,
+        step_size: torch.Tensor,
+        offset: torch.Tensor | None = None,
+        channel_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fake-quantizes `x` at `bits` with the given step-size (and offset) tables, one row per bit-width.
+
+        The tables are arguments rather than read from the module so that a caller can recompute a quantized tensor
+        from detached copies of them (see `QuantizedLoraLinear`); `forward` passes the module's own.
+        """
+        if bits >= 16:
+            return x
         index = self.bit_index(bits)
-        per_channel = self.step_size.shape[1] > 1
-        if x.device.type != "meta" and not bool(self.initialized[index]):
-            self.initialize(x, bits, channel_dim=0 if per_channel else None)
         q_min, q_max = integer_range(bits, self.signed)
-        step = self.step_size[index].clamp_min(self.step_size_min)
-        if per_channel:
+        step = step_size[index].clamp_min(self.step_size_min)
+        if step_size.shape[1] > 1:
             if channel_index is not None:
                 step = step[channel_index.to(step.device)]
             step = step.reshape(-1, *([1] * (x.dim() - 1)))
             elements_per_step = x[0].numel()
         else:
             elements_per_step = x.numel()
-        step = scale_gradient(step, 1.0 / math.sqrt(elements_per_step * q_max))
-        offset = self.offset[index] if self.offset is not None else None
-        if offset is not None:
-            x = x - offset
-        x = round_ste(torch.clamp(x / step, q_min, q_max)) * step
-        if offset is not None:
-            x = x + offset
-        return x
+        offset = offset[index] if offset is not None else None
+        grad_scale = 1.0 / math.sqrt(elements_per_step * q_max)
+        return LsqFakeQuantize.apply(x, step, offset, q_min, q_max, grad_scale)
 
     @torch.no_grad()
     def quantize_to_integers(self, x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
