@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from transformers import SamModel
 
 from mpsupernet.data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset
-from mpsupernet.evaluation import MeanMaskIoU, evaluate_mean_iou, mask_iou, select_masks
+from mpsupernet.evaluation import MeanMaskIoU, evaluate_dataset_mean_iou, evaluate_mean_iou, mask_iou, select_masks
 from mpsupernet.testing_utils import make_sam_config
 
 
@@ -111,6 +111,24 @@ def test_evaluate_mean_iou_runs_a_sam_model():
     loader = DataLoader(dataset, batch_size=2, collate_fn=collate_fn)
     value = evaluate_mean_iou(SamModel(config), loader, multimask_output=True, show_progress=False)
     assert 0.0 <= value <= 1.0
+
+
+def test_evaluate_dataset_mean_iou_averages_every_prompt(tiny_sam, tiny_supernet):
+    dataset = make_synthetic_segmentation_dataset(5, image_size=tiny_sam.config.vision_config.image_size, seed=3)
+    value = evaluate_dataset_mean_iou(tiny_sam, dataset, seed=1, prompts_per_image=2, batch_size=2)
+    # The same prompts one image at a time, scored by set counting.
+    preprocessor = SamSegmentationPreprocessor(tiny_sam.config, prompts_per_image=2, seed=1)
+    ious = []
+    for batch in DataLoader(dataset.with_transform(preprocessor), batch_size=1, collate_fn=collate_fn):
+        with torch.no_grad():
+            logits = tiny_sam(
+                pixel_values=batch["pixel_values"], input_boxes=batch["input_boxes"], multimask_output=False
+            ).pred_masks[0, :, 0]
+        ious += [numpy_iou(p.numpy(), t.numpy()) for p, t in zip(logits, batch["ground_truth_masks"][0])]
+    assert len(ious) == 10 and value == pytest.approx(np.mean(ious), abs=1e-6)
+    # A supernet with its full-precision subnet active is the same SAM and sees the same prompts.
+    tiny_supernet.set_subnet(tiny_supernet.full_precision_subnet())
+    assert evaluate_dataset_mean_iou(tiny_supernet, dataset, seed=1, prompts_per_image=2) == pytest.approx(value)
 
 
 def _distributed_worker(rank: int, init_file: str, results: str) -> None:

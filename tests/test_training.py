@@ -244,6 +244,8 @@ def test_bad_datasets_and_batches_are_named(sam, train_data, tmp_path):
         train_supernet(model, train_data.with_transform(make_preprocessor(model)), **common)
     with pytest.raises(ValueError, match="`max_steps` must be a positive integer"):
         train_supernet(model, train_data, **{**common, "max_steps": 0})
+    with pytest.raises(ValueError, match=r"`warmup_ratio` must be in \[0, 1\), got 1.0"):
+        train_supernet(model, train_data, **common, warmup_ratio=1.0)
     with pytest.raises(ValueError, match="not a checkpoint of train_supernet"):
         train_supernet(model, train_data, **common, resume_from_checkpoint=tmp_path / "nowhere")
     with pytest.raises(TypeError, match="SamSupernetForMaskGeneration"):
@@ -349,11 +351,14 @@ def test_accelerate_loop_lowers_the_loss_and_saves_the_supernet(pretrained_sam, 
         num_random_subnets=1,
         log_steps=3,
         preprocessor=make_preprocessor(model),
+        warmup_ratio=0.4,
     )
     after_losses = subnet_losses(model, batch)
     assert after_losses["largest"] < before_losses["largest"]
     assert after_losses["smallest"] < before_losses["smallest"]
     assert summary["steps"] == 5 and [entry["step"] for entry in summary["log_history"]] == [3, 5]
+    # 2 warm-up steps (0, 1.5e-4), then linear decay over the other 3: steps 3 and 5 ran at 3e-4 and 1e-4.
+    assert [entry["learning_rate"] for entry in summary["log_history"]] == pytest.approx([3e-4, 1e-4])
     assert set(summary["final_losses"]) == {"largest", "smallest", "random_0"}
     assert set(summary["mean_iou_after"]) == {"largest", "smallest"}
 

@@ -87,6 +87,7 @@ def cmd_train(args) -> None:
         output_dir=args.output_dir,
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
+        warmup_ratio=args.warmup_ratio,
         batch_size=args.batch_size,
         num_random_subnets=args.num_random_subnets,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", required=True)
     train.add_argument("--max-steps", type=int, default=200)
     train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--warmup-ratio", type=float, default=0.05, help="share of the steps spent warming up")
     train.add_argument("--batch-size", type=int, default=4)
     train.add_argument("--num-random-subnets", type=int, default=2)
     train.add_argument("--gradient-accumulation-steps", type=int, default=1)

@@ -12,8 +12,8 @@ import torch
 from transformers.utils import logging
 
 from .bitops import format_bitops
-from .data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset_dict
-from .evaluation import evaluate_mean_iou
+from .data import make_synthetic_segmentation_dataset_dict
+from .evaluation import evaluate_dataset_mean_iou
 from .hub import save_tiers
 from .modeling_sam_supernet import SamSupernetForMaskGeneration
 from .pretrained import EMBEDDED_SAM_PATH, load_embedded_sam
@@ -23,6 +23,9 @@ from .training.loop import train_supernet
 logger = logging.get_logger(__name__)
 
 TIER_NAMES = ("xs", "s", "m")
+LEARNING_RATE = 2e-3
+BATCH_SIZE = 4
+"""Supernet training settings of the demo, which the quality benchmarks (`benchmarks/`) train with too."""
 MAX_TIER_SHARE = 0.10
 """Tiers are drawn from the Pareto front below this share of the full-precision BitOPs. The embedded SAM is small, so
 its float patch embedding and neck weigh more than in ViT-B: its smallest subnet costs 1.9% of full precision and
@@ -36,15 +39,6 @@ def pick_tier_budgets(front) -> dict[str, int]:
     last = len(candidates) - 1
     picks = sorted({round(index * last / (len(TIER_NAMES) - 1)) for index in range(len(TIER_NAMES))})
     return {name: candidates[index].bitops for name, index in zip(TIER_NAMES, picks)}
-
-
-def _mean_iou(model, dataset, config, seed: int, batch_size: int = 8) -> float:
-    """Box-prompt mean IoU with the same fixed prompts for every model."""
-    preprocessor = SamSegmentationPreprocessor(config, prompts_per_image=4, seed=seed)
-    loader = torch.utils.data.DataLoader(
-        dataset.with_transform(preprocessor), batch_size=batch_size, collate_fn=collate_fn
-    )
-    return evaluate_mean_iou(model, loader, show_progress=False)
 
 
 def run_demo(
@@ -78,7 +72,7 @@ def run_demo(
     sam = load_embedded_sam()
     supernet = SamSupernetForMaskGeneration.from_sam(sam)
     splits = make_synthetic_segmentation_dataset_dict(num_train, num_validation, seed=seed)
-    sam_miou = _mean_iou(sam, splits["validation"], sam.config, seed)
+    sam_miou = evaluate_dataset_mean_iou(sam, splits["validation"], seed=seed)
 
     print(f"[2/5] Supernet training: {train_steps} sandwich steps on {num_train} synthetic images")
     training = train_supernet(
@@ -87,8 +81,8 @@ def run_demo(
         splits["validation"],
         output_dir=output / "supernet",
         max_steps=train_steps,
-        learning_rate=2e-3,
-        batch_size=4,
+        learning_rate=LEARNING_RATE,
+        batch_size=BATCH_SIZE,
         seed=seed,
     )
 
@@ -109,7 +103,7 @@ def run_demo(
     for name, budget in budgets.items():
         subnet = supernet.extract_subnet(budget, pareto_front=front)
         tiers[name] = subnet
-        mean_ious[name] = _mean_iou(subnet, splits["validation"], subnet.config, seed)
+        mean_ious[name] = evaluate_dataset_mean_iou(subnet, splits["validation"], seed=seed)
     manifest = save_tiers(
         tiers,
         output / "tiers",

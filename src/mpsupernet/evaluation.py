@@ -12,7 +12,7 @@ from torchmetrics import Metric
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .data.processing import MODEL_INPUT_NAMES
+from .data.processing import MODEL_INPUT_NAMES, SamSegmentationPreprocessor, collate_fn
 
 
 logger = logging.get_logger(__name__)
@@ -178,3 +178,33 @@ def evaluate_mean_iou(
     finally:
         if was_training:
             model.train()
+
+
+def evaluate_dataset_mean_iou(
+    model: Any,
+    dataset,
+    seed: int = 0,
+    prompts_per_image: int = 4,
+    batch_size: int = 8,
+    show_progress: bool = False,
+    description: str = "Evaluating mIoU",
+) -> float:
+    """The box-prompt mean IoU of `model` on a dataset in the standard schema (`image`, `masks`, `image_id`).
+
+    Prompts are drawn by a `SamSegmentationPreprocessor` built from `model.config` with `seed`, so every model
+    evaluated with the same seed sees the same boxes: a SAM, a supernet with a subnet active, an extracted subnet.
+
+    Args:
+        model: a `SamModel`, `SamSupernetForMaskGeneration` or `SamSubnetForMaskGeneration` (anything with a SAM
+            `config` that `evaluate_mean_iou` can run).
+        dataset (`datasets.Dataset`): the examples, without a transform.
+        seed (`int`, *optional*, defaults to 0): seeds the prompts.
+        prompts_per_image (`int`, *optional*, defaults to 4): box prompts per image.
+        batch_size (`int`, *optional*, defaults to 8): images per batch.
+        show_progress, description: see `evaluate_mean_iou`.
+    """
+    preprocessor = SamSegmentationPreprocessor(model.config, prompts_per_image=prompts_per_image, seed=seed)
+    loader = torch.utils.data.DataLoader(
+        dataset.with_transform(preprocessor), batch_size=batch_size, collate_fn=collate_fn
+    )
+    return evaluate_mean_iou(model, loader, show_progress=show_progress, description=description)

@@ -7,6 +7,7 @@ epoch only on `(seed, epoch)`.
 """
 
 import copy
+import math
 import os
 import time
 from pathlib import Path
@@ -123,6 +124,7 @@ def train_supernet(
     max_steps: int,
     learning_rate: float,
     batch_size: int,
+    warmup_ratio: float = 0.05,
     num_random_subnets: int = 2,
     gradient_accumulation_steps: int = 1,
     mixed_precision: str = "no",
@@ -154,6 +156,9 @@ def train_supernet(
         output_dir (`str` or `os.PathLike`): where checkpoints (`checkpoint-<step>`) and the trained supernet go.
         max_steps (`int`): optimizer steps to train in total (a resumed run continues up to it).
         learning_rate (`float`): peak learning rate.
+        warmup_ratio (`float`, *optional*, defaults to 0.05): share of `max_steps` over which the learning rate rises
+            linearly from 0 (as `TrainingArguments.warmup_ratio`); a freshly initialised optimizer at the full rate
+            would first knock the pretrained mask decoder off its minimum.
         batch_size (`int`): examples per micro-batch and process.
         num_random_subnets (`int`, *optional*, defaults to 2): random subnets per step.
         gradient_accumulation_steps (`int`, *optional*, defaults to 1): micro-batches per optimizer step.
@@ -191,6 +196,8 @@ def train_supernet(
     _check_positive_int("save_steps", save_steps, allow_none=True)
     if not learning_rate > 0:
         raise ValueError(f"`learning_rate` must be positive, got {learning_rate!r}.")
+    if not 0 <= warmup_ratio < 1:
+        raise ValueError(f"`warmup_ratio` must be in [0, 1), got {warmup_ratio!r}.")
     output_dir = Path(output_dir)
     preprocessor = preprocessor or SamSegmentationPreprocessor(model.config, seed=seed)
     vision = model.config.vision_config
@@ -253,7 +260,8 @@ def train_supernet(
         quantizer_parameter_groups(model, learning_rate, quantizer_lr_scale), lr=learning_rate, weight_decay=0.0
     )
     # Stepped by hand once per optimizer step: a prepared scheduler would step once per process.
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=max_steps)
+    warmup_steps = math.ceil(warmup_ratio * max_steps)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(scheduler, progress)
@@ -312,6 +320,7 @@ def train_supernet(
             for name, loss in output.losses.items():
                 window_sums[name] = window_sums.get(name, 0.0) + loss
             window_batches += 1
+        learning_rate_used = scheduler.get_last_lr()[0]
         if not accelerator.optimizer_step_was_skipped:
             scheduler.step()
         progress.step = step + 1
@@ -321,7 +330,13 @@ def train_supernet(
             names = list(window_sums)
             means = accelerator.reduce(torch.stack([window_sums[name] for name in names]) / window_batches, "mean")
             final_losses = {name: round(value, 4) for name, value in zip(names, means.tolist())}
-            log_history.append({"step": progress.step, **{f"loss/{name}": v for name, v in final_losses.items()}})
+            log_history.append(
+                {
+                    "step": progress.step,
+                    "learning_rate": learning_rate_used,
+                    **{f"loss/{name}": v for name, v in final_losses.items()},
+                }
+            )
             progress_bar.set_postfix({name: f"{value:.3f}" for name, value in final_losses.items()})
             logger.info(f"step {progress.step}/{max_steps}: {final_losses}")
             window_sums, window_batches = {}, 0

@@ -1,0 +1,123 @@
+"""Ablations on the embedded task: LoRA modes and progressive bit-widths, judged on the lowest-bit subnets.
+
+Trains one supernet per variant from the embedded SAM, all with the same data, steps, seeds and sampling, and
+measures on the held-out test split the subnets that suffer most from quantization: the full-size model at W2A4,
+W3A4 and W4A4 and the smallest subnet (lowest resolution, depth and width at W2A4), with the largest (W8A8) and the
+full-precision subnet for context.
+
+- `shared`, `multiplex`, `multipath` (progressive bit-widths, the default schedule): one adapter for every
+  bit-width; one per weight bit-width; a shared one plus one per bit-width (`SamSupernetConfig.lora_mode`).
+- `multiplex, all bits at once`: multiplex adapters with every bit-width sampled from the first step, against the
+  progressive schedule that enables 8/6/4 bits first, then 3, then 2.
+
+    python benchmarks/ablations.py                               # 4 supernets: about 20 min on 2 cores
+    python benchmarks/ablations.py --variants shared multiplex   # a subset
+"""
+
+import argparse
+import time
+
+import torch
+
+import _common
+import _embedded
+from mpsupernet import SamSupernetForMaskGeneration
+from mpsupernet.pretrained import load_embedded_sam
+
+NAME = "ablations"
+VARIANTS = {
+    "shared": {"lora_mode": "shared"},
+    "multiplex": {"lora_mode": "multiplex"},
+    "multipath": {"lora_mode": "multipath"},
+    "multiplex-all-bits": {"lora_mode": "multiplex", "progressive_bits": False},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _embedded.add_task_arguments(parser, NAME)
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="Variants to train (default: all)."
+    )
+    return parser.parse_args(argv)
+
+
+def build_variant(variant: str) -> SamSupernetForMaskGeneration:
+    """The embedded SAM's supernet in the configuration of `variant`."""
+    settings = VARIANTS[variant]
+    supernet = SamSupernetForMaskGeneration.from_sam(load_embedded_sam(), lora_mode=settings["lora_mode"])
+    if not settings.get("progressive_bits", True):
+        config = supernet.config
+        every_bit_width = sorted(set(config.weight_bit_choices) | set(config.activation_bit_choices), reverse=True)
+        config.progressive_bits_schedule = [[0.0, every_bit_width]]
+    return supernet
+
+
+def probe_subnets(supernet) -> dict:
+    """The subnets every variant is judged on, by name."""
+    space = supernet.search_space
+    low_activation = min(space.activation_bit_choices)
+    return {
+        "full precision": space.full_precision(),
+        "largest W8A8": space.largest(),
+        **{f"full size W{w}A{low_activation}": space.largest(w, low_activation) for w in (4, 3, 2)},
+        f"smallest W2A{low_activation}": space.smallest(),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    splits = _embedded.make_splits(args)
+    results = {}
+    for number, variant in enumerate(args.variants, 1):
+        supernet = build_variant(variant)
+        schedule = supernet.config.progressive_bits_schedule
+        print(f"[{number}/{len(args.variants)}] {variant}: bit-width schedule {schedule}, {args.train_steps} steps")
+        supernet, seconds = _embedded.train_embedded_supernet(args, splits, args.output_dir / variant, supernet)
+        results[variant] = {
+            "lora_mode": supernet.config.lora_mode,
+            "progressive_bits_schedule": schedule,
+            "training_seconds": seconds,
+            "trainable_parameters": sum(p.numel() for p in supernet.parameters() if p.requires_grad),
+            "test_mean_iou": {
+                name: _embedded.subnet_mean_iou(supernet, arch, splits["test"], args.seed)
+                for name, arch in probe_subnets(supernet).items()
+            },
+        }
+    return {
+        "benchmark": NAME,
+        "machine": _common.machine_info(torch.device("cpu")),
+        "settings": _common.settings_of(args),
+        "variants": results,
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def print_results(results: dict) -> None:
+    _common.print_header(
+        "Ablations: LoRA modes and progressive bit-widths (embedded SAM, box-prompt mIoU on the test split)",
+        results["machine"],
+        {key: results["settings"][key] for key in ("train_steps", "num_train", "num_test", "seed")},
+    )
+    variants = results["variants"]
+    subnets = list(next(iter(variants.values()))["test_mean_iou"])
+    _common.print_table(
+        ["variant", "trainable", "train min", *subnets],
+        [
+            [name, f"{v['trainable_parameters'] / 1e3:.0f}k", v["training_seconds"] / 60,
+             *(v["test_mean_iou"][subnet] for subnet in subnets)]
+            for name, v in variants.items()
+        ],
+    )
+    print(f"{results['wall_seconds'] / 60:.1f} min")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    results = run(args)
+    print_results(results)
+    _common.write_json(args.output_dir / f"{NAME}.json", results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The search-space study of the paper on the embedded task: each elastic operator varied alone, mIoU vs BitOPs.
+
+Starting from the fine-tuned full-precision model (the supernet's float subnet), one operator at a time takes each
+of its values while everything else stays full size and float: input resolution, depth (blocks dropped in the
+config's order), MLP width, attention heads, weight bits (activations float) and activation bits (weights float),
+the bit-widths uniform over the quantized layers. Each point is the BitOPs reduction against full precision and the
+box-prompt mean IoU on the held-out test split. It prints the table and draws one curve per operator.
+
+    python benchmarks/search_space_study.py                                  # trains first: about 5 min on 2 cores
+    python benchmarks/search_space_study.py --supernet outputs/demo/supernet # studies a trained supernet
+"""
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import _common  # noqa: E402
+import _embedded  # noqa: E402
+
+NAME = "search_space_study"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _embedded.add_task_arguments(parser, NAME)
+    _embedded.add_supernet_argument(parser)
+    return parser.parse_args(argv)
+
+
+def operator_variations(supernet) -> dict[str, list[tuple[str, object]]]:
+    """Operator name → `(value label, architecture)` for each of its values, the rest of the model full precision."""
+    space = supernet.search_space
+    reference = space.full_precision()
+    blocks, layers = reference.num_blocks, len(reference.layer_names)
+
+    def vary(**changes):
+        return space.canonical(dataclasses.replace(reference, **changes))
+
+    return {
+        "resolution": [(f"{r} px", vary(resolution=r)) for r in space.resolution_choices],
+        "depth": [(f"{d} blocks", vary(skipped_blocks=space.skipped_blocks(d))) for d in space.depth_choices],
+        "MLP width": [(f"{m} units", vary(mlp_dims=(m,) * blocks)) for m in space.mlp_dim_choices],
+        "heads": [(f"{h} heads", vary(num_heads=(h,) * blocks)) for h in space.num_heads_choices],
+        "weight bits": [(f"W{b}", vary(weight_bits=(b,) * layers)) for b in space.weight_bit_choices],
+        "activation bits": [(f"A{b}", vary(activation_bits=(b,) * layers)) for b in space.activation_bit_choices],
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    splits = _embedded.make_splits(args)
+    supernet = _embedded.supernet_from_arguments(args, splits)
+    reference = supernet.search_space.full_precision()
+    full_precision_bitops = supernet.bitops(reference).total_bitops
+    full_precision_miou = _embedded.subnet_mean_iou(supernet, reference, splits["test"], args.seed)
+    rows = []
+    variations = operator_variations(supernet)
+    print(f"Measuring {sum(map(len, variations.values()))} single-operator subnets on {args.num_test} test images")
+    for operator, values in variations.items():
+        for label, arch in values:
+            bitops = supernet.bitops(arch).total_bitops
+            miou = _embedded.subnet_mean_iou(supernet, arch, splits["test"], args.seed)
+            rows.append(
+                {
+                    "operator": operator,
+                    "value": label,
+                    "bitops": bitops,
+                    "bitops_reduction": 1 - bitops / full_precision_bitops,
+                    "test_mean_iou": miou,
+                    "mean_iou_change": miou - full_precision_miou,
+                }
+            )
+    return {
+        "benchmark": NAME,
+        "machine": _common.machine_info(torch.device("cpu")),
+        "settings": _common.settings_of(args),
+        "full_precision_bitops": full_precision_bitops,
+        "test_mean_iou_full_precision": full_precision_miou,
+        "rows": rows,
+        "plot": str(plot(rows, full_precision_miou, args.output_dir / f"{NAME}.png")),
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def plot(rows: list[dict], full_precision_miou: float, path: Path) -> Path:
+    """One curve per operator: mean IoU against the share of BitOPs removed, the full-precision model dashed."""
+    figure, axes = plt.subplots(figsize=(7.5, 4.8))
+    for operator in dict.fromkeys(row["operator"] for row in rows):
+        points = sorted(
+            (100 * r["bitops_reduction"], r["test_mean_iou"], r["value"]) for r in rows if r["operator"] == operator
+        )
+        line = axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=operator)[0]
+        for x, y, label in points:
+            if x > 0:  # the full-size value of a dimension is the full-precision model itself, labelled by the line
+                axes.annotate(
+                    label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=line.get_color()
+                )
+    axes.axhline(full_precision_miou, color="grey", linestyle="--", linewidth=1, label="full precision")
+    axes.set_xlabel("BitOPs reduction vs full precision (%)")
+    axes.set_ylabel("mean IoU (box prompts, test split)")
+    axes.set_title("Each operator varied alone (embedded SAM)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def print_results(results: dict) -> None:
+    _common.print_header(
+        "Search-space study: each operator alone (embedded SAM, box-prompt mIoU on the test split)",
+        results["machine"],
+        {key: results["settings"][key] for key in ("train_steps", "num_test", "supernet")},
+    )
+    print(
+        f"full precision: {results['full_precision_bitops'] / 1e9:.3f} GBitOPs, "
+        f"mIoU {results['test_mean_iou_full_precision']:.4f}"
+    )
+    _common.print_table(
+        ["operator", "value", "GBitOPs", "BitOPs reduction %", "mIoU", "mIoU change"],
+        [
+            [r["operator"], r["value"], r["bitops"] / 1e9, 100 * r["bitops_reduction"], r["test_mean_iou"],
+             f"{r['mean_iou_change']:+.4f}"]
+            for r in results["rows"]
+        ],
+    )
+    print(f"plot: {results['plot']}; {results['wall_seconds'] / 60:.1f} min")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    results = run(args)
+    print_results(results)
+    _common.write_json(args.output_dir / f"{NAME}.json", results)
+
+
+if __name__ == "__main__":
+    main()
