@@ -23,7 +23,9 @@ TEST_SEED_OFFSET = 1000
 
 def add_task_arguments(parser: argparse.ArgumentParser, name: str, train_steps: int = 600) -> None:
     """The flags every quality benchmark shares: data sizes, training length, seed, output folder."""
-    parser.add_argument("--train-steps", type=int, default=train_steps, help=f"Sandwich steps (default: {train_steps}).")
+    parser.add_argument(
+        "--train-steps", type=int, default=train_steps, help=f"Sandwich steps (default: {train_steps})."
+    )
     parser.add_argument("--num-train", type=int, default=256, help="Synthetic training images (default: 256).")
     parser.add_argument("--num-validation", type=int, default=64, help="Validation images (default: 64).")
     parser.add_argument("--num-test", type=int, default=128, help="Held-out test images (default: 128).")

@@ -37,7 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _embedded.add_task_arguments(parser, NAME)
     parser.add_argument(
-        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="Variants to train (default: all)."
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="Variants to train (default: all).",
     )
     return parser.parse_args(argv)
 
@@ -104,8 +108,12 @@ def print_results(results: dict) -> None:
     _common.print_table(
         ["variant", "trainable", "train min", *subnets],
         [
-            [name, f"{v['trainable_parameters'] / 1e3:.0f}k", v["training_seconds"] / 60,
-             *(v["test_mean_iou"][subnet] for subnet in subnets)]
+            [
+                name,
+                f"{v['trainable_parameters'] / 1e3:.0f}k",
+                v["training_seconds"] / 60,
+                *(v["test_mean_iou"][subnet] for subnet in subnets),
+            ]
             for name, v in variants.items()
         ],
     )

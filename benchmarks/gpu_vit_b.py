@@ -74,7 +74,9 @@ def main(argv=None) -> None:
     elapsed = time.perf_counter() - start
     machine = timing["machine"]
     print(f"\n== Summary on {machine['gpu'] or 'CPU ' + machine['cpu']} ({timing['model']}), {elapsed / 60:.1f} min")
-    _common.verdict("memory LoRA/full, peak of model and training", memory["ratio_peak_model_and_training"], memory["target_ratio"])
+    _common.verdict(
+        "memory LoRA/full, peak of model and training", memory["ratio_peak_model_and_training"], memory["target_ratio"]
+    )
     _common.verdict(
         "step time supernet (1 random subnet)/LoRA", timing["ratios_to_peft"]["subnet"], timing["target_ratio"]
     )

@@ -105,8 +105,9 @@ def print_results(results: dict) -> None:
     print(
         f"full precision: {format_bitops(full_precision)}; uniform W8A8: {format_bitops(results['w8a8_bitops'])} "
         f"({100 * results['w8a8_bitops'] / full_precision:.1f}%); {results['evaluated_architectures']} architectures "
-        f"evaluated; test mIoU of the fine-tuned full-precision model {results['test_mean_iou_full_precision_fine_tuned']:.4f}, "
-        f"of the pretrained SAM {results['test_mean_iou_pretrained_sam']:.4f}"
+        f"evaluated; test mIoU of the fine-tuned full-precision model "
+        f"{results['test_mean_iou_full_precision_fine_tuned']:.4f}, of the pretrained SAM "
+        f"{results['test_mean_iou_pretrained_sam']:.4f}"
     )
     print("\nPareto front (searched on validation, measured on test):")
     _common.print_table(

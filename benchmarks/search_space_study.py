@@ -128,8 +128,14 @@ def print_results(results: dict) -> None:
     _common.print_table(
         ["operator", "value", "GBitOPs", "BitOPs reduction %", "mIoU", "mIoU change"],
         [
-            [r["operator"], r["value"], r["bitops"] / 1e9, 100 * r["bitops_reduction"], r["test_mean_iou"],
-             f"{r['mean_iou_change']:+.4f}"]
+            [
+                r["operator"],
+                r["value"],
+                r["bitops"] / 1e9,
+                100 * r["bitops_reduction"],
+                r["test_mean_iou"],
+                f"{r['mean_iou_change']:+.4f}",
+            ]
             for r in results["rows"]
         ],
     )

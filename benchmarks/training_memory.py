@@ -174,7 +174,8 @@ def print_results(results: dict) -> None:
     print(f"ratio LoRA/full of the increment over the built model: {results['ratio_increment']:.3f}")
     print(f"paper (LoRA vs QFA*): about {results['paper_ratio']}")
     _common.verdict(
-        "ratio LoRA/full of the peak of model and training", results["ratio_peak_model_and_training"],
+        "ratio LoRA/full of the peak of model and training",
+        results["ratio_peak_model_and_training"],
         results["target_ratio"],
     )
 

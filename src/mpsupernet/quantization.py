@@ -54,9 +54,7 @@ def tensors_state_key(*tensors: torch.Tensor) -> tuple:
     Inference tensors (made under `torch.inference_mode`) keep no version counter; they cannot be modified outside
     inference mode, so their storage identifies them.
     """
-    return tuple(
-        (t.data_ptr(), t.device, t.dtype, None if t.is_inference() else t._version) for t in tensors
-    )
+    return tuple((t.data_ptr(), t.device, t.dtype, None if t.is_inference() else t._version) for t in tensors)
 
 
 def integer_range(bits: int, signed: bool) -> tuple[int, int]:
