@@ -318,6 +318,29 @@ def test_trainer_lowers_the_loss_and_trains_only_the_supernet_parameters(pretrai
         assert group["initial_lr"] == pytest.approx(expected)
 
 
+def test_trainer_draws_new_prompts_every_epoch(sam, train_data, tmp_path):
+    model = make_supernet(sam)
+    preprocessor = make_preprocessor(model)
+    epochs_seen = []
+    original_call = SamSegmentationPreprocessor.__call__
+
+    def recording_call(self, examples):
+        epochs_seen.append(self.epoch)
+        return original_call(self, examples)
+
+    # 6 examples in batches of 2: 3 steps per epoch, so 7 steps start a third epoch.
+    trainer = SupernetTrainer(
+        model=model,
+        args=trainer_arguments(tmp_path, max_steps=7),
+        train_dataset=train_data.with_transform(preprocessor),
+        num_random_subnets=1,
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SamSegmentationPreprocessor, "__call__", recording_call)
+        trainer.train()
+    assert sorted(set(epochs_seen)) == [0, 1, 2] and preprocessor.epoch == 2
+
+
 def test_trainer_resumes_from_its_checkpoint(sam, train_data, tmp_path):
     def run(output_dir, resume=None):
         model = make_supernet(sam)

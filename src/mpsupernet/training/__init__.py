@@ -24,13 +24,14 @@ from .sampling import (
     quantizer_parameter_groups,
     supernet_training_step,
 )
-from .trainer import SupernetTrainer
+from .trainer import PromptEpochCallback, SupernetTrainer
 
 
 __all__ = [
     "DISTILLATION_KINDS",
     "DISTILLATION_TEACHERS",
     "ProgressiveBitsSchedule",
+    "PromptEpochCallback",
     "QUANTIZER_LR_SCALE",
     "SamLossOutput",
     "SandwichSampler",

@@ -1,15 +1,16 @@
 """`SupernetTrainer`: the transformers `Trainer`, taught to train a supernet with the sandwich rule."""
 
+import math
 import time
 
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import speed_metrics
 from transformers.utils import logging
 
-from ..data.processing import collate_fn
+from ..data.processing import SamSegmentationPreprocessor, collate_fn
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from .sampling import (
     QUANTIZER_LR_SCALE,
@@ -24,6 +25,25 @@ from .sampling import (
 
 
 logger = logging.get_logger(__name__)
+
+
+class PromptEpochCallback(TrainerCallback):
+    """Advances the epoch of the training set's `SamSegmentationPreprocessor` at every epoch, for fresh prompts.
+
+    The preprocessor seeds its prompts with `(seed, epoch, example)`. The Trainer advances the epoch of a dataset
+    only if the dataset has `set_epoch` (iterable datasets); a map-style `datasets.Dataset` holds the preprocessor as
+    its transform (`Dataset.format["format_kwargs"]["transform"]`), which is where this finds it. Dataloader workers
+    pick the new epoch up when they start, i.e. every epoch unless `dataloader_persistent_workers=True`.
+    """
+
+    def __init__(self, trainer: "SupernetTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        dataset_format = getattr(self.trainer.train_dataset, "format", None) or {}
+        transform = (dataset_format.get("format_kwargs") or {}).get("transform")
+        if isinstance(transform, SamSegmentationPreprocessor):
+            transform.set_epoch(math.floor(state.epoch or 0))
 
 
 class SupernetTrainer(Trainer):
@@ -42,7 +62,8 @@ class SupernetTrainer(Trainer):
     `eval_mean_iou_smallest`), so numbers stay comparable across the progressive schedule.
 
     The datasets are those of `Dataset.set_transform(SamSegmentationPreprocessor(...))`; the default collator is
-    `mpsupernet.data.collate_fn`. Two arguments are set for this model whatever was given:
+    `mpsupernet.data.collate_fn`. The training preprocessor's epoch follows the Trainer's, so every epoch draws new
+    prompts (`PromptEpochCallback`). Two arguments are set for this model whatever was given:
     `remove_unused_columns=False` (the transform needs the raw columns and `ground_truth_masks` is no forward
     argument) and, unless set explicitly, `ddp_find_unused_parameters=True` (each subnet leaves some trained
     parameters unused). Weight decay, if any, skips the quantizers' step sizes and offsets (decaying them would shrink
@@ -109,6 +130,7 @@ class SupernetTrainer(Trainer):
         self.quantizer_lr_scale = quantizer_lr_scale
         self._subnet_loss_sums: dict[str, torch.Tensor] = {}
         self._subnet_loss_batches = 0
+        self.add_callback(PromptEpochCallback(self))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
         """`Trainer.train`, after calibrating the activation quantizers on the first training examples.
