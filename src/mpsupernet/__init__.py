@@ -2,12 +2,13 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskGeneration
 
+from .architecture import SubnetArchitecture
 from .bitops import BitOpsReport, count_bitops, parse_budget
 from .configuration_sam_supernet import SamSubnetConfig, SamSupernetConfig
 from .extraction import extract_subnet
 from .modeling_sam_subnet import SamSubnetForMaskGeneration
 from .modeling_sam_supernet import SamSupernetForMaskGeneration
-from .search_space import SearchSpace, SubnetArchitecture
+from .search_space import SearchSpace
 
 __version__ = "0.1.0.dev0"
 

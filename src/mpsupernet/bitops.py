@@ -16,8 +16,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
 
-from .configuration_sam_supernet import FLOAT_BITS, SamSupernetConfig
-from .search_space import SearchSpace, SubnetArchitecture
+from .architecture import FLOAT_BITS, SubnetArchitecture, is_float_bits
+from .configuration_sam_supernet import SamSupernetConfig
+from .search_space import SearchSpace
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def count_operations(config: SamSupernetConfig, arch: SubnetArchitecture) -> lis
 
 
 def _as_counted(bits: int, float_bits: int) -> int:
-    return float_bits if bits >= 16 else bits
+    return float_bits if is_float_bits(bits) else bits
 
 
 def count_bitops(config: SamSupernetConfig, arch: SubnetArchitecture) -> BitOpsReport:

@@ -1,16 +1,23 @@
 """Configuration of a mixed-precision SAM supernet and of the standalone subnets extracted from it."""
 
+import warnings
+
 from huggingface_hub.dataclasses import strict
 from transformers import SamConfig
 
-FLOAT_BITS = 32
-"""The bit-width that means "not quantized": a layer set to it runs in floating point."""
+from .architecture import (
+    ALLOWED_BITS,
+    FLOAT_BIT_CHOICES,
+    FLOAT_BITS,
+    LAYER_PATHS,
+    QUANTIZABLE_LAYERS,
+    SubnetArchitecture,
+    layer_name,
+)
 
 LORA_MODES = ("shared", "multiplex", "multipath")
 BIT_GRANULARITIES = ("layer", "block")
-QUANTIZABLE_LAYERS = ("qkv", "proj", "lin1", "lin2")
 MASK_DECODER_TRAINING = ("full", "frozen")
-ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
 def _check_choices(name, values, allowed=None, minimum=None):
@@ -29,7 +36,65 @@ def _check_choices(name, values, allowed=None, minimum=None):
 
 
 @strict
-class SamSupernetConfig(SamConfig):
+class SamQuantizedConfigBase(SamConfig):
+    r"""
+    What [`SamSupernetConfig`] and [`SamSubnetConfig`] share: the base SAM configuration (every argument of
+    `transformers.SamConfig`), the settings the quantized layers run with, and the checks run once per construction.
+
+    Runtime:
+        quantize_attention_products (`bool`, *optional*, defaults to `True`):
+            Whether the act x act attention products run on operands quantized at the activation bits of the block's
+            `qkv` layer. When `False` they run (and count) in float.
+        activation_offset (`bool`, *optional*, defaults to `True`):
+            Activations use an unsigned grid with a learned offset (LSQ+); otherwise a signed symmetric grid.
+        float_bits (`int`, *optional*, defaults to 32):
+            The bit-width at which floating-point operations are counted in BitOPs (32 for fp32 deployment, 16 for
+            fp16/bf16).
+        step_size_min (`float`, *optional*, defaults to 1e-8):
+            Lower bound applied to every step size, which must stay positive.
+
+    Subclasses fill their defaults in `_fill_defaults` and extend `check_settings`. The checks are deliberately not
+    named `validate_*`: `@strict` runs such methods after `__init__` on its own, which ran every check twice and
+    wrapped its `ValueError`; they run once, from `__post_init__`, and again before `save_pretrained` writes.
+    """
+
+    quantize_attention_products: bool = True
+    activation_offset: bool = True
+    float_bits: int = FLOAT_BITS
+    step_size_min: float = 1e-8
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._fill_defaults()
+        self.check_settings()
+
+    def _fill_defaults(self) -> None:
+        """Sets the fields left as `None` from the base SAM; nothing to fill here."""
+
+    def check_settings(self) -> None:
+        """Raises a `ValueError` that names the offending value if a runtime setting is invalid."""
+        if self.float_bits not in FLOAT_BIT_CHOICES:
+            raise ValueError(f"`float_bits` is {self.float_bits}; allowed: {list(FLOAT_BIT_CHOICES)}.")
+        if not self.step_size_min > 0:
+            raise ValueError(f"`step_size_min` must be positive, got {self.step_size_min}.")
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """As `PreTrainedConfig.save_pretrained`, after checking the settings again (they may have been edited)."""
+        self.check_settings()
+        return super().save_pretrained(save_directory, **kwargs)
+
+    def to_sam_config(self) -> SamConfig:
+        """The plain `SamConfig` of the base model, without the supernet or subnet settings."""
+        return SamConfig(
+            vision_config=self.vision_config.to_dict(),
+            prompt_encoder_config=self.prompt_encoder_config.to_dict(),
+            mask_decoder_config=self.mask_decoder_config.to_dict(),
+            initializer_range=self.initializer_range,
+        )
+
+
+@strict
+class SamSupernetConfig(SamQuantizedConfigBase):
     r"""
     Configuration of a [`SamSupernetForMaskGeneration`]: the configuration of the base SAM (every argument of
     `transformers.SamConfig`, from which this class inherits) plus the search space, the quantizers, the LoRA adapters
@@ -107,10 +172,6 @@ class SamSupernetConfig(SamConfig):
     activation_bit_choices: list[int] | None = None
     bit_granularity: str = "layer"
     quantized_layers: list[str] | None = None
-    quantize_attention_products: bool = True
-    float_bits: int = FLOAT_BITS
-    activation_offset: bool = True
-    step_size_min: float = 1e-8
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_mode: str = "multiplex"
@@ -118,8 +179,7 @@ class SamSupernetConfig(SamConfig):
     progressive_bits_schedule: list | None = None
     importance_reordered: bool = False
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+    def _fill_defaults(self) -> None:
         vision = self.vision_config
         image_size, patch_size = vision.image_size, vision.patch_size
         if self.resolution_choices is None:
@@ -145,10 +205,24 @@ class SamSupernetConfig(SamConfig):
             self.progressive_bits_schedule = default_progressive_schedule(
                 sorted(set(self.weight_bit_choices) | set(self.activation_bit_choices))
             )
-        self.validate_search_space()
 
-    def validate_search_space(self):
+    def check_settings(self) -> None:
         """Raises a `ValueError` that names the offending value if the search space or a setting is invalid."""
+        self.check_search_space()
+        super().check_settings()
+
+    @property
+    def validate_search_space(self):
+        """Deprecated: renamed [`check_search_space`] (a `validate_*` method is run again by `@strict`)."""
+        warnings.warn(
+            "`SamSupernetConfig.validate_search_space` is deprecated; use `check_search_space` (or `check_settings`).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.check_search_space
+
+    def check_search_space(self) -> None:
+        """Raises a `ValueError` that names the offending value if the search space or a supernet setting is invalid."""
         vision = self.vision_config
         patch_size = vision.patch_size
         _check_choices("resolution_choices", self.resolution_choices, minimum=patch_size)
@@ -184,21 +258,8 @@ class SamSupernetConfig(SamConfig):
             )
         if self.lora_rank < 1:
             raise ValueError(f"`lora_rank` must be at least 1, got {self.lora_rank}.")
-        if self.float_bits not in (16, 32):
-            raise ValueError(f"`float_bits` is {self.float_bits}; allowed: [16, 32].")
-        if not self.step_size_min > 0:
-            raise ValueError(f"`step_size_min` must be positive, got {self.step_size_min}.")
         validate_progressive_schedule(
             self.progressive_bits_schedule, set(self.weight_bit_choices) | set(self.activation_bit_choices)
-        )
-
-    def to_sam_config(self) -> SamConfig:
-        """The plain `SamConfig` of the base model, without the supernet settings."""
-        return SamConfig(
-            vision_config=self.vision_config.to_dict(),
-            prompt_encoder_config=self.prompt_encoder_config.to_dict(),
-            mask_decoder_config=self.mask_decoder_config.to_dict(),
-            initializer_range=self.initializer_range,
         )
 
 
@@ -242,7 +303,7 @@ def validate_progressive_schedule(schedule, allowed_bits: set[int]) -> None:
 
 
 @strict
-class SamSubnetConfig(SamConfig):
+class SamSubnetConfig(SamQuantizedConfigBase):
     r"""
     Configuration of a [`SamSubnetForMaskGeneration`]: one architecture of a supernet, extracted as a standalone
     model. It holds the configuration of the base SAM the supernet was built from (every argument of
@@ -279,13 +340,8 @@ class SamSubnetConfig(SamConfig):
     architecture: dict | None = None
     bitops: int | None = None
     bitops_report: dict | None = None
-    quantize_attention_products: bool = True
-    activation_offset: bool = True
-    float_bits: int = FLOAT_BITS
-    step_size_min: float = 1e-8
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+    def _fill_defaults(self) -> None:
         if self.architecture is None:
             vision = self.vision_config
             blocks = vision.num_hidden_layers
@@ -298,22 +354,22 @@ class SamSubnetConfig(SamConfig):
                 "weight_bits": {},
                 "activation_bits": {},
             }
-        self.validate_architecture()
 
-    # The plain SAM configuration is built exactly as for the supernet: from the base sub-configurations.
-    to_sam_config = SamSupernetConfig.to_sam_config
-
-    def subnet_architecture(self):
+    def subnet_architecture(self) -> SubnetArchitecture:
         """`architecture` as a `SubnetArchitecture`."""
-        # Imported here: search_space imports this module.
-        from .search_space import SubnetArchitecture
-
         return SubnetArchitecture.from_dict(self.architecture)
 
-    def validate_architecture(self) -> None:
-        """Raises a `ValueError` naming the offending value if the architecture does not fit the base SAM."""
-        from .search_space import LAYER_PATHS
+    def check_settings(self) -> None:
+        """Raises a `ValueError` naming the offending value if the architecture or a setting is invalid."""
+        self.check_architecture()
+        super().check_settings()
 
+    def check_architecture(self) -> None:
+        """Raises a `ValueError` naming the offending value if the architecture does not fit the base SAM.
+
+        Named `validate_architecture` before 0.1: that name is transformers' own `@strict` hook on every config, so
+        it is not kept as an alias.
+        """
         vision = self.vision_config
         arch = self.subnet_architecture()
         blocks = vision.num_hidden_layers
@@ -341,7 +397,7 @@ class SamSubnetConfig(SamConfig):
             for block, value in enumerate(values):
                 if not 1 <= value <= largest:
                     raise ValueError(f"`{field}` of block {block} is {value}; allowed: 1 to {largest}.")
-        layer_names = {f"layers.{block}.{path}" for block in range(blocks) for path in LAYER_PATHS.values()}
+        layer_names = {layer_name(block, kind) for block in range(blocks) for kind in LAYER_PATHS}
         allowed_bits = ALLOWED_BITS + (FLOAT_BITS,)
         for name, weight_bits, activation_bits in zip(arch.layer_names, arch.weight_bits, arch.activation_bits):
             if name not in layer_names:
@@ -352,10 +408,6 @@ class SamSubnetConfig(SamConfig):
             for field, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
                 if bits not in allowed_bits:
                     raise ValueError(f"`{field}` of {name} is {bits}; allowed: {list(allowed_bits)}.")
-        if self.float_bits not in (16, 32):
-            raise ValueError(f"`float_bits` is {self.float_bits}; allowed: [16, 32].")
-        if not self.step_size_min > 0:
-            raise ValueError(f"`step_size_min` must be positive, got {self.step_size_min}.")
         reported = (self.bitops_report or {}).get("bitops", self.bitops)
         if self.bitops is not None and reported != self.bitops:
             raise ValueError(

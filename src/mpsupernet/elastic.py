@@ -17,10 +17,10 @@ from transformers.models.sam.modeling_sam import (
     SamVisionNeck,
 )
 
-from .configuration_sam_supernet import FLOAT_BITS, SamSupernetConfig
+from .architecture import FLOAT_BITS, SubnetArchitecture
+from .configuration_sam_supernet import SamSupernetConfig
 from .lora import QuantizedLoraLinear
 from .quantization import LsqQuantizer
-from .search_space import SubnetArchitecture
 
 
 def make_quantized_linear(linear: nn.Linear, config: SamSupernetConfig) -> QuantizedLoraLinear:

@@ -11,12 +11,13 @@ from collections.abc import Iterator
 import torch
 
 from .bitops import format_bitops, parse_budget
-from .configuration_sam_supernet import FLOAT_BITS, SamSubnetConfig
+from .architecture import FLOAT_BITS, SubnetArchitecture, is_float_bits
+from .configuration_sam_supernet import SamSubnetConfig
 from .lora import QuantizedLoraLinear
-from .modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration, is_float
+from .modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration
 from .packing import pack_codes
 from .quantization import LsqQuantizer
-from .search_space import SearchSpace, SubnetArchitecture
+from .search_space import SearchSpace
 
 BIT_LADDERS = ("weight_bits", "activation_bits")
 DESCENT_ORDER = ("mlp_dim", "num_heads", "depth", "resolution")
@@ -93,7 +94,7 @@ def _copy_linear(source: QuantizedLoraLinear, target, name: str) -> None:
     """Writes the active sub-layer of a supernet Linear into a subnet Linear (plain or quantized)."""
     # Exactly the weight the supernet multiplies with: adapters merged, rows and columns sliced, fake-quantized.
     weight = source.quantized_weight()
-    if isinstance(target, QuantizedLinear) and not is_float(target.weight_bits):
+    if isinstance(target, QuantizedLinear) and not is_float_bits(target.weight_bits):
         step = _effective_weight_step(source)
         codes = torch.round(weight / step.unsqueeze(1)).to(torch.int8)
         target.packed_weight.copy_(pack_codes(codes, target.weight_bits))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_sam_supernet import FLOAT_BITS
+from .architecture import FLOAT_BITS, is_float_bits
 from .quantization import LsqQuantizer, tensors_state_key
 
 
@@ -114,7 +114,7 @@ class QuantizedLoraLinear(nn.Linear):
         """The adapters that serve `weight_bits`; a float layer uses those of the highest weight bit-width."""
         if self.lora_mode == "shared":
             return [0]
-        bits = max(self.weight_bit_choices) if weight_bits >= 16 else weight_bits
+        bits = max(self.weight_bit_choices) if is_float_bits(weight_bits) else weight_bits
         per_bits = self.weight_bit_choices.index(bits)
         return [per_bits] if self.lora_mode == "multiplex" else [0, 1 + per_bits]
 

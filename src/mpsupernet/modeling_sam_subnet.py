@@ -12,20 +12,15 @@ from transformers import PreTrainedModel, SamModel
 from transformers.models.sam.modeling_sam import SamImageSegmentationOutput, SamVisionLayer
 from transformers.utils import logging
 
+from .architecture import FLOAT_BITS, LAYER_PATHS, SubnetArchitecture, is_float_bits
 from .bitops import BitOpsReport, count_operations
 from .checkpoints import readable_safetensors
-from .configuration_sam_supernet import FLOAT_BITS, SamSubnetConfig
+from .configuration_sam_supernet import SamSubnetConfig
 from .elastic import QuantizedSamVisionAttention, ResizingSamVisionEncoder, eager_vision_config
 from .packing import packed_size, unpack_codes
 from .quantization import LsqQuantizer, tensors_state_key
-from .search_space import LAYER_PATHS, SubnetArchitecture
 
 logger = logging.get_logger(__name__)
-
-
-def is_float(bits: int) -> bool:
-    """Whether a bit-width means "not quantized" (the supernet's convention: 16 bits and more run in float)."""
-    return bits >= 16
 
 
 def fixed_quantizer(bits: int, signed: bool, learn_offset: bool, step_size_min: float) -> LsqQuantizer:
@@ -34,7 +29,7 @@ def fixed_quantizer(bits: int, signed: bool, learn_offset: bool, step_size_min: 
     At a float bit-width it has no bit-width to run at and passes values through.
     """
     quantizer = LsqQuantizer(
-        [] if is_float(bits) else [bits], signed=signed, learn_offset=learn_offset, step_size_min=step_size_min
+        [] if is_float_bits(bits) else [bits], signed=signed, learn_offset=learn_offset, step_size_min=step_size_min
     )
     quantizer.initialized.fill_(True)
     quantizer.set_bits(bits)
@@ -66,7 +61,7 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_bits, self.activation_bits = weight_bits, activation_bits
-        if is_float(weight_bits):
+        if is_float_bits(weight_bits):
             self.weight = nn.Parameter(torch.empty(out_features, in_features))
         else:
             num_bytes = packed_size(out_features * in_features, weight_bits)
@@ -80,7 +75,7 @@ class QuantizedLinear(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Zero weights and bias: a layer that has not been given its extracted values outputs zeros."""
-        if is_float(self.weight_bits):
+        if is_float_bits(self.weight_bits):
             self.weight.zero_()
         else:
             self.packed_weight.zero_()
@@ -96,7 +91,7 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the layer multiplies with: `codes * scale` per output channel (or the float weight)."""
-        if is_float(self.weight_bits):
+        if is_float_bits(self.weight_bits):
             return self.weight
         if torch.is_grad_enabled():
             return self._dequantize()
@@ -117,7 +112,7 @@ class QuantizedLinear(nn.Module):
 
 def make_subnet_linear(in_features: int, out_features: int, bias: bool, weight_bits: int, activation_bits: int, config):
     """A plain `nn.Linear` where weights and inputs are both float, else a [`QuantizedLinear`]."""
-    if is_float(weight_bits) and is_float(activation_bits):
+    if is_float_bits(weight_bits) and is_float_bits(activation_bits):
         return nn.Linear(in_features, out_features, bias=bias)
     return QuantizedLinear(in_features, out_features, bias, weight_bits, activation_bits, config)
 
@@ -342,7 +337,7 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
         quantized_inputs = [
             name
             for name, bits in zip(arch.layer_names, arch.activation_bits)
-            if not is_float(bits) and int(name.split(".")[1]) in kept
+            if not is_float_bits(bits) and int(name.split(".")[1]) in kept
         ]
         if quantized_inputs:
             logger.warning(

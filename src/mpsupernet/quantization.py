@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .configuration_sam_supernet import FLOAT_BITS
+from .architecture import FLOAT_BITS, is_float_bits
 
 
 class LsqFakeQuantize(torch.autograd.Function):
@@ -117,7 +117,7 @@ class LsqQuantizer(nn.Module):
 
     @property
     def is_quantizing(self) -> bool:
-        return self.active_bits < 16
+        return not is_float_bits(self.active_bits)
 
     def bit_index(self, bits: int) -> int:
         if bits not in self.bit_choices:
@@ -126,7 +126,7 @@ class LsqQuantizer(nn.Module):
 
     def set_bits(self, bits: int) -> None:
         """Selects the bit-width (32 for no quantization)."""
-        if bits < 16:
+        if not is_float_bits(bits):
             self.bit_index(bits)
         self.active_bits = bits
 
@@ -194,7 +194,7 @@ class LsqQuantizer(nn.Module):
         The tables are arguments rather than read from the module so that a caller can recompute a quantized tensor
         from detached copies of them (see `QuantizedLoraLinear`); `forward` passes the module's own.
         """
-        if bits >= 16:
+        if is_float_bits(bits):
             return x
         index = self.bit_index(bits)
         q_min, q_max = integer_range(bits, self.signed)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..evaluation import mask_iou
+from ..metrics import mask_iou
 
 
 DISTILLATION_KINDS = ("kl", "mse")
