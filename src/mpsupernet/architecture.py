@@ -33,6 +33,19 @@ def is_float_bits(bits: int) -> bool:
     return bits >= 16
 
 
+def parameter_kind(name: str) -> str | None:
+    """What a supernet parameter is, from its name: `"adapter"` (a LoRA matrix, `lora_A` / `lora_B`), `"quantizer"`
+    (a quantizer's step size or offset), or `None` for a weight of the base SAM.
+
+    Adapters and quantizer parameters are what the supernet adds to SAM, and what it trains besides the mask decoder.
+    """
+    if "lora_" in name:
+        return "adapter"
+    if "quantizer." in name:
+        return "quantizer"
+    return None
+
+
 def layer_name(block: int, kind: str) -> str:
     """The name of a quantizable layer inside the vision encoder, e.g. `layer_name(3, "lin1") == "layers.3.mlp.lin1"`."""
     return f"layers.{block}.{LAYER_PATHS[kind]}"
@@ -158,4 +171,5 @@ __all__ = [
     "SubnetArchitecture",
     "is_float_bits",
     "layer_name",
+    "parameter_kind",
 ]

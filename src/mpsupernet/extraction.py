@@ -24,8 +24,13 @@ DESCENT_ORDER = ("mlp_dim", "num_heads", "depth", "resolution")
 
 
 @torch.no_grad()
-def extract_subnet(supernet, arch: SubnetArchitecture | dict) -> SamSubnetForMaskGeneration:
+def extract_subnet(
+    supernet, arch_or_budget: SubnetArchitecture | dict | int | float | str, pareto_front=None
+) -> SamSubnetForMaskGeneration:
     """Extracts one architecture of a supernet as a standalone [`SamSubnetForMaskGeneration`].
+
+    Takes what `SamSupernetForMaskGeneration.extract_subnet` takes: an architecture, extracted as it is, or a BitOPs
+    budget, for which [`select_architecture`] chooses the architecture (from `pareto_front` if given).
 
     Each quantized Linear's weight is the supernet's: the LoRA adapters of its weight bit-width merged in
     (`QuantizedLoraLinear.merged_weight`), quantized with the layer's own step sizes, so that the subnet's dequantized
@@ -35,25 +40,34 @@ def extract_subnet(supernet, arch: SubnetArchitecture | dict) -> SamSubnetForMas
 
     Args:
         supernet (`SamSupernetForMaskGeneration`): the trained supernet; its active subnet is left as it was.
-        arch (`SubnetArchitecture` or `dict`): the architecture (checked against the supernet's search space).
+        arch_or_budget (`SubnetArchitecture`, `dict`, `int`, `float` or `str`): the architecture (checked against the
+            supernet's search space), or a budget as `mpsupernet.bitops.parse_budget` reads it (`"120G"`, `"5%"`).
+        pareto_front (`mpsupernet.search.ParetoFront`, *optional*): with a budget, evaluated architectures to
+            choose from.
 
     Raises:
-        `ValueError`: if the architecture is not in the search space, or if an activation quantizer it needs was
-        never calibrated at its bit-width (the supernet never ran at those bits).
+        `ValueError`: if the architecture is not in the search space, if the budget is not understood or too small,
+        or if an activation quantizer it needs was never calibrated at its bit-width (the supernet never ran at
+        those bits).
+        `TypeError`: if `arch_or_budget` is neither an architecture nor a budget.
     """
+    arch = arch_or_budget
     if isinstance(arch, dict):
         arch = SubnetArchitecture.from_dict(arch)
-    previous = supernet.active_subnet
-    supernet.set_subnet(arch)
-    try:
+    elif isinstance(arch, (int, float, str)) and not isinstance(arch, bool):
+        arch = select_architecture(supernet, arch, pareto_front)
+    elif not isinstance(arch, SubnetArchitecture):
+        raise TypeError(
+            f"`extract_subnet` takes an architecture (SubnetArchitecture or dict) or a BitOPs budget (int, float or "
+            f"str such as '120G' or '5%'), got {type(arch).__name__}: {arch!r}."
+        )
+    with supernet.using_subnet(arch):
         return _extract_active_subnet(supernet, arch)
-    finally:
-        supernet.set_subnet(previous)
 
 
 def _extract_active_subnet(supernet, arch: SubnetArchitecture) -> SamSubnetForMaskGeneration:
     source_config = supernet.config
-    report = supernet.bitops(arch)
+    report = supernet.bitops_report(arch)
     config = SamSubnetConfig(
         vision_config=source_config.vision_config.to_dict(),
         prompt_encoder_config=source_config.prompt_encoder_config.to_dict(),
@@ -159,15 +173,15 @@ def select_architecture(supernet, budget: int | float | str, pareto_front=None) 
         them), or if the Pareto front has nothing under it.
     """
     space = supernet.search_space
-    max_bitops = parse_budget(budget, supernet.bitops(space.full_precision()).total_bitops)
-    smallest = supernet.bitops(space.smallest()).total_bitops
+    max_bitops = parse_budget(budget, supernet.bitops_report(space.full_precision()).total_bitops)
+    smallest = supernet.bitops_report(space.smallest()).total_bitops
     if max_bitops < smallest:
         raise ValueError(
             f"Budget {budget!r} ({max_bitops} BitOPs) is below the cheapest subnet of this supernet: the smallest "
             f"reachable BitOPs is {format_bitops(smallest, exact=True)}."
         )
     if pareto_front is None:
-        return next(arch for arch in descent_path(space) if supernet.bitops(arch).total_bitops <= max_bitops)
+        return next(arch for arch in descent_path(space) if supernet.bitops_report(arch).total_bitops <= max_bitops)
     entry = pareto_front.best_under(max_bitops)
     if entry is None:
         raise ValueError(
@@ -175,7 +189,7 @@ def select_architecture(supernet, budget: int | float | str, pareto_front=None) 
             "larger budget, or no front for a cost-only choice."
         )
     arch = SubnetArchitecture.from_dict(entry.architecture)
-    bitops = supernet.bitops(arch).total_bitops
+    bitops = supernet.bitops_report(arch).total_bitops
     if bitops > max_bitops:
         raise ValueError(
             f"The Pareto front's choice under {budget!r} costs {format_bitops(bitops, exact=True)} in this supernet, more than the "

@@ -8,15 +8,15 @@ model shrinks with its bit-widths. It computes what the supernet computes with t
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, SamModel
-from transformers.models.sam.modeling_sam import SamImageSegmentationOutput, SamVisionLayer
+from transformers import SamModel
+from transformers.models.sam.modeling_sam import SamVisionLayer
 from transformers.utils import logging
 
 from .architecture import FLOAT_BITS, LAYER_PATHS, SubnetArchitecture, is_float_bits
 from .bitops import BitOpsReport, count_operations
-from .checkpoints import readable_safetensors
 from .configuration_sam_supernet import SamSubnetConfig
 from .elastic import QuantizedSamVisionAttention, ResizingSamVisionEncoder, eager_vision_config
+from .modeling_sam_base import SamQuantizedPreTrainedModel
 from .packing import packed_size, unpack_codes
 from .quantization import LsqQuantizer, tensors_state_key
 
@@ -188,28 +188,20 @@ class SamSubnetVisionEncoder(ResizingSamVisionEncoder):
         self.base_blocks = arch.kept_blocks
 
 
-class SamSubnetPreTrainedModel(PreTrainedModel):
+class SamSubnetPreTrainedModel(SamQuantizedPreTrainedModel):
     """Base class: configuration class and weight initialisation."""
 
     config_class = SamSubnetConfig
-    base_model_prefix = "sam"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["SamSubnetVisionLayer", "SamTwoWayAttentionBlock"]
-    _supports_sdpa = True
+    checkpoint_kind = "subnet"
+    # An extracted subnet's steps are always loaded from its checkpoint, never calibrated again.
+    quantizer_steps_loaded = True
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module):
+    def _init_own_weights(self, module: nn.Module) -> bool:
         if isinstance(module, QuantizedLinear):
             module.reset_parameters()
-        elif isinstance(module, LsqQuantizer):
-            # An extracted subnet's steps are always loaded from its checkpoint, never calibrated again.
-            module.reset_steps(initialized=True)
-        elif isinstance(module, SamModel):
-            module._init_weights(module)
-        elif isinstance(module, ResizingSamVisionEncoder) and module.pos_embed is not None:
-            module.pos_embed.zero_()
+            return True
+        return False
 
 
 class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
@@ -220,7 +212,7 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
     [`QuantizedLinear`]); the prompt encoder and mask decoder are SAM's own. [`forward`] takes and returns what
     `SamModel.forward` does, and reproduces the supernet's output for this architecture.
 
-    Make one with `SamSupernetForMaskGeneration.extract_subnet(budget)` (or `mpsupernet.extraction.extract_subnet`);
+    Make one with `SamSupernetForMaskGeneration.extract_subnet(budget)` (or `mpsupernet.extract_subnet`);
     save and load it with `save_pretrained` / `from_pretrained` (or `AutoModel.from_pretrained`).
 
     Args:
@@ -228,24 +220,12 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
             shape follows from it.
     """
 
-    _tied_weights_keys = {
-        "sam.prompt_encoder.shared_embedding.positional_embedding": "sam.shared_image_embedding.positional_embedding"
-    }
-
     def __init__(self, config: SamSubnetConfig):
         super().__init__(config)
-        sam_config = config.to_sam_config()
-        sam_config._attn_implementation = config._attn_implementation
-        self.sam = SamModel(sam_config)
-        self.sam.vision_encoder = SamSubnetVisionEncoder(config)
         self.post_init()
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """Loads a saved subnet (local folder or Hub repo), as `PreTrainedModel.from_pretrained` does."""
-        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        with readable_safetensors(source, "subnet"):
-            return super().from_pretrained(*args, **kwargs)
+    def _make_vision_encoder(self, config: SamSubnetConfig) -> SamSubnetVisionEncoder:
+        return SamSubnetVisionEncoder(config)
 
     @property
     def architecture(self) -> SubnetArchitecture:
@@ -269,37 +249,6 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
             full_precision_bitops=summary["full_precision_bitops"],
             w8a8_bitops=summary["w8a8_bitops"],
             architecture=self.config.architecture,
-        )
-
-    def get_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image embeddings on the base model's prompt grid."""
-        return self.sam.vision_encoder(pixel_values).last_hidden_state
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        input_points: torch.Tensor | None = None,
-        input_labels: torch.LongTensor | None = None,
-        input_boxes: torch.Tensor | None = None,
-        input_masks: torch.LongTensor | None = None,
-        image_embeddings: torch.Tensor | None = None,
-        multimask_output: bool = True,
-        **kwargs,
-    ) -> SamImageSegmentationOutput:
-        """Takes and returns what `SamModel.forward` takes and returns.
-
-        `pixel_values` may be at the base `image_size` (as `SamProcessor` makes them) or at the subnet's resolution;
-        prompts are always in the base model's coordinate frame.
-        """
-        return self.sam(
-            pixel_values=pixel_values,
-            input_points=input_points,
-            input_labels=input_labels,
-            input_boxes=input_boxes,
-            input_masks=input_masks,
-            image_embeddings=image_embeddings,
-            multimask_output=multimask_output,
-            **kwargs,
         )
 
     @torch.no_grad()

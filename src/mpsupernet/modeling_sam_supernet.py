@@ -2,47 +2,41 @@
 
 import os
 import random
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, SamModel
-from transformers.models.sam.modeling_sam import SamImageSegmentationOutput
+from transformers import SamModel
 from transformers.utils import logging
 
+from . import extraction
+from .architecture import SubnetArchitecture, parameter_kind
 from .bitops import BitOpsReport, count_bitops
-from .checkpoints import readable_safetensors
 from .configuration_sam_supernet import SamSupernetConfig
-from .elastic import ElasticSamVisionAttention, ElasticSamVisionEncoder, ResizingSamVisionEncoder
+from .elastic import ElasticSamVisionAttention, ElasticSamVisionEncoder
 from .lora import QuantizedLoraLinear
-from .quantization import LsqQuantizer
-from .search_space import SearchSpace, SubnetArchitecture
+from .modeling_sam_base import SamQuantizedPreTrainedModel
+from .search_space import SearchSpace
 
 logger = logging.get_logger(__name__)
 
 SAM_CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path")
 
 
-class SamSupernetPreTrainedModel(PreTrainedModel):
+class SamSupernetPreTrainedModel(SamQuantizedPreTrainedModel):
     """Base class: configuration class, weight initialisation and gradient-checkpointing support."""
 
     config_class = SamSupernetConfig
-    base_model_prefix = "sam"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["ElasticSamVisionLayer", "SamTwoWayAttentionBlock"]
-    _supports_sdpa = True
+    checkpoint_kind = "supernet"
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module):
+    def _init_own_weights(self, module: nn.Module) -> bool:
         if isinstance(module, QuantizedLoraLinear):
             module.reset_lora_parameters()
-        elif isinstance(module, LsqQuantizer):
-            module.reset_steps(initialized=False)
-        elif isinstance(module, SamModel):
-            module._init_weights(module)
-        elif isinstance(module, ResizingSamVisionEncoder) and module.pos_embed is not None:
-            module.pos_embed.zero_()
+            return True
+        return False
 
 
 class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
@@ -60,16 +54,8 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         config ([`SamSupernetConfig`]): the base SAM configuration plus the supernet settings.
     """
 
-    _tied_weights_keys = {
-        "sam.prompt_encoder.shared_embedding.positional_embedding": "sam.shared_image_embedding.positional_embedding"
-    }
-
     def __init__(self, config: SamSupernetConfig):
         super().__init__(config)
-        sam_config = config.to_sam_config()
-        sam_config._attn_implementation = config._attn_implementation
-        self.sam = SamModel(sam_config)
-        self.sam.vision_encoder = ElasticSamVisionEncoder(config)
         self.search_space = SearchSpace(config)
         self.post_init()
         self.freeze_base_model()
@@ -102,8 +88,7 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         incompatible = model.sam.load_state_dict(sam.state_dict(), strict=False)
         if incompatible.unexpected_keys:
             raise ValueError(f"The SAM checkpoint has weights the supernet cannot place: {incompatible.unexpected_keys}.")
-        new_parameter_markers = ("lora_", "quantizer.")
-        missing_base = [key for key in incompatible.missing_keys if not any(m in key for m in new_parameter_markers)]
+        missing_base = [key for key in incompatible.missing_keys if parameter_kind(key) is None]
         if missing_base:
             raise ValueError(f"The SAM checkpoint lacks weights the supernet needs: {missing_base}.")
         model.reorder_by_importance()
@@ -111,19 +96,13 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         model.set_subnet(model.search_space.full_precision())
         return model
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """Loads a saved supernet (local folder or Hub repo), as `PreTrainedModel.from_pretrained` does.
+    def _make_vision_encoder(self, config: SamSupernetConfig) -> ElasticSamVisionEncoder:
+        return ElasticSamVisionEncoder(config)
 
-        Loading replaces the parameter objects, so the base weights are frozen again afterwards.
-        """
-        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        with readable_safetensors(source, "supernet"):
-            loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model.freeze_base_model()
-        model.set_subnet(model.search_space.full_precision())
-        return loaded
+    def _after_loading(self) -> None:
+        """Loading replaces the parameter objects, so the base weights are frozen again afterwards."""
+        self.freeze_base_model()
+        self.set_subnet(self.search_space.full_precision())
 
     @torch.no_grad()
     def reorder_by_importance(self) -> None:
@@ -150,7 +129,7 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
     def freeze_base_model(self) -> None:
         """Freezes SAM's own weights; adapters, step sizes and (per the config) the mask decoder stay trainable."""
         for name, parameter in self.named_parameters():
-            parameter.requires_grad_(_is_supernet_parameter(name))
+            parameter.requires_grad_(parameter_kind(name) is not None)
         if self.config.mask_decoder_training == "full":
             self.sam.mask_decoder.requires_grad_(True)
 
@@ -172,14 +151,13 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
             activation_bits (`tuple[int]`, *optional*): the bit-widths to calibrate; defaults to all of them.
             weight_bits (`int`, *optional*): the weight bit-width the calibration runs at.
         """
-        previous, was_training = self.active_subnet, self.training
+        was_training = self.training
         self.eval()
         try:
             for bits in activation_bits or self.search_space.activation_bit_choices:
-                self.set_subnet(self.search_space.largest(weight_bits, bits))
-                self.get_image_embeddings(pixel_values)
+                with self.using_subnet(self.search_space.largest(weight_bits, bits)):
+                    self.get_image_embeddings(pixel_values)
         finally:
-            self.set_subnet(previous)
             self.train(was_training)
 
     # --- the active subnet ----------------------------------------------------------------------------------------
@@ -190,6 +168,22 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         self.search_space.validate(arch)
         self.sam.vision_encoder.set_active(arch)
         self.active_subnet = arch
+
+    @contextmanager
+    def using_subnet(self, arch: SubnetArchitecture | dict) -> Iterator[SubnetArchitecture]:
+        """Activates `arch` for the `with` block, then restores the subnet that was active before (even on error).
+
+        Example: `with supernet.using_subnet(supernet.smallest_subnet()): supernet(**inputs)`.
+
+        Yields:
+            `SubnetArchitecture`: the architecture activated.
+        """
+        previous = self.active_subnet
+        self.set_subnet(arch)
+        try:
+            yield self.active_subnet
+        finally:
+            self.set_subnet(previous)
 
     def sample_subnet(self, seed: int | random.Random | None = None, **bit_choices) -> SubnetArchitecture:
         """A random architecture of the search space (not activated; pass it to `set_subnet`).
@@ -212,11 +206,24 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         """The largest subnet with every layer in float: the base SAM (plus its adapters)."""
         return self.search_space.full_precision()
 
-    def bitops(self, arch: SubnetArchitecture | dict | None = None) -> BitOpsReport:
-        """The BitOPs report of `arch` (default: the active subnet), counted analytically (see `mpsupernet.bitops`)."""
+    def bitops_report(self, arch: SubnetArchitecture | dict | None = None) -> BitOpsReport:
+        """The BitOPs report of `arch` (default: the active subnet), counted analytically (see `mpsupernet.bitops`).
+
+        The same name and report as `SamSubnetForMaskGeneration.bitops_report()`: the subnet extracted for `arch`
+        reports the same rows and totals.
+        """
         if isinstance(arch, dict):
             arch = SubnetArchitecture.from_dict(arch)
         return count_bitops(self.config, arch or self.active_subnet)
+
+    def bitops(self, arch: SubnetArchitecture | dict | None = None) -> BitOpsReport:
+        """Deprecated alias of [`bitops_report`]."""
+        warnings.warn(
+            "`SamSupernetForMaskGeneration.bitops` is deprecated; use `bitops_report` (the subnet's name too).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.bitops_report(arch)
 
     def extract_subnet(
         self,
@@ -233,7 +240,9 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
 
         Args:
             budget (`int`, `float` or `str`): BitOPs of the image encoder per image: a number, a string such as
-                `"120G"`, `"1.5T"`, `"900M"`, `"35e9"`, or a share of the full-precision model such as `"5%"`.
+                `"120G"`, `"1.5T"`, `"900M"`, `"35e9"`, or a share of the full-precision model such as `"5%"`. An
+                architecture (`SubnetArchitecture` or its dict) is also accepted and extracted as it is, as
+                `mpsupernet.extract_subnet` does.
             pareto_front (`mpsupernet.search.ParetoFront`, *optional*): evaluated architectures to choose from.
             save_directory (`str` or `os.PathLike`, *optional*): where to `save_pretrained` the subnet; nothing is
                 written if the budget is rejected.
@@ -244,50 +253,11 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         Raises:
             `ValueError`: if the budget is not understood, or is below the smallest subnet's BitOPs (named).
         """
-        # Imported here: extraction builds on the subnet model, which the supernet does not otherwise need.
-        from . import extraction
-
         front = pareto_front if pareto_front is not None else getattr(self, "pareto_front", None)
-        subnet = extraction.extract_subnet(self, extraction.select_architecture(self, budget, front))
+        subnet = extraction.extract_subnet(self, budget, pareto_front=front)
         if save_directory is not None:
             subnet.save_pretrained(save_directory)
         return subnet
-
-    # --- running --------------------------------------------------------------------------------------------------
-    def get_image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image embeddings of the active subnet, on the base model's prompt grid."""
-        return self.sam.vision_encoder(pixel_values).last_hidden_state
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        input_points: torch.Tensor | None = None,
-        input_labels: torch.LongTensor | None = None,
-        input_boxes: torch.Tensor | None = None,
-        input_masks: torch.LongTensor | None = None,
-        image_embeddings: torch.Tensor | None = None,
-        multimask_output: bool = True,
-        **kwargs,
-    ) -> SamImageSegmentationOutput:
-        """Runs the active subnet; takes and returns what `SamModel.forward` takes and returns.
-
-        `pixel_values` may be at the base `image_size` (as `SamProcessor` makes them) or at the active resolution;
-        prompts are always in the base model's coordinate frame.
-        """
-        return self.sam(
-            pixel_values=pixel_values,
-            input_points=input_points,
-            input_labels=input_labels,
-            input_boxes=input_boxes,
-            input_masks=input_masks,
-            image_embeddings=image_embeddings,
-            multimask_output=multimask_output,
-            **kwargs,
-        )
-
-
-def _is_supernet_parameter(name: str) -> bool:
-    return "lora_" in name or "quantizer." in name
 
 
 def _reorder_mlp(mlp) -> None:

@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers.utils import logging
 
+from ..architecture import parameter_kind
 from ..configuration_sam_supernet import SamSupernetConfig, validate_progressive_schedule
 from ..data.processing import MODEL_INPUT_NAMES
 from ..evaluation import evaluate_mean_iou
@@ -38,8 +39,8 @@ QUANTIZER_LR_SCALE = 0.01
 
 
 def is_quantizer_parameter(name: str) -> bool:
-    """Whether a parameter name is a quantizer's step size or offset."""
-    return "quantizer." in name
+    """Whether a parameter name is a quantizer's step size or offset (see `mpsupernet.architecture.parameter_kind`)."""
+    return parameter_kind(name) == "quantizer"
 
 
 def quantizer_parameter_groups(model: nn.Module, learning_rate: float, quantizer_lr_scale: float) -> list[dict]:
@@ -458,14 +459,10 @@ def evaluate_subnets(
     Returns:
         `dict[str, float]`: the mean IoU of each subnet.
     """
-    previous = model.active_subnet
     results = {}
-    try:
-        for name, arch in archs.items():
-            model.set_subnet(arch)
+    for name, arch in archs.items():
+        with model.using_subnet(arch):
             results[name] = evaluate_mean_iou(
                 model, dataloader, description=f"mIoU of the {name} subnet", **evaluate_kwargs
             )
-    finally:
-        model.set_subnet(previous)
     return results
