@@ -41,7 +41,7 @@ setup(
     package_dir={"": "src", "mpsupernet.model_cards": "model_cards"},
     packages=find_packages("src") + ["mpsupernet.model_cards"],
     package_data={
-        "mpsupernet": ["pretrained/*/*.safetensors", "pretrained/*/*.json"],
+        "mpsupernet.pretrained": ["*/*.safetensors", "*/*.json"],
         "mpsupernet.model_cards": ["*.md"],
     },
     include_package_data=True,

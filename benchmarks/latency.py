@@ -42,7 +42,7 @@ def main() -> None:
     size = sam.config.vision_config.image_size
     pixel_values = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
     supernet.calibrate_quantizers(pixel_values)
-    full_macs = supernet.bitops(supernet.full_precision_subnet()).total_macs
+    full_macs = supernet.bitops_report(supernet.full_precision_subnet()).total_macs
 
     def run_full():
         sam.get_image_embeddings(pixel_values)

@@ -58,14 +58,14 @@ def run(args: argparse.Namespace) -> dict:
     splits = _embedded.make_splits(args)
     supernet = _embedded.supernet_from_arguments(args, splits)
     reference = supernet.search_space.full_precision()
-    full_precision_bitops = supernet.bitops(reference).total_bitops
+    full_precision_bitops = supernet.bitops_report(reference).total_bitops
     full_precision_miou = _embedded.subnet_mean_iou(supernet, reference, splits["test"], args.seed)
     rows = []
     variations = operator_variations(supernet)
     print(f"Measuring {sum(map(len, variations.values()))} single-operator subnets on {args.num_test} test images")
     for operator, values in variations.items():
         for label, arch in values:
-            bitops = supernet.bitops(arch).total_bitops
+            bitops = supernet.bitops_report(arch).total_bitops
             miou = _embedded.subnet_mean_iou(supernet, arch, splits["test"], args.seed)
             rows.append(
                 {

@@ -33,20 +33,16 @@ from transformers.utils import logging
 
 from mpsupernet import SamSupernetForMaskGeneration
 from mpsupernet.data import (
+    DATASET_SCHEMAS,
     PROMPT_MODES,
     SamSegmentationPreprocessor,
-    from_coco_annotations,
-    from_instance_mask_columns,
-    from_semantic_maps,
     remove_examples_without_masks,
+    to_standard_schema,
 )
 from mpsupernet.training import SupernetTrainer
 
 
 logger = logging.get_logger("train_sam_vit_b")
-
-ADAPTERS = {"coco": from_coco_annotations, "masks": from_instance_mask_columns, "semantic": from_semantic_maps}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, help="Hub dataset id (or a local folder `load_dataset` reads)")
     parser.add_argument("--dataset-config", default=None, help="configuration name of the Hub dataset")
     parser.add_argument(
-        "--schema", required=True, choices=sorted(ADAPTERS), help="how the dataset stores masks (see mpsupernet.data)"
+        "--schema", required=True, choices=list(DATASET_SCHEMAS), help="how the dataset stores masks (see mpsupernet.data)"
     )
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--eval-split", default="validation")
@@ -115,8 +111,8 @@ def main(argv=None) -> dict:
 
     model = SamSupernetForMaskGeneration.from_sam(args.sam, lora_mode=args.lora_mode, lora_rank=args.lora_rank)
     logger.info(
-        f"Supernet from {args.sam}: largest subnet {model.bitops(model.largest_subnet()).total_bitops / 1e9:.0f} "
-        f"GBitOPs, smallest {model.bitops(model.smallest_subnet()).total_bitops / 1e9:.0f} GBitOPs per image."
+        f"Supernet from {args.sam}: largest subnet {model.bitops_report(model.largest_subnet()).total_bitops / 1e9:.0f} "
+        f"GBitOPs, smallest {model.bitops_report(model.smallest_subnet()).total_bitops / 1e9:.0f} GBitOPs per image."
     )
 
     training_args = make_training_arguments(args)
@@ -125,8 +121,8 @@ def main(argv=None) -> dict:
         raw = load_dataset(args.dataset, args.dataset_config)
         train_split = raw[args.train_split]
         eval_split = raw[args.eval_split].select(range(min(args.max_eval_examples, len(raw[args.eval_split]))))
-        train_data = remove_examples_without_masks(ADAPTERS[args.schema](train_split))
-        eval_data = remove_examples_without_masks(ADAPTERS[args.schema](eval_split))
+        train_data = remove_examples_without_masks(to_standard_schema(train_split, args.schema))
+        eval_data = remove_examples_without_masks(to_standard_schema(eval_split, args.schema))
     preprocessor = SamSegmentationPreprocessor(
         model.config, prompts_per_image=args.prompts_per_image, prompt_mode=args.prompt_mode, seed=args.seed
     )

@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
         "final_losses": summary["final_losses"],
         "log_history": summary["log_history"],
         "bitops": {
-            name: model.bitops(arch).summary()
+            name: model.bitops_report(arch).summary()
             for name, arch in (("largest", model.largest_subnet()), ("smallest", model.smallest_subnet()))
         },
     }

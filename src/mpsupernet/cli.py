@@ -1,6 +1,6 @@
 """The `mpsupernet` command: convert, train, search, extract, push and the end-to-end demo.
 
-Heavy imports happen inside each command, so that `mpsupernet --help` answers at once.
+Heavy imports (the models, training, search) happen inside each command, so that `mpsupernet --help` stays quick.
 """
 
 import argparse
@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-DATASET_SCHEMAS = ("standard", "coco", "semantic")
+from .data import DATASET_SCHEMAS, make_synthetic_segmentation_dataset_dict, to_standard_schema
 
 
 def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64, num_validation: int = 32, seed: int = 0):
@@ -25,21 +25,13 @@ def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64
     """
     import datasets
 
-    from .data import (
-        from_coco_annotations,
-        from_instance_mask_columns,
-        from_semantic_maps,
-        make_synthetic_segmentation_dataset_dict,
-    )
-
     if schema not in DATASET_SCHEMAS:
         raise ValueError(f"Unknown dataset schema {schema!r}; allowed: {list(DATASET_SCHEMAS)}.")
     if spec == "synthetic":
         splits = make_synthetic_segmentation_dataset_dict(num_train, num_validation, seed=seed)
         return splits["train"], splits["validation"]
     loaded = datasets.load_from_disk(spec) if Path(spec).exists() else datasets.load_dataset(spec)
-    converter = {"standard": from_instance_mask_columns, "coco": from_coco_annotations, "semantic": from_semantic_maps}
-    loaded = converter[schema](loaded)
+    loaded = to_standard_schema(loaded, schema)
     if isinstance(loaded, datasets.Dataset):
         split = loaded.train_test_split(test_size=min(num_validation, len(loaded) // 2), seed=seed)
         return split["train"], split["test"]
@@ -51,7 +43,7 @@ def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64
 
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="synthetic", help="'synthetic', a save_to_disk folder, or a Hub id")
-    parser.add_argument("--schema", default="standard", choices=DATASET_SCHEMAS, help="how the dataset stores masks")
+    parser.add_argument("--schema", default="standard", choices=list(DATASET_SCHEMAS), help="how the dataset stores masks")
     parser.add_argument("--num-train", type=int, default=64, help="training images of the synthetic dataset")
     parser.add_argument("--num-validation", type=int, default=32, help="validation images")
 

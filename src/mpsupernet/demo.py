@@ -41,6 +41,52 @@ def pick_tier_budgets(front) -> dict[str, int]:
     return {name: candidates[index].bitops for name, index in zip(TIER_NAMES, picks)}
 
 
+def summary_rows(full_precision_bitops: int, sam_mean_iou: float, manifest: dict) -> list[dict]:
+    """The demo's result table: the pretrained SAM, then each tier of the manifest (BitOPs, share, mean IoU)."""
+    rows = [
+        {
+            "model": "pretrained SAM (float)",
+            "gbitops": full_precision_bitops / 1e9,
+            "share_of_full_precision": 1.0,
+            "mean_iou": sam_mean_iou,
+        }
+    ]
+    for name, tier in manifest["tiers"].items():
+        rows.append(
+            {
+                "model": f"tier {name}",
+                "gbitops": tier["bitops"] / 1e9,
+                "share_of_full_precision": tier["share_of_full_precision"],
+                "mean_iou": tier["mean_iou"],
+            }
+        )
+    return rows
+
+
+def print_summary(rows: list[dict]) -> None:
+    print(f"{'model':<28} {'GBitOPs':>9} {'% of FP':>8} {'mIoU':>7}")
+    for row in rows:
+        print(
+            f"{row['model']:<28} {row['gbitops']:>9.3f} {100 * row['share_of_full_precision']:>7.2f}% "
+            f"{row['mean_iou']:>7.4f}"
+        )
+
+
+def write_summary(output: Path, rows: list[dict], training: dict, started: float) -> dict:
+    """Writes `summary.json` (the table, the training result without its log, where the outputs are, the duration)."""
+    summary = {
+        "rows": rows,
+        "training": {k: v for k, v in training.items() if k != "log_history"},
+        "pareto_front": str(output / "pareto_front.json"),
+        "pareto_plot": str(output / "pareto_front.png"),
+        "tiers": str(output / "tiers"),
+        "seconds": time.perf_counter() - started,
+    }
+    (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"Done in {summary['seconds'] / 60:.1f} min; outputs in {output}")
+    return summary
+
+
 def run_demo(
     output_dir: str = "outputs/demo",
     train_steps: int = 600,
@@ -99,11 +145,8 @@ def run_demo(
 
     budgets = pick_tier_budgets(front)
     print(f"[4/5] Extracting tiers under {', '.join(f'{n}: {format_bitops(b)}' for n, b in budgets.items())}")
-    tiers, mean_ious = {}, {}
-    for name, budget in budgets.items():
-        subnet = supernet.extract_subnet(budget, pareto_front=front)
-        tiers[name] = subnet
-        mean_ious[name] = evaluate_dataset_mean_iou(subnet, splits["validation"], seed=seed)
+    tiers = {name: supernet.extract_subnet(budget, pareto_front=front) for name, budget in budgets.items()}
+    mean_ious = {name: evaluate_dataset_mean_iou(tier, splits["validation"], seed=seed) for name, tier in tiers.items()}
     manifest = save_tiers(
         tiers,
         output / "tiers",
@@ -113,37 +156,6 @@ def run_demo(
     )
 
     print("[5/5] Summary")
-    rows = [
-        {
-            "model": "pretrained SAM (float)",
-            "gbitops": front.full_precision_bitops / 1e9,
-            "share_of_full_precision": 1.0,
-            "mean_iou": sam_miou,
-        }
-    ]
-    for name, tier in manifest["tiers"].items():
-        rows.append(
-            {
-                "model": f"tier {name}",
-                "gbitops": tier["bitops"] / 1e9,
-                "share_of_full_precision": tier["share_of_full_precision"],
-                "mean_iou": tier["mean_iou"],
-            }
-        )
-    print(f"{'model':<28} {'GBitOPs':>9} {'% of FP':>8} {'mIoU':>7}")
-    for row in rows:
-        print(
-            f"{row['model']:<28} {row['gbitops']:>9.3f} {100 * row['share_of_full_precision']:>7.2f}% "
-            f"{row['mean_iou']:>7.4f}"
-        )
-    summary = {
-        "rows": rows,
-        "training": {k: v for k, v in training.items() if k != "log_history"},
-        "pareto_front": str(output / "pareto_front.json"),
-        "pareto_plot": str(output / "pareto_front.png"),
-        "tiers": str(output / "tiers"),
-        "seconds": time.perf_counter() - started,
-    }
-    (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"Done in {summary['seconds'] / 60:.1f} min; outputs in {output}")
-    return summary
+    rows = summary_rows(front.full_precision_bitops, sam_miou, manifest)
+    print_summary(rows)
+    return write_summary(output, rows, training, started)

@@ -1,12 +1,14 @@
 """Segmentation data for SAM: a synthetic dataset, adapters from Hub schemas, prompt sampling and preprocessing."""
 
 from .adapters import (
+    DATASET_SCHEMAS,
     STANDARD_FEATURES,
     decode_coco_segmentation,
     from_coco_annotations,
     from_instance_mask_columns,
     from_semantic_maps,
     semantic_map_to_masks,
+    to_standard_schema,
 )
 from .processing import (
     MODEL_INPUT_NAMES,
@@ -25,6 +27,7 @@ from .synthetic import (
 
 
 __all__ = [
+    "DATASET_SCHEMAS",
     "MODEL_INPUT_NAMES",
     "PAD_POINT_LABEL",
     "PROMPT_MODES",
@@ -44,4 +47,5 @@ __all__ = [
     "remove_examples_without_masks",
     "sample_points",
     "semantic_map_to_masks",
+    "to_standard_schema",
 ]

@@ -345,3 +345,29 @@ def from_semantic_maps(
         return semantic_map_to_masks(label_map, ignore_labels=ignore_labels, mode=mode, min_area=min_area)
 
     return _convert(dataset, [image_column, annotation_column], id_column, masks_fn, num_proc)
+
+
+DATASET_SCHEMAS = {
+    "standard": from_instance_mask_columns,
+    "coco": from_coco_annotations,
+    "semantic": from_semantic_maps,
+}
+"""How a dataset may store its masks, each with the adapter that converts it to the standard schema: `"standard"`
+(an image and a list of per-object masks), `"coco"` (objects with polygon/RLE segmentations), `"semantic"` (an
+ADE20K-style label map)."""
+
+
+def to_standard_schema(dataset: Dataset | DatasetDict, schema: str, **adapter_kwargs) -> Dataset | DatasetDict:
+    """Converts a dataset that stores its masks as `schema` says to the standard schema (`image`, `masks`, `image_id`).
+
+    Args:
+        dataset (`Dataset` or `DatasetDict`): the dataset as loaded.
+        schema (`str`): a key of `DATASET_SCHEMAS`: `"standard"`, `"coco"` or `"semantic"`.
+        adapter_kwargs: passed to the schema's adapter (column names, `num_proc`, ...).
+
+    Raises:
+        `ValueError`: if the schema is unknown (the message lists the known ones).
+    """
+    if schema not in DATASET_SCHEMAS:
+        raise ValueError(f"Unknown dataset schema {schema!r}; allowed: {list(DATASET_SCHEMAS)}.")
+    return DATASET_SCHEMAS[schema](dataset, **adapter_kwargs)

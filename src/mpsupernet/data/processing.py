@@ -213,28 +213,11 @@ class SamSegmentationPreprocessor:
             return order[: self.prompts_per_image]
         return np.concatenate([order, rng.integers(num_objects, size=self.prompts_per_image - num_objects)])
 
-    def __call__(self, examples: dict[str, list]) -> dict[str, list]:
-        """Processes a batch of examples (a dict of columns, as `set_transform` passes it).
-
-        Args:
-            examples (`dict[str, list]`):
-                Columns of the batch; needs the image and masks columns.
-
-        Returns:
-            `dict[str, list]` with one entry per example (`None` for a skipped one) under:
-            `pixel_values` (float `(3, image_size, image_size)`), `ground_truth_masks` (float 0/1
-            `(prompts_per_image, low_res_size, low_res_size)`), `original_sizes` and `reshaped_input_sizes` (int64
-            `(2,)`, height and width), `input_boxes` (float `(prompts_per_image, 4)`, box modes) and `input_points`
-            (float `(prompts_per_image, num_points, 2)`) with `input_labels` (int64 `(prompts_per_image,
-            num_points)`) in the point modes. Coordinates are in the frame of the model's input.
-        """
-        missing = [name for name in (self.image_column, self.masks_column) if name not in examples]
-        if missing:
-            raise ValueError(f"The examples lack the column(s) {missing}; they have the columns {list(examples)}.")
-        images = examples[self.image_column]
+    def _nonempty_masks(self, images: list, masks_per_image: list) -> tuple[list[int], list[list[np.ndarray]]]:
+        """The examples that keep a non-empty mask and those masks; empty masks and examples are counted and logged."""
         kept, kept_masks = [], []
         dropped_masks, skipped_examples = 0, 0
-        for index, (image, masks) in enumerate(zip(images, examples[self.masks_column])):
+        for index, (image, masks) in enumerate(zip(images, masks_per_image)):
             width, height = image.size if isinstance(image, PILImage.Image) else np.asarray(image).shape[1::-1]
             binary_masks = []
             for k, mask in enumerate(masks):
@@ -261,6 +244,28 @@ class SamSegmentationPreprocessor:
                 f"non-empty mask in this batch ({self.num_dropped_masks} masks dropped and "
                 f"{self.num_skipped_examples} examples skipped so far)."
             )
+        return kept, kept_masks
+
+    def __call__(self, examples: dict[str, list]) -> dict[str, list]:
+        """Processes a batch of examples (a dict of columns, as `set_transform` passes it).
+
+        Args:
+            examples (`dict[str, list]`):
+                Columns of the batch; needs the image and masks columns.
+
+        Returns:
+            `dict[str, list]` with one entry per example (`None` for a skipped one) under:
+            `pixel_values` (float `(3, image_size, image_size)`), `ground_truth_masks` (float 0/1
+            `(prompts_per_image, low_res_size, low_res_size)`), `original_sizes` and `reshaped_input_sizes` (int64
+            `(2,)`, height and width), `input_boxes` (float `(prompts_per_image, 4)`, box modes) and `input_points`
+            (float `(prompts_per_image, num_points, 2)`) with `input_labels` (int64 `(prompts_per_image,
+            num_points)`) in the point modes. Coordinates are in the frame of the model's input.
+        """
+        missing = [name for name in (self.image_column, self.masks_column) if name not in examples]
+        if missing:
+            raise ValueError(f"The examples lack the column(s) {missing}; they have the columns {list(examples)}.")
+        images = examples[self.image_column]
+        kept, kept_masks = self._nonempty_masks(images, examples[self.masks_column])
 
         output_names = ["pixel_values", "ground_truth_masks", "original_sizes", "reshaped_input_sizes"]
         if self.prompt_mode != "points":

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import SamConfig, SamModel
 
 
-EMBEDDED_SAM_PATH = Path(__file__).resolve().parent / "pretrained" / "embedded-sam"
+EMBEDDED_SAM_PATH = Path(__file__).resolve().parent / "embedded-sam"
 
 
 def _check_embedded_sam() -> None:
