@@ -54,9 +54,11 @@ def test_is_float_bits_is_the_quantizers_rule():
 def test_metrics_module_imports_neither_datasets_nor_pil():
     # Read, not imported: a fresh interpreter would take most of a minute on a loaded machine.
     tree = ast.parse(Path(mpsupernet.metrics.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
-    relative = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level > 0]
+    nodes = list(ast.walk(tree))
+    imported = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+    from_imports = [node for node in nodes if isinstance(node, ast.ImportFrom)]
+    imported |= {node.module.split(".")[0] for node in from_imports if node.level == 0}
+    relative = [node.module for node in from_imports if node.level > 0]
     assert imported == {"torch", "torchmetrics", "transformers"} and relative == []
     from mpsupernet.evaluation import mask_iou
 
@@ -164,7 +166,8 @@ def test_dataset_schema_map_is_shared_with_the_cli():
     dataset = make_synthetic_segmentation_dataset(2, image_size=32)
     converted = to_standard_schema(dataset, "standard")
     assert converted.num_rows == 2 and set(converted.column_names) == {"image", "masks", "image_id"}
-    with pytest.raises(ValueError, match=r"Unknown dataset schema 'masks'; allowed: \['standard', 'coco', 'semantic'\]"):
+    allowed = r"\['standard', 'coco', 'semantic'\]"
+    with pytest.raises(ValueError, match=rf"Unknown dataset schema 'masks'; allowed: {allowed}"):
         to_standard_schema(dataset, "masks")
 
 

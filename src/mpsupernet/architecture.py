@@ -47,7 +47,7 @@ def parameter_kind(name: str) -> str | None:
 
 
 def layer_name(block: int, kind: str) -> str:
-    """The name of a quantizable layer inside the vision encoder, e.g. `layer_name(3, "lin1") == "layers.3.mlp.lin1"`."""
+    """The name of a quantizable layer inside the vision encoder: `layer_name(3, "lin1") == "layers.3.mlp.lin1"`."""
     return f"layers.{block}.{LAYER_PATHS[kind]}"
 
 
