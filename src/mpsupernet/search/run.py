@@ -120,31 +120,11 @@ def evolutionary_search(
     Returns:
         `ParetoFront`: with the full-precision point, the W8A8 reference, the date and the settings in `metadata`.
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"Unknown search algorithm {algorithm!r}; allowed: {list(ALGORITHMS)}.")
-    if isinstance(population_size, bool) or not isinstance(population_size, int) or population_size < 2:
-        raise ValueError(f"`population_size` must be an integer of at least 2, got {population_size!r}.")
-    if isinstance(generations, bool) or not isinstance(generations, int) or generations < 0:
-        raise ValueError(f"`generations` must be a non-negative integer, got {generations!r}.")
+    _check_search_settings(algorithm, population_size, generations)
     space: SearchSpace = supernet.search_space
     full_precision = supernet.full_precision_subnet()
     full_precision_report = supernet.bitops(full_precision)
-    full_precision_bitops = full_precision_report.total_bitops
-    max_bitops = None if max_bitops is None else parse_budget(max_bitops, full_precision_bitops, name="max_bitops")
-    min_bitops = None if min_bitops is None else parse_budget(min_bitops, full_precision_bitops, name="min_bitops")
-    cheapest = supernet.bitops(space.smallest()).total_bitops
-    dearest = supernet.bitops(space.largest()).total_bitops
-    if max_bitops is not None and max_bitops < cheapest:
-        raise ValueError(
-            f"`max_bitops` is {max_bitops:,} but the smallest subnet costs {cheapest:,} BitOPs; no architecture fits. "
-            f"Allowed: at least {cheapest:,}."
-        )
-    if min_bitops is not None and min_bitops > min(dearest, max_bitops or dearest):
-        raise ValueError(
-            f"`min_bitops` is {min_bitops:,} but it must not exceed `max_bitops` ({max_bitops}) nor the largest "
-            f"subnet's {dearest:,} BitOPs."
-        )
-
+    max_bitops, min_bitops = _bitops_bounds(supernet, full_precision_report.total_bitops, max_bitops, min_bitops)
     full_precision_mean_iou = None
     if evaluate_full_precision:
         full_precision_mean_iou = _checked_mean_iou(evaluate(full_precision), full_precision)
@@ -162,6 +142,76 @@ def evolutionary_search(
         repair=_CanonicalRepair(encoding),
         eliminate_duplicates=True,
     )
+    _run_generations(optimizer, encoding, evaluations, population_size, generations, seed, progress)
+    entries = list(evaluations.entries.values())
+    settings = {"algorithm": algorithm, "population_size": population_size, "generations": generations}
+    search = {**settings, "max_bitops": max_bitops, "min_bitops": min_bitops, "seed": seed}
+    front_metadata = _front_metadata(supernet, full_precision_report, full_precision_mean_iou, search, len(entries))
+    return ParetoFront(entries, metadata={**front_metadata, **(metadata or {})})
+
+
+def _front_metadata(
+    supernet, full_precision_report, full_precision_mean_iou: float | None, search: dict, num_evaluations: int
+) -> dict:
+    """The metadata `evolutionary_search` gives its front (see `ParetoFront`)."""
+    return {
+        "base_model": getattr(supernet, "name_or_path", None) or None,
+        "dataset": {"name": None, "size": None},
+        "full_precision": {
+            "bitops": full_precision_report.total_bitops,
+            "macs": full_precision_report.total_macs,
+            "mean_iou": full_precision_mean_iou,
+        },
+        "w8a8_bitops": full_precision_report.w8a8_bitops,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "search": {
+            **search,
+            "bit_granularity": supernet.search_space.config.bit_granularity,
+            "num_evaluations": num_evaluations,
+        },
+    }
+
+
+def _check_search_settings(algorithm: str, population_size: int, generations: int) -> None:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"Unknown search algorithm {algorithm!r}; allowed: {list(ALGORITHMS)}.")
+    if isinstance(population_size, bool) or not isinstance(population_size, int) or population_size < 2:
+        raise ValueError(f"`population_size` must be an integer of at least 2, got {population_size!r}.")
+    if isinstance(generations, bool) or not isinstance(generations, int) or generations < 0:
+        raise ValueError(f"`generations` must be a non-negative integer, got {generations!r}.")
+
+
+def _bitops_bounds(
+    supernet, full_precision_bitops: int, max_bitops: float | str | None, min_bitops: float | str | None
+) -> tuple[int | None, int | None]:
+    """The BitOPs bounds as whole numbers, checked against the cheapest and the dearest subnet."""
+    max_bitops = None if max_bitops is None else parse_budget(max_bitops, full_precision_bitops, name="max_bitops")
+    min_bitops = None if min_bitops is None else parse_budget(min_bitops, full_precision_bitops, name="min_bitops")
+    cheapest = supernet.bitops(supernet.search_space.smallest()).total_bitops
+    dearest = supernet.bitops(supernet.search_space.largest()).total_bitops
+    if max_bitops is not None and max_bitops < cheapest:
+        raise ValueError(
+            f"`max_bitops` is {max_bitops:,} but the smallest subnet costs {cheapest:,} BitOPs; no architecture fits. "
+            f"Allowed: at least {cheapest:,}."
+        )
+    if min_bitops is not None and min_bitops > min(dearest, max_bitops or dearest):
+        raise ValueError(
+            f"`min_bitops` is {min_bitops:,} but it must not exceed `max_bitops` ({max_bitops}) nor the largest "
+            f"subnet's {dearest:,} BitOPs."
+        )
+    return max_bitops, min_bitops
+
+
+def _run_generations(
+    optimizer,
+    encoding: ArchitectureEncoding,
+    evaluations: _Evaluations,
+    population_size: int,
+    generations: int,
+    seed: int,
+    progress: bool,
+) -> None:
+    """Runs the optimizer's ask-evaluate-tell loop for `generations + 1` generations, with a bar and logs."""
     main_process = _is_main_process()
     with tqdm(
         total=population_size * (generations + 1),
@@ -177,33 +227,8 @@ def evolutionary_search(
             optimizer.evaluator.eval(problem, population)
             optimizer.tell(infills=population)
             if main_process:
-                _log_generation(generation, generations, evaluations, max_bitops)
+                _log_generation(generation, generations, evaluations, evaluations.max_bitops)
             generation += 1
-
-    entries = list(evaluations.entries.values())
-    front_metadata = {
-        "base_model": getattr(supernet, "name_or_path", None) or None,
-        "dataset": {"name": None, "size": None},
-        "full_precision": {
-            "bitops": full_precision_bitops,
-            "macs": full_precision_report.total_macs,
-            "mean_iou": full_precision_mean_iou,
-        },
-        "w8a8_bitops": full_precision_report.w8a8_bitops,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "search": {
-            "algorithm": algorithm,
-            "population_size": population_size,
-            "generations": generations,
-            "max_bitops": max_bitops,
-            "min_bitops": min_bitops,
-            "seed": seed,
-            "bit_granularity": space.config.bit_granularity,
-            "num_evaluations": len(entries),
-        },
-        **(metadata or {}),
-    }
-    return ParetoFront(entries, metadata=front_metadata)
 
 
 def _log_generation(generation: int, generations: int, evaluations: _Evaluations, max_bitops: int | None) -> None:
@@ -290,17 +315,8 @@ def run_search(
     from torch.utils.data import DataLoader
 
     from ..data import SamSegmentationPreprocessor, collate_fn
-    from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 
-    if isinstance(supernet_path_or_model, (str, os.PathLike)):
-        supernet = SamSupernetForMaskGeneration.from_pretrained(supernet_path_or_model)
-    elif isinstance(supernet_path_or_model, SamSupernetForMaskGeneration):
-        supernet = supernet_path_or_model
-    else:
-        raise TypeError(
-            "`supernet_path_or_model` must be a SamSupernetForMaskGeneration, a folder or a Hub repo id, got "
-            f"{type(supernet_path_or_model).__name__}: {supernet_path_or_model!r}."
-        )
+    supernet = _load_supernet(supernet_path_or_model)
     if eval_batch_size < 1:
         raise ValueError(f"`eval_batch_size` must be at least 1, got {eval_batch_size}.")
     if accelerator is None:
@@ -333,3 +349,16 @@ def run_search(
         front.plot(output_dir / "pareto_front.png", budgets=budgets)
     accelerator.wait_for_everyone()
     return front
+
+
+def _load_supernet(supernet_path_or_model):
+    from ..modeling_sam_supernet import SamSupernetForMaskGeneration
+
+    if isinstance(supernet_path_or_model, (str, os.PathLike)):
+        return SamSupernetForMaskGeneration.from_pretrained(supernet_path_or_model)
+    if isinstance(supernet_path_or_model, SamSupernetForMaskGeneration):
+        return supernet_path_or_model
+    raise TypeError(
+        "`supernet_path_or_model` must be a SamSupernetForMaskGeneration, a folder or a Hub repo id, got "
+        f"{type(supernet_path_or_model).__name__}: {supernet_path_or_model!r}."
+    )

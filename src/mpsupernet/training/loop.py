@@ -151,7 +151,9 @@ def arguments_from_keywords(**kwargs) -> SupernetTrainingArguments:
     """
     unknown = sorted(set(kwargs) - set(_KEYWORD_ARGUMENTS))
     if unknown:
-        raise TypeError(f"train_supernet() got unexpected keyword argument(s) {unknown}; allowed: {_KEYWORD_ARGUMENTS}.")
+        raise TypeError(
+            f"train_supernet() got unexpected keyword argument(s) {unknown}; allowed: {_KEYWORD_ARGUMENTS}."
+        )
     missing = [name for name in _REQUIRED_KEYWORD_ARGUMENTS if name not in kwargs]
     if missing:
         raise TypeError(f"train_supernet() needs `args` or the keyword argument(s) {missing}.")

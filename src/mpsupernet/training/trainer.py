@@ -198,7 +198,8 @@ class SupernetTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds each subnet's mean loss since the last log (averaged over processes) to training logs."""
         if "loss" in logs and len(self._subnet_losses):
-            logs.update({f"loss/{name}": value for name, value in self._subnet_losses.pop_means(self.accelerator).items()})
+            means = self._subnet_losses.pop_means(self.accelerator)
+            logs.update({f"loss/{name}": value for name, value in means.items()})
         super().log(logs, start_time)
 
     def evaluate(
