@@ -28,7 +28,6 @@ import argparse
 
 import torch
 from datasets import load_dataset
-from transformers import TrainingArguments
 from transformers.utils import logging
 
 from mpsupernet import SamSupernetForMaskGeneration
@@ -39,7 +38,7 @@ from mpsupernet.data import (
     remove_examples_without_masks,
     to_standard_schema,
 )
-from mpsupernet.training import SupernetTrainer
+from mpsupernet.training import SupernetTrainer, SupernetTrainingArguments
 
 
 logger = logging.get_logger("train_sam_vit_b")
@@ -77,10 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_training_arguments(args: argparse.Namespace) -> TrainingArguments:
-    """The Trainer's arguments for this recipe: cosine schedule, bf16 where supported, periodic eval and checkpoints."""
+def make_training_arguments(args: argparse.Namespace) -> SupernetTrainingArguments:
+    """The Trainer's arguments for this recipe: cosine schedule, bf16 where supported, periodic eval and checkpoints,
+    and the sandwich's options."""
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return TrainingArguments(
+    return SupernetTrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
@@ -100,8 +100,9 @@ def make_training_arguments(args: argparse.Namespace) -> TrainingArguments:
         logging_steps=args.logging_steps,
         report_to=args.report_to,
         dataloader_num_workers=args.num_workers,
-        remove_unused_columns=False,
         seed=args.seed,
+        num_random_subnets=args.num_random_subnets,
+        distillation=None if args.distillation == "none" else args.distillation,
     )
 
 
@@ -136,8 +137,6 @@ def main(argv=None) -> dict:
         args=training_args,
         train_dataset=train_data.with_transform(preprocessor),
         eval_dataset=eval_data.with_transform(eval_preprocessor),
-        num_random_subnets=args.num_random_subnets,
-        distillation=None if args.distillation == "none" else args.distillation,
     )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = trainer.evaluate()

@@ -1,5 +1,7 @@
 import json
 import random
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -8,6 +10,7 @@ import torch
 from accelerate.state import AcceleratorState
 
 from mpsupernet import SamSupernetConfig, SearchSpace
+from mpsupernet.bitops import parse_budget
 from mpsupernet.data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset
 from mpsupernet.search import (
     ArchitectureEncoding,
@@ -300,3 +303,29 @@ def test_miou_evaluator_and_run_search_on_synthetic_data(tiny_supernet, tmp_path
     assert front.metadata["base_model"] == str(tmp_path / "supernet")
     assert front.metadata["dataset"] == {"name": None, "size": 2, "max_eval_batches": 2}
     assert 0.0 <= front.full_precision_mean_iou <= 1.0
+
+
+def test_readers_of_a_saved_front_import_neither_pymoo_nor_matplotlib():
+    code = (
+        "import sys\n"
+        "import mpsupernet.extraction, mpsupernet.hub, mpsupernet.search.front\n"
+        "from mpsupernet.search import ParetoFront\n"
+        "print(sorted(name for name in ('pymoo', 'matplotlib') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    # The lazy names still resolve, and only then load pymoo.
+    code = "import sys, mpsupernet.search as s; s.evolutionary_search; print('pymoo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"
+
+
+def test_parse_budget_names_the_argument_and_takes_numpy_numbers():
+    with pytest.raises(ValueError, match=r"^`min_bitops` got 'abc': Budget 'abc' is not understood; give a positive"):
+        parse_budget("abc", name="min_bitops")
+    with pytest.raises(ValueError, match=r"^Budget 0.5 is not a positive number of BitOPs"):
+        parse_budget(0.5)
+    assert parse_budget(np.int64(2**40 + 1)) == 2**40 + 1
+    assert parse_budget(np.float32(120.5)) == 120
+    front = ParetoFront([entry(100, 0.5), entry(200, 0.6)])
+    assert front.best_under(np.int64(150)).bitops == 100

@@ -1,6 +1,7 @@
 """Supernet training: the sandwich sampler, the progressive schedule, the Trainer and the Accelerate loop."""
 
 import copy
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -18,10 +19,16 @@ from mpsupernet.training import (
     QUANTIZER_LR_SCALE,
     ProgressiveBitsSchedule,
     SandwichSampler,
+    SUPERNET_OPTIONS,
+    SubnetLossWindow,
     SupernetTrainer,
+    SupernetTrainingArguments,
+    arguments_from_keywords,
     check_distributed_support,
     check_training_batch,
+    quantizer_parameter_groups,
     sam_loss,
+    split_quantizer_groups,
     supernet_training_step,
     train_supernet,
 )
@@ -391,14 +398,14 @@ def test_accelerate_loop_lowers_the_loss_and_saves_the_supernet(pretrained_sam, 
 
 def test_accelerate_loop_resumes_with_the_same_subnets_and_parameters(sam, train_data, tmp_path, monkeypatch):
     drawn = []
-    sample = training_loop.SandwichSampler.sample
+    sample = SandwichSampler.sample
 
     def recording_sample(self, step, fraction):
         archs = sample(self, step, fraction)
         drawn.append((step, archs))
         return archs
 
-    monkeypatch.setattr(training_loop.SandwichSampler, "sample", recording_sample)
+    monkeypatch.setattr(SandwichSampler, "sample", recording_sample)
     # 6 examples in batches of 2 (3 per epoch), 2 micro-batches per step: the resumed step skips 2 batches of the
     # first epoch and crosses into the second.
     common = dict(
@@ -484,3 +491,97 @@ def test_trainer_gradient_accumulation_leaves_the_gradient_unchanged(sam, train_
 
     accumulated, one_batch = run("accumulated", 1, 2), run("one_batch", 2, 1)
     torch.testing.assert_close(batch_size_free(accumulated), batch_size_free(one_batch), rtol=1e-4, atol=1e-6)
+
+
+# --- one set of arguments and policies for both paths ---------------------------------------------------------------
+def test_the_arguments_object_trains_as_the_keyword_arguments(sam, train_data, tmp_path):
+    keywords = dict(max_steps=2, learning_rate=1e-3, batch_size=2, num_random_subnets=1, log_steps=1, seed=5)
+    model = make_supernet(sam)
+    by_keywords = train_supernet(model, train_data, output_dir=tmp_path / "keywords", **keywords)
+    state_by_keywords = trainable_state(model)
+    args = SupernetTrainingArguments(
+        output_dir=str(tmp_path / "args"),
+        max_steps=2,
+        learning_rate=1e-3,
+        per_device_train_batch_size=2,
+        warmup_steps=0.05,
+        num_random_subnets=1,
+        logging_steps=1,
+        save_strategy="no",
+        seed=5,
+        report_to="none",
+    )
+    model = make_supernet(sam)
+    by_args = train_supernet(model, train_data, args=args)
+    assert by_args["log_history"] == by_keywords["log_history"] and len(by_args["log_history"]) == 2
+    torch.testing.assert_close(trainable_state(model), state_by_keywords, rtol=0, atol=0)
+    assert arguments_from_keywords(output_dir="x", **keywords).per_device_eval_batch_size == 2
+    with pytest.raises(TypeError, match="either `args` or keyword arguments"):
+        train_supernet(model, train_data, args=args, max_steps=3)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['batch_sise'\]"):
+        train_supernet(model, train_data, output_dir="x", max_steps=1, learning_rate=1.0, batch_sise=2)
+    with pytest.raises(ValueError, match="without weight decay"):
+        train_supernet(model, train_data, args=dataclasses.replace(args, weight_decay=0.1))
+
+
+def test_trainer_and_loop_share_options_and_quantizer_groups(sam, train_data, tmp_path):
+    model = make_supernet(sam)
+    args = SupernetTrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, learning_rate=2e-3, weight_decay=0.1,
+        num_random_subnets=3, distillation_kind="mse", quantizer_lr_scale=0.5,
+    )  # fmt: skip
+    assert SUPERNET_OPTIONS == (
+        "num_random_subnets", "sandwich_seed", "distillation", "distillation_kind", "distillation_weight",
+        "multimask_output", "quantizer_lr_scale",
+    )  # fmt: skip
+    assert not args.remove_unused_columns and args.ddp_find_unused_parameters
+    trainer = SupernetTrainer(model=model, args=args, num_random_subnets=1)
+    # A keyword option overrides the arguments; the rest of them are kept.
+    assert trainer.args.num_random_subnets == 1 and trainer.args.distillation_kind == "mse"
+    assert len(trainer.sampler.sample(0, 0.0)) == 3 and args.num_random_subnets == 3
+    plain = SupernetTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    assert isinstance(plain.args, SupernetTrainingArguments) and plain.args.distillation == "largest"
+    assert plain.args.quantizer_lr_scale == QUANTIZER_LR_SCALE and not plain.args.remove_unused_columns
+
+    # The same parameters learn at the same rates in both paths (the Trainer adds a no-decay split).
+    def rates(groups):
+        return {id(p): group["lr"] for group in groups for p in group["params"]}
+
+    trainer_rates = rates(trainer.create_optimizer().param_groups)
+    loop_rates = rates(quantizer_parameter_groups(model, 2e-3, 0.5))
+    assert trainer_rates == loop_rates
+    quantizers = {id(p) for name, p in model.named_parameters() if p.requires_grad and "quantizer." in name}
+    assert quantizers and {i for i, lr in loop_rates.items() if lr == pytest.approx(1e-3)} == quantizers
+    assert len(loop_rates) == sum(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="unknown distillation|distillation"):
+        SupernetTrainingArguments(output_dir=str(tmp_path), report_to="none", distillation="smallest")
+
+
+def test_split_quantizer_groups_keeps_settings_and_drops_empty_groups():
+    model = torch.nn.Module()
+    model.layer = torch.nn.Linear(2, 2)
+    model.input_quantizer = torch.nn.Module()
+    model.input_quantizer.step_size = torch.nn.Parameter(torch.ones(1))
+    groups = [
+        {"params": [model.layer.weight, model.input_quantizer.step_size], "lr": 0.1, "weight_decay": 0.5},
+        {"params": [model.layer.bias], "lr": 0.1, "weight_decay": 0.0},
+    ]
+    split = split_quantizer_groups(groups, model, quantizer_lr_scale=0.01)
+    assert [([id(p) for p in g["params"]], g["lr"], g["weight_decay"]) for g in split] == [
+        ([id(model.layer.weight)], 0.1, 0.5),
+        ([id(model.layer.bias)], 0.1, 0.0),
+        ([id(model.input_quantizer.step_size)], pytest.approx(0.001), 0.5),
+    ]
+    assert len(groups[0]["params"]) == 2  # the groups given are left as they were
+    with pytest.raises(ValueError, match="`quantizer_lr_scale` must be non-negative, got -1"):
+        split_quantizer_groups(groups, model, -1)
+
+
+def test_subnet_loss_window_averages_since_the_last_pop():
+    window = SubnetLossWindow()
+    assert window.pop_means(Accelerator(cpu=True)) == {}
+    window.add({"largest": torch.tensor(1.0), "smallest": torch.tensor(2.0)})
+    window.add({"largest": torch.tensor(2.0), "smallest": torch.tensor(4.12345)})
+    assert len(window) == 2
+    assert window.pop_means(Accelerator(cpu=True)) == {"largest": 1.5, "smallest": 3.0617}
+    assert len(window) == 0 and window.pop_means(Accelerator(cpu=True)) == {}

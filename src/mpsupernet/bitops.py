@@ -12,6 +12,7 @@ architecture; they are not part of these counts.
 """
 
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -170,20 +171,33 @@ _BUDGET_PATTERN = re.compile(
 )
 
 
-def parse_budget(budget: int | float | str, full_precision_bitops: int | None = None) -> int:
+def parse_budget(
+    budget: int | float | str, full_precision_bitops: int | None = None, *, name: str | None = None
+) -> int:
     """A BitOPs budget as a positive whole number of BitOPs (a fractional budget is rounded down).
 
     Args:
-        budget (`int`, `float` or `str`): a number of BitOPs (`35e9`); a string holding one, with an optional SI
-            prefix (k, M, G, T, P) and unit (`"120G"`, `"1.5T"`, `"900M"`, `"35e9"`, `"120 GBitOPs"`); or a share
-            of the full-precision model (`"5%"`, above 0% and at most 100%).
+        budget (`int`, `float` or `str`): a number of BitOPs (`35e9`, any real number type such as `numpy.int64`); a
+            string holding one, with an optional SI prefix (k, M, G, T, P) and unit (`"120G"`, `"1.5T"`, `"900M"`,
+            `"35e9"`, `"120 GBitOPs"`); or a share of the full-precision model (`"5%"`, above 0% and at most 100%).
         full_precision_bitops (`int`, *optional*): the BitOPs of the full-precision model, which a share refers to.
+        name (`str`, *optional*): the caller's argument that holds the budget (`"max_bitops"`); the error then
+            starts with it.
 
     Raises:
         `ValueError`: naming the value and the accepted forms, if the budget is not understood, not positive, a
         share outside (0%, 100%] or a share without `full_precision_bitops`.
     """
-    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+    try:
+        return _parse_budget(budget, full_precision_bitops)
+    except ValueError as error:
+        if name is None:
+            raise
+        raise ValueError(f"`{name}` got {budget!r}: {error}") from None
+
+
+def _parse_budget(budget: int | float | str, full_precision_bitops: int | None) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, (numbers.Real, str)):
         raise ValueError(f"Budget {budget!r} is not understood; give {BUDGET_FORMS}.")
     if isinstance(budget, str):
         match = _BUDGET_PATTERN.fullmatch(budget.strip().lower())
@@ -207,7 +221,7 @@ def parse_budget(budget: int | float | str, full_precision_bitops: int | None = 
     else:
         if not math.isfinite(budget):
             raise ValueError(f"Budget {budget!r} is not a finite number; give {BUDGET_FORMS}.")
-        value = Decimal(budget)
+        value = Decimal(int(budget)) if isinstance(budget, numbers.Integral) else Decimal(float(budget))
     bitops = math.floor(value)
     if bitops < 1:
         raise ValueError(f"Budget {budget!r} is not a positive number of BitOPs; give {BUDGET_FORMS}.")

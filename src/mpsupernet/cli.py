@@ -112,7 +112,7 @@ def cmd_search(args) -> None:
 
 def cmd_extract(args) -> None:
     from .hub import save_subnet_with_card
-    from .search import ParetoFront
+    from .search.front import ParetoFront
 
     supernet = _load_supernet(args.supernet)
     front = ParetoFront.load(args.pareto_front) if args.pareto_front else None

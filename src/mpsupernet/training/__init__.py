@@ -1,6 +1,7 @@
 """Supernet training: losses, the sandwich rule with progressive bit-widths, the Trainer and the Accelerate loop."""
 
-from .loop import train_supernet
+from .arguments import SUPERNET_OPTIONS, SupernetTrainingArguments
+from .loop import arguments_from_keywords, train_supernet
 from .losses import (
     DISTILLATION_KINDS,
     SamLossOutput,
@@ -9,6 +10,14 @@ from .losses import (
     mask_distillation_loss,
     sam_loss,
     sigmoid_focal_loss,
+)
+from .policies import (
+    SubnetLossWindow,
+    calibrate_from_dataset,
+    evaluation_subnets,
+    make_sandwich_sampler,
+    quantizer_parameter_groups,
+    split_quantizer_groups,
 )
 from .sampling import (
     DISTILLATION_TEACHERS,
@@ -21,7 +30,6 @@ from .sampling import (
     check_training_batch,
     evaluate_subnets,
     is_quantizer_parameter,
-    quantizer_parameter_groups,
     supernet_training_step,
 )
 from .trainer import PromptEpochCallback, SupernetTrainer
@@ -33,21 +41,29 @@ __all__ = [
     "ProgressiveBitsSchedule",
     "PromptEpochCallback",
     "QUANTIZER_LR_SCALE",
+    "SUPERNET_OPTIONS",
     "SamLossOutput",
     "SandwichSampler",
     "SandwichStepOutput",
+    "SubnetLossWindow",
     "SupernetTrainer",
+    "SupernetTrainingArguments",
+    "arguments_from_keywords",
+    "calibrate_from_dataset",
     "check_distillation",
     "check_distributed_support",
     "check_training_batch",
     "dice_loss",
     "evaluate_subnets",
+    "evaluation_subnets",
     "iou_prediction_loss",
+    "make_sandwich_sampler",
     "is_quantizer_parameter",
     "mask_distillation_loss",
     "quantizer_parameter_groups",
     "sam_loss",
     "sigmoid_focal_loss",
+    "split_quantizer_groups",
     "supernet_training_step",
     "train_supernet",
 ]

@@ -10,6 +10,7 @@ import copy
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,15 +30,15 @@ from transformers.utils import logging
 
 from ..data.processing import SamSegmentationPreprocessor, collate_fn, remove_examples_without_masks
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
-from .sampling import (
-    QUANTIZER_LR_SCALE,
-    SandwichSampler,
-    check_distillation,
-    check_distributed_support,
-    evaluate_subnets,
+from .arguments import SUPERNET_OPTIONS, SupernetTrainingArguments
+from .policies import (
+    SubnetLossWindow,
+    calibrate_from_dataset,
+    evaluation_subnets,
+    make_sandwich_sampler,
     quantizer_parameter_groups,
-    supernet_training_step,
 )
+from .sampling import check_distributed_support, evaluate_subnets, supernet_training_step
 
 
 logger = logging.get_logger(__name__)
@@ -115,37 +116,125 @@ def _micro_batches(accelerator: Accelerator, dataloader, preprocessor: SamSegmen
         epoch, skip = epoch + 1, 0
 
 
+# The keyword arguments of train_supernet before `SupernetTrainingArguments`, kept for one release.
+_KEYWORD_ARGUMENTS = (
+    "output_dir",
+    "max_steps",
+    "learning_rate",
+    "batch_size",
+    "warmup_ratio",
+    "gradient_accumulation_steps",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "seed",
+    "resume_from_checkpoint",
+    "save_steps",
+    "log_steps",
+    "max_grad_norm",
+    *SUPERNET_OPTIONS,
+)
+_REQUIRED_KEYWORD_ARGUMENTS = ("output_dir", "max_steps", "learning_rate", "batch_size")
+_MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+def arguments_from_keywords(**kwargs) -> SupernetTrainingArguments:
+    """The `SupernetTrainingArguments` of `train_supernet`'s keyword arguments (the form before the object).
+
+    `batch_size` sets the train and eval batch sizes, `warmup_ratio` the (fractional) `warmup_steps`,
+    `mixed_precision` `bf16` or `fp16`, `save_steps` (or `None`) the `save_strategy`, `log_steps` `logging_steps`,
+    `gradient_checkpointing` `activation_checkpointing`;
+    the other names are fields of the object. Defaults are those `train_supernet` always had.
+
+    Raises:
+        `TypeError`: naming an unknown or a missing required argument.
+        `ValueError`: for a `warmup_ratio` outside [0, 1) or an unknown `mixed_precision`.
+    """
+    unknown = sorted(set(kwargs) - set(_KEYWORD_ARGUMENTS))
+    if unknown:
+        raise TypeError(
+            f"train_supernet() got unexpected keyword argument(s) {unknown}; allowed: {_KEYWORD_ARGUMENTS}."
+        )
+    missing = [name for name in _REQUIRED_KEYWORD_ARGUMENTS if name not in kwargs]
+    if missing:
+        raise TypeError(f"train_supernet() needs `args` or the keyword argument(s) {missing}.")
+    warmup_ratio = kwargs.pop("warmup_ratio", 0.05)
+    if not 0 <= warmup_ratio < 1:
+        raise ValueError(f"`warmup_ratio` must be in [0, 1), got {warmup_ratio!r}.")
+    mixed_precision = kwargs.pop("mixed_precision", "no")
+    if mixed_precision not in _MIXED_PRECISION:
+        raise ValueError(f"`mixed_precision` must be one of {_MIXED_PRECISION}, got {mixed_precision!r}.")
+    batch_size = kwargs.pop("batch_size")
+    save_steps = kwargs.pop("save_steps", None)
+    return SupernetTrainingArguments(
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        warmup_steps=warmup_ratio,
+        bf16=mixed_precision == "bf16",
+        fp16=mixed_precision == "fp16",
+        # TrainingArguments refuses bf16 on a machine without an accelerator unless told it runs on the CPU.
+        use_cpu=mixed_precision == "bf16" and not torch.cuda.is_available(),
+        save_strategy="no" if save_steps is None else "steps",
+        save_steps=500 if save_steps is None else save_steps,
+        logging_steps=kwargs.pop("log_steps", 10),
+        activation_checkpointing=kwargs.pop("gradient_checkpointing", False),
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        report_to="none",
+        **kwargs,
+    )
+
+
+def _absolute_steps(value: float, max_steps: int) -> int:
+    """A `TrainingArguments` step count: a share of `max_steps` below 1, else a number of steps (as `Trainer`)."""
+    return math.ceil(max_steps * value) if 0 < value < 1 else int(value)
+
+
+def _check_arguments(args: SupernetTrainingArguments) -> None:
+    """Refuses what the loop cannot honour, rather than ignore it."""
+    _check_positive_int("max_steps", args.max_steps)
+    _check_positive_int("batch_size", args.per_device_train_batch_size)
+    _check_positive_int("gradient_accumulation_steps", args.gradient_accumulation_steps)
+    _check_positive_int("log_steps", _absolute_steps(args.logging_steps, args.max_steps))
+    if args.save_strategy == "steps":
+        _check_positive_int("save_steps", _absolute_steps(args.save_steps, args.max_steps))
+    elif args.save_strategy != "no":
+        raise ValueError(f"train_supernet saves with save_strategy 'steps' or 'no', got {args.save_strategy!r}.")
+    if not args.learning_rate > 0:
+        raise ValueError(f"`learning_rate` must be positive, got {args.learning_rate!r}.")
+    if args.weight_decay or args.lr_scheduler_type != "linear":
+        raise ValueError(
+            "train_supernet trains with AdamW without weight decay and a linear schedule; got weight_decay="
+            f"{args.weight_decay!r}, lr_scheduler_type={str(args.lr_scheduler_type)!r}. Use SupernetTrainer for others."
+        )
+
+
 def train_supernet(
     model: SamSupernetForMaskGeneration,
     train_dataset: Dataset,
     eval_dataset: Dataset | None = None,
+    args: SupernetTrainingArguments | None = None,
     *,
-    output_dir: str | os.PathLike,
-    max_steps: int,
-    learning_rate: float,
-    batch_size: int,
-    warmup_ratio: float = 0.05,
-    num_random_subnets: int = 2,
-    gradient_accumulation_steps: int = 1,
-    mixed_precision: str = "no",
-    gradient_checkpointing: bool = False,
-    seed: int = 0,
-    resume_from_checkpoint: str | os.PathLike | bool | None = None,
-    save_steps: int | None = None,
-    log_steps: int = 10,
     preprocessor: SamSegmentationPreprocessor | None = None,
-    distillation: str | None = "largest",
-    max_grad_norm: float | None = 1.0,
-    quantizer_lr_scale: float = QUANTIZER_LR_SCALE,
+    **kwargs,
 ) -> dict:
     """Trains a supernet with the sandwich rule in an Accelerate loop and saves it with `save_pretrained`.
 
     Run it in one process, or under `accelerate launch` (DDP with gloo on CPUs, NCCL on GPUs; see
     `examples/accelerate_configs/`). Each optimizer step trains the largest, the smallest and `num_random_subnets`
-    random subnets on `gradient_accumulation_steps` micro-batches of `batch_size` examples per process, with
-    in-place distillation, following the progressive bit-width schedule of the model's config; AdamW on the
-    trainable parameters only (no weight decay: it would shrink quantizer step sizes), linear decay of the learning
-    rate to zero, gradient clipping.
+    random subnets on `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` examples per
+    process, with in-place distillation, following the progressive bit-width schedule of the model's config; AdamW on
+    the trainable parameters only (no weight decay: it would shrink quantizer step sizes; the quantizers learn at the
+    scaled rate of `quantizer_parameter_groups`), linear warm-up and decay of the learning rate to zero, gradient
+    clipping at `max_grad_norm` (`None` or 0 turns it off).
+
+    The loop reads these fields of `args`: `output_dir`, `max_steps`, `learning_rate`, `warmup_steps` (a share of
+    `max_steps` below 1), `per_device_train_batch_size`, `per_device_eval_batch_size`,
+    `gradient_accumulation_steps`, `bf16`/`fp16` (overridden by `accelerate launch --mixed_precision`),
+    `activation_checkpointing`, `seed`, `data_seed`, `resume_from_checkpoint` (a `checkpoint-<step>` folder, or `True`
+    for the last one in `output_dir`; resuming needs the same arguments as the first run), `save_strategy` (`"steps"`
+    or `"no"`) with `save_steps`, `logging_steps`, `max_grad_norm`, and every supernet option
+    (`SupernetTrainingArguments`). It refuses a weight decay or a schedule other than linear; the other fields are
+    `SupernetTrainer`'s.
 
     Args:
         model (`SamSupernetForMaskGeneration`): the supernet to train (in place).
@@ -153,30 +242,14 @@ def train_supernet(
             `mpsupernet.data`), without a transform. Examples without a non-empty mask are removed first.
         eval_dataset (`datasets.Dataset`, *optional*): the same schema; if given, the mean mask IoU of the largest
             and the smallest subnets is measured before and after training.
-        output_dir (`str` or `os.PathLike`): where checkpoints (`checkpoint-<step>`) and the trained supernet go.
-        max_steps (`int`): optimizer steps to train in total (a resumed run continues up to it).
-        learning_rate (`float`): peak learning rate.
-        warmup_ratio (`float`, *optional*, defaults to 0.05): share of `max_steps` over which the learning rate rises
-            linearly from 0 (as `TrainingArguments.warmup_ratio`); a freshly initialised optimizer at the full rate
-            would first knock the pretrained mask decoder off its minimum.
-        batch_size (`int`): examples per micro-batch and process.
-        num_random_subnets (`int`, *optional*, defaults to 2): random subnets per step.
-        gradient_accumulation_steps (`int`, *optional*, defaults to 1): micro-batches per optimizer step.
-        mixed_precision (`str`, *optional*, defaults to `"no"`): `"no"`, `"bf16"` (GPUs) or `"fp16"`; overridden by
-            `accelerate launch --mixed_precision`.
-        gradient_checkpointing (`bool`, *optional*, defaults to `False`): recompute encoder blocks in backward.
-        seed (`int`, *optional*, defaults to 0): seeds the subnets drawn, the data order and the prompts.
-        resume_from_checkpoint (`str`, `os.PathLike` or `bool`, *optional*): a `checkpoint-<step>` folder to resume
-            from, or `True` for the last one in `output_dir`; resuming needs the same arguments as the first run.
-        save_steps (`int`, *optional*): save a checkpoint every this many optimizer steps.
-        log_steps (`int`, *optional*, defaults to 10): log the mean per-subnet losses every this many steps.
+        args (`SupernetTrainingArguments`, *optional*): the run's settings, as for `SupernetTrainer`.
         preprocessor (`SamSegmentationPreprocessor`, *optional*): how examples become prompts and targets; defaults
             to box prompts, 4 per image, seeded with `seed`. Evaluation uses a copy of it fixed at epoch 0.
-        distillation (`str`, *optional*, defaults to `"largest"`): the distillation teacher, `"largest"`,
-            `"full_precision"` or `None` (see `supernet_training_step`).
-        max_grad_norm (`float`, *optional*, defaults to 1.0): gradient-norm clipping; `None` or 0 turns it off.
-        quantizer_lr_scale (`float`, *optional*, defaults to `QUANTIZER_LR_SCALE`): the quantizers' step sizes and
-            offsets learn at `learning_rate` times this (see `quantizer_parameter_groups`).
+        kwargs: instead of `args`, deprecated and kept for one release: `output_dir`, `max_steps`, `learning_rate`,
+            `batch_size` (required), `warmup_ratio` (0.05), `gradient_accumulation_steps` (1), `mixed_precision`
+            (`"no"`, `"bf16"` or `"fp16"`), `gradient_checkpointing` (`False`), `seed` (0), `resume_from_checkpoint`,
+            `save_steps` (`None`: no checkpoints), `log_steps` (10), `max_grad_norm` (1.0) and the supernet options
+            (see `arguments_from_keywords`).
 
     Returns:
         `dict`: `steps` (optimizer steps reached), `resumed_from_step`, `seconds` (training time of this call),
@@ -184,22 +257,16 @@ def train_supernet(
         `mean_iou_after` (`{"largest": ..., "smallest": ...}`, or `None` without `eval_dataset`), `log_history`
         (the logged losses) and `output_dir`.
     """
+    if args is not None and kwargs:
+        raise TypeError(f"Give train_supernet either `args` or keyword arguments, not both (got {sorted(kwargs)}).")
+    if args is None:
+        args = arguments_from_keywords(**kwargs)
+    elif not isinstance(args, SupernetTrainingArguments):
+        args = SupernetTrainingArguments.from_training_arguments(args)
     if not isinstance(model, SamSupernetForMaskGeneration):
         raise TypeError(f"train_supernet trains a SamSupernetForMaskGeneration, got {type(model).__name__}.")
-    for name, value in (
-        ("max_steps", max_steps),
-        ("batch_size", batch_size),
-        ("gradient_accumulation_steps", gradient_accumulation_steps),
-        ("log_steps", log_steps),
-    ):
-        _check_positive_int(name, value)
-    _check_positive_int("save_steps", save_steps, allow_none=True)
-    if not learning_rate > 0:
-        raise ValueError(f"`learning_rate` must be positive, got {learning_rate!r}.")
-    if not 0 <= warmup_ratio < 1:
-        raise ValueError(f"`warmup_ratio` must be in [0, 1), got {warmup_ratio!r}.")
-    output_dir = Path(output_dir)
-    preprocessor = preprocessor or SamSegmentationPreprocessor(model.config, seed=seed)
+    _check_arguments(args)
+    preprocessor = preprocessor or SamSegmentationPreprocessor(model.config, seed=args.seed)
     vision = model.config.vision_config
     if (preprocessor.image_size, preprocessor.patch_size) != (vision.image_size, vision.patch_size):
         raise ValueError(
@@ -209,165 +276,234 @@ def train_supernet(
     _check_dataset(train_dataset, "train_dataset", preprocessor)
     if eval_dataset is not None:
         _check_dataset(eval_dataset, "eval_dataset", preprocessor)
-    check_distillation(distillation)
-    checkpoint = _resolve_checkpoint(resume_from_checkpoint, output_dir) if resume_from_checkpoint else None
-    sampler = SandwichSampler(model.config, num_random_subnets=num_random_subnets, seed=seed)
+    loop = _AccelerateLoop(model, args, preprocessor)
+    loop.prepare_data(train_dataset, eval_dataset)
+    loop.prepare_training()
+    return loop.run()
 
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,
-        # Optimizer steps are counted here, not per epoch: an epoch ending mid-accumulation must not force a step.
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    set_seed(seed)
 
-    with accelerator.main_process_first():
-        train_data = remove_examples_without_masks(train_dataset, masks_column=preprocessor.masks_column)
-        eval_data = (
-            remove_examples_without_masks(eval_dataset, masks_column=preprocessor.masks_column)
-            if eval_dataset is not None
-            else None
+@dataclass
+class _TrainingLog:
+    """What the loop has logged: the per-subnet loss window, the last means and the history."""
+
+    losses: SubnetLossWindow = field(default_factory=SubnetLossWindow)
+    final_losses: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+class _AccelerateLoop:
+    """The phases of `train_supernet`: data, calibration and optimizer, the steps, evaluation and saving."""
+
+    def __init__(self, model: SamSupernetForMaskGeneration, args: SupernetTrainingArguments, preprocessor):
+        self.args = args
+        self.preprocessor = preprocessor
+        self.output_dir = Path(args.output_dir)
+        resume = args.resume_from_checkpoint
+        self.checkpoint = _resolve_checkpoint(resume, self.output_dir) if resume else None
+        self.sampler = make_sandwich_sampler(model, args)
+        mixed_precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision,
+            # Optimizer steps are counted here, not per epoch: an epoch ending mid-accumulation must not force a step.
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
+            ),
+            dataloader_config=DataLoaderConfiguration(
+                use_seedable_sampler=True, data_seed=args.seed if args.data_seed is None else args.data_seed
+            ),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-    if len(train_data) == 0:
-        raise ValueError("`train_dataset` has no example with a non-empty mask; there is nothing to train on.")
-    train_loader = DataLoader(
-        train_data.with_transform(preprocessor), batch_size=batch_size, shuffle=True, collate_fn=collate_fn
-    )
-    eval_loader = None
-    if eval_data is not None:
-        # Each process scores its own contiguous shard; the IoU metric sums over processes, so nothing is counted
-        # twice (a prepared loader would repeat examples to even out the shards).
-        eval_preprocessor = copy.copy(preprocessor)
-        eval_preprocessor.set_epoch(0)
-        shard = eval_data.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
-        eval_loader = DataLoader(shard.with_transform(eval_preprocessor), batch_size=batch_size, collate_fn=collate_fn)
+        set_seed(args.seed)
+        self.model = model
+        self.supernet = model
+        self.eval_loader = None
 
-    if checkpoint is None:
-        # Each process initialises on its own examples; the statistics are averaged across processes.
-        first = accelerator.process_index * batch_size
-        processed = train_loader.dataset
-        calibration = collate_fn([processed[index % len(processed)] for index in range(first, first + batch_size)])
+    def prepare_data(self, train_dataset: Dataset, eval_dataset: Dataset | None) -> None:
+        """The training dataloader and, with `eval_dataset`, this process's shard of the evaluation data."""
+        accelerator, masks_column = self.accelerator, self.preprocessor.masks_column
+        with accelerator.main_process_first():
+            self.train_data = remove_examples_without_masks(train_dataset, masks_column=masks_column)
+            eval_data = (
+                remove_examples_without_masks(eval_dataset, masks_column=masks_column)
+                if eval_dataset is not None
+                else None
+            )
+        if len(self.train_data) == 0:
+            raise ValueError("`train_dataset` has no example with a non-empty mask; there is nothing to train on.")
+        self.train_loader = DataLoader(
+            self.train_data.with_transform(self.preprocessor),
+            batch_size=self.args.per_device_train_batch_size,
+            shuffle=True,
+            collate_fn=collate_fn,
+        )
+        if eval_data is not None:
+            # Each process scores its own contiguous shard; the IoU metric sums over processes, so nothing is counted
+            # twice (a prepared loader would repeat examples to even out the shards).
+            eval_preprocessor = copy.copy(self.preprocessor)
+            eval_preprocessor.set_epoch(0)
+            shard = eval_data.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+            self.eval_loader = DataLoader(
+                shard.with_transform(eval_preprocessor),
+                batch_size=self.args.per_device_eval_batch_size,
+                collate_fn=collate_fn,
+            )
+
+    def prepare_training(self) -> None:
+        """Calibration (a fresh run only), the optimizer, the schedule, and the wrapping for distributed training."""
+        args, accelerator, model = self.args, self.accelerator, self.model
         model.to(accelerator.device)
-        sampler.schedule.calibrate_start_bits(model, calibration["pixel_values"].to(accelerator.device))
-    check_distributed_support(accelerator, model, sampler.schedule)
-    if gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    model.train()
-    optimizer = torch.optim.AdamW(
-        quantizer_parameter_groups(model, learning_rate, quantizer_lr_scale), lr=learning_rate, weight_decay=0.0
-    )
-    # Stepped by hand once per optimizer step: a prepared scheduler would step once per process.
-    warmup_steps = math.ceil(warmup_ratio * max_steps)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    progress = TrainingProgress()
-    accelerator.register_for_checkpointing(scheduler, progress)
-    supernet = accelerator.unwrap_model(model)
+        if self.checkpoint is None:
+            batch_size, rank = args.per_device_train_batch_size, accelerator.process_index
+            calibrate_from_dataset(self.sampler, model, self.train_loader.dataset, collate_fn, batch_size, rank)
+        check_distributed_support(accelerator, model, self.sampler.schedule)
+        if args.activation_checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        optimizer = torch.optim.AdamW(
+            quantizer_parameter_groups(model, args.learning_rate, args.quantizer_lr_scale),
+            lr=args.learning_rate,
+            weight_decay=0.0,
+        )
+        # Stepped by hand once per optimizer step: a prepared scheduler would step once per process.
+        self.scheduler = get_scheduler(
+            "linear",
+            optimizer,
+            num_warmup_steps=args.get_warmup_steps(args.max_steps),
+            num_training_steps=args.max_steps,
+        )
+        self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, self.train_loader)
+        self.progress = TrainingProgress()
+        accelerator.register_for_checkpointing(self.scheduler, self.progress)
+        self.supernet = accelerator.unwrap_model(self.model)
+        if self.checkpoint is not None:
+            accelerator.load_state(str(self.checkpoint))
+            logger.info(f"Resumed from {self.checkpoint} at step {self.progress.step}.")
+        if self.progress.step > args.max_steps:
+            raise ValueError(f"The checkpoint is at step {self.progress.step}, beyond max_steps={args.max_steps}.")
 
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        logger.info(f"Resumed from {checkpoint} at step {progress.step}.")
-    start_step = progress.step
-    if start_step > max_steps:
-        raise ValueError(f"The checkpoint is at step {start_step}, beyond max_steps={max_steps}.")
-
-    eval_archs = {"largest": supernet.largest_subnet(), "smallest": supernet.smallest_subnet()}
-
-    def evaluate() -> dict[str, float] | None:
-        if eval_loader is None:
+    def evaluate(self) -> dict[str, float] | None:
+        """Mean IoU of the evaluation subnets, or `None` without evaluation data."""
+        if self.eval_loader is None:
             return None
         results = evaluate_subnets(
-            supernet,
-            eval_loader,
-            eval_archs,
-            device=accelerator.device,
-            show_progress=accelerator.is_local_main_process,
+            self.supernet,
+            self.eval_loader,
+            evaluation_subnets(self.supernet),
+            multimask_output=self.args.multimask_output,
+            device=self.accelerator.device,
+            show_progress=self.accelerator.is_local_main_process,
         )
-        model.train()
+        self.model.train()
         return results
 
-    mean_iou_before = evaluate()
-    if mean_iou_before is not None:
-        logger.info(f"Mean IoU before training: {mean_iou_before}")
-    logger.info(
-        f"Training the supernet for steps {start_step}..{max_steps}: {batch_size} examples x "
-        f"{gradient_accumulation_steps} micro-batches x {accelerator.num_processes} process(es) per step, "
-        f"{2 + num_random_subnets} subnets per step, {len(train_data)} training examples."
-    )
+    def run(self) -> dict:
+        """Evaluates, trains up to `max_steps`, evaluates again and saves; returns `train_supernet`'s summary."""
+        args, accelerator = self.args, self.accelerator
+        start_step = self.progress.step
+        mean_iou_before = self.evaluate()
+        if mean_iou_before is not None:
+            logger.info(f"Mean IoU before training: {mean_iou_before}")
+        logger.info(
+            f"Training the supernet for steps {start_step}..{args.max_steps}: {args.per_device_train_batch_size} "
+            f"examples x {args.gradient_accumulation_steps} micro-batches x {accelerator.num_processes} process(es) "
+            f"per step, {2 + args.num_random_subnets} subnets per step, {len(self.train_data)} training examples."
+        )
+        start_time = time.perf_counter()
+        log = self.train_steps(start_step)
+        seconds = time.perf_counter() - start_time
+        mean_iou_after = self.evaluate()
+        if mean_iou_after is not None:
+            logger.info(f"Mean IoU after training: {mean_iou_after}")
+        self.save()
+        return {
+            "steps": self.progress.step,
+            "resumed_from_step": start_step,
+            "seconds": round(seconds, 2),
+            "final_losses": log.final_losses,
+            "mean_iou_before": mean_iou_before,
+            "mean_iou_after": mean_iou_after,
+            "log_history": log.history,
+            "output_dir": str(self.output_dir),
+        }
 
-    batches = _micro_batches(accelerator, train_loader, preprocessor, start_step * gradient_accumulation_steps)
-    window_sums, window_batches = {}, 0
-    final_losses, log_history = {}, []
-    progress_bar = tqdm(
-        total=max_steps, initial=start_step, desc="Training supernet", disable=not accelerator.is_local_main_process
-    )
-    start_time = time.perf_counter()
-    for step in range(start_step, max_steps):
-        fraction = step / max_steps
-        sampler.schedule.initialize_new_bits(supernet, fraction)
-        archs = sampler.sample(step, fraction)
-        for _ in range(gradient_accumulation_steps):
+    def train_steps(self, start_step: int) -> _TrainingLog:
+        """The optimizer steps from `start_step` to `max_steps`, with logging and checkpoints."""
+        args, accelerator = self.args, self.accelerator
+        accumulation = args.gradient_accumulation_steps
+        batches = _micro_batches(accelerator, self.train_loader, self.preprocessor, start_step * accumulation)
+        log_steps = _absolute_steps(args.logging_steps, args.max_steps)
+        save_steps = _absolute_steps(args.save_steps, args.max_steps) if args.save_strategy == "steps" else None
+        log = _TrainingLog()
+        progress_bar = tqdm(
+            total=args.max_steps,
+            initial=start_step,
+            desc="Training supernet",
+            disable=not accelerator.is_local_main_process,
+        )
+        for step in range(start_step, args.max_steps):
+            learning_rate = self.train_step(step, batches, log.losses)
+            self.progress.step = step + 1
+            progress_bar.update(1)
+            if self.progress.step % log_steps == 0 or self.progress.step == args.max_steps:
+                self.log(log, learning_rate, progress_bar)
+            if save_steps and self.progress.step % save_steps == 0:
+                saved = self.output_dir / f"{CHECKPOINT_PREFIX}-{self.progress.step}"
+                accelerator.save_state(str(saved))
+                logger.info(f"Saved checkpoint {saved}.")
+        progress_bar.close()
+        return log
+
+    def train_step(self, step: int, batches, losses: SubnetLossWindow) -> float:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the learning rate it used."""
+        args, accelerator, model = self.args, self.accelerator, self.model
+        fraction = step / args.max_steps
+        self.sampler.schedule.initialize_new_bits(self.supernet, fraction)
+        archs = self.sampler.sample(step, fraction)
+        for _ in range(args.gradient_accumulation_steps):
             batch = next(batches)
             with accelerator.accumulate(model):
-                output = supernet_training_step(model, batch, archs, accelerator=accelerator, distillation=distillation)
-                if accelerator.sync_gradients and max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            for name, loss in output.losses.items():
-                window_sums[name] = window_sums.get(name, 0.0) + loss
-            window_batches += 1
-        learning_rate_used = scheduler.get_last_lr()[0]
+                output = supernet_training_step(
+                    model,
+                    batch,
+                    archs,
+                    accelerator=accelerator,
+                    distillation=args.distillation,
+                    distillation_kind=args.distillation_kind,
+                    distillation_weight=args.distillation_weight,
+                    multimask_output=args.multimask_output,
+                )
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+            losses.add(output.losses)
+        learning_rate = self.scheduler.get_last_lr()[0]
         if not accelerator.optimizer_step_was_skipped:
-            scheduler.step()
-        progress.step = step + 1
-        progress_bar.update(1)
+            self.scheduler.step()
+        return learning_rate
 
-        if progress.step % log_steps == 0 or progress.step == max_steps:
-            names = list(window_sums)
-            means = accelerator.reduce(torch.stack([window_sums[name] for name in names]) / window_batches, "mean")
-            final_losses = {name: round(value, 4) for name, value in zip(names, means.tolist())}
-            log_history.append(
-                {
-                    "step": progress.step,
-                    "learning_rate": learning_rate_used,
-                    **{f"loss/{name}": v for name, v in final_losses.items()},
-                }
-            )
-            progress_bar.set_postfix({name: f"{value:.3f}" for name, value in final_losses.items()})
-            logger.info(f"step {progress.step}/{max_steps}: {final_losses}")
-            window_sums, window_batches = {}, 0
-        if save_steps and progress.step % save_steps == 0:
-            saved = output_dir / f"{CHECKPOINT_PREFIX}-{progress.step}"
-            accelerator.save_state(str(saved))
-            logger.info(f"Saved checkpoint {saved}.")
-    progress_bar.close()
-    seconds = time.perf_counter() - start_time
+    def log(self, log: _TrainingLog, learning_rate: float, progress_bar) -> None:
+        log.final_losses = log.losses.pop_means(self.accelerator)
+        log.history.append(
+            {
+                "step": self.progress.step,
+                "learning_rate": learning_rate,
+                **{f"loss/{name}": value for name, value in log.final_losses.items()},
+            }
+        )
+        progress_bar.set_postfix({name: f"{value:.3f}" for name, value in log.final_losses.items()})
+        logger.info(f"step {self.progress.step}/{self.args.max_steps}: {log.final_losses}")
 
-    mean_iou_after = evaluate()
-    if mean_iou_after is not None:
-        logger.info(f"Mean IoU after training: {mean_iou_after}")
-    accelerator.wait_for_everyone()
-    # Hand the model back as `from_pretrained` would give it, not in the last random subnet.
-    supernet.set_subnet(supernet.full_precision_subnet())
-    supernet.save_pretrained(
-        output_dir,
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(model),
-    )
-    accelerator.wait_for_everyone()
-    logger.info(f"Saved the trained supernet to {output_dir}.")
-    return {
-        "steps": progress.step,
-        "resumed_from_step": start_step,
-        "seconds": round(seconds, 2),
-        "final_losses": final_losses,
-        "mean_iou_before": mean_iou_before,
-        "mean_iou_after": mean_iou_after,
-        "log_history": log_history,
-        "output_dir": str(output_dir),
-    }
+    def save(self) -> None:
+        """Saves the supernet as `from_pretrained` would give it, not in the last random subnet."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        self.supernet.set_subnet(self.supernet.full_precision_subnet())
+        self.supernet.save_pretrained(
+            self.output_dir,
+            is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+            state_dict=accelerator.get_state_dict(self.model),
+        )
+        accelerator.wait_for_everyone()
+        logger.info(f"Saved the trained supernet to {self.output_dir}.")

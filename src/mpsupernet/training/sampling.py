@@ -35,39 +35,12 @@ logger = logging.get_logger(__name__)
 DISTILLATION_TEACHERS = ("largest", "full_precision")
 PROMPT_INPUT_NAMES = ("input_boxes", "input_points")
 QUANTIZER_LR_SCALE = 0.01
-"""Default ratio of the quantizers' learning rate to the adapters' (see `quantizer_parameter_groups`)."""
+"""Default ratio of the quantizers' learning rate to the adapters' (see `policies.quantizer_parameter_groups`)."""
 
 
 def is_quantizer_parameter(name: str) -> bool:
     """Whether a parameter name is a quantizer's step size or offset (see `mpsupernet.architecture.parameter_kind`)."""
     return parameter_kind(name) == "quantizer"
-
-
-def quantizer_parameter_groups(model: nn.Module, learning_rate: float, quantizer_lr_scale: float) -> list[dict]:
-    """Optimizer parameter groups: the trainable parameters, with the quantizers' own at a scaled learning rate.
-
-    Adam moves every parameter by about the learning rate per step, whatever its gradient's scale, and so ignores
-    LSQ's gradient scaling. Adapters and decoder weights take that well, but an 8-bit step size is of the order of
-    1e-3 to 1e-2: at the adapters' learning rate it would change by tens of percent per step.
-
-    Args:
-        model (`nn.Module`): the supernet; frozen parameters are left out.
-        learning_rate (`float`): the learning rate of the adapters and the mask decoder.
-        quantizer_lr_scale (`float`): the quantizers' learning rate is `learning_rate * quantizer_lr_scale`.
-
-    Returns:
-        `list[dict]`: two groups, `{"params": [...]}` and `{"params": [...], "lr": ...}`.
-    """
-    if not quantizer_lr_scale >= 0:
-        raise ValueError(f"`quantizer_lr_scale` must be non-negative, got {quantizer_lr_scale!r}.")
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    return [
-        {"params": [p for name, p in trainable if not is_quantizer_parameter(name)]},
-        {
-            "params": [p for name, p in trainable if is_quantizer_parameter(name)],
-            "lr": learning_rate * quantizer_lr_scale,
-        },
-    ]
 
 
 def _check_fraction(fraction: float) -> float:
@@ -351,6 +324,25 @@ def _defer_gradient_sync(accelerator: Accelerator, model: nn.Module):
         gradient_state._set_sync_gradients(True)
 
 
+def _check_step_inputs(batch: dict, archs: dict, distillation: str | None, distillation_kind: str) -> None:
+    check_distillation(distillation, distillation_kind)
+    if not archs:
+        raise ValueError("`archs` is empty; give at least one subnet to train.")
+    if distillation == "largest" and next(iter(archs)) != "largest":
+        raise ValueError(
+            f"With distillation='largest' the first subnet must be named 'largest' (it is the teacher); got the "
+            f"order {list(archs)}."
+        )
+    check_training_batch(batch)
+
+
+@torch.no_grad()
+def _full_precision_logits(model: nn.Module, supernet, inputs: dict, multimask_output: bool) -> torch.Tensor:
+    """The mask logits of the full-precision subnet, the teacher of `distillation="full_precision"`."""
+    supernet.set_subnet(supernet.full_precision_subnet())
+    return model(**inputs, multimask_output=multimask_output).pred_masks.float()
+
+
 def supernet_training_step(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
@@ -404,24 +396,13 @@ def supernet_training_step(
     Returns:
         `SandwichStepOutput` with each subnet's (detached, unscaled) losses.
     """
-    check_distillation(distillation, distillation_kind)
-    if not archs:
-        raise ValueError("`archs` is empty; give at least one subnet to train.")
-    if distillation == "largest" and next(iter(archs)) != "largest":
-        raise ValueError(
-            f"With distillation='largest' the first subnet must be named 'largest' (it is the teacher); got the "
-            f"order {list(archs)}."
-        )
-    check_training_batch(batch)
+    _check_step_inputs(batch, archs, distillation, distillation_kind)
     supernet = accelerator.unwrap_model(model)
     inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
     targets = batch["ground_truth_masks"]
-
     teacher_logits = None
     if distillation == "full_precision":
-        supernet.set_subnet(supernet.full_precision_subnet())
-        with torch.no_grad():
-            teacher_logits = model(**inputs, multimask_output=multimask_output).pred_masks.float()
+        teacher_logits = _full_precision_logits(model, supernet, inputs, multimask_output)
 
     losses, distillation_losses = {}, {}
     names = list(archs)

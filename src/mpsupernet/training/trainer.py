@@ -12,10 +12,15 @@ from transformers.utils import logging
 
 from ..data.processing import SamSegmentationPreprocessor, collate_fn
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
+from .arguments import SUPERNET_OPTIONS, SupernetTrainingArguments
+from .policies import (
+    SubnetLossWindow,
+    calibrate_from_dataset,
+    evaluation_subnets,
+    make_sandwich_sampler,
+    split_quantizer_groups,
+)
 from .sampling import (
-    QUANTIZER_LR_SCALE,
-    SandwichSampler,
-    check_distillation,
     check_distributed_support,
     check_training_batch,
     evaluate_subnets,
@@ -72,18 +77,13 @@ class SupernetTrainer(Trainer):
     Args:
         model (`SamSupernetForMaskGeneration`): the supernet (its base weights are frozen; the optimizer gets only the
             trainable parameters).
-        args (`TrainingArguments`, *optional*): as for `Trainer`.
+        args (`SupernetTrainingArguments` or `TrainingArguments`, *optional*): as for `Trainer`, with the supernet
+            options (`num_random_subnets`, `sandwich_seed`, `distillation`, `distillation_kind`,
+            `distillation_weight`, `multimask_output`, `quantizer_lr_scale`); plain `TrainingArguments` are copied
+            into `SupernetTrainingArguments` with the options' defaults. `self.args` is always the latter.
         data_collator (*optional*): defaults to `mpsupernet.data.collate_fn`.
-        num_random_subnets (`int`, *optional*, defaults to 2): random subnets per step.
-        sandwich_seed (`int`, *optional*): seed of the random subnets; defaults to `args.seed`.
-        distillation (`str`, *optional*, defaults to `"largest"`): the distillation teacher, `"largest"`,
-            `"full_precision"` or `None` (see `supernet_training_step`).
-        distillation_kind (`str`, *optional*, defaults to `"kl"`): `"kl"` or `"mse"`.
-        distillation_weight (`float`, *optional*, defaults to 1.0): weight of the distillation loss.
-        multimask_output (`bool`, *optional*, defaults to `False`): train and evaluate with three masks per prompt.
-        quantizer_lr_scale (`float`, *optional*, defaults to `QUANTIZER_LR_SCALE`): the quantizers' step sizes and
-            offsets learn at `args.learning_rate` times this (see `quantizer_parameter_groups`).
-        kwargs: every other `Trainer` argument (`train_dataset`, `eval_dataset`, `callbacks`, ...).
+        kwargs: a supernet option given by name overrides the one in `args`; every other `Trainer` argument
+            (`train_dataset`, `eval_dataset`, `callbacks`, ...).
     """
 
     def __init__(
@@ -91,14 +91,6 @@ class SupernetTrainer(Trainer):
         model: SamSupernetForMaskGeneration | None = None,
         args: TrainingArguments | None = None,
         data_collator=None,
-        *,
-        num_random_subnets: int = 2,
-        sandwich_seed: int | None = None,
-        distillation: str | None = "largest",
-        distillation_kind: str = "kl",
-        distillation_weight: float = 1.0,
-        multimask_output: bool = False,
-        quantizer_lr_scale: float = QUANTIZER_LR_SCALE,
         **kwargs,
     ):
         if not isinstance(model, SamSupernetForMaskGeneration):
@@ -106,10 +98,11 @@ class SupernetTrainer(Trainer):
                 f"SupernetTrainer trains a SamSupernetForMaskGeneration, got {type(model).__name__}. Build one with "
                 "`SamSupernetForMaskGeneration.from_sam(...)` or `.from_pretrained(...)`."
             )
-        check_distillation(distillation, distillation_kind)
-        if not quantizer_lr_scale >= 0:
-            raise ValueError(f"`quantizer_lr_scale` must be non-negative, got {quantizer_lr_scale!r}.")
-        args = args if args is not None else TrainingArguments(output_dir="trainer_output")
+        options = {name: kwargs.pop(name) for name in SUPERNET_OPTIONS if name in kwargs}
+        if args is None:
+            args = SupernetTrainingArguments(output_dir="trainer_output", **options)
+        else:
+            args = SupernetTrainingArguments.from_training_arguments(args, **options)
         if args.remove_unused_columns:
             logger.info(
                 "SupernetTrainer sets `remove_unused_columns=False`: the preprocessing transform needs the raw columns."
@@ -118,18 +111,8 @@ class SupernetTrainer(Trainer):
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = True
         super().__init__(model=model, args=args, data_collator=data_collator or collate_fn, **kwargs)
-        self.sampler = SandwichSampler(
-            model.config,
-            num_random_subnets=num_random_subnets,
-            seed=args.seed if sandwich_seed is None else sandwich_seed,
-        )
-        self.distillation = distillation
-        self.distillation_kind = distillation_kind
-        self.distillation_weight = distillation_weight
-        self.multimask_output = multimask_output
-        self.quantizer_lr_scale = quantizer_lr_scale
-        self._subnet_loss_sums: dict[str, torch.Tensor] = {}
-        self._subnet_loss_batches = 0
+        self.sampler = make_sandwich_sampler(model, args)
+        self._subnet_losses = SubnetLossWindow()
         self.add_callback(PromptEpochCallback(self))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
@@ -142,21 +125,16 @@ class SupernetTrainer(Trainer):
         """
         supernet = self.accelerator.unwrap_model(self.model)
         if not resume_from_checkpoint and self.train_dataset is not None:
-            self._calibrate_quantizers(supernet)
+            calibrate_from_dataset(
+                self.sampler,
+                supernet,
+                self.train_dataset,
+                self.data_collator,
+                self.args.per_device_train_batch_size,
+                self.args.process_index,
+            )
         check_distributed_support(self.accelerator, supernet, self.sampler.schedule)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
-
-    def _calibrate_quantizers(self, supernet: SamSupernetForMaskGeneration) -> None:
-        dataset = self.train_dataset
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            logger.info("The training dataset cannot be indexed: quantizers initialise on their first training batch.")
-            return
-        # Indexing, not a dataloader: drawing a batch must not consume the random state that shuffles the data.
-        size = self.args.per_device_train_batch_size
-        first = self.args.process_index * size
-        batch = self.data_collator([dataset[index % len(dataset)] for index in range(first, first + size)])
-        pixel_values = batch["pixel_values"].to(next(supernet.parameters()).device)
-        self.sampler.schedule.calibrate_start_bits(supernet, pixel_values)
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The parent's choice (no biases, no norms) without the quantizers' step sizes and offsets."""
@@ -168,17 +146,12 @@ class SupernetTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         optimizer = super().create_optimizer(model)
-        model = model if model is not None else self.model
-        quantizer_ids = {id(p) for name, p in model.named_parameters() if is_quantizer_parameter(name)}
-        for group in list(optimizer.param_groups):
-            moved = [p for p in group["params"] if id(p) in quantizer_ids]
-            if not moved:
-                continue
-            group["params"] = [p for p in group["params"] if id(p) not in quantizer_ids]
-            if not group["params"]:
-                optimizer.param_groups.remove(group)
-            settings = {key: value for key, value in group.items() if key != "params"}
-            optimizer.add_param_group({**settings, "params": moved, "lr": group["lr"] * self.quantizer_lr_scale})
+        groups = split_quantizer_groups(
+            optimizer.param_groups, model if model is not None else self.model, self.args.quantizer_lr_scale
+        )
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
         return optimizer
 
     def training_step(
@@ -213,25 +186,20 @@ class SupernetTrainer(Trainer):
                 archs,
                 accelerator=self.accelerator,
                 loss_scale=1.0 / accumulation_steps,
-                distillation=self.distillation,
-                distillation_kind=self.distillation_kind,
-                distillation_weight=self.distillation_weight,
-                multimask_output=self.multimask_output,
+                distillation=self.args.distillation,
+                distillation_kind=self.args.distillation_kind,
+                distillation_weight=self.args.distillation_weight,
+                multimask_output=self.args.multimask_output,
                 backward_kwargs=backward_kwargs,
             )
-        for name, loss in output.losses.items():
-            self._subnet_loss_sums[name] = self._subnet_loss_sums.get(name, 0.0) + loss
-        self._subnet_loss_batches += 1
+        self._subnet_losses.add(output.losses)
         return output.total / accumulation_steps
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds each subnet's mean loss since the last log (averaged over processes) to training logs."""
-        if "loss" in logs and self._subnet_loss_batches:
-            names = list(self._subnet_loss_sums)
-            means = torch.stack([self._subnet_loss_sums[name] for name in names]) / self._subnet_loss_batches
-            means = self.accelerator.reduce(means, reduction="mean")
-            logs.update({f"loss/{name}": round(value, 4) for name, value in zip(names, means.tolist())})
-            self._subnet_loss_sums, self._subnet_loss_batches = {}, 0
+        if "loss" in logs and len(self._subnet_losses):
+            means = self._subnet_losses.pop_means(self.accelerator)
+            logs.update({f"loss/{name}": value for name, value in means.items()})
         super().log(logs, start_time)
 
     def evaluate(
@@ -262,8 +230,8 @@ class SupernetTrainer(Trainer):
         results = evaluate_subnets(
             supernet,
             dataloader,
-            {"largest": supernet.largest_subnet(), "smallest": supernet.smallest_subnet()},
-            multimask_output=self.multimask_output,
+            evaluation_subnets(supernet),
+            multimask_output=self.args.multimask_output,
             device=self.args.device,
             show_progress=self.is_local_process_zero() and not self.args.disable_tqdm,
         )

@@ -1,0 +1,39 @@
+"""Evolutionary search over subnet architectures and the Pareto front it finds.
+
+The package's rooms: `front` (the front and its JSON; numpy only), `plot` (matplotlib), `encoding` (the integer
+genotype), `problem` (the pymoo problem and repair) and `run` (`evolutionary_search`, `run_search` and the mIoU
+evaluator). The front's names load eagerly; the search's load on first use, so that `mpsupernet.search.front` and
+readers of a saved front never import pymoo.
+"""
+
+import importlib
+
+from .front import PARETO_FRONT_FORMAT_VERSION, TABLE_COLUMNS, ParetoEntry, ParetoFront, non_dominated_mask
+
+_LAZY_NAMES = {
+    "ALGORITHMS": "run",
+    "ArchitectureEncoding": "encoding",
+    "evolutionary_search": "run",
+    "make_miou_evaluator": "run",
+    "run_search": "run",
+    "plot_pareto_front": "plot",
+}
+
+__all__ = [
+    "PARETO_FRONT_FORMAT_VERSION",
+    "TABLE_COLUMNS",
+    "ParetoEntry",
+    "ParetoFront",
+    "non_dominated_mask",
+    *_LAZY_NAMES,
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,364 @@
+"""Evolutionary multi-objective search over subnet architectures, and the mIoU evaluator it runs.
+
+The search minimises two objectives at once, BitOPs (analytic, free: `SamSupernetForMaskGeneration.bitops`) and
+minus the mean IoU of a subnet on validation data (measured, expensive), with an optional BitOPs budget as a hard
+constraint. It runs pymoo's NSGA-II (or SMS-EMOA) on an integer encoding of `SubnetArchitecture`
+(`ArchitectureEncoding`) and returns a `ParetoFront`: the non-dominated architectures among all those evaluated, kept
+as JSON and drawn as a plot.
+"""
+
+import contextlib
+import os
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from pymoo.algorithms.moo.nsga2 import NSGA2
+from pymoo.algorithms.moo.sms import SMSEMOA
+from pymoo.operators.crossover.sbx import SBX
+from pymoo.operators.mutation.pm import PM
+from pymoo.operators.repair.rounding import RoundingRepair
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..bitops import format_bitops, parse_budget
+from ..search_space import SearchSpace, SubnetArchitecture
+from .encoding import ArchitectureEncoding
+from .front import ParetoFront
+from .problem import _ArchitectureProblem, _CanonicalRepair, _checked_mean_iou, _Evaluations
+
+logger = logging.get_logger(__name__)
+
+ALGORITHMS = {"nsga2": NSGA2, "smsemoa": SMSEMOA}
+"""The pymoo algorithms `evolutionary_search` can run, by name."""
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def _initial_population(
+    space: SearchSpace, encoding: ArchitectureEncoding, evaluations: _Evaluations, population_size: int, seed: int
+) -> np.ndarray:
+    """Genotypes of the first generation: the anchors of the front, then random architectures.
+
+    The smallest and the largest subnet bound the front; uniform-bit full-size subnets (W8A8, W6A6, W4A4, ...) are
+    the baselines a mixed-precision search should beat. Anchors outside the budget are left out. The rest are drawn
+    with `SearchSpace.sample`, those within the budget preferred; a population of distinct architectures may come
+    out smaller than `population_size` in a very small space.
+    """
+    anchors = [space.smallest(), space.largest()]
+    for weight_bits in space.weight_bit_choices[1:]:
+        # The lowest activation bit-width that is not below the weight bits (W2 pairs with A4 by default).
+        activation_bits = min(
+            (bits for bits in space.activation_bit_choices if bits >= weight_bits),
+            default=space.activation_bit_choices[0],
+        )
+        anchors.append(space.largest(weight_bits, activation_bits))
+    chosen = list(dict.fromkeys(arch for arch in anchors if evaluations.is_feasible(arch)))[:population_size]
+    rng = random.Random(seed)
+    infeasible = []
+    for _ in range(50 * population_size):
+        if len(chosen) >= population_size:
+            break
+        arch = space.sample(rng)
+        if arch in chosen or arch in infeasible:
+            continue
+        (chosen if evaluations.is_feasible(arch) else infeasible).append(arch)
+    chosen += infeasible[: population_size - len(chosen)]
+    return np.stack([encoding.encode(arch) for arch in chosen])
+
+
+def evolutionary_search(
+    supernet,
+    evaluate: Callable[[SubnetArchitecture], float],
+    *,
+    population_size: int = 16,
+    generations: int = 5,
+    max_bitops: float | str | None = None,
+    min_bitops: float | str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    algorithm: str = "nsga2",
+    evaluate_full_precision: bool = True,
+    metadata: dict | None = None,
+) -> ParetoFront:
+    """Searches the supernet's architectures for the Pareto front of BitOPs against mean IoU.
+
+    pymoo's NSGA-II (or SMS-EMOA) evolves integer genotypes (`ArchitectureEncoding`): simulated binary crossover and
+    polynomial mutation on the choice indices, rounded and canonicalised by a repair, with duplicate offspring
+    eliminated. BitOPs come from the analytic counter; `evaluate` is called once per distinct architecture within
+    the budget (results are cached), never for one outside it. The front returned holds the non-dominated
+    architectures among all those evaluated, not only the last population.
+
+    In a distributed run every process must call this with the same arguments and an `evaluate` that returns the
+    same value on every process (`make_miou_evaluator` with an `Accelerator` does): the search then stays in
+    lockstep. Only the main process shows the progress bar and logs.
+
+    Args:
+        supernet (`SamSupernetForMaskGeneration`): prices architectures (`supernet.bitops`) and defines the space.
+        evaluate (`Callable[[SubnetArchitecture], float]`): the mean IoU of an architecture (e.g.
+            `make_miou_evaluator(...)`); deterministic, for the search to be.
+        population_size (`int`, *optional*, defaults to 16): architectures per generation, at least 2.
+        generations (`int`, *optional*, defaults to 5): generations of offspring after the initial population (0
+            evaluates the initial population only); at most `population_size * (generations + 1)` evaluations.
+        max_bitops (`int`, `float` or `str`, *optional*): the BitOPs budget, a hard constraint; a string is read by
+            `mpsupernet.bitops.parse_budget` ("120G", "5%" of the full-precision model).
+        min_bitops (`int`, `float` or `str`, *optional*): a lower BitOPs bound, to focus on a range of the front.
+        seed (`int`, *optional*, defaults to 0): seeds the initial population and pymoo.
+        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar over the architectures considered.
+        algorithm (`str`, *optional*, defaults to `"nsga2"`): one of `ALGORITHMS` (`"nsga2"`, `"smsemoa"`).
+        evaluate_full_precision (`bool`, *optional*, defaults to `True`): also measure the full-precision model
+            (one more `evaluate` call) for the front's metadata and plot.
+        metadata (`dict`, *optional*): more metadata for the front (`run_search` gives `base_model`, `dataset`).
+
+    Returns:
+        `ParetoFront`: with the full-precision point, the W8A8 reference, the date and the settings in `metadata`.
+    """
+    _check_search_settings(algorithm, population_size, generations)
+    space: SearchSpace = supernet.search_space
+    full_precision = supernet.full_precision_subnet()
+    full_precision_report = supernet.bitops_report(full_precision)
+    max_bitops, min_bitops = _bitops_bounds(supernet, full_precision_report.total_bitops, max_bitops, min_bitops)
+    full_precision_mean_iou = None
+    if evaluate_full_precision:
+        full_precision_mean_iou = _checked_mean_iou(evaluate(full_precision), full_precision)
+
+    evaluations = _Evaluations(supernet, evaluate, max_bitops, min_bitops)
+    encoding = ArchitectureEncoding(space)
+    # Integer genes through pymoo's real-valued operators plus rounding, as pymoo documents for integer variables; a
+    # small distribution index (eta=3) makes steps of more than one choice likely despite the rounding.
+    optimizer = ALGORITHMS[algorithm](
+        pop_size=population_size,
+        n_offsprings=population_size,
+        sampling=_initial_population(space, encoding, evaluations, population_size, seed),
+        crossover=SBX(prob=0.9, eta=3.0, vtype=float, repair=RoundingRepair()),
+        mutation=PM(eta=3.0, vtype=float, repair=RoundingRepair()),
+        repair=_CanonicalRepair(encoding),
+        eliminate_duplicates=True,
+    )
+    _run_generations(optimizer, encoding, evaluations, population_size, generations, seed, progress)
+    entries = list(evaluations.entries.values())
+    settings = {"algorithm": algorithm, "population_size": population_size, "generations": generations}
+    search = {**settings, "max_bitops": max_bitops, "min_bitops": min_bitops, "seed": seed}
+    front_metadata = _front_metadata(supernet, full_precision_report, full_precision_mean_iou, search, len(entries))
+    return ParetoFront(entries, metadata={**front_metadata, **(metadata or {})})
+
+
+def _front_metadata(
+    supernet, full_precision_report, full_precision_mean_iou: float | None, search: dict, num_evaluations: int
+) -> dict:
+    """The metadata `evolutionary_search` gives its front (see `ParetoFront`)."""
+    return {
+        "base_model": getattr(supernet, "name_or_path", None) or None,
+        "dataset": {"name": None, "size": None},
+        "full_precision": {
+            "bitops": full_precision_report.total_bitops,
+            "macs": full_precision_report.total_macs,
+            "mean_iou": full_precision_mean_iou,
+        },
+        "w8a8_bitops": full_precision_report.w8a8_bitops,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "search": {
+            **search,
+            "bit_granularity": supernet.search_space.config.bit_granularity,
+            "num_evaluations": num_evaluations,
+        },
+    }
+
+
+def _check_search_settings(algorithm: str, population_size: int, generations: int) -> None:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"Unknown search algorithm {algorithm!r}; allowed: {list(ALGORITHMS)}.")
+    if isinstance(population_size, bool) or not isinstance(population_size, int) or population_size < 2:
+        raise ValueError(f"`population_size` must be an integer of at least 2, got {population_size!r}.")
+    if isinstance(generations, bool) or not isinstance(generations, int) or generations < 0:
+        raise ValueError(f"`generations` must be a non-negative integer, got {generations!r}.")
+
+
+def _bitops_bounds(
+    supernet, full_precision_bitops: int, max_bitops: float | str | None, min_bitops: float | str | None
+) -> tuple[int | None, int | None]:
+    """The BitOPs bounds as whole numbers, checked against the cheapest and the dearest subnet."""
+    max_bitops = None if max_bitops is None else parse_budget(max_bitops, full_precision_bitops, name="max_bitops")
+    min_bitops = None if min_bitops is None else parse_budget(min_bitops, full_precision_bitops, name="min_bitops")
+    cheapest = supernet.bitops_report(supernet.search_space.smallest()).total_bitops
+    dearest = supernet.bitops_report(supernet.search_space.largest()).total_bitops
+    if max_bitops is not None and max_bitops < cheapest:
+        raise ValueError(
+            f"`max_bitops` is {max_bitops:,} but the smallest subnet costs {cheapest:,} BitOPs; no architecture fits. "
+            f"Allowed: at least {cheapest:,}."
+        )
+    if min_bitops is not None and min_bitops > min(dearest, max_bitops or dearest):
+        raise ValueError(
+            f"`min_bitops` is {min_bitops:,} but it must not exceed `max_bitops` ({max_bitops}) nor the largest "
+            f"subnet's {dearest:,} BitOPs."
+        )
+    return max_bitops, min_bitops
+
+
+def _run_generations(
+    optimizer,
+    encoding: ArchitectureEncoding,
+    evaluations: _Evaluations,
+    population_size: int,
+    generations: int,
+    seed: int,
+    progress: bool,
+) -> None:
+    """Runs the optimizer's ask-evaluate-tell loop for `generations + 1` generations, with a bar and logs."""
+    main_process = _is_main_process()
+    with tqdm(
+        total=population_size * (generations + 1),
+        desc="Searching architectures",
+        unit="arch",
+        disable=not (progress and main_process),
+    ) as progress_bar:
+        problem = _ArchitectureProblem(encoding, evaluations, progress_bar)
+        optimizer.setup(problem, termination=("n_gen", generations + 1), seed=seed, verbose=False)
+        generation = 0
+        while optimizer.has_next():
+            population = optimizer.ask()
+            optimizer.evaluator.eval(problem, population)
+            optimizer.tell(infills=population)
+            if main_process:
+                _log_generation(generation, generations, evaluations, evaluations.max_bitops)
+            generation += 1
+
+
+def _log_generation(generation: int, generations: int, evaluations: _Evaluations, max_bitops: int | None) -> None:
+    front = evaluations.front()
+    best = front.entries[-1] if front.entries else None
+    budget = f"under {format_bitops(max_bitops)}" if max_bitops is not None else "overall"
+    best_text = (
+        f"{best.mean_iou:.4f} at {format_bitops(best.bitops)}" if best else "none (nothing evaluated yet)"
+    )
+    logger.info(
+        f"Generation {generation}/{generations}: {len(evaluations.entries)} architectures evaluated, front of "
+        f"{len(front)}, best mIoU {budget}: {best_text}."
+    )
+
+
+def make_miou_evaluator(
+    supernet, dataloader, accelerator=None, max_batches: int | None = None
+) -> Callable[[SubnetArchitecture], float]:
+    """An `evaluate` for `evolutionary_search`: activates an architecture and measures its mean IoU.
+
+    Args:
+        supernet (`SamSupernetForMaskGeneration`): the supernet to run.
+        dataloader (`torch.utils.data.DataLoader`): validation batches from `mpsupernet.data.collate_fn`.
+        accelerator (`accelerate.Accelerator`, *optional*): shards the dataloader across processes
+            (`accelerator.prepare`), moves the supernet to its device and runs under its autocast; the metric sums
+            over processes, so every process gets the same mIoU. With accelerate's default `even_batches`, the last
+            batches are topped up with repeated examples, so the value may differ slightly from a one-process run.
+        max_batches (`int`, *optional*): evaluate on at most this many batches (per process).
+
+    Returns:
+        `Callable[[SubnetArchitecture], float]`: leaves the architecture it evaluated active in the supernet.
+    """
+    # Imported here: evaluation.py pulls in the data pipeline, which the search itself does not need.
+    from ..evaluation import evaluate_mean_iou
+
+    autocast = contextlib.nullcontext
+    if accelerator is not None:
+        dataloader = accelerator.prepare(dataloader)
+        supernet.to(accelerator.device)
+        autocast = accelerator.autocast
+
+    def evaluate(arch: SubnetArchitecture) -> float:
+        supernet.set_subnet(arch)
+        with autocast():
+            return evaluate_mean_iou(supernet, dataloader, max_batches=max_batches, show_progress=False)
+
+    return evaluate
+
+
+def run_search(
+    supernet_path_or_model,
+    dataset,
+    *,
+    output_dir: str | os.PathLike,
+    population_size: int = 16,
+    generations: int = 5,
+    max_bitops: float | str | None = None,
+    eval_batch_size: int = 4,
+    max_eval_batches: int | None = None,
+    seed: int = 0,
+    algorithm: str = "nsga2",
+    accelerator=None,
+    dataset_name: str | None = None,
+    progress: bool = True,
+) -> ParetoFront:
+    """Loads a supernet, searches its Pareto front on a validation set, and saves the front as JSON and PNG.
+
+    Writes `pareto_front.json` and `pareto_front.png` into `output_dir` (on the main process).
+
+    Args:
+        supernet_path_or_model (`str`, `os.PathLike` or `SamSupernetForMaskGeneration`): a supernet, or a folder or
+            Hub repo id for `SamSupernetForMaskGeneration.from_pretrained`.
+        dataset (`datasets.Dataset`): validation examples in the standard schema (`image`, `masks`, `image_id`);
+            prompts are sampled by `SamSegmentationPreprocessor` with `seed`, the same for every architecture.
+        output_dir (`str` or `os.PathLike`): where to write the front.
+        population_size, generations, max_bitops, seed, algorithm: see `evolutionary_search`.
+        eval_batch_size (`int`, *optional*, defaults to 4): images per evaluation batch.
+        max_eval_batches (`int`, *optional*): evaluate every architecture on at most this many batches (per process).
+        accelerator (`accelerate.Accelerator`, *optional*): defaults to a new `Accelerator()`, which picks the device
+            and, under `accelerate launch`, shards the evaluation across processes.
+        dataset_name (`str`, *optional*): for the metadata; defaults to the dataset's own name, if it has one.
+        progress (`bool`, *optional*, defaults to `True`): show the search's progress bar.
+    """
+    from torch.utils.data import DataLoader
+
+    from ..data import SamSegmentationPreprocessor, collate_fn
+
+    supernet = _load_supernet(supernet_path_or_model)
+    if eval_batch_size < 1:
+        raise ValueError(f"`eval_batch_size` must be at least 1, got {eval_batch_size}.")
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    supernet.eval()
+    preprocessor = SamSegmentationPreprocessor(supernet.config, seed=seed)
+    dataloader = DataLoader(
+        dataset.with_transform(preprocessor), batch_size=eval_batch_size, shuffle=False, collate_fn=collate_fn
+    )
+    evaluate = make_miou_evaluator(supernet, dataloader, accelerator=accelerator, max_batches=max_eval_batches)
+    info = getattr(dataset, "info", None)
+    dataset_name = dataset_name or getattr(info, "dataset_name", None) or getattr(info, "builder_name", None)
+    front = evolutionary_search(
+        supernet,
+        evaluate,
+        population_size=population_size,
+        generations=generations,
+        max_bitops=max_bitops,
+        seed=seed,
+        progress=progress,
+        algorithm=algorithm,
+        metadata={"dataset": {"name": dataset_name, "size": len(dataset), "max_eval_batches": max_eval_batches}},
+    )
+    if accelerator.is_main_process:
+        output_dir = Path(output_dir)
+        front.save(output_dir / "pareto_front.json")
+        budgets = [front.metadata["search"]["max_bitops"]] if max_bitops is not None else []
+        front.plot(output_dir / "pareto_front.png", budgets=budgets)
+    accelerator.wait_for_everyone()
+    return front
+
+
+def _load_supernet(supernet_path_or_model):
+    from ..modeling_sam_supernet import SamSupernetForMaskGeneration
+
+    if isinstance(supernet_path_or_model, (str, os.PathLike)):
+        return SamSupernetForMaskGeneration.from_pretrained(supernet_path_or_model)
+    if isinstance(supernet_path_or_model, SamSupernetForMaskGeneration):
+        return supernet_path_or_model
+    raise TypeError(
+        "`supernet_path_or_model` must be a SamSupernetForMaskGeneration, a folder or a Hub repo id, got "
+        f"{type(supernet_path_or_model).__name__}: {supernet_path_or_model!r}."
+    )
