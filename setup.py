@@ -26,8 +26,11 @@ install_requires = [
 
 extras = {
     "benchmarks": ["peft>=0.13"],
+    # ONNX export (`export_onnx`, `mpsupernet export`) and the PyTorch-free runtime (`mpsupernet.runtime`).
+    "onnx": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5", "onnx-ir>=0.1.12"],
+    "openvino": ["openvino>=2024.4"],
 }
-extras["dev"] = ["pytest>=8.0", "pytest-timeout>=2.3"] + extras["benchmarks"]
+extras["dev"] = ["pytest>=8.0", "pytest-timeout>=2.3"] + extras["benchmarks"] + extras["onnx"]
 
 setup(
     name="mpsupernet",

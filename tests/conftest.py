@@ -71,3 +71,29 @@ def prompt_inputs():
         "input_labels": torch.tensor([[[1, 0]], [[1, 1]]]),
         "input_boxes": torch.tensor([[[10.0, 12.0, 90.0, 100.0]], [[30.0, 5.0, 120.0, 64.0]]]),
     }
+
+
+def calibrated_embedded_supernet() -> SamSupernetForMaskGeneration:
+    """The embedded SAM's supernet, its activation steps calibrated at every bit-width on one batch."""
+    from mpsupernet.pretrained import load_embedded_sam
+
+    supernet = SamSupernetForMaskGeneration.from_sam(load_embedded_sam()).eval()
+    supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
+    return supernet
+
+
+@pytest.fixture(scope="session")
+def embedded_supernet():
+    return calibrated_embedded_supernet()
+
+
+@pytest.fixture(scope="session")
+def exported_w8a8(embedded_supernet, tmp_path_factory):
+    """A W8A8 subnet of the embedded SAM, exported to ONNX: `(subnet, folder, report)`."""
+    pytest.importorskip("onnxruntime")
+    from mpsupernet.extraction import extract_subnet
+
+    subnet = extract_subnet(embedded_supernet, embedded_supernet.search_space.largest(8, 8)).eval()
+    folder = tmp_path_factory.mktemp("export") / "w8a8"
+    report = subnet.export_onnx(folder)
+    return subnet, folder, report

@@ -1,33 +1,20 @@
-"""mpsupernet: mixed-precision quantized supernets from the Segment Anything Model, fine-tuned with LoRA."""
+"""mpsupernet: mixed-precision quantized supernets from the Segment Anything Model, fine-tuned with LoRA.
 
-from transformers import AutoConfig, AutoModel, AutoModelForMaskGeneration
-
-from .architecture import SubnetArchitecture
-from .bitops import BitOpsReport, count_bitops, parse_budget
-from .configuration_sam_supernet import SamSubnetConfig, SamSupernetConfig
-from .extraction import extract_subnet
-from .modeling_sam_subnet import SamSubnetForMaskGeneration
-from .modeling_sam_supernet import SamSupernetForMaskGeneration
-from .search_space import SearchSpace
+Everything here needs PyTorch except `mpsupernet.runtime`, which runs exported subnets with onnxruntime, numpy and
+Pillow. Without torch this `__init__` loads nothing, so that `import mpsupernet.runtime` still works there.
+"""
 
 __version__ = "0.1.0.dev0"
 
-AutoConfig.register(SamSupernetConfig.model_type, SamSupernetConfig)
-AutoModel.register(SamSupernetConfig, SamSupernetForMaskGeneration)
-AutoModelForMaskGeneration.register(SamSupernetConfig, SamSupernetForMaskGeneration)
-AutoConfig.register(SamSubnetConfig.model_type, SamSubnetConfig)
-AutoModel.register(SamSubnetConfig, SamSubnetForMaskGeneration)
-AutoModelForMaskGeneration.register(SamSubnetConfig, SamSubnetForMaskGeneration)
 
-__all__ = [
-    "BitOpsReport",
-    "SamSubnetConfig",
-    "SamSubnetForMaskGeneration",
-    "SamSupernetConfig",
-    "SamSupernetForMaskGeneration",
-    "SearchSpace",
-    "SubnetArchitecture",
-    "count_bitops",
-    "extract_subnet",
-    "parse_budget",
-]
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if _torch_available():
+    from ._torch_api import *  # noqa: F401,F403
+    from ._torch_api import __all__

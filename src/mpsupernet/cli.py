@@ -1,4 +1,4 @@
-"""The `mpsupernet` command: convert, train, search, extract, push and the end-to-end demo.
+"""The `mpsupernet` command: convert, train, search, extract, export, push and the end-to-end demo.
 
 Heavy imports (the models, training, search) happen inside each command, so that `mpsupernet --help` stays quick.
 """
@@ -128,6 +128,13 @@ def cmd_extract(args) -> None:
     print(json.dumps(subnet.bitops_report().summary(), indent=2))
 
 
+def cmd_export(args) -> None:
+    from .modeling_sam_subnet import SamSubnetForMaskGeneration
+
+    subnet = SamSubnetForMaskGeneration.from_pretrained(args.subnet)
+    print(subnet.export_onnx(args.output_dir, target=args.target, weight_container=args.weight_container))
+
+
 def cmd_push(args) -> None:
     from .hub import push_tiers
     from .modeling_sam_subnet import SamSubnetForMaskGeneration
@@ -205,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--base-model", default="facebook/sam-vit-base")
     extract.add_argument("--dataset-name", default="synthetic")
     extract.set_defaults(func=cmd_extract)
+
+    export = commands.add_parser("export", help="export an extracted subnet to ONNX (integer kernels, no PyTorch)")
+    export.add_argument("--subnet", required=True, help="folder or Hub id of an extracted subnet")
+    export.add_argument("--output-dir", required=True)
+    export.add_argument("--target", default="onnxruntime", help="onnxruntime or openvino")
+    export.add_argument("--weight-container", default="int8", help="int8, or int4 for codes of at most 4 bits")
+    export.set_defaults(func=cmd_export)
 
     push = commands.add_parser("push", help="publish extracted subnets as tiers of one Hub repository")
     push.add_argument("--repo-id", required=True)

@@ -251,6 +251,56 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
             architecture=self.config.architecture,
         )
 
+    def export_onnx(
+        self,
+        save_directory,
+        *,
+        target: str = "onnxruntime",
+        weight_container: str = "int8",
+        opset: int | None = None,
+        verify: bool = True,
+    ):
+        """Exports this subnet to ONNX files that run on integer kernels, without PyTorch.
+
+        Writes into `save_directory` (created if needed; it must be empty, new, or an earlier export):
+
+        - `vision_encoder.onnx`: the image encoder in QDQ form with the learned steps: weights as their stored
+          integer codes (`[in, out]`, one symmetric scale per output channel), activations per tensor with the LSQ+
+          offset carried exactly (subtracted before quantizing, folded into the next bias), bit-widths below 8 in
+          int8/uint8 containers with an integer `Clip` between `QuantizeLinear` and `DequantizeLinear`, the
+          attention products quantized as this subnet quantizes them, float layers in float. It takes pixel values
+          at the base `image_size` (the input resize to the subnet's resolution is in the graph) and returns the
+          image embeddings.
+        - `prompt_encoder_mask_decoder.onnx`: prompt encoder and mask decoder, in float.
+        - `config.json`: this configuration plus an `export` section (files, per-layer bits and weight storage,
+          target, the runtime settings that keep the integer kernels, e.g. onnxruntime's `disabled_optimizers`).
+        - `preprocessor_config.json`: transformers' `SamImageProcessor` at the model's image size.
+
+        Run the result with `mpsupernet.runtime.OnnxSamModel.from_pretrained(save_directory)`.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the output folder.
+            target (`str`, *optional*, defaults to `"onnxruntime"`): `"onnxruntime"` or `"openvino"` (the same
+                graph; OpenVINO's exact f32 precision hint is recorded). TensorRT is not supported.
+            weight_container (`str`, *optional*, defaults to `"int8"`): `"int8"`, or `"int4"` to store codes of at
+                most 4 bits as INT4 (half the bytes; onnxruntime then multiplies those layers in float).
+            opset (`int`, *optional*): ONNX opset, at least 21 (the default).
+            verify (`bool`, *optional*, defaults to `True`): run the files in onnxruntime on sample images against
+                this subnet and count the encoder's integer-matmul nodes after onnxruntime's optimisation.
+
+        Returns:
+            [`mpsupernet.export.OnnxExportReport`]: files and bytes, integer-matmul nodes, errors vs PyTorch.
+
+        Raises:
+            `ValueError`: for an unknown target, container or opset; for steps, offsets or weight scales that are
+            unset or not finite; for a destination holding files an export did not write. Nothing is left on disk.
+        """
+        from .export import export_onnx
+
+        return export_onnx(
+            self, save_directory, target=target, weight_container=weight_container, opset=opset, verify=verify
+        )
+
     @torch.no_grad()
     def to_sam_model(self) -> SamModel:
         """This subnet as a plain transformers `SamModel`, with the dequantized weights.

@@ -1,0 +1,31 @@
+"""The PyTorch part of mpsupernet's top-level API, imported by `mpsupernet/__init__.py` when torch is available."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskGeneration
+
+from .architecture import SubnetArchitecture
+from .bitops import BitOpsReport, count_bitops, parse_budget
+from .configuration_sam_supernet import SamSubnetConfig, SamSupernetConfig
+from .extraction import extract_subnet
+from .modeling_sam_subnet import SamSubnetForMaskGeneration
+from .modeling_sam_supernet import SamSupernetForMaskGeneration
+from .search_space import SearchSpace
+
+AutoConfig.register(SamSupernetConfig.model_type, SamSupernetConfig)
+AutoModel.register(SamSupernetConfig, SamSupernetForMaskGeneration)
+AutoModelForMaskGeneration.register(SamSupernetConfig, SamSupernetForMaskGeneration)
+AutoConfig.register(SamSubnetConfig.model_type, SamSubnetConfig)
+AutoModel.register(SamSubnetConfig, SamSubnetForMaskGeneration)
+AutoModelForMaskGeneration.register(SamSubnetConfig, SamSubnetForMaskGeneration)
+
+__all__ = [
+    "BitOpsReport",
+    "SamSubnetConfig",
+    "SamSubnetForMaskGeneration",
+    "SamSupernetConfig",
+    "SamSupernetForMaskGeneration",
+    "SearchSpace",
+    "SubnetArchitecture",
+    "count_bitops",
+    "extract_subnet",
+    "parse_budget",
+]

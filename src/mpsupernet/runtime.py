@@ -1,0 +1,344 @@
+"""Running an exported SAM subnet without PyTorch: onnxruntime (or OpenVINO), numpy and Pillow only.
+
+`OnnxSamModel` loads a folder written by `SamSubnetForMaskGeneration.export_onnx` (locally or from the Hub) and
+answers as `SamModel` does: `get_image_embeddings(pixel_values)` and `model(pixel_values=..., input_points=...,
+input_labels=..., input_boxes=...)`, on the numpy arrays `SamProcessor(..., return_tensors="np")` gives.
+`preprocess` and `post_process_masks` do that processor's work without torch, so that an image goes in and masks at
+its original size come out:
+
+    >>> from PIL import Image
+    >>> from mpsupernet.runtime import OnnxSamModel
+    >>> model = OnnxSamModel.from_pretrained("exported-subnet")
+    >>> image = Image.open("photo.jpg")
+    >>> inputs = model.preprocess(image, input_boxes=[[[40, 30, 200, 180]]])
+    >>> outputs = model(**inputs)
+    >>> masks = model.post_process_masks(outputs.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])
+
+This module must not import torch (nor anything that does): `mpsupernet`'s package `__init__` loads its PyTorch
+parts only when torch is importable.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+RUNTIMES = ("onnxruntime", "openvino")
+VISION_ENCODER_FILE = "vision_encoder.onnx"
+PROMPT_DECODER_FILE = "prompt_encoder_mask_decoder.onnx"
+
+
+@dataclass
+class OnnxSamOutput:
+    """Output of `OnnxSamModel.__call__`, as `SamImageSegmentationOutput` but in numpy.
+
+    Attributes:
+        iou_scores (`np.ndarray` of shape `(batch, point_batch, num_masks)`): predicted mask quality.
+        pred_masks (`np.ndarray` of shape `(batch, point_batch, num_masks, 4 * grid, 4 * grid)`): low-resolution mask
+            logits in the padded input frame (`post_process_masks` brings them to the image size).
+        image_embeddings (`np.ndarray`): the image embeddings used.
+    """
+
+    iou_scores: np.ndarray
+    pred_masks: np.ndarray
+    image_embeddings: np.ndarray
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return getattr(self, key)
+
+
+class _OnnxRuntimeGraph:
+    def __init__(self, path: Path, settings: dict, provider: str, session_options=None):
+        import onnxruntime as ort
+
+        options = session_options or ort.SessionOptions()
+        for key, value in settings.get("session_config_entries", {}).items():
+            options.add_session_config_entry(key, str(value))
+        self.session = ort.InferenceSession(
+            str(path), options, providers=[provider], disabled_optimizers=settings.get("disabled_optimizers", [])
+        )
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
+
+
+class _OpenVinoGraph:
+    def __init__(self, path: Path, settings: dict, device: str):
+        try:
+            import openvino as ov
+        except ImportError as error:
+            raise ImportError(
+                "runtime='openvino' needs OpenVINO: `pip install mpsupernet[openvino]` (or `pip install openvino`)."
+            ) from error
+        core = ov.Core()
+        self.model = core.compile_model(core.read_model(str(path)), device, dict(settings))
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.model(feeds)
+        return [results[output] for output in self.model.outputs]
+
+
+class OnnxSamModel:
+    """An exported SAM subnet run by onnxruntime or OpenVINO, without PyTorch.
+
+    Make one with [`OnnxSamModel.from_pretrained`]. The encoder runs with the session settings the export recorded
+    (`config.json`'s `export.runtime`), which keep its Linears on integer kernels.
+
+    Attributes:
+        config (`dict`): the exported `config.json`.
+        image_size (`int`): the side of the square input (`pixel_values` are `(batch, 3, image_size, image_size)`).
+        processor_config (`dict`): the exported `preprocessor_config.json` (mean, std, sizes).
+    """
+
+    def __init__(self, directory: Path, runtime: str = "onnxruntime", provider: str = "CPUExecutionProvider", session_options=None):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"Unknown runtime {runtime!r}; allowed: {list(RUNTIMES)}.")
+        self.directory = Path(directory)
+        self.config = json.loads((self.directory / "config.json").read_text(encoding="utf-8"))
+        if "export" not in self.config:
+            raise ValueError(
+                f"{str(self.directory)!r} holds no ONNX export (its config.json has no `export` section); write one "
+                "with `SamSubnetForMaskGeneration.export_onnx`."
+            )
+        self.processor_config = json.loads((self.directory / "preprocessor_config.json").read_text(encoding="utf-8"))
+        self.image_size = int(self.config["export"]["image_size"])
+        self.runtime = runtime
+        settings = self.config["export"]["runtime"][runtime]
+        if runtime == "onnxruntime":
+            self.vision_encoder = _OnnxRuntimeGraph(self.directory / VISION_ENCODER_FILE, settings, provider, session_options)
+            self.prompt_decoder = _OnnxRuntimeGraph(self.directory / PROMPT_DECODER_FILE, {}, provider, session_options)
+        else:
+            device = "CPU" if provider == "CPUExecutionProvider" else provider
+            self.vision_encoder = _OpenVinoGraph(self.directory / VISION_ENCODER_FILE, settings, device)
+            self.prompt_decoder = _OpenVinoGraph(self.directory / PROMPT_DECODER_FILE, settings, device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        provider: str = "CPUExecutionProvider",
+        revision: str | None = None,
+        runtime: str = "onnxruntime",
+        session_options=None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+    ) -> "OnnxSamModel":
+        """Loads an export from a local folder or a Hub repository.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a folder written by `export_onnx`, or a Hub repo
+                id holding one (in `subfolder`, e.g. a tier's folder).
+            subfolder (`str`, *optional*): the export's folder inside the repository or local folder.
+            provider (`str`, *optional*, defaults to `"CPUExecutionProvider"`): the onnxruntime execution provider
+                (for `runtime="openvino"`: the OpenVINO device; the CPU provider means `"CPU"`).
+            revision, token, cache_dir, local_files_only: as for `huggingface_hub.snapshot_download`.
+            runtime (`str`, *optional*, defaults to `"onnxruntime"`): `"onnxruntime"` or `"openvino"` (exact mode,
+                f32 precision hint; needs the `openvino` extra).
+            session_options (`onnxruntime.SessionOptions`, *optional*): base session options (threads...); the
+                export's settings are added to them.
+
+        Raises:
+            `ValueError`: if the folder holds no export, or `runtime` is unknown.
+        """
+        path = Path(pretrained_model_name_or_path)
+        if path.is_dir():
+            directory = path / subfolder if subfolder else path
+        else:
+            from huggingface_hub import snapshot_download
+
+            pattern = f"{subfolder}/*" if subfolder else "*"
+            root = snapshot_download(
+                str(pretrained_model_name_or_path),
+                revision=revision,
+                allow_patterns=[pattern],
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+            )
+            directory = Path(root) / subfolder if subfolder else Path(root)
+        if not (directory / "config.json").is_file():
+            raise ValueError(f"No config.json in {str(directory)!r}: not an ONNX export of mpsupernet.")
+        return cls(directory, runtime=runtime, provider=provider, session_options=session_options)
+
+    # --- model --------------------------------------------------------------------------------------------------------
+    def get_image_embeddings(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Image embeddings `(batch, channels, grid, grid)` of `pixel_values` `(batch, 3, image_size, image_size)`."""
+        pixel_values = np.asarray(pixel_values, dtype=np.float32)
+        expected = (3, self.image_size, self.image_size)
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {', '.join(map(str, expected))}); got {pixel_values.shape}."
+            )
+        return self.vision_encoder({"pixel_values": pixel_values})[0]
+
+    def __call__(
+        self,
+        pixel_values: np.ndarray | None = None,
+        input_points: np.ndarray | None = None,
+        input_labels: np.ndarray | None = None,
+        input_boxes: np.ndarray | None = None,
+        image_embeddings: np.ndarray | None = None,
+        multimask_output: bool = True,
+        **kwargs,
+    ) -> OnnxSamOutput:
+        """Masks for the prompts, as `SamModel.forward` computes them (extra processor keys are ignored).
+
+        Args:
+            pixel_values (`np.ndarray`, *optional*): `(batch, 3, image_size, image_size)`; or give `image_embeddings`.
+            input_points (`np.ndarray`, *optional*): `(batch, point_batch, num_points, 2)` in the input frame.
+            input_labels (`np.ndarray`, *optional*): `(batch, point_batch, num_points)`; all 1 if not given.
+            input_boxes (`np.ndarray`, *optional*): `(batch, num_boxes, 4)`; with points, `num_boxes == point_batch`.
+            multimask_output (`bool`): three masks per prompt (`True`), or the first, single-mask output (`False`).
+        """
+        if not multimask_output:
+            raise ValueError(
+                "multimask_output=False is not available in this export: its decoder returns the three-mask output."
+            )
+        if (pixel_values is None) == (image_embeddings is None):
+            raise ValueError("Give exactly one of pixel_values and image_embeddings.")
+        if input_points is None and input_boxes is None:
+            raise ValueError("Give input_points or input_boxes: the exported decoder needs a prompt.")
+        if image_embeddings is None:
+            image_embeddings = self.get_image_embeddings(pixel_values)
+        batch_size = image_embeddings.shape[0]
+        if input_boxes is not None:
+            input_boxes = np.asarray(input_boxes, dtype=np.float32)
+            if input_boxes.ndim != 3 or input_boxes.shape[-1] != 4:
+                raise ValueError(f"input_boxes must have shape (batch, num_boxes, 4); got {input_boxes.shape}.")
+        if input_points is not None:
+            input_points = np.asarray(input_points, dtype=np.float32)
+            if input_points.ndim != 4 or input_points.shape[-1] != 2:
+                raise ValueError(
+                    f"input_points must have shape (batch, point_batch, num_points, 2); got {input_points.shape}."
+                )
+            labels = np.ones(input_points.shape[:3], np.int64) if input_labels is None else np.asarray(input_labels, np.int64)
+            if input_boxes is None:
+                # transformers appends a "not a point" (label -1) when no box is given.
+                input_points = np.concatenate([input_points, np.zeros((*input_points.shape[:2], 1, 2), np.float32)], 2)
+                labels = np.concatenate([labels, -np.ones((*labels.shape[:2], 1), np.int64)], axis=2)
+            elif input_boxes.shape[1] != input_points.shape[1]:
+                raise ValueError(
+                    f"Give as many boxes as point batches: got {input_boxes.shape[1]} boxes and "
+                    f"{input_points.shape[1]} point batches."
+                )
+            point_batch = input_points.shape[1]
+        else:
+            point_batch = input_boxes.shape[1]
+            input_points = np.zeros((batch_size, point_batch, 0, 2), np.float32)
+            labels = np.zeros((batch_size, point_batch, 0), np.int64)
+        boxes = (
+            np.zeros((batch_size, point_batch, 0, 4), np.float32) if input_boxes is None else input_boxes[:, :, None, :]
+        )
+        image_embeddings = np.asarray(image_embeddings, dtype=np.float32)
+        # The exported decoder takes one image at a time.
+        outputs = [
+            self.prompt_decoder(
+                {
+                    "image_embeddings": image_embeddings[i : i + 1],
+                    "input_points": input_points[i : i + 1],
+                    "input_labels": labels[i : i + 1],
+                    "input_boxes": np.ascontiguousarray(boxes[i : i + 1]),
+                }
+            )
+            for i in range(batch_size)
+        ]
+        iou_scores = np.concatenate([output[0] for output in outputs])
+        pred_masks = np.concatenate([output[1] for output in outputs])
+        return OnnxSamOutput(iou_scores=iou_scores, pred_masks=pred_masks, image_embeddings=image_embeddings)
+
+    # --- processing without torch --------------------------------------------------------------------------------------
+    def preprocess(self, images, input_points=None, input_labels=None, input_boxes=None) -> dict[str, np.ndarray]:
+        """What `SamProcessor(images, ..., return_tensors="np")` gives, with Pillow and numpy only.
+
+        Each image's longest side is resized to `image_size` (bilinear), values are rescaled to [0, 1], normalised
+        with the processor's mean and std and zero-padded to a square; prompt coordinates (in original pixels) are
+        scaled to the resized frame.
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray` `(height, width, 3)` uint8, or a list of them).
+            input_points (`list`, *optional*): per image, per point batch, per point `[x, y]` (same layout as
+                `SamProcessor`); `input_labels` per point; `input_boxes` per image, per box `[x1, y1, x2, y2]`.
+
+        Returns:
+            `dict` with `pixel_values`, `original_sizes`, `reshaped_input_sizes` and the scaled prompts.
+        """
+        from PIL import Image
+
+        images = images if isinstance(images, (list, tuple)) else [images]
+        longest = int(self.processor_config["size"]["longest_edge"])
+        pad_height, pad_width = self.processor_config["pad_size"]["height"], self.processor_config["pad_size"]["width"]
+        mean = np.asarray(self.processor_config["image_mean"], np.float32)
+        std = np.asarray(self.processor_config["image_std"], np.float32)
+        batch, original_sizes, reshaped_sizes = [], [], []
+        for image in images:
+            image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+            image = image.convert("RGB")
+            width, height = image.size
+            scale = longest / max(height, width)
+            new_height, new_width = int(height * scale + 0.5), int(width * scale + 0.5)
+            resized = np.asarray(image.resize((new_width, new_height), Image.BILINEAR), dtype=np.float32)
+            normalized = (resized * float(self.processor_config["rescale_factor"]) - mean) / std
+            padded = np.zeros((pad_height, pad_width, 3), np.float32)
+            padded[:new_height, :new_width] = normalized
+            batch.append(padded.transpose(2, 0, 1))
+            original_sizes.append((height, width))
+            reshaped_sizes.append((new_height, new_width))
+        inputs = {
+            "pixel_values": np.stack(batch),
+            "original_sizes": np.asarray(original_sizes, np.int64),
+            "reshaped_input_sizes": np.asarray(reshaped_sizes, np.int64),
+        }
+        ratios = [
+            np.asarray([new[1] / old[1], new[0] / old[0]], np.float32) for old, new in zip(original_sizes, reshaped_sizes)
+        ]
+        if input_points is not None:
+            inputs["input_points"] = np.stack([np.asarray(p, np.float32) * r for p, r in zip(input_points, ratios)])
+            if input_labels is not None:
+                inputs["input_labels"] = np.asarray(input_labels, np.int64)
+        if input_boxes is not None:
+            inputs["input_boxes"] = np.stack([np.asarray(b, np.float32) * np.tile(r, 2) for b, r in zip(input_boxes, ratios)])
+        return inputs
+
+    def post_process_masks(
+        self, masks: np.ndarray, original_sizes, reshaped_input_sizes, mask_threshold: float = 0.0, binarize: bool = True
+    ) -> list[np.ndarray]:
+        """Brings low-resolution mask logits to each image's original size, as `SamProcessor.post_process_masks`.
+
+        The masks are upscaled (bilinear, `align_corners=False`) to the padded input size, cropped to the resized
+        image, resized to the original size and, if `binarize`, thresholded at `mask_threshold`.
+
+        Returns:
+            `list[np.ndarray]`: per image, `(point_batch, num_masks, height, width)` booleans (or logits).
+        """
+        pad = (self.processor_config["pad_size"]["height"], self.processor_config["pad_size"]["width"])
+        results = []
+        for image_masks, original, reshaped in zip(masks, original_sizes, reshaped_input_sizes):
+            upscaled = resize_bilinear(np.asarray(image_masks, np.float32), pad)
+            cropped = upscaled[..., : int(reshaped[0]), : int(reshaped[1])]
+            restored = resize_bilinear(cropped, (int(original[0]), int(original[1])))
+            results.append(restored > mask_threshold if binarize else restored)
+        return results
+
+
+def resize_bilinear(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of the last two axes to `size`, as `torch.nn.functional.interpolate(mode="bilinear",
+    align_corners=False)` without antialiasing."""
+
+    def weights(source: int, target: int):
+        position = np.clip((np.arange(target) + 0.5) * source / target - 0.5, 0, None)
+        low = np.minimum(np.floor(position).astype(np.int64), source - 1)
+        high = np.minimum(low + 1, source - 1)
+        fraction = (position - low).astype(np.float32)
+        return low, high, fraction
+
+    low, high, fraction = weights(values.shape[-2], size[0])
+    rows = values[..., low, :] * (1 - fraction)[:, None] + values[..., high, :] * fraction[:, None]
+    low, high, fraction = weights(values.shape[-1], size[1])
+    return rows[..., low] * (1 - fraction) + rows[..., high] * fraction
+
+
+__all__ = ["OnnxSamModel", "OnnxSamOutput", "resize_bilinear"]

@@ -1,0 +1,139 @@
+"""The PyTorch-free runtime: pre/post-processing against transformers, a process without torch, OpenVINO, the Hub."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi
+from PIL import Image
+from transformers import SamProcessor
+
+pytest.importorskip("onnxruntime")
+
+from mpsupernet.data.processing import _PillowSamImageProcessor  # noqa: E402
+from mpsupernet.export.writer import mask_iou  # noqa: E402
+from mpsupernet.runtime import OnnxSamModel, resize_bilinear  # noqa: E402
+
+
+def photo(height=90, width=150, seed=0) -> Image.Image:
+    """A smooth RGB image of an odd size (so that resizing and padding both matter)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BICUBIC)
+
+
+def test_preprocess_matches_the_sam_image_processor(exported_w8a8):
+    _, folder, _ = exported_w8a8
+    model = OnnxSamModel.from_pretrained(folder)
+    processor = SamProcessor(image_processor=_PillowSamImageProcessor.from_pretrained(folder))
+    images = [photo(), photo(150, 70, seed=1)]
+    ours = model.preprocess(images, input_boxes=[[[10, 20, 120, 80]], [[5, 5, 60, 140]]])
+    theirs = processor(images, input_boxes=[[[10, 20, 120, 80]], [[5, 5, 60, 140]]], return_tensors="np")
+    np.testing.assert_allclose(ours["pixel_values"], theirs["pixel_values"], atol=1e-5)
+    np.testing.assert_array_equal(ours["original_sizes"], theirs["original_sizes"])
+    np.testing.assert_array_equal(ours["reshaped_input_sizes"], theirs["reshaped_input_sizes"])
+    np.testing.assert_allclose(ours["input_boxes"], theirs["input_boxes"], atol=1e-4)
+
+
+def test_post_process_and_resize_match_transformers(exported_w8a8):
+    _, folder, _ = exported_w8a8
+    model = OnnxSamModel.from_pretrained(folder)
+    processor = _PillowSamImageProcessor.from_pretrained(folder)
+    logits = np.random.default_rng(0).standard_normal((2, 1, 3, 32, 32)).astype(np.float32)
+    original, reshaped = [[90, 150], [150, 70]], [[77, 128], [128, 60]]
+    ours = model.post_process_masks(logits, original, reshaped, binarize=False)
+    theirs = processor.post_process_masks(torch.from_numpy(logits), original, reshaped, binarize=False)
+    for mine, reference in zip(ours, theirs):
+        np.testing.assert_allclose(mine, reference.numpy(), atol=1e-5)
+    upsampled = torch.nn.functional.interpolate(torch.from_numpy(logits[0]), size=(45, 77), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(resize_bilinear(logits[0], (45, 77)), upsampled.numpy(), atol=1e-5)
+
+
+NO_TORCH_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["torch"] = None  # `import torch` raises ImportError from here on
+    import numpy as np
+    from PIL import Image
+    from mpsupernet.runtime import OnnxSamModel
+
+    folder, image_path, output = sys.argv[1:]
+    model = OnnxSamModel.from_pretrained(folder)
+    inputs = model.preprocess(Image.open(image_path), input_boxes=[[[20, 10, 120, 70]]])
+    outputs = model(**inputs)
+    masks = model.post_process_masks(outputs.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])
+    assert "torch" not in [name for name, module in sys.modules.items() if module is not None and name == "torch"]
+    np.savez(output, masks=masks[0], pixel_values=inputs["pixel_values"], boxes=inputs["input_boxes"])
+    """
+)
+
+
+def test_a_process_without_torch_gets_masks_at_the_image_size(exported_w8a8, tmp_path):
+    subnet, folder, _ = exported_w8a8
+    image = photo()
+    image.save(tmp_path / "photo.png")
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_SCRIPT, str(folder), str(tmp_path / "photo.png"), str(tmp_path / "out.npz")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    saved = np.load(tmp_path / "out.npz")
+    assert saved["masks"].shape == (1, 3, 90, 150) and saved["masks"].dtype == bool
+    # the same masks from the PyTorch subnet with transformers' processor
+    processor = SamProcessor(image_processor=_PillowSamImageProcessor.from_pretrained(folder))
+    inputs = processor(image, input_boxes=[[[20, 10, 120, 70]]], return_tensors="pt")
+    with torch.no_grad():
+        pred_masks = subnet(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"]).pred_masks
+    reference = processor.post_process_masks(pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])[0]
+    assert 0.02 < saved["masks"].mean() < 0.98
+    assert mask_iou(saved["masks"], reference.numpy()) >= 0.99
+
+
+def test_the_runtime_module_imports_no_torch():
+    code = "import sys; sys.modules['torch'] = None; import mpsupernet, mpsupernet.runtime; print(sorted(m for m in sys.modules if m.startswith(('transformers', 'torch')) and sys.modules[m] is not None))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_openvino_runs_the_same_files_exactly(exported_w8a8):
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra (`pip install mpsupernet[openvino]`)")
+    _, folder, _ = exported_w8a8
+    pixel_values = np.random.default_rng(0).standard_normal((1, 3, 128, 128)).astype(np.float32)
+    boxes = np.array([[[20, 30, 100, 110]]], dtype=np.float32)
+    onnxruntime_outputs = OnnxSamModel.from_pretrained(folder)(pixel_values=pixel_values, input_boxes=boxes)
+    openvino_outputs = OnnxSamModel.from_pretrained(folder, runtime="openvino")(pixel_values=pixel_values, input_boxes=boxes)
+    embeddings = onnxruntime_outputs.image_embeddings
+    assert np.abs(openvino_outputs.image_embeddings - embeddings).mean() <= 0.01 * np.abs(embeddings).mean()
+    assert mask_iou(openvino_outputs.pred_masks > 0, onnxruntime_outputs.pred_masks > 0) >= 0.99
+
+
+def test_loads_an_export_from_a_hub_subfolder(exported_w8a8, local_hub):
+    _, folder, _ = exported_w8a8
+    api = HfApi()
+    repo = api.create_repo("user/onnx-tiers", exist_ok=True).repo_id
+    api.upload_folder(repo_id=repo, folder_path=str(folder), path_in_repo="tier-a")
+    model = OnnxSamModel.from_pretrained(repo, subfolder="tier-a")
+    local = OnnxSamModel.from_pretrained(folder)
+    pixel_values = np.random.default_rng(1).standard_normal((1, 3, 128, 128)).astype(np.float32)
+    np.testing.assert_array_equal(model.get_image_embeddings(pixel_values), local.get_image_embeddings(pixel_values))
+    assert model.config["export"] == json.loads((folder / "config.json").read_text())["export"]
+
+
+def test_runtime_refuses_bad_input(exported_w8a8, tmp_path):
+    _, folder, _ = exported_w8a8
+    with pytest.raises(ValueError, match=r"Unknown runtime 'tensorflow'; allowed: \['onnxruntime', 'openvino'\]"):
+        OnnxSamModel.from_pretrained(folder, runtime="tensorflow")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds no ONNX export"):
+        OnnxSamModel.from_pretrained(tmp_path)
+    model = OnnxSamModel.from_pretrained(folder)
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(batch, 3, 128, 128\); got \(1, 3, 64, 64\)"):
+        model.get_image_embeddings(np.zeros((1, 3, 64, 64), np.float32))
+    with pytest.raises(ValueError, match="multimask_output=False is not available"):
+        model(pixel_values=np.zeros((1, 3, 128, 128), np.float32), input_boxes=np.zeros((1, 1, 4)), multimask_output=False)
