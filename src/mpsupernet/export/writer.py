@@ -24,6 +24,7 @@ import onnxscript.optimizer
 import torch
 
 from ..architecture import is_float_bits
+from ..metrics import mask_iou
 from ..modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration
 from ..quantization import LsqQuantizer
 from .graphs import PromptEncoderMaskDecoderGraph, VisionEncoderGraph
@@ -393,16 +394,9 @@ def _verify(subnet, staging: Path, sample: dict, report: OnnxExportReport) -> No
     report.embedding_mean_abs_error = float(error.mean())
     report.embedding_max_abs_error = float(error.max())
     report.subnet_embedding_scale = float(np.abs(reference_embeddings).mean())
-    report.mask_iou = mask_iou(outputs.pred_masks > 0, reference.pred_masks.numpy() > 0)
+    report.mask_iou = float(mask_iou(torch.from_numpy(outputs.pred_masks), reference.pred_masks > 0).mean())
     report.num_sample_images = len(sample["pixel_values"])
     report.integer_matmul_nodes = count_integer_matmuls(staging / VISION_ENCODER_FILE)
-
-
-def mask_iou(first: np.ndarray, second: np.ndarray) -> float:
-    """Mean IoU of two stacks of binary masks over the last two axes (masks empty in both count as 1)."""
-    intersection = np.logical_and(first, second).sum(axis=(-2, -1))
-    union = np.logical_or(first, second).sum(axis=(-2, -1))
-    return float(np.where(union == 0, 1.0, intersection / np.maximum(union, 1)).mean())
 
 
 def _move_into_place(staging: Path, destination: Path) -> None:
