@@ -46,11 +46,6 @@ def _(codes, step, axis):
     return torch.empty_like(codes, dtype=torch.float32)
 
 
-def quantize_dequantize(x: torch.Tensor, step: torch.Tensor, q_min: int, q_max: int) -> torch.Tensor:
-    """What `LsqQuantizer` computes without offset: `dequantize(quantize(x))` on a per-tensor grid."""
-    return dequantize(quantize(x, step, q_min, q_max), step, 0)
-
-
 def _quantize_onnx(x, step, q_min: int, q_max: int):
     dtype = np.uint8 if q_min >= 0 else np.int8
     codes = op.QuantizeLinear(x, step, op.Constant(value=ir.tensor(np.array(0, dtype=dtype))))
