@@ -5,9 +5,11 @@ quantization pattern and exact in real arithmetic (the facts behind each rewrite
 
 - weights are their stored integer codes, laid out `[in, out]` so that `DequantizeLinear` feeds `MatMul` directly,
   with one scale per output channel (`axis=1`);
-- an LSQ+ activation offset is subtracted before quantizing on a zero-point-0 grid, and added back where it is
-  exact to do so: a Linear's bias gains `offset * column sums of its dequantized weight`; probabilities x values
-  gain `offset * row sums of the quantized probabilities`;
+- an LSQ+ activation offset is subtracted before quantizing, and added back where it is exact to do so: a
+  Linear's bias gains `offset * column sums of its dequantized weight`; probabilities x values gain
+  `offset * row sums of the quantized probabilities`;
+- every activation grid is stored in uint8: signed grids shifted by the integer zero point `2^(b-1)` (same values),
+  so that onnxruntime runs Q.K^T as an integer matmul too (it fuses uint8 pairs where it skips int8 x int8);
 - the key is quantized after its transpose (per-tensor quantization commutes with it), the head scale multiplies
   `Q.K^T` rather than `Q`, and the relative-position term is computed from the dequantized query, as in PyTorch.
 """
@@ -35,17 +37,19 @@ class ActivationQuantizerGraph(nn.Module):
         self.bits = quantizer.active_bits
         self.enabled = quantizer.is_quantizing
         self.q_min, self.q_max = integer_range(self.bits, quantizer.signed) if self.enabled else (0, 0)
+        # signed grids are stored shifted into uint8 (exact: the zero point is an integer)
+        self.zero_point = -self.q_min
         step = quantizer.step_size[0, 0].clamp_min(quantizer.step_size_min) if self.enabled else torch.tensor(1.0)
         self.register_buffer("step", step.detach().clone().float().reshape(()))
         offset = quantizer.offset[0, 0] if self.enabled and quantizer.offset is not None else torch.tensor(0.0)
         self.offset = float(offset.detach())
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """The integer codes of `x - offset`."""
-        return quantize(x - self.offset if self.offset != 0.0 else x, self.step, self.q_min, self.q_max)
+        """The codes of `x - offset` (LSQ's integer codes plus `zero_point`, in uint8)."""
+        return quantize(x - self.offset if self.offset != 0.0 else x, self.step, self.q_min, self.q_max, self.zero_point)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        return dequantize(codes, self.step, 0)
+        return dequantize(codes, self.step, 0, self.zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dequantize(self.codes(x)) if self.enabled else x
@@ -74,7 +78,7 @@ class LinearGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
-            weight = dequantize(self.weight_codes, self.weight_scale, 1)
+            weight = dequantize(self.weight_codes, self.weight_scale, 1, 0)
         else:
             weight = self.weight
         return torch.matmul(self.input_quantizer(x), weight) + self.bias
