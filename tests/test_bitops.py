@@ -5,6 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mpsupernet import SamSupernetConfig, SamSupernetForMaskGeneration, count_bitops
+from mpsupernet.architecture import CONV_PATHS
 from mpsupernet.testing_utils import make_vit_b_sam_config
 
 from conftest import make_tiny_sam
@@ -29,25 +30,63 @@ def eager_supernet():
     return SamSupernetForMaskGeneration.from_sam(sam, attn_implementation="eager").eval()
 
 
+@pytest.fixture(scope="module")
+def feature_size_supernet():
+    """Eager attention and an elastic feature size: 64 (the base), 48 or 32 channels."""
+    sam = make_tiny_sam(attn_implementation="eager")
+    return SamSupernetForMaskGeneration.from_sam(
+        sam, attn_implementation="eager", hidden_size_choices=[64, 48, 32]
+    ).eval()
+
+
+def assert_rows_match_flop_counter(model, arch, pixel_values):
+    """Total and per-module MACs of the Linears and convolutions against the flop counter; each row's bits are the
+    layer's own (32 for a float one)."""
+    model.set_subnet(arch)
+    counter = counted_flops(model, pixel_values)
+    report = model.bitops_report(arch)
+    assert counter.get_total_flops() == 2 * report.total_macs, arch.to_dict()
+    per_module = counter.get_flop_counts()
+    for row in report.rows:
+        if row.kind == "attention":
+            continue
+        # Rows are named like their layers: the module path inside the encoder.
+        module_flops = sum(per_module[f"ElasticSamVisionEncoder.{row.name}"].values())
+        assert module_flops == 2 * row.macs, row.name
+        weight_bits, activation_bits = arch.bits_of(row.name)
+        expected_bits = (weight_bits if weight_bits < 16 else 32) * (activation_bits if activation_bits < 16 else 32)
+        assert row.bitops == row.macs * expected_bits
+    return report
+
+
 def test_macs_match_flop_counter_on_sampled_tiny_subnets(eager_supernet):
     pixel_values = torch.randn(1, 3, 128, 128)
     archs = [eager_supernet.sample_subnet(seed) for seed in range(20)]
     archs += [eager_supernet.largest_subnet(), eager_supernet.smallest_subnet()]
     assert len({arch.resolution for arch in archs}) == 3 and len({arch.depth for arch in archs}) == 3
+    conv_bits = {arch.bits_of("neck.conv2") for arch in archs}
+    assert len(conv_bits) > 3 and all(32 not in bits for bits in conv_bits)  # the convolutions are quantized too
     for arch in archs:
-        eager_supernet.set_subnet(arch)
-        counter = counted_flops(eager_supernet, pixel_values)
-        report = eager_supernet.bitops(arch)
-        assert counter.get_total_flops() == 2 * report.total_macs, arch.to_dict()
-        per_module = counter.get_flop_counts()
-        for row in report.rows:
-            if row.kind != "linear":
-                continue
-            module_flops = sum(per_module[f"ElasticSamVisionEncoder.{row.name}"].values())
-            assert module_flops == 2 * row.macs, row.name
-            weight_bits, activation_bits = arch.bits_of(row.name)
-            expected_bits = (weight_bits if weight_bits < 16 else 32) * (activation_bits if activation_bits < 16 else 32)
-            assert row.bitops == row.macs * expected_bits
+        assert_rows_match_flop_counter(eager_supernet, arch, pixel_values)
+
+
+def test_every_feature_size_matches_flop_counter(feature_size_supernet):
+    model = feature_size_supernet
+    space = model.search_space
+    assert space.hidden_size_choices == (64, 48, 32)
+    pixel_values = torch.randn(1, 3, 128, 128)
+    sampled = [model.sample_subnet(seed) for seed in range(12)]
+    assert {space.hidden_size_of(arch) for arch in sampled} == {64, 48, 32}
+    for hidden_size in space.hidden_size_choices:
+        uniform = [
+            space.uniform(128, 4, 4, 256, 32, 32, hidden_size),
+            space.uniform(96, 3, 3, 128, 4, 6, hidden_size),
+        ]
+        for arch in uniform + [a for a in sampled if space.hidden_size_of(a) == hidden_size]:
+            report = assert_rows_match_flop_counter(model, arch, pixel_values)
+            patch = next(row for row in report.rows if row.name == CONV_PATHS["patch_embed"])
+            assert patch.macs == (arch.resolution // 16) ** 2 * hidden_size * 3 * 16 * 16
+    assert space.smallest().hidden_size == 32 and space.largest().hidden_size is None
 
 
 def test_bitops_follow_from_macs_and_bits(eager_supernet):
@@ -60,7 +99,7 @@ def test_bitops_follow_from_macs_and_bits(eager_supernet):
             block_qkv = row.name.rsplit(".", 2)[0] + ".attn.qkv"
             assert row.weight_bits == row.activation_bits == qkv_bits[block_qkv]
         if row.kind == "conv":
-            assert (row.weight_bits, row.activation_bits) == (32, 32)
+            assert (row.weight_bits, row.activation_bits) == arch.bits_of(row.name)
     assert report.attention_bitops == sum(r.bitops for r in report.rows if r.kind == "attention") > 0
 
 
@@ -82,6 +121,19 @@ def test_float_bits_setting_changes_how_float_counts(tiny_sam):
     fp16 = SamSupernetForMaskGeneration.from_sam(tiny_sam, float_bits=16)
     report = fp16.bitops(fp16.full_precision_subnet())
     assert report.total_bitops == report.total_macs * 16 * 16
+
+
+def test_a_config_without_the_convolutions_keeps_them_float(tiny_sam):
+    """Configurations saved before the convolutions could be quantized list only Linears in `quantized_layers`."""
+    saved = SamSupernetForMaskGeneration.from_sam(tiny_sam).config.to_dict()
+    assert saved["quantized_layers"][-3:] == ["patch_embed", "neck_conv1", "neck_conv2"]
+    saved["quantized_layers"] = ["qkv", "proj", "lin1", "lin2"]
+    model = SamSupernetForMaskGeneration(SamSupernetConfig.from_dict(saved))
+    arch = model.smallest_subnet()
+    assert all(name.startswith("layers.") for name in arch.layer_names)
+    convs = [row for row in model.bitops_report(arch).rows if row.kind == "conv"]
+    assert len(convs) == 3 and all(row.weight_bits == row.activation_bits == 32 for row in convs)
+    assert model.sam.vision_encoder.neck.conv1.weight_quantizer is None
 
 
 def test_unquantized_attention_products_count_in_float(tiny_sam):

@@ -37,7 +37,7 @@ def test_extract_writes_subnet_and_card(calibrated_supernet_dir, tmp_path, capsy
 
 @pytest.mark.parametrize(
     "budget, message",
-    [("abc", "abc"), ("0", "0"), ("-5", "-5"), ("0.1%", "the smallest reachable BitOPs is")],
+    [("abc", "abc"), ("0", "0"), ("-5", "-5"), ("0.05%", "the smallest reachable BitOPs is")],
 )
 def test_extract_rejects_bad_budgets_and_writes_nothing(calibrated_supernet_dir, tmp_path, capsys, budget, message):
     output = tmp_path / "tier"

@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoModelForMaskGeneration, SamModel
 from mpsupernet import SamSubnetConfig, SamSubnetForMaskGeneration, SamSupernetForMaskGeneration, parse_budget
 from mpsupernet.bitops import format_bitops
 from mpsupernet.extraction import descent_path, extract_subnet
-from mpsupernet.modeling_sam_subnet import QuantizedLinear
+from mpsupernet.modeling_sam_subnet import QuantizedConv2d, QuantizedLinear
 from mpsupernet.packing import pack_codes, packed_size, unpack_codes
 from mpsupernet.quantization import integer_range
 from mpsupernet.testing_utils import make_sam_config
@@ -80,7 +80,7 @@ def test_packing_rejects_bad_input():
 def bitops_counted_by_torch(subnet: SamSubnetForMaskGeneration, pixel_values: torch.Tensor) -> int:
     """BitOPs of the subnet's image encoder from `FlopCounterMode`: per module, FLOPs / 2 times the module's own bits.
 
-    Bits come from the extracted modules (a plain Linear or a convolution is float). The act×act products are what
+    Bits come from the extracted modules (a plain Linear or convolution is float). The act×act products are what
     an attention module counts besides its Linears; the relative-position part of them (query × float table) is
     measured by running once more without it.
     """
@@ -107,8 +107,15 @@ def bitops_counted_by_torch(subnet: SamSubnetForMaskGeneration, pixel_values: to
         for layer in encoder.layers:
             layer.attn.use_rel_pos = True
 
-    bitops = (flops["patch_embed.projection"] + flops["neck"]) // 2 * float_bits * float_bits
-    counted = flops["patch_embed.projection"] + flops["neck"]
+    def layer_bits(module):
+        if isinstance(module, QuantizedLinear):  # QuantizedConv2d included
+            return bits(module.weight_bits) * bits(module.activation_bits)
+        return float_bits * float_bits
+
+    bitops = counted = 0
+    for path in ("patch_embed.projection", "neck.conv1", "neck.conv2"):
+        bitops += flops[path] // 2 * layer_bits(encoder.get_submodule(path))
+        counted += flops[path]
     for index, layer in enumerate(encoder.layers):
         prefix = f"layers.{index}"
         for path in ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2"):
@@ -215,7 +222,7 @@ def test_parse_budget_reads_numbers_prefixes_and_shares():
         (-5, r"Budget -5 is not a positive number of BitOPs"),
         ("0%", r"Budget '0%' is a share outside \(0%, 100%\]"),
         ("150%", r"Budget '150%' is a share outside \(0%, 100%\]"),
-        ("1%", r"below the cheapest subnet .* smallest reachable BitOPs is 1.86 GBitOPs \(\"1857028096\"\)"),
+        ("0.05%", r"below the cheapest subnet .* smallest reachable BitOPs is 42.6 MBitOPs \(\"42598400\"\)"),
         (1000, r"Budget 1000 \(1000 BitOPs\) is below the cheapest subnet"),
     ],
 )
@@ -261,6 +268,54 @@ def test_sampled_subnets_reproduce_the_supernet(supernet, prompt_inputs):
         assert subnet.bitops_report().to_dict() == supernet.bitops(arch).to_dict()
 
 
+def test_quantized_convolutions_are_stored_as_packed_codes(supernet, prompt_inputs):
+    arch = supernet.sample_subnet(seed=3)
+    subnet = extract_subnet(supernet, arch)
+    source, target = supernet.sam.vision_encoder, subnet.sam.vision_encoder
+    supernet.set_subnet(arch)
+    for path in ("patch_embed.projection", "neck.conv1", "neck.conv2"):
+        conv = target.get_submodule(path)
+        assert isinstance(conv, QuantizedConv2d) and conv.packed_weight.dtype == torch.uint8
+        assert (conv.weight_bits, conv.activation_bits) == arch.bits_of(path)
+        assert conv.packed_weight.numel() == packed_size(math.prod(conv.weight_shape), conv.weight_bits)
+        with torch.no_grad():
+            assert torch.equal(conv.dequantized_weight(), source.get_submodule(path).quantized_weight())
+    assert_same_output(run(supernet, prompt_inputs), run(subnet, prompt_inputs))
+
+
+@pytest.fixture(scope="module")
+def feature_size_supernet():
+    """The tiny SAM's supernet with an elastic feature size (64, 48 or 32 channels), calibrated."""
+    return prepare_supernet(make_tiny_sam(), hidden_size_choices=[64, 48, 32])
+
+
+def test_reduced_feature_size_subnets_reproduce_the_supernet(feature_size_supernet, prompt_inputs, tmp_path):
+    supernet = feature_size_supernet
+    space = supernet.search_space
+    archs = [space.uniform(128, 4, 4, 256, 8, 8, 48), space.smallest()]
+    archs += [arch for arch in map(supernet.sample_subnet, range(8)) if arch.hidden_size is not None][:2]
+    assert {arch.hidden_size for arch in archs} == {48, 32}
+    for arch in archs:
+        subnet = extract_subnet(supernet, arch)
+        hidden = arch.hidden_size
+        encoder = subnet.sam.vision_encoder
+        assert encoder.pos_embed.shape[-1] == hidden and encoder.neck.conv1.in_features == hidden
+        assert encoder.patch_embed.projection.out_features == hidden
+        for layer, block in zip(encoder.layers, arch.kept_blocks):
+            assert layer.layer_norm1.normalized_shape == (hidden,)
+            assert float_shape(layer.attn.qkv) == (3 * arch.num_heads[block] * 16, hidden)
+            assert float_shape(layer.mlp.lin2) == (hidden, arch.mlp_dims[block])
+        supernet.set_subnet(arch)
+        assert_same_output(run(supernet, prompt_inputs), run(subnet, prompt_inputs))
+        assert subnet.bitops_report().to_dict() == supernet.bitops_report(arch).to_dict()
+    subnet.save_pretrained(tmp_path)
+    loaded = SamSubnetForMaskGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.architecture.to_dict() == arch.to_dict() and loaded.config.architecture["hidden_size"] == 32
+    assert torch.equal(run(loaded, prompt_inputs).pred_masks, run(subnet, prompt_inputs).pred_masks)
+    with pytest.raises(ValueError, match=r"Feature size is not uniform .* keeps 32 channels"):
+        extract_subnet(supernet, space.uniform(128, 4, 4, 256, 8, 32, 32)).to_sam_model()
+
+
 def float_shape(linear):
     with torch.no_grad():
         return tuple(linear.dequantized_weight().shape)
@@ -276,7 +331,7 @@ def test_extraction_leaves_the_active_subnet(supernet):
 def test_uncalibrated_activation_step_is_reported(tiny_sam):
     fresh = SamSupernetForMaskGeneration.from_sam(tiny_sam)
     with pytest.raises(
-        ValueError, match=r"8-bit step size of the input quantizer of layers.0.attn.qkv was never calibr"
+        ValueError, match=r"8-bit step size of the input quantizer of patch_embed.projection was never calib"
     ):
         extract_subnet(fresh, fresh.largest_subnet())
 

@@ -35,6 +35,25 @@ def test_importance_reordering_sorts_units_and_keeps_weights(tiny_sam, tiny_supe
     torch.testing.assert_close(layer.mlp.lin1.weight.sort(dim=0).values, original.sort(dim=0).values)
 
 
+def test_feature_size_reordering_sorts_channels_and_keeps_the_full_model(tiny_sam, prompt_inputs):
+    supernet = SamSupernetForMaskGeneration.from_sam(tiny_sam, hidden_size_choices=[64, 48, 32]).eval()
+    encoder, original = supernet.sam.vision_encoder, tiny_sam.vision_encoder
+    # The channels really moved, and the patch embedding's filters are the original ones in another order.
+    assert not torch.equal(encoder.patch_embed.projection.weight, original.patch_embed.projection.weight)
+    order = [
+        int((original.patch_embed.projection.weight == row).all(dim=(1, 2, 3)).nonzero())
+        for row in encoder.patch_embed.projection.weight
+    ]
+    assert sorted(order) == list(range(64))
+    torch.testing.assert_close(encoder.pos_embed, original.pos_embed[..., order])
+    torch.testing.assert_close(encoder.neck.conv1.weight, original.neck.conv1.weight[:, order])
+    layer, source = encoder.layers[2], original.layers[2]
+    torch.testing.assert_close(layer.layer_norm2.bias, source.layer_norm2.bias[order])
+    torch.testing.assert_close(layer.mlp.lin2.bias, source.mlp.lin2.bias[order])
+    supernet.set_subnet(supernet.full_precision_subnet())
+    assert_same_output(run(tiny_sam, prompt_inputs), run(supernet, prompt_inputs))
+
+
 def test_largest_quantized_subnet_is_close_but_not_equal(tiny_sam, tiny_supernet, prompt_inputs):
     tiny_supernet.set_subnet(tiny_supernet.largest_subnet())  # W8A8 everywhere
     reference, quantized = run(tiny_sam, prompt_inputs), run(tiny_supernet, prompt_inputs)
@@ -63,12 +82,13 @@ def test_each_elastic_dimension_changes_shapes_and_cost(tiny_supernet, prompt_in
     largest = tiny_supernet.largest_subnet()
     base_cost = tiny_supernet.bitops(largest)
     head_dim = 64 // 4
+    layers = len(largest.layer_names)  # 16 Linears and 3 convolutions
     variants = {
         "resolution": largest.__class__(**{**largest.__dict__, "resolution": 64}),
         "depth": largest.__class__(**{**largest.__dict__, "skipped_blocks": space.skipped_blocks(3)}),
         "mlp": largest.__class__(**{**largest.__dict__, "mlp_dims": (128, 256, 192, 256)}),
         "heads": largest.__class__(**{**largest.__dict__, "num_heads": (2, 4, 3, 4)}),
-        "bits": largest.__class__(**{**largest.__dict__, "weight_bits": (4,) * 16, "activation_bits": (4,) * 16}),
+        "bits": largest.__class__(**{**largest.__dict__, "weight_bits": (4,) * layers, "activation_bits": (4,) * layers}),
     }
     for name, arch in variants.items():
         tiny_supernet.set_subnet(arch)

@@ -23,6 +23,14 @@ QUANTIZABLE_LAYERS = ("qkv", "proj", "lin1", "lin2")
 LAYER_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "lin1": "mlp.lin1", "lin2": "mlp.lin2"}
 """Where each quantizable Linear sits inside an encoder block."""
 
+CONV_PATHS = {"patch_embed": "patch_embed.projection", "neck_conv1": "neck.conv1", "neck_conv2": "neck.conv2"}
+"""The convolutions of the image encoder that may be quantized, by short name, and where each sits in the encoder:
+the patch embedding (before the blocks) and the neck's two convolutions (after them). Their layer names in an
+architecture are these paths."""
+
+QUANTIZABLE_CONVS = tuple(CONV_PATHS)
+"""The short names of the quantizable convolutions (`quantized_layers` may list them beside the Linears)."""
+
 
 def is_float_bits(bits: int) -> bool:
     """Whether a bit-width means "not quantized".
@@ -61,9 +69,14 @@ class SubnetArchitecture:
         num_heads (`tuple[int]`): attention heads kept, per encoder block.
         mlp_dims (`tuple[int]`): MLP hidden units kept, per encoder block.
         layer_names (`tuple[str]`): the quantized layers, named inside the vision encoder
-            (`"layers.0.attn.qkv"`); the bit-width tuples follow this order.
+            (`"layers.0.attn.qkv"`, `"patch_embed.projection"`, `"neck.conv1"`); the bit-width tuples follow this
+            order.
         weight_bits (`tuple[int]`): weight bits per quantized layer (32 = float).
         activation_bits (`tuple[int]`): input-activation bits per quantized layer (32 = float).
+        hidden_size (`int`, *optional*): the feature size (embedding width) kept: the first `hidden_size` channels of
+            the residual stream, in every block, the patch embedding's output and the neck's input. `None` (the
+            default) keeps the base model's full width; `to_dict` then leaves the key out, so architectures written
+            before the feature size existed read back unchanged.
 
     Per-block values of skipped blocks carry no meaning; `SearchSpace.canonical` sets them to the largest choices so
     that equal subnets compare equal.
@@ -76,6 +89,7 @@ class SubnetArchitecture:
     layer_names: tuple[str, ...]
     weight_bits: tuple[int, ...]
     activation_bits: tuple[int, ...]
+    hidden_size: int | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -98,9 +112,14 @@ class SubnetArchitecture:
         return self.weight_bits[index], self.activation_bits[index]
 
     def to_dict(self) -> dict:
-        """A JSON-serialisable description, with bit-widths keyed by the quantized layer's name."""
+        """A JSON-serialisable description, with bit-widths keyed by the quantized layer's name.
+
+        `hidden_size` is written only when the architecture narrows the feature size.
+        """
+        width = {} if self.hidden_size is None else {"hidden_size": self.hidden_size}
         return {
             "resolution": self.resolution,
+            **width,
             "depth": self.depth,
             "skipped_blocks": list(self.skipped_blocks),
             "num_heads": list(self.num_heads),
@@ -124,14 +143,16 @@ class SubnetArchitecture:
         missing = [key for key in required if key not in data]
         if missing:
             raise ValueError(f"The architecture dict lacks {missing}; it needs {list(required)}.")
-        unknown = sorted(set(data) - set(required) - {"depth"})
+        optional = ("depth", "hidden_size")
+        unknown = sorted(set(data) - set(required) - set(optional))
         if unknown:
-            raise ValueError(f"The architecture dict has unknown keys {unknown}; allowed: {list(required) + ['depth']}.")
+            raise ValueError(f"The architecture dict has unknown keys {unknown}; allowed: {list(required + optional)}.")
         for key in ("skipped_blocks", "num_heads", "mlp_dims"):
             if not isinstance(data[key], (list, tuple)) or not all(_is_int(v) for v in data[key]):
                 raise ValueError(f"`{key}` must be a list of integers, got {data[key]!r}.")
-        if not _is_int(data["resolution"]):
-            raise ValueError(f"`resolution` must be an integer, got {data['resolution']!r}.")
+        for key in ("resolution", "hidden_size"):
+            if key in data and not _is_int(data[key]):
+                raise ValueError(f"`{key}` must be an integer, got {data[key]!r}.")
         weight_bits, activation_bits = data["weight_bits"], data["activation_bits"]
         for key, value in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
             if not isinstance(value, dict) or not all(_is_int(v) for v in value.values()):
@@ -149,6 +170,7 @@ class SubnetArchitecture:
             layer_names=tuple(weight_bits),
             weight_bits=tuple(weight_bits.values()),
             activation_bits=tuple(activation_bits.values()),
+            hidden_size=data.get("hidden_size"),
         )
         if "depth" in data and data["depth"] != arch.depth:
             raise ValueError(
@@ -164,9 +186,11 @@ def _is_int(value) -> bool:
 
 __all__ = [
     "ALLOWED_BITS",
+    "CONV_PATHS",
     "FLOAT_BITS",
     "FLOAT_BIT_CHOICES",
     "LAYER_PATHS",
+    "QUANTIZABLE_CONVS",
     "QUANTIZABLE_LAYERS",
     "SubnetArchitecture",
     "is_float_bits",

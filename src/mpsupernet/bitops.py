@@ -1,7 +1,9 @@
 """Analytic MACs and BitOPs of a subnet architecture, without running anything.
 
 `BitOPs = Σ MACs × weight_bits × activation_bits` over every matmul-like operation of the image encoder, for one
-image. Float operations count at `config.float_bits` on both operands. The act×act attention products (queries ×
+image: the patch-embedding and neck convolutions (MACs = output positions × output channels × input channels ×
+kernel area, at their own bits when they are quantized), the Linears and the attention products, all at the
+architecture's feature size. Float operations count at `config.float_bits` on both operands. The act×act attention products (queries ×
 keys, probabilities × values) count at the activation bits of the block's `qkv` layer when
 `config.quantize_attention_products` is set, else in float; the decomposed relative-position products multiply a
 (quantized) query by a float table. The counts follow transformers' SAM operation by operation, windows padded as the
@@ -17,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
 
-from .architecture import FLOAT_BITS, SubnetArchitecture, is_float_bits
+from .architecture import CONV_PATHS, FLOAT_BITS, SubnetArchitecture, is_float_bits
 from .configuration_sam_supernet import SamSupernetConfig
 from .search_space import SearchSpace
 
@@ -99,8 +101,9 @@ def count_operations(config: SamSupernetConfig, arch: SubnetArchitecture) -> lis
     """Every matmul-like operation of the image encoder running `arch`, for one image."""
     vision = config.vision_config
     float_bits = config.float_bits
-    hidden, patch, out_channels = vision.hidden_size, vision.patch_size, vision.output_channels
-    head_dim = hidden // vision.num_attention_heads
+    hidden = vision.hidden_size if arch.hidden_size is None else arch.hidden_size
+    patch, out_channels = vision.patch_size, vision.output_channels
+    head_dim = vision.hidden_size // vision.num_attention_heads  # heads keep their width at any feature size
     grid = arch.resolution // patch
     tokens = grid * grid
 
@@ -108,8 +111,9 @@ def count_operations(config: SamSupernetConfig, arch: SubnetArchitecture) -> lis
         weight_bits, activation_bits = arch.bits_of(name)
         return _as_counted(weight_bits, float_bits), _as_counted(activation_bits, float_bits)
 
-    in_float = (float_bits, float_bits)
-    rows = [BitOpsRow("patch_embed", "conv", tokens * hidden * vision.num_channels * patch * patch, *in_float)]
+    patch_macs = tokens * hidden * vision.num_channels * patch * patch
+    # Each row is named like its layer (`arch.bits_of(row.name)` gives its bits, float if not quantized).
+    rows = [BitOpsRow(CONV_PATHS["patch_embed"], "conv", patch_macs, *bits(CONV_PATHS["patch_embed"]))]
     for block in arch.kept_blocks:
         prefix = f"layers.{block}"
         heads, mlp_dim = arch.num_heads[block], arch.mlp_dims[block]
@@ -133,8 +137,9 @@ def count_operations(config: SamSupernetConfig, arch: SubnetArchitecture) -> lis
         rows.append(BitOpsRow(f"{prefix}.attn.proj", "linear", padded_tokens * width * hidden, *bits(f"{prefix}.attn.proj")))
         rows.append(BitOpsRow(f"{prefix}.mlp.lin1", "linear", tokens * hidden * mlp_dim, *bits(f"{prefix}.mlp.lin1")))
         rows.append(BitOpsRow(f"{prefix}.mlp.lin2", "linear", tokens * mlp_dim * hidden, *bits(f"{prefix}.mlp.lin2")))
-    rows.append(BitOpsRow("neck.conv1", "conv", tokens * hidden * out_channels, *in_float))
-    rows.append(BitOpsRow("neck.conv2", "conv", tokens * out_channels * out_channels * 9, *in_float))
+    rows.append(BitOpsRow("neck.conv1", "conv", tokens * hidden * out_channels, *bits(CONV_PATHS["neck_conv1"])))
+    conv2_macs = tokens * out_channels * out_channels * 9
+    rows.append(BitOpsRow("neck.conv2", "conv", conv2_macs, *bits(CONV_PATHS["neck_conv2"])))
     return rows
 
 

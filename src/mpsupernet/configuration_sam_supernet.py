@@ -7,9 +7,11 @@ from transformers import SamConfig
 
 from .architecture import (
     ALLOWED_BITS,
+    CONV_PATHS,
     FLOAT_BIT_CHOICES,
     FLOAT_BITS,
     LAYER_PATHS,
+    QUANTIZABLE_CONVS,
     QUANTIZABLE_LAYERS,
     SubnetArchitecture,
     layer_name,
@@ -113,6 +115,11 @@ class SamSupernetConfig(SamQuantizedConfigBase):
             100%, 75% and 50% of the base `mlp_dim`.
         num_heads_choices (`list[int]`, *optional*):
             Numbers of attention heads a block may keep. Defaults to 100%, 75% and 50% of the base head count.
+        hidden_size_choices (`list[int]`, *optional*):
+            Feature sizes (embedding widths) a subnet may keep: the first `hidden_size` channels of the residual
+            stream in every block, the patch embedding's output and the neck's input (channels are sorted by
+            importance when the supernet is built; heads keep their width). Defaults to the base `hidden_size` only:
+            the operator is off unless smaller widths are listed (e.g. `[768, 640, 512]` for ViT-B).
         weight_bit_choices (`list[int]`, *optional*, defaults to `[2, 3, 4, 6, 8]`):
             Weight bit-widths of the quantized layers. Each layer may also be set to 32 (float, not quantized).
         activation_bit_choices (`list[int]`, *optional*, defaults to `[4, 6, 8]`):
@@ -121,9 +128,12 @@ class SamSupernetConfig(SamQuantizedConfigBase):
         bit_granularity (`str`, *optional*, defaults to `"layer"`):
             `"layer"`: every quantized layer has its own bit-widths; `"block"`: all quantized layers of an encoder
             block share them.
-        quantized_layers (`list[str]`, *optional*, defaults to `["qkv", "proj", "lin1", "lin2"]`):
-            Which Linears of each encoder block are quantized. The others, the patch embedding, the neck and the
-            mask decoder stay at full precision.
+        quantized_layers (`list[str]`, *optional*,
+            defaults to `["qkv", "proj", "lin1", "lin2", "patch_embed", "neck_conv1", "neck_conv2"]`):
+            Which layers are quantized: Linears of each encoder block (`"qkv"`, `"proj"`, `"lin1"`, `"lin2"`) and
+            convolutions of the encoder (`"patch_embed"`, `"neck_conv1"`, `"neck_conv2"`). The others and the mask
+            decoder stay at full precision. A configuration saved before the convolutions could be quantized lists
+            only Linears, so it keeps them in float.
         quantize_attention_products (`bool`, *optional*, defaults to `True`):
             Whether the act x act attention products (queries x keys, probabilities x values) run on fake-quantized
             operands at the activation bits of the block's `qkv` layer. When `False` they run (and count) in float.
@@ -168,6 +178,7 @@ class SamSupernetConfig(SamQuantizedConfigBase):
     skippable_blocks: list[int] | None = None
     mlp_dim_choices: list[int] | None = None
     num_heads_choices: list[int] | None = None
+    hidden_size_choices: list[int] | None = None
     weight_bit_choices: list[int] | None = None
     activation_bit_choices: list[int] | None = None
     bit_granularity: str = "layer"
@@ -195,12 +206,14 @@ class SamSupernetConfig(SamQuantizedConfigBase):
         if self.num_heads_choices is None:
             heads = vision.num_attention_heads
             self.num_heads_choices = sorted({max(1, round(heads * r)) for r in (1.0, 0.75, 0.5)}, reverse=True)
+        if self.hidden_size_choices is None:
+            self.hidden_size_choices = [vision.hidden_size]
         if self.weight_bit_choices is None:
             self.weight_bit_choices = [2, 3, 4, 6, 8]
         if self.activation_bit_choices is None:
             self.activation_bit_choices = [4, 6, 8]
         if self.quantized_layers is None:
-            self.quantized_layers = list(QUANTIZABLE_LAYERS)
+            self.quantized_layers = list(QUANTIZABLE_LAYERS + QUANTIZABLE_CONVS)
         if self.progressive_bits_schedule is None:
             self.progressive_bits_schedule = default_progressive_schedule(
                 sorted(set(self.weight_bit_choices) | set(self.activation_bit_choices))
@@ -243,11 +256,13 @@ class SamSupernetConfig(SamQuantizedConfigBase):
                 )
         _check_choices("mlp_dim_choices", self.mlp_dim_choices, allowed=range(1, vision.mlp_dim + 1))
         _check_choices("num_heads_choices", self.num_heads_choices, allowed=range(1, vision.num_attention_heads + 1))
+        _check_choices("hidden_size_choices", self.hidden_size_choices, allowed=range(1, vision.hidden_size + 1))
         _check_choices("weight_bit_choices", self.weight_bit_choices, allowed=ALLOWED_BITS)
         _check_choices("activation_bit_choices", self.activation_bit_choices, allowed=ALLOWED_BITS)
+        allowed_layers = QUANTIZABLE_LAYERS + QUANTIZABLE_CONVS
         for name in self.quantized_layers:
-            if name not in QUANTIZABLE_LAYERS:
-                raise ValueError(f"`quantized_layers` has {name!r}; allowed layer names are {list(QUANTIZABLE_LAYERS)}.")
+            if name not in allowed_layers:
+                raise ValueError(f"`quantized_layers` has {name!r}; allowed layer names are {list(allowed_layers)}.")
         if self.bit_granularity not in BIT_GRANULARITIES:
             raise ValueError(f"`bit_granularity` is {self.bit_granularity!r}; allowed: {list(BIT_GRANULARITIES)}.")
         if self.lora_mode not in LORA_MODES:
@@ -314,9 +329,10 @@ class SamSubnetConfig(SamQuantizedConfigBase):
     Subnet:
         architecture (`dict`, *optional*):
             The architecture, as `SubnetArchitecture.to_dict()` writes it: `resolution`, `skipped_blocks`,
-            `num_heads` and `mlp_dims` per block of the base model (blocks keep their base numbering), and
-            `weight_bits` / `activation_bits` per quantized layer (`"layers.3.mlp.lin1"`; 32 means float, and a layer
-            not listed is float). Defaults to the base model itself: every block at full width, in float.
+            `num_heads` and `mlp_dims` per block of the base model (blocks keep their base numbering), optionally
+            `hidden_size` (the feature size kept; the base width if absent), and `weight_bits` / `activation_bits`
+            per quantized layer (`"layers.3.mlp.lin1"`, `"patch_embed.projection"`, `"neck.conv1"`; 32 means float,
+            and a layer not listed is float). Defaults to the base model itself: every block at full width, in float.
         bitops (`int`, *optional*):
             BitOPs of the image encoder for one image (see `mpsupernet.bitops`), set by extraction.
         bitops_report (`dict`, *optional*):
@@ -397,13 +413,16 @@ class SamSubnetConfig(SamQuantizedConfigBase):
             for block, value in enumerate(values):
                 if not 1 <= value <= largest:
                     raise ValueError(f"`{field}` of block {block} is {value}; allowed: 1 to {largest}.")
+        if arch.hidden_size is not None and not 1 <= arch.hidden_size <= vision.hidden_size:
+            raise ValueError(f"`hidden_size` is {arch.hidden_size}; allowed: 1 to {vision.hidden_size}.")
         layer_names = {layer_name(block, kind) for block in range(blocks) for kind in LAYER_PATHS}
+        layer_names |= set(CONV_PATHS.values())
         allowed_bits = ALLOWED_BITS + (FLOAT_BITS,)
         for name, weight_bits, activation_bits in zip(arch.layer_names, arch.weight_bits, arch.activation_bits):
             if name not in layer_names:
                 raise ValueError(
                     f"The architecture sets bits for {name!r}, which is not a quantizable layer of this "
-                    f"{blocks}-block model (names look like 'layers.0.attn.qkv', 'layers.0.mlp.lin2')."
+                    f"{blocks}-block model (names look like 'layers.0.attn.qkv', 'layers.0.mlp.lin2', 'neck.conv1')."
                 )
             for field, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
                 if bits not in allowed_bits:

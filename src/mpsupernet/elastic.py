@@ -1,4 +1,4 @@
-"""The elastic, quantized pieces of SAM's ViT image encoder: heads, MLP width, depth and input resolution.
+"""The elastic, quantized pieces of SAM's ViT image encoder: heads, MLP width, feature size, depth, resolution.
 
 The modules keep the names and parameter shapes of transformers' `SamVisionEncoder`, so a SAM state dict loads into
 them as it is; they reuse transformers' window partitioning and relative-position code.
@@ -17,10 +17,11 @@ from transformers.models.sam.modeling_sam import (
     SamVisionNeck,
 )
 
-from .architecture import FLOAT_BITS, SubnetArchitecture
+from .architecture import CONV_PATHS, FLOAT_BITS, SubnetArchitecture
 from .configuration_sam_supernet import SamSupernetConfig
 from .lora import QuantizedLoraLinear
 from .quantization import LsqQuantizer
+from .recompute import RecomputedFunction
 
 
 def make_quantized_linear(linear: nn.Linear, config: SamSupernetConfig) -> QuantizedLoraLinear:
@@ -48,6 +49,101 @@ def eager_vision_config(vision_config):
     vision = copy.copy(vision_config)
     vision._attn_implementation = "eager"
     return vision
+
+
+class ElasticLayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` over the leading channels its input has: an elastic feature size normalises the channels it
+    keeps, with their scales and shifts (AutoFormer's weight entanglement)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        width = x.shape[-1]
+        if width == self.normalized_shape[0]:
+            return super().forward(x)
+        return F.layer_norm(x, (width,), self.weight[:width], self.bias[:width], self.eps)
+
+
+class ElasticQuantizedConv2d(nn.Conv2d):
+    """A frozen convolution of the image encoder (patch embedding or neck) with elastic channels and, when it is
+    quantized, LSQ fake quantizers at a selectable bit-width.
+
+    It subclasses `nn.Conv2d` so that `weight` and `bias` keep the names of the convolution it replaces. Weights are
+    quantized symmetric per output channel, inputs per tensor (unsigned with a learned offset, LSQ+, or signed), as
+    for the Linears; each bit-width owns its steps. Convolutions carry no adapter: the patch embedding and the neck
+    stay frozen, their step sizes train.
+
+    Args:
+        conv (`nn.Conv2d`): the convolution whose shape (and stride, padding) it takes.
+        config (`SamSupernetConfig`, *optional*): the bit-width choices and quantizer settings; `None` for a
+            convolution that is not quantized (it has no quantizers, only elastic channels).
+    """
+
+    def __init__(self, conv: nn.Conv2d, config: SamSupernetConfig | None):
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            bias=conv.bias is not None,
+        )
+        self.weight_quantizer = self.input_quantizer = None
+        if config is not None:
+            self.weight_quantizer = LsqQuantizer(
+                config.weight_bit_choices,
+                num_channels=conv.out_channels,
+                signed=True,
+                step_size_min=config.step_size_min,
+            )
+            self.input_quantizer = LsqQuantizer(
+                config.activation_bit_choices,
+                signed=not config.activation_offset,
+                learn_offset=config.activation_offset,
+                step_size_min=config.step_size_min,
+            )
+        self.active_out_channels, self.active_in_channels = conv.out_channels, conv.in_channels
+
+    def set_active(
+        self,
+        weight_bits: int = FLOAT_BITS,
+        activation_bits: int = FLOAT_BITS,
+        out_channels: int | None = None,
+        in_channels: int | None = None,
+    ) -> None:
+        """Selects the bit-widths (32 = float) and the leading output and input channels kept (`None`: all)."""
+        if self.weight_quantizer is None:
+            if (weight_bits, activation_bits) != (FLOAT_BITS, FLOAT_BITS):
+                raise ValueError(f"This convolution is not quantized; it runs at 32 bits, not {weight_bits}/{activation_bits}.")
+        else:
+            self.weight_quantizer.set_bits(weight_bits)
+            self.input_quantizer.set_bits(activation_bits)
+        self.active_out_channels = self.out_channels if out_channels is None else out_channels
+        self.active_in_channels = self.in_channels if in_channels is None else in_channels
+
+    @torch.no_grad()
+    def initialize_weight_quantizer(self) -> None:
+        """Initialises the weight step sizes of every bit-width from the full weight."""
+        if self.weight_quantizer is None or self.weight.device.type == "meta":
+            return
+        for bits in self.weight_quantizer.bit_choices:
+            self.weight_quantizer.initialize(self.weight, bits, channel_dim=0)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The active channels of the weight, fake-quantized at the active weight bit-width."""
+        weight = self.weight[: self.active_out_channels, : self.active_in_channels]
+        if self.weight_quantizer is None or not self.weight_quantizer.is_quantizing:
+            return weight
+        channels = None
+        if self.active_out_channels != self.out_channels:
+            channels = torch.arange(self.active_out_channels, device=weight.device)
+        return self.weight_quantizer(weight, channel_index=channels)
+
+    def active_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias[: self.active_out_channels]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return self._conv_forward(x, self.quantized_weight(), self.active_bias())
 
 
 class QuantizedSamVisionAttention(SamVisionAttention):
@@ -81,29 +177,72 @@ class QuantizedSamVisionAttention(SamVisionAttention):
         heads = self.active_heads
         qkv = self.qkv(hidden_states).reshape(batch_size, height * width, 3, heads, -1).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.reshape(3, batch_size * heads, height * width, -1).unbind(0)
-        query = self.query_quantizer(query)
-        key = self.key_quantizer(key)
-        value = self.value_quantizer(value)
-
-        bias = None
-        if self.use_rel_pos:
-            bias = self.get_decomposed_rel_pos(query, self.rel_pos_h, self.rel_pos_w, (height, width), (height, width))
-            bias = bias.reshape(batch_size * heads, height * width, height * width)
 
         attn_weights = None
         if self.use_sdpa and not self.probs_quantizer.is_quantizing and not output_attentions:
+            bias = self.relative_position_bias(query, self.rel_pos_h, self.rel_pos_w, height, width)
             attn_output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
         else:
-            attn_weights = (query * self.scale) @ key.transpose(-2, -1)
-            if bias is not None:
-                attn_weights = attn_weights + bias
-            attn_weights = torch.softmax(attn_weights, dtype=torch.float32, dim=-1).to(query.dtype)
-            probs = nn.functional.dropout(attn_weights, p=self.dropout, training=self.training)
-            attn_output = self.probs_quantizer(probs) @ value
+            for quantizer, tensor in zip(self.product_quantizers(), (query, key, value)):
+                quantizer.ensure_initialized(tensor)
+            core = self.attention_core(height, width, keep_weights=bool(output_attentions))
+            inputs = (query, key, value, *self.core_parameters())
+            recompute = not output_attentions and not (self.training and self.dropout > 0)
+            if torch.is_grad_enabled() and recompute:
+                attn_output = RecomputedFunction.apply(core, *inputs)
+            else:
+                attn_output = core(*inputs)
+            if output_attentions:
+                attn_output, attn_weights = attn_output
 
         attn_output = attn_output.reshape(batch_size, heads, height, width, -1).permute(0, 2, 3, 1, 4)
         attn_output = self.proj(attn_output.reshape(batch_size, height, width, -1))
         return attn_output, attn_weights
+
+    def relative_position_bias(self, query, rel_pos_h, rel_pos_w, height: int, width: int) -> torch.Tensor | None:
+        """The decomposed relative-position bias of shape `(batch * heads, tokens, tokens)`, or `None` without it."""
+        if not self.use_rel_pos:
+            return None
+        size = (height, width)
+        bias = self.get_decomposed_rel_pos(query, rel_pos_h, rel_pos_w, size, size)
+        return bias.reshape(query.shape[0], height * width, height * width)
+
+    def core_parameters(self) -> tuple[torch.Tensor | None, ...]:
+        """The tensors the attention core takes besides queries, keys and values: the relative-position tables, then
+        the step-size and offset tables of the query, key, value and probability quantizers."""
+        tables = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
+        return tables + tuple(tensor for quantizer in self.product_quantizers() for tensor in quantizer.quantize_inputs())
+
+    def attention_core(self, height: int, width: int, keep_weights: bool = False):
+        """The act×act part of attention as a function of `(query, key, value, *core_parameters())`.
+
+        It quantizes queries, keys and values, adds the relative-position bias, takes the softmax, quantizes the
+        probabilities and multiplies them with the values. The bit-widths are frozen when it is made, so that its
+        recomputation in the backward pass (`RecomputedFunction`) repeats the forward pass even if another subnet was
+        activated in between. With `keep_weights` it returns `(output, attention probabilities)`.
+        """
+        quantizers = self.product_quantizers()
+        bits = [quantizer.active_bits for quantizer in quantizers]
+        probs_quantizer = self.probs_quantizer
+        dropout = self.dropout if self.training else 0.0
+
+        def core(query, key, value, rel_pos_h, rel_pos_w, *quantizer_tables):
+            steps, offsets = quantizer_tables[0::2], quantizer_tables[1::2]
+            query, key, value = (
+                quantizer.fake_quantize(tensor, bit, step, offset)
+                for quantizer, tensor, bit, step, offset in zip(quantizers, (query, key, value), bits, steps, offsets)
+            )
+            attn_weights = (query * self.scale) @ key.transpose(-2, -1)
+            bias = self.relative_position_bias(query, rel_pos_h, rel_pos_w, height, width)
+            if bias is not None:
+                attn_weights = attn_weights + bias
+            attn_weights = torch.softmax(attn_weights, dtype=torch.float32, dim=-1).to(query.dtype)
+            probs = nn.functional.dropout(attn_weights, p=dropout, training=dropout > 0)
+            probs_quantizer.ensure_initialized(probs, bits[3])
+            output = probs_quantizer.fake_quantize(probs, bits[3], steps[3], offsets[3]) @ value
+            return (output, attn_weights) if keep_weights else output
+
+        return core
 
 
 class ElasticSamVisionAttention(QuantizedSamVisionAttention):
@@ -141,10 +280,14 @@ class ElasticSamVisionAttention(QuantizedSamVisionAttention):
 
 
 class ElasticSamVisionLayer(SamVisionLayer):
-    """A SAM encoder block whose attention and MLP are elastic and quantized; transformers' forward is reused."""
+    """A SAM encoder block whose attention, MLP and feature size are elastic and quantized; transformers' forward is
+    reused."""
 
     def __init__(self, config: SamSupernetConfig, window_size: int):
-        super().__init__(eager_vision_config(config.vision_config), window_size)
+        vision = eager_vision_config(config.vision_config)
+        super().__init__(vision, window_size)
+        self.layer_norm1 = ElasticLayerNorm(vision.hidden_size, eps=vision.layer_norm_eps)
+        self.layer_norm2 = ElasticLayerNorm(vision.hidden_size, eps=vision.layer_norm_eps)
         self.attn = ElasticSamVisionAttention(config, window_size)
         self.mlp.lin1 = make_quantized_linear(self.mlp.lin1, config)
         self.mlp.lin2 = make_quantized_linear(self.mlp.lin2, config)
@@ -152,18 +295,23 @@ class ElasticSamVisionLayer(SamVisionLayer):
     def quantized_linears(self) -> dict[str, QuantizedLoraLinear]:
         return {"attn.qkv": self.attn.qkv, "attn.proj": self.attn.proj, "mlp.lin1": self.mlp.lin1, "mlp.lin2": self.mlp.lin2}
 
-    def set_active(self, num_heads: int, mlp_dim: int, bits: dict[str, tuple[int, int]]) -> None:
-        """Selects heads, MLP width and the `(weight_bits, activation_bits)` of each quantized Linear."""
+    def set_active(
+        self, num_heads: int, mlp_dim: int, bits: dict[str, tuple[int, int]], hidden_size: int | None = None
+    ) -> None:
+        """Selects heads, MLP width, the feature size (`None`: all channels) and the `(weight_bits, activation_bits)`
+        of each quantized Linear."""
         attn, mlp = self.attn, self.mlp
         device = attn.qkv.weight.device
         product_bits = bits["attn.qkv"][1]
         attn.set_active(num_heads, product_bits)
         width = num_heads * attn.head_dim
         mlp_rows = None if mlp_dim == mlp.lin1.out_features else torch.arange(mlp_dim, device=device)
-        attn.qkv.set_active(*bits["attn.qkv"], output_index=attn.head_rows(num_heads, device))
-        attn.proj.set_active(*bits["attn.proj"], in_features=width)
-        mlp.lin1.set_active(*bits["mlp.lin1"], output_index=mlp_rows)
-        mlp.lin2.set_active(*bits["mlp.lin2"], in_features=mlp_dim)
+        full = hidden_size is None or hidden_size == mlp.lin2.out_features
+        hidden_rows = None if full else torch.arange(hidden_size, device=device)
+        attn.qkv.set_active(*bits["attn.qkv"], output_index=attn.head_rows(num_heads, device), in_features=hidden_size)
+        attn.proj.set_active(*bits["attn.proj"], output_index=hidden_rows, in_features=width)
+        mlp.lin1.set_active(*bits["mlp.lin1"], output_index=mlp_rows, in_features=hidden_size)
+        mlp.lin2.set_active(*bits["mlp.lin2"], output_index=hidden_rows, in_features=mlp_dim)
 
 
 class ResizingSamVisionEncoder(nn.Module):
@@ -182,12 +330,19 @@ class ResizingSamVisionEncoder(nn.Module):
         layers (`nn.ModuleList`): the encoder blocks; those listed in `kept_blocks` (all, unless a subclass says
             otherwise) run, in order.
         resolution (`int`, *optional*): the input resolution the blocks run at; defaults to the base `image_size`.
+        hidden_size (`int`, *optional*): the feature size of the patch embedding, position embedding and the neck's
+            input; defaults to the base `hidden_size`.
     """
 
-    def __init__(self, vision_config, layers: nn.ModuleList, resolution: int | None = None):
+    def __init__(
+        self, vision_config, layers: nn.ModuleList, resolution: int | None = None, hidden_size: int | None = None
+    ):
         super().__init__()
         self.image_size = vision_config.image_size
         self.patch_size = vision_config.patch_size
+        if hidden_size is not None and hidden_size != vision_config.hidden_size:
+            vision_config = copy.copy(vision_config)
+            vision_config.hidden_size = hidden_size
         self.patch_embed = SamPatchEmbeddings(vision_config)
         grid = vision_config.image_size // vision_config.patch_size
         self.pos_embed = (
@@ -231,7 +386,8 @@ class ResizingSamVisionEncoder(nn.Module):
         hidden_states = self.patch_embed.projection(pixel_values).permute(0, 2, 3, 1)
         grid = hidden_states.shape[1]
         if self.pos_embed is not None:
-            hidden_states = hidden_states + self.position_embedding(grid)
+            # An elastic feature size keeps the leading channels (interpolation works channel by channel).
+            hidden_states = hidden_states + self.position_embedding(grid)[..., : hidden_states.shape[-1]]
         for index in self.kept_blocks:
             hidden_states = self.layers[index](hidden_states)
         embeddings = self.neck(hidden_states)
@@ -242,7 +398,8 @@ class ResizingSamVisionEncoder(nn.Module):
 
 
 class ElasticSamVisionEncoder(ResizingSamVisionEncoder):
-    """SAM's ViT image encoder with elastic resolution, depth, heads, MLP width and bit-widths (see `set_active`)."""
+    """SAM's ViT image encoder with elastic resolution, depth, heads, MLP width, feature size and bit-widths (see
+    `set_active`); its patch embedding and neck convolutions are quantized where the configuration says so."""
 
     def __init__(self, config: SamSupernetConfig):
         vision = config.vision_config
@@ -252,11 +409,25 @@ class ElasticSamVisionEncoder(ResizingSamVisionEncoder):
         )
         super().__init__(vision, layers)
         self.config = config
+        for kind, path in CONV_PATHS.items():
+            parent, name = path.rsplit(".", 1)
+            owner = self.get_submodule(parent)
+            quantized = kind in config.quantized_layers
+            setattr(owner, name, ElasticQuantizedConv2d(getattr(owner, name), config if quantized else None))
+
+    def quantized_convs(self) -> dict[str, ElasticQuantizedConv2d]:
+        """The encoder's convolutions by layer name (`"patch_embed.projection"`, `"neck.conv1"`, `"neck.conv2"`)."""
+        return {path: self.get_submodule(path) for path in CONV_PATHS.values()}
 
     def set_active(self, arch: SubnetArchitecture) -> None:
-        """Applies an architecture (already validated against the search space) to every block."""
+        """Applies an architecture (already validated against the search space) to every block and convolution."""
         self.resolution = arch.resolution
         self.kept_blocks = arch.kept_blocks
+        hidden_size = arch.hidden_size
         for index, layer in enumerate(self.layers):
             bits = {path: arch.bits_of(f"layers.{index}.{path}") for path in layer.quantized_linears()}
-            layer.set_active(arch.num_heads[index], arch.mlp_dims[index], bits)
+            layer.set_active(arch.num_heads[index], arch.mlp_dims[index], bits, hidden_size)
+        convs = self.quantized_convs()
+        convs[CONV_PATHS["patch_embed"]].set_active(*arch.bits_of(CONV_PATHS["patch_embed"]), out_channels=hidden_size)
+        convs[CONV_PATHS["neck_conv1"]].set_active(*arch.bits_of(CONV_PATHS["neck_conv1"]), in_channels=hidden_size)
+        convs[CONV_PATHS["neck_conv2"]].set_active(*arch.bits_of(CONV_PATHS["neck_conv2"]))

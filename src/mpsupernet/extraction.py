@@ -11,8 +11,9 @@ from collections.abc import Iterator
 import torch
 
 from .bitops import format_bitops, parse_budget
-from .architecture import FLOAT_BITS, SubnetArchitecture, is_float_bits
+from .architecture import CONV_PATHS, FLOAT_BITS, SubnetArchitecture, is_float_bits
 from .configuration_sam_supernet import SamSubnetConfig
+from .elastic import ElasticQuantizedConv2d
 from .lora import QuantizedLoraLinear
 from .modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration
 from .packing import pack_codes
@@ -20,7 +21,7 @@ from .quantization import LsqQuantizer
 from .search_space import SearchSpace
 
 BIT_LADDERS = ("weight_bits", "activation_bits")
-DESCENT_ORDER = ("mlp_dim", "num_heads", "depth", "resolution")
+DESCENT_ORDER = ("mlp_dim", "num_heads", "hidden_size", "depth", "resolution")
 
 
 @torch.no_grad()
@@ -35,8 +36,10 @@ def extract_subnet(
     Each quantized Linear's weight is the supernet's: the LoRA adapters of its weight bit-width merged in
     (`QuantizedLoraLinear.merged_weight`), quantized with the layer's own step sizes, so that the subnet's dequantized
     weight equals the supernet's fake-quantized weight exactly; the codes are packed at their bit-width. Float layers
-    keep their merged float weight. The activation and attention-product quantizers keep their step (and offset) at
-    the architecture's bits. Patch embedding, position embedding, neck, prompt encoder and mask decoder are copied.
+    keep their merged float weight. The patch embedding and neck convolutions are stored the same way (packed codes
+    where quantized), cut, with the position embedding and the layer norms, to the architecture's feature size. The
+    activation and attention-product quantizers keep their step (and offset) at the architecture's bits. The rest of
+    the neck, the prompt encoder and the mask decoder are copied.
 
     Args:
         supernet (`SamSupernetForMaskGeneration`): the trained supernet; its active subnet is left as it was.
@@ -84,14 +87,22 @@ def _extract_active_subnet(supernet, arch: SubnetArchitecture) -> SamSubnetForMa
     config._attn_implementation = source_config._attn_implementation
     subnet = SamSubnetForMaskGeneration(config).to(device=supernet.device, dtype=supernet.dtype).eval()
 
-    layers_prefix = "vision_encoder.layers."
-    shared = {key: value for key, value in supernet.sam.state_dict().items() if not key.startswith(layers_prefix)}
+    encoder, target_encoder = supernet.sam.vision_encoder, subnet.sam.vision_encoder
+    hidden = supernet.search_space.hidden_size_of(arch)
+    # The blocks, the position embedding and the convolutions are cut to the architecture below; the rest is shared.
+    cut = ("vision_encoder.layers.", "vision_encoder.pos_embed", *(f"vision_encoder.{p}." for p in CONV_PATHS.values()))
+    shared = {key: value for key, value in supernet.sam.state_dict().items() if not key.startswith(cut)}
     subnet.sam.load_state_dict(shared, strict=False)
-    source_layers = supernet.sam.vision_encoder.layers
-    for target, block in zip(subnet.sam.vision_encoder.layers, arch.kept_blocks):
+    if encoder.pos_embed is not None:
+        target_encoder.pos_embed.copy_(encoder.pos_embed[..., :hidden])
+    for path, conv in encoder.quantized_convs().items():
+        _copy_conv(conv, target_encoder.get_submodule(path), path)
+    source_layers = encoder.layers
+    for target, block in zip(target_encoder.layers, arch.kept_blocks):
         source = source_layers[block]
-        target.layer_norm1.load_state_dict(source.layer_norm1.state_dict())
-        target.layer_norm2.load_state_dict(source.layer_norm2.state_dict())
+        for norm in ("layer_norm1", "layer_norm2"):
+            target.get_submodule(norm).weight.copy_(source.get_submodule(norm).weight[:hidden])
+            target.get_submodule(norm).bias.copy_(source.get_submodule(norm).bias[:hidden])
         if source.attn.use_rel_pos:
             target.attn.rel_pos_h.copy_(source.attn.rel_pos_h)
             target.attn.rel_pos_w.copy_(source.attn.rel_pos_w)
@@ -107,34 +118,48 @@ def _extract_active_subnet(supernet, arch: SubnetArchitecture) -> SamSubnetForMa
 def _copy_linear(source: QuantizedLoraLinear, target, name: str) -> None:
     """Writes the active sub-layer of a supernet Linear into a subnet Linear (plain or quantized)."""
     # Exactly the weight the supernet multiplies with: adapters merged, rows and columns sliced, fake-quantized.
-    weight = source.quantized_weight()
-    if isinstance(target, QuantizedLinear) and not is_float_bits(target.weight_bits):
-        step = _effective_weight_step(source)
-        codes = torch.round(weight / step.unsqueeze(1)).to(torch.int8)
-        target.packed_weight.copy_(pack_codes(codes, target.weight_bits))
-        target.weight_scale.copy_(step)
-    else:
-        target.weight.copy_(weight)
+    rows = source.output_index
+    _copy_weight(source.quantized_weight(), source.weight_quantizer, rows, target)
     if target.bias is not None:
         target.bias.copy_(source.active_bias())
     if isinstance(target, QuantizedLinear):
         _copy_quantizer(source.input_quantizer, target.input_quantizer, f"the input quantizer of {name}")
 
 
-def _effective_weight_step(linear: QuantizedLoraLinear) -> torch.Tensor:
-    """The per-row step that the supernet's weight quantizer divides and multiplies by.
+def _copy_conv(source: ElasticQuantizedConv2d, target, name: str) -> None:
+    """Writes the active channels of a supernet convolution into a subnet convolution (plain or quantized)."""
+    channels = None
+    if source.active_out_channels != source.out_channels:
+        channels = torch.arange(source.active_out_channels, device=source.weight.device)
+    _copy_weight(source.quantized_weight(), source.weight_quantizer, channels, target)
+    if target.bias is not None:
+        target.bias.copy_(source.active_bias())
+    if isinstance(target, QuantizedLinear):
+        _copy_quantizer(source.input_quantizer, target.input_quantizer, f"the input quantizer of {name}")
+
+
+def _copy_weight(weight: torch.Tensor, quantizer: LsqQuantizer | None, rows: torch.Tensor | None, target) -> None:
+    """Stores a (fake-quantized) supernet weight in a subnet layer: packed codes and steps, or the float weight."""
+    if isinstance(target, QuantizedLinear) and not is_float_bits(target.weight_bits):
+        step = _effective_weight_step(quantizer, rows)
+        codes = torch.round(weight / step.reshape(-1, *([1] * (weight.dim() - 1)))).to(torch.int8)
+        target.packed_weight.copy_(pack_codes(codes, target.weight_bits))
+        target.weight_scale.copy_(step)
+    else:
+        target.weight.copy_(weight)
+
+
+def _effective_weight_step(quantizer: LsqQuantizer, rows: torch.Tensor | None) -> torch.Tensor:
+    """The per-row step that a weight quantizer divides and multiplies by, for the output rows kept (`None`: all).
 
     `LsqQuantizer` rescales the step's gradient with an expression that can move its value by one ulp, so the stored
     step is not quite the one used. Quantizing a weight whose every row holds one stored step gives code 1 times the
     step used: exactly that step. With it, `codes * step` reproduces the fake-quantized weight bit for bit.
     """
-    quantizer = linear.weight_quantizer
-    rows = linear.output_index
     step = quantizer.step_size[quantizer.bit_index(quantizer.active_bits)].clamp_min(quantizer.step_size_min)
     if rows is not None:
         step = step[rows.to(step.device)]
-    probe = step.unsqueeze(1).expand(-1, linear.active_in_features)
-    return quantizer(probe, channel_index=rows)[:, 0]
+    return quantizer(step.unsqueeze(1), channel_index=rows)[:, 0]
 
 
 def _copy_quantizer(source: LsqQuantizer, target: LsqQuantizer, name: str) -> None:
@@ -202,31 +227,29 @@ def descent_path(space: SearchSpace) -> Iterator[SubnetArchitecture]:
     """Uniform architectures from the full-precision model down to the smallest subnet, one step at a time.
 
     Each step lowers one dimension by one choice: bit-widths first (whichever of the weight and activation bits is
-    higher, the weight bits on a tie), then, once both are at their lowest, the MLP width, the heads, the depth and
-    the resolution, each down to its lowest. The cost never rises along the path; it ends at `space.smallest()`.
+    higher, the weight bits on a tie), then, once both are at their lowest, the MLP width, the heads, the feature
+    size, the depth and the resolution, each down to its lowest. The cost never rises along the path; it ends at `space.smallest()`.
     """
     ladders = {
         "weight_bits": (FLOAT_BITS, *space.weight_bit_choices),
         "activation_bits": (FLOAT_BITS, *space.activation_bit_choices),
         "mlp_dim": space.mlp_dim_choices,
         "num_heads": space.num_heads_choices,
+        "hidden_size": space.hidden_size_choices,
         "depth": space.depth_choices,
         "resolution": space.resolution_choices,
     }
     position = dict.fromkeys(ladders, 0)
     while True:
         value = {name: ladders[name][index] for name, index in position.items()}
-        blocks, layers = space.num_blocks, len(space.layer_names)
-        yield space.canonical(
-            SubnetArchitecture(
-                resolution=value["resolution"],
-                skipped_blocks=space.skipped_blocks(value["depth"]),
-                num_heads=(value["num_heads"],) * blocks,
-                mlp_dims=(value["mlp_dim"],) * blocks,
-                layer_names=space.layer_names,
-                weight_bits=(value["weight_bits"],) * layers,
-                activation_bits=(value["activation_bits"],) * layers,
-            )
+        yield space.uniform(
+            value["resolution"],
+            value["depth"],
+            value["num_heads"],
+            value["mlp_dim"],
+            value["weight_bits"],
+            value["activation_bits"],
+            value["hidden_size"],
         )
         lowerable = [name for name in ladders if position[name] + 1 < len(ladders[name])]
         bits = [name for name in BIT_LADDERS if name in lowerable]

@@ -13,6 +13,7 @@ from torch import nn
 
 from .architecture import FLOAT_BITS, is_float_bits
 from .quantization import LsqQuantizer, tensors_state_key
+from .recompute import autocast_state, detached_leaves, gradients_of
 
 
 def num_adapters(lora_mode: str, num_weight_bits: int) -> int:
@@ -199,54 +200,79 @@ class QuantizedLoraLinear(nn.Linear):
         return self.bias.index_select(0, self.output_index.to(self.bias.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quantizer(x)
         if not torch.is_grad_enabled():
-            return F.linear(x, self.quantized_weight(), self.active_bias())
+            return F.linear(self.input_quantizer(x), self.quantized_weight(), self.active_bias())
+        self.input_quantizer.ensure_initialized(x)
         self._ensure_weight_steps()
-        return RecomputedWeightLinear.apply(x, self.active_bias(), self.weight_function(), *self._weight_inputs())
+        input_inputs = self.input_quantizer.quantize_inputs()
+        return RecomputedWeightLinear.apply(
+            x,
+            self.active_bias(),
+            self.input_quantizer.quantize_function(),
+            self.weight_function(),
+            len(input_inputs),
+            *input_inputs,
+            *self._weight_inputs(),
+        )
 
 
 class RecomputedWeightLinear(torch.autograd.Function):
-    """`F.linear(x, weight_fn(*weight_inputs), bias)` that keeps only `x` and `weight_inputs` for the backward pass.
+    """`F.linear(input_fn(x, *input_inputs), weight_fn(*weight_inputs), bias)` that keeps only `x`, `bias` and the
+    small input tensors for the backward pass.
 
     Autograd would keep every weight-sized tensor on the way from the frozen weight to its quantized copy (the merged
     weight, the scaled one, the clamp's input, the rounded one) until backward, in every layer: for ViT-B several
-    times the model's own size, more than the activations at moderate resolutions. Here the weight is computed
-    without autograd in the forward pass and recomputed, one layer at a time, in the backward pass, where autograd
-    differentiates `weight_fn` as usual. Under autocast both passes run at the autocast dtype, as `F.linear` would.
+    times the model's own size, more than the activations at moderate resolutions. It would also keep the input
+    twice, raw for the quantizer's backward and fake-quantized for the matmul's. Here the input is quantized inside
+    the operation and both the quantized input and the quantized weight are computed without autograd in the forward
+    pass and recomputed, one layer at a time, in the backward pass, where autograd differentiates `input_fn` and
+    `weight_fn` as usual. `input_fn=None` means a float input, which is kept as the matmul saw it. Under autocast both
+    passes run at the autocast dtype, as `F.linear` would.
+
+    Args (of `apply`): `x`, `bias`, `input_fn` (`LsqQuantizer.quantize_function()` or `None`), `weight_fn`, the number
+    of input tensors `input_fn` takes besides `x`, then those tensors, then the `weight_inputs`.
     """
 
     @staticmethod
-    def forward(ctx, x, bias, weight_fn, *weight_inputs):
-        device_type = x.device.type
-        ctx.autocast = (device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type))
-        ctx.weight_fn = weight_fn
+    def forward(ctx, x, bias, input_fn, weight_fn, num_input_inputs, *tensors):
+        ctx.autocast = autocast_state(x.device.type)
+        ctx.input_fn, ctx.weight_fn, ctx.num_input_inputs = input_fn, weight_fn, num_input_inputs
         ctx.input_dtype = x.dtype
-        output = F.linear(x, weight_fn(*weight_inputs), bias)
-        # Keep the input at the dtype the matmul saw (bf16 under autocast), as F.linear's own backward would.
-        ctx.save_for_backward(x.to(output.dtype), bias, *weight_inputs)
+        input_inputs, weight_inputs = tensors[:num_input_inputs], tensors[num_input_inputs:]
+        quantized_x = x if input_fn is None else input_fn(x, *input_inputs)
+        output = F.linear(quantized_x, weight_fn(*weight_inputs), bias)
+        # A float input is kept at the dtype the matmul saw (bf16 under autocast), as F.linear's own backward would;
+        # a quantized one raw, which is all its recomputation needs.
+        ctx.save_for_backward(x.to(output.dtype) if input_fn is None else x, bias, *tensors)
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, bias, *weight_inputs = ctx.saved_tensors
-        needs_weight_grad = ctx.needs_input_grad[3:]
+        x, bias, *tensors = ctx.saved_tensors
+        count = ctx.num_input_inputs
+        input_inputs, weight_inputs = tensors[:count], tensors[count:]
+        needs_x, needs_bias = ctx.needs_input_grad[:2]
+        needs_input_inputs = ctx.needs_input_grad[5 : 5 + count]
+        needs_weight_inputs = ctx.needs_input_grad[5 + count :]
         device_type, autocast_dtype, autocast_enabled = ctx.autocast
         with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
-            leaves = [tensor.detach().requires_grad_(needs) for tensor, needs in zip(weight_inputs, needs_weight_grad)]
-            weight = ctx.weight_fn(*leaves)
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_output @ weight.detach().to(grad_output.dtype)).to(ctx.input_dtype)
-        if ctx.needs_input_grad[1]:
+            weight_leaves = detached_leaves(weight_inputs, needs_weight_inputs)
+            weight = ctx.weight_fn(*weight_leaves)
+            x_leaves = detached_leaves((x, *input_inputs), (needs_x, *needs_input_inputs))
+            quantized_x = x_leaves[0] if ctx.input_fn is None else ctx.input_fn(*x_leaves)
+        grad_bias = None
+        if needs_bias:
             grad_bias = grad_output.flatten(0, -2).sum(0).to(bias.dtype)
-        weight_grads = [None] * len(leaves)
-        if any(needs_weight_grad):
-            grad_weight = grad_output.flatten(0, -2).transpose(0, 1) @ x.flatten(0, -2).to(grad_output.dtype)
-            wanted = [index for index, needs in enumerate(needs_weight_grad) if needs]
-            grads = torch.autograd.grad(
-                weight, [leaves[index] for index in wanted], grad_weight.to(weight.dtype), allow_unused=True
-            )
-            for index, grad in zip(wanted, grads):
-                weight_grads[index] = grad
-        return grad_x, grad_bias, None, *weight_grads
+        x_grads = [None] * len(x_leaves)
+        if needs_x or any(needs_input_inputs):
+            grad_quantized_x = (grad_output @ weight.detach().to(grad_output.dtype)).to(ctx.input_dtype)
+            if ctx.input_fn is None:
+                x_grads[0] = grad_quantized_x
+            else:
+                x_grads = gradients_of(quantized_x, x_leaves, grad_quantized_x.to(quantized_x.dtype))
+        weight_grads = [None] * len(weight_leaves)
+        if any(needs_weight_inputs):
+            columns = quantized_x.detach().flatten(0, -2).to(grad_output.dtype)
+            grad_weight = grad_output.flatten(0, -2).transpose(0, 1) @ columns
+            weight_grads = gradients_of(weight, weight_leaves, grad_weight.to(weight.dtype))
+        return x_grads[0], grad_bias, None, None, None, *x_grads[1:], *weight_grads

@@ -5,6 +5,8 @@ quantized Linear stores its weight as packed integer codes with one scale per ou
 model shrinks with its bit-widths. It computes what the supernet computes with that architecture active.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,7 +14,7 @@ from transformers import SamModel
 from transformers.models.sam.modeling_sam import SamVisionLayer
 from transformers.utils import logging
 
-from .architecture import FLOAT_BITS, LAYER_PATHS, SubnetArchitecture, is_float_bits
+from .architecture import CONV_PATHS, FLOAT_BITS, LAYER_PATHS, SubnetArchitecture, is_float_bits
 from .bitops import BitOpsReport, count_operations
 from .configuration_sam_supernet import SamSubnetConfig
 from .elastic import QuantizedSamVisionAttention, ResizingSamVisionEncoder, eager_vision_config
@@ -61,16 +63,20 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_bits, self.activation_bits = weight_bits, activation_bits
+        self.weight_shape = self._weight_shape()
         if is_float_bits(weight_bits):
-            self.weight = nn.Parameter(torch.empty(out_features, in_features))
+            self.weight = nn.Parameter(torch.empty(self.weight_shape))
         else:
-            num_bytes = packed_size(out_features * in_features, weight_bits)
+            num_bytes = packed_size(math.prod(self.weight_shape), weight_bits)
             self.register_buffer("packed_weight", torch.zeros(num_bytes, dtype=torch.uint8))
             self.weight_scale = nn.Parameter(torch.empty(out_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.input_quantizer = activation_quantizer(activation_bits, config)
         self._cached_weight: tuple[tuple, torch.Tensor] | None = None
         self.reset_parameters()
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        return self.out_features, self.in_features
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -103,11 +109,65 @@ class QuantizedLinear(nn.Module):
         return self._cached_weight[1]
 
     def _dequantize(self) -> torch.Tensor:
-        codes = unpack_codes(self.packed_weight, self.weight_bits, (self.out_features, self.in_features))
-        return codes.to(self.weight_scale.dtype) * self.weight_scale.unsqueeze(1)
+        codes = unpack_codes(self.packed_weight, self.weight_bits, self.weight_shape)
+        scale = self.weight_scale.reshape(-1, *([1] * (len(self.weight_shape) - 1)))
+        return codes.to(self.weight_scale.dtype) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quantizer(x), self.dequantized_weight(), self.bias)
+
+
+class QuantizedConv2d(QuantizedLinear):
+    """A convolution of an extracted subnet (patch embedding, neck), stored and run as [`QuantizedLinear`] is: packed
+    integer weight codes with one scale per output channel, a quantized input.
+
+    Args:
+        in_channels (`int`), out_channels (`int`), kernel_size (`int`), stride (`int`), padding (`int`),
+        bias (`bool`): as for `nn.Conv2d` (square kernels).
+        weight_bits (`int`), activation_bits (`int`), config ([`SamSubnetConfig`]): as for [`QuantizedLinear`].
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        bias: bool,
+        weight_bits: int,
+        activation_bits: int,
+        config,
+    ):
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        super().__init__(in_channels, out_channels, bias, weight_bits, activation_bits, config)
+
+    def _weight_shape(self) -> tuple[int, ...]:
+        return self.out_features, self.in_features, self.kernel_size, self.kernel_size
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dequantized_weight()
+        return F.conv2d(self.input_quantizer(x), weight, self.bias, stride=self.stride, padding=self.padding)
+
+
+def make_subnet_conv(conv: nn.Conv2d, weight_bits: int, activation_bits: int, config) -> nn.Module:
+    """`conv` itself where weights and inputs are both float, else a [`QuantizedConv2d`] of its shape."""
+    if is_float_bits(weight_bits) and is_float_bits(activation_bits):
+        return conv
+    return QuantizedConv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size[0],
+        conv.stride[0],
+        conv.padding[0],
+        conv.bias is not None,
+        weight_bits,
+        activation_bits,
+        config,
+    )
 
 
 def make_subnet_linear(in_features: int, out_features: int, bias: bool, weight_bits: int, activation_bits: int, config):
@@ -118,7 +178,7 @@ def make_subnet_linear(in_features: int, out_features: int, bias: bool, weight_b
 
 
 def float_weight(linear: nn.Module) -> torch.Tensor:
-    """The float weight a subnet Linear (plain or quantized) multiplies with."""
+    """The float weight a subnet Linear or convolution (plain or quantized) multiplies with."""
     return linear.dequantized_weight() if isinstance(linear, QuantizedLinear) else linear.weight
 
 
@@ -132,14 +192,25 @@ class SamSubnetVisionAttention(QuantizedSamVisionAttention):
             inputs.
         qkv_bits, proj_bits (`tuple[int, int]`): `(weight_bits, activation_bits)` of the two Linears.
         product_bits (`int`): bit-width of the act×act products' operands (32 = float).
+        hidden_size (`int`, *optional*): the feature size `qkv` reads and `proj` writes; defaults to the base one.
     """
 
-    def __init__(self, config: SamSubnetConfig, window_size: int, num_heads: int, qkv_bits, proj_bits, product_bits):
+    def __init__(
+        self,
+        config: SamSubnetConfig,
+        window_size: int,
+        num_heads: int,
+        qkv_bits,
+        proj_bits,
+        product_bits,
+        hidden_size: int | None = None,
+    ):
         vision = config.vision_config
         super().__init__(vision, window_size, use_sdpa=config._attn_implementation == "sdpa")
         width = num_heads * self.head_dim
-        self.qkv = make_subnet_linear(vision.hidden_size, 3 * width, vision.qkv_bias, *qkv_bits, config)
-        self.proj = make_subnet_linear(width, vision.hidden_size, True, *proj_bits, config)
+        hidden_size = hidden_size or vision.hidden_size
+        self.qkv = make_subnet_linear(hidden_size, 3 * width, vision.qkv_bias, *qkv_bits, config)
+        self.proj = make_subnet_linear(width, hidden_size, True, *proj_bits, config)
         step_min = config.step_size_min
         self.query_quantizer = fixed_quantizer(product_bits, signed=True, learn_offset=False, step_size_min=step_min)
         self.key_quantizer = fixed_quantizer(product_bits, signed=True, learn_offset=False, step_size_min=step_min)
@@ -167,16 +238,20 @@ class SamSubnetVisionLayer(SamVisionLayer):
 
         qkv_bits = bits(LAYER_PATHS["qkv"])
         product_bits = qkv_bits[1] if config.quantize_attention_products else FLOAT_BITS
+        hidden = arch.hidden_size or vision.hidden_size
         self.attn = SamSubnetVisionAttention(
-            config, window_size, arch.num_heads[block], qkv_bits, bits(LAYER_PATHS["proj"]), product_bits
+            config, window_size, arch.num_heads[block], qkv_bits, bits(LAYER_PATHS["proj"]), product_bits, hidden
         )
-        hidden, mlp_dim = vision.hidden_size, arch.mlp_dims[block]
+        self.layer_norm1 = nn.LayerNorm(hidden, eps=vision.layer_norm_eps)
+        self.layer_norm2 = nn.LayerNorm(hidden, eps=vision.layer_norm_eps)
+        mlp_dim = arch.mlp_dims[block]
         self.mlp.lin1 = make_subnet_linear(hidden, mlp_dim, True, *bits(LAYER_PATHS["lin1"]), config)
         self.mlp.lin2 = make_subnet_linear(mlp_dim, hidden, True, *bits(LAYER_PATHS["lin2"]), config)
 
 
 class SamSubnetVisionEncoder(ResizingSamVisionEncoder):
-    """The image encoder of a subnet: only the kept blocks, run at the subnet's resolution.
+    """The image encoder of a subnet: only the kept blocks, at the subnet's feature size, run at its resolution; the
+    patch embedding and neck convolutions it quantizes are [`QuantizedConv2d`].
 
     `layers[i]` is block `base_blocks[i]` of the base model. Input and output sizes are handled as in the supernet.
     """
@@ -184,8 +259,12 @@ class SamSubnetVisionEncoder(ResizingSamVisionEncoder):
     def __init__(self, config: SamSubnetConfig):
         arch = config.subnet_architecture()
         layers = nn.ModuleList(SamSubnetVisionLayer(config, arch, block) for block in arch.kept_blocks)
-        super().__init__(config.vision_config, layers, resolution=arch.resolution)
+        super().__init__(config.vision_config, layers, resolution=arch.resolution, hidden_size=arch.hidden_size)
         self.base_blocks = arch.kept_blocks
+        for path in CONV_PATHS.values():
+            parent, name = path.rsplit(".", 1)
+            owner = self.get_submodule(parent)
+            setattr(owner, name, make_subnet_conv(getattr(owner, name), *arch.bits_of(path), config))
 
 
 class SamSubnetPreTrainedModel(SamQuantizedPreTrainedModel):
@@ -306,7 +385,8 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
         """This subnet as a plain transformers `SamModel`, with the dequantized weights.
 
         Possible where the architecture is uniform: every kept block keeps all the base model's heads (a plain SAM
-        attention is as wide as the hidden size) and the same MLP width, and the subnet runs at the base image size.
+        attention is as wide as the hidden size) and the same MLP width, the subnet keeps the base feature size and
+        runs at the base image size.
         Skipped blocks are simply absent (`global_attn_indexes` is renumbered). A plain `SamModel` has no activation
         quantizers: its activations and attention products run in float, so its output equals this subnet's only
         where the subnet's activations are float too (its weights are the same either way).
@@ -327,6 +407,12 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
                 f"Heads are not uniform: the kept blocks {list(kept)} keep {heads} heads; a plain SamModel needs all "
                 f"{vision.num_attention_heads} in every block (its attention is as wide as the hidden size)."
             )
+        if arch.hidden_size not in (None, vision.hidden_size):
+            raise ValueError(
+                f"Feature size is not uniform with the base model: the subnet keeps {arch.hidden_size} channels; a "
+                f"plain SamModel's heads are {vision.hidden_size} // {vision.num_attention_heads} wide only at the base "
+                f"hidden size {vision.hidden_size}."
+            )
         mlp_dims = [arch.mlp_dims[block] for block in kept]
         if len(set(mlp_dims)) > 1:
             raise ValueError(
@@ -336,7 +422,7 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
         quantized_inputs = [
             name
             for name, bits in zip(arch.layer_names, arch.activation_bits)
-            if not is_float_bits(bits) and int(name.split(".")[1]) in kept
+            if not is_float_bits(bits) and (not name.startswith("layers.") or int(name.split(".")[1]) in kept)
         ]
         if quantized_inputs:
             logger.warning(
@@ -354,7 +440,18 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
         sam = SamModel(sam_config).to(device=self.device, dtype=self.dtype)
 
         layers_prefix = "vision_encoder.layers."
-        state = {key: value for key, value in self.sam.state_dict().items() if not key.startswith(layers_prefix)}
+        encoder_prefix = "vision_encoder."
+        convs = tuple(f"{encoder_prefix}{path}." for path in CONV_PATHS.values())
+        state = {
+            key: value
+            for key, value in self.sam.state_dict().items()
+            if not key.startswith((layers_prefix, *convs))
+        }
+        for path in CONV_PATHS.values():
+            conv = self.sam.vision_encoder.get_submodule(path)
+            state[f"{encoder_prefix}{path}.weight"] = float_weight(conv)
+            if conv.bias is not None:
+                state[f"{encoder_prefix}{path}.bias"] = conv.bias
         for position, layer in enumerate(self.sam.vision_encoder.layers):
             prefix = f"{layers_prefix}{position}."
             for part in ("layer_norm1", "layer_norm2"):
@@ -371,4 +468,4 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
         return sam.train(self.training)
 
 
-__all__ = ["QuantizedLinear", "SamSubnetForMaskGeneration", "SamSubnetPreTrainedModel"]
+__all__ = ["QuantizedConv2d", "QuantizedLinear", "SamSubnetForMaskGeneration", "SamSubnetPreTrainedModel"]

@@ -15,7 +15,7 @@ from . import extraction
 from .architecture import SubnetArchitecture, parameter_kind
 from .bitops import BitOpsReport, count_bitops
 from .configuration_sam_supernet import SamSupernetConfig
-from .elastic import ElasticSamVisionAttention, ElasticSamVisionEncoder
+from .elastic import ElasticQuantizedConv2d, ElasticSamVisionAttention, ElasticSamVisionEncoder
 from .lora import QuantizedLoraLinear
 from .modeling_sam_base import SamQuantizedPreTrainedModel
 from .search_space import SearchSpace
@@ -73,9 +73,10 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
             config_overrides: [`SamSupernetConfig`] arguments (search space, LoRA, quantizers), and
                 `attn_implementation` (`"sdpa"` or `"eager"`).
 
-        The base weights are copied as they are, then MLP units and attention heads are reordered by importance
-        (which leaves the full model's output unchanged) so that narrower subnets keep the most important ones, and
-        the weight quantizers' step sizes are initialised from the weights.
+        The base weights are copied as they are, then MLP units and attention heads (and, when the feature size is
+        elastic, the channels of the residual stream) are reordered by importance (which leaves the full model's
+        output unchanged) so that narrower subnets keep the most important ones, and the weight quantizers' step
+        sizes are initialised from the weights.
         """
         if not isinstance(sam, SamModel):
             sam = SamModel.from_pretrained(sam, **(sam_kwargs or {}))
@@ -109,21 +110,26 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         """Sorts MLP hidden units and attention heads of every block by importance, most important first.
 
         Importance of an MLP unit: the product of the L2 norms of its `lin1` row and `lin2` column; of a head: the
-        L2 norm of its q, k, v rows times that of its `proj` columns. Permuting units and heads consistently leaves
-        the full model's function unchanged. Runs once: the config remembers it.
+        L2 norm of its q, k, v rows times that of its `proj` columns. When the search space has smaller feature sizes
+        (`hidden_size_choices`), the channels of the residual stream are sorted too (see `_reorder_channels`).
+        Permuting units, heads and channels consistently leaves the full model's function unchanged. Runs once: the
+        config remembers it.
         """
         if self.config.importance_reordered:
             return
-        for layer in self.sam.vision_encoder.layers:
+        encoder = self.sam.vision_encoder
+        for layer in encoder.layers:
             _reorder_mlp(layer.mlp)
             _reorder_heads(layer.attn)
+        if len(self.config.hidden_size_choices) > 1:
+            _reorder_channels(encoder)
         self.config.importance_reordered = True
 
     @torch.no_grad()
     def initialize_weight_quantizers(self) -> None:
         """Sets every weight quantizer's step sizes, for every bit-width, from the current merged weights."""
         for module in self.modules():
-            if isinstance(module, QuantizedLoraLinear):
+            if isinstance(module, (QuantizedLoraLinear, ElasticQuantizedConv2d)):
                 module.initialize_weight_quantizer()
 
     def freeze_base_model(self) -> None:
@@ -281,6 +287,45 @@ def _reorder_heads(attn: ElasticSamVisionAttention) -> None:
         qkv_bias = attn.qkv.bias.view(3, heads, head_dim)
         qkv_bias.copy_(qkv_bias[:, order])
     proj_columns.copy_(proj_columns[:, order])
+
+
+def _reorder_channels(encoder: ElasticSamVisionEncoder) -> None:
+    """Sorts the channels of the residual stream by importance, most important first, in every tensor that holds them.
+
+    A channel's importance is the L2 norm of every weight that writes it or reads it: its patch-embedding filter,
+    its row of every `proj` and `lin2`, its column of every `qkv` and `lin1` scaled by the layer-norm gain in front,
+    and its column of the neck's first convolution. Layer norms normalise over all channels, so a consistent
+    permutation of the stream (patch embedding, position embedding, layer norms, every Linear that reads or writes
+    it, the neck's input) leaves the model's function unchanged.
+    """
+    patch = encoder.patch_embed.projection
+    conv1 = encoder.neck.conv1
+    importance = patch.weight.flatten(1).pow(2).sum(1) + conv1.weight.transpose(0, 1).flatten(1).pow(2).sum(1)
+    for layer in encoder.layers:
+        attn, mlp = layer.attn, layer.mlp
+        importance += (attn.qkv.weight * layer.layer_norm1.weight).pow(2).sum(0) + attn.proj.weight.pow(2).sum(1)
+        importance += (mlp.lin1.weight * layer.layer_norm2.weight).pow(2).sum(0) + mlp.lin2.weight.pow(2).sum(1)
+    order = torch.argsort(importance, descending=True)
+
+    def permute(tensor: torch.Tensor | None, dim: int) -> None:
+        if tensor is not None:
+            tensor.copy_(tensor.index_select(dim, order))
+
+    permute(patch.weight, 0)
+    permute(patch.bias, 0)
+    permute(encoder.pos_embed, 3)
+    permute(conv1.weight, 1)
+    for layer in encoder.layers:
+        for norm in (layer.layer_norm1, layer.layer_norm2):
+            permute(norm.weight, 0)
+            permute(norm.bias, 0)
+        for linear in (layer.attn.qkv, layer.mlp.lin1):
+            permute(linear.weight, 1)
+            permute(linear.lora_A, 2)
+        for linear in (layer.attn.proj, layer.mlp.lin2):
+            permute(linear.weight, 0)
+            permute(linear.bias, 0)
+            permute(linear.lora_B, 1)
 
 
 __all__ = ["SamSupernetForMaskGeneration", "SamSupernetPreTrainedModel"]

@@ -176,10 +176,36 @@ class LsqQuantizer(nn.Module):
         """
         if not self.is_quantizing:
             return x
-        bits = self.active_bits
-        if x.device.type != "meta" and not bool(self.initialized[self.bit_index(bits)]):
+        self.ensure_initialized(x)
+        return self.fake_quantize(x, self.active_bits, self.step_size, self.offset, channel_index)
+
+    def ensure_initialized(self, x: torch.Tensor, bits: int | None = None) -> None:
+        """Initialises the step (and offset) of `bits` (default: the active bit-width) from `x` if it is not set yet,
+        as `forward` does; nothing at a float bit-width."""
+        bits = self.active_bits if bits is None else bits
+        if is_float_bits(bits) or x.device.type == "meta":
+            return
+        if not bool(self.initialized[self.bit_index(bits)]):
             self.initialize(x, bits, channel_dim=0 if self.step_size.shape[1] > 1 else None)
-        return self.fake_quantize(x, bits, self.step_size, self.offset, channel_index)
+
+    def quantize_function(self):
+        """The active fake quantization as a function of `(x, step_size, offset)`, or `None` at a float bit-width.
+
+        The bit-width is frozen when it is made, so that a quantized tensor recomputed in the backward pass is the
+        one the forward pass used even if another subnet was activated in between (see `RecomputedWeightLinear`).
+        """
+        if not self.is_quantizing:
+            return None
+        bits = self.active_bits
+
+        def quantize(x, step_size, offset):
+            return self.fake_quantize(x, bits, step_size, offset)
+
+        return quantize
+
+    def quantize_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The tensors `quantize_function()` takes besides `x`: the step-size table and the offset table (or `None`)."""
+        return self.step_size, self.offset
 
     def fake_quantize(
         self,

@@ -6,7 +6,7 @@
 import random
 from dataclasses import replace
 
-from .architecture import FLOAT_BITS, LAYER_PATHS, SubnetArchitecture, layer_name
+from .architecture import CONV_PATHS, FLOAT_BITS, LAYER_PATHS, SubnetArchitecture, layer_name
 from .configuration_sam_supernet import SamSupernetConfig
 
 
@@ -15,6 +15,15 @@ class SearchSpace:
 
     Args:
         config (`SamSupernetConfig`): the supernet configuration that defines the choices.
+
+    Attributes:
+        layer_names (`tuple[str]`): the quantized layers: the Linears of every block, block by block, then the
+            quantized convolutions (patch embedding, neck).
+        layer_blocks (`tuple[int]`): the bit unit of each layer, which `bit_granularity="block"` gives one pair of
+            bit-widths: its encoder block for a Linear; for a convolution a unit of its own, numbered after the blocks
+            (`num_blocks`, `num_blocks + 1`, ...), which no depth ever skips.
+        hidden_size_choices (`tuple[int]`): the feature sizes, largest first. An architecture at the base model's
+            width says so with `hidden_size=None`.
     """
 
     def __init__(self, config: SamSupernetConfig):
@@ -29,35 +38,67 @@ class SearchSpace:
         self.mlp_dim_choices = tuple(sorted(config.mlp_dim_choices, reverse=True))
         self.weight_bit_choices = tuple(sorted(config.weight_bit_choices, reverse=True))
         self.activation_bit_choices = tuple(sorted(config.activation_bit_choices, reverse=True))
-        self.layer_names = tuple(
+        self.base_hidden_size = vision.hidden_size
+        self.hidden_size_choices = tuple(sorted(config.hidden_size_choices, reverse=True))
+        linears = tuple(
             layer_name(block, kind)
             for block in range(self.num_blocks)
             for kind in LAYER_PATHS
             if kind in config.quantized_layers
         )
-        self.layer_blocks = tuple(int(name.split(".")[1]) for name in self.layer_names)
+        convs = tuple(path for kind, path in CONV_PATHS.items() if kind in config.quantized_layers)
+        self.layer_names = linears + convs
+        self.layer_blocks = tuple(int(name.split(".")[1]) for name in linears) + tuple(
+            range(self.num_blocks, self.num_blocks + len(convs))
+        )
+        self.num_linears = len(linears)
 
     # --- structure -------------------------------------------------------------------------------------------------
     def skipped_blocks(self, depth: int) -> tuple[int, ...]:
         """The blocks a subnet of this depth skips."""
         return self.skippable_blocks[: self.num_blocks - depth]
 
+    def hidden_size_of(self, arch: SubnetArchitecture) -> int:
+        """The feature size `arch` runs at (`None` stands for the base model's width)."""
+        return self.base_hidden_size if arch.hidden_size is None else arch.hidden_size
+
+    def _hidden_size_value(self, hidden_size: int) -> int | None:
+        """How an architecture writes a feature size: `None` for the base model's width."""
+        return None if hidden_size == self.base_hidden_size else hidden_size
+
     # --- making ----------------------------------------------------------------------------------------------------
-    def _uniform(self, resolution, depth, heads, mlp_dim, weight_bits, activation_bits) -> SubnetArchitecture:
+    def uniform(
+        self,
+        resolution: int,
+        depth: int,
+        num_heads: int,
+        mlp_dim: int,
+        weight_bits: int,
+        activation_bits: int,
+        hidden_size: int | None = None,
+    ) -> SubnetArchitecture:
+        """The architecture with the same heads, MLP width and bit-widths everywhere (in canonical form).
+
+        `hidden_size` defaults to the largest feature size choice.
+        """
         layers = len(self.layer_names)
-        return SubnetArchitecture(
-            resolution=resolution,
-            skipped_blocks=self.skipped_blocks(depth),
-            num_heads=(heads,) * self.num_blocks,
-            mlp_dims=(mlp_dim,) * self.num_blocks,
-            layer_names=self.layer_names,
-            weight_bits=(weight_bits,) * layers,
-            activation_bits=(activation_bits,) * layers,
+        hidden_size = self.hidden_size_choices[0] if hidden_size is None else hidden_size
+        return self.canonical(
+            SubnetArchitecture(
+                resolution=resolution,
+                skipped_blocks=self.skipped_blocks(depth),
+                num_heads=(num_heads,) * self.num_blocks,
+                mlp_dims=(mlp_dim,) * self.num_blocks,
+                layer_names=self.layer_names,
+                weight_bits=(weight_bits,) * layers,
+                activation_bits=(activation_bits,) * layers,
+                hidden_size=self._hidden_size_value(hidden_size),
+            )
         )
 
     def largest(self, weight_bits: int | None = None, activation_bits: int | None = None) -> SubnetArchitecture:
         """Full resolution, depth and width, at the highest bit-widths (or the ones given, 32 for float)."""
-        return self._uniform(
+        return self.uniform(
             self.resolution_choices[0],
             self.depth_choices[0],
             self.num_heads_choices[0],
@@ -71,16 +112,15 @@ class SearchSpace:
         return self.largest(FLOAT_BITS, FLOAT_BITS)
 
     def smallest(self, weight_bits: int | None = None, activation_bits: int | None = None) -> SubnetArchitecture:
-        """Lowest resolution, depth and width, at the lowest bit-widths (or the ones given)."""
-        return self.canonical(
-            self._uniform(
-                self.resolution_choices[-1],
-                self.depth_choices[-1],
-                self.num_heads_choices[-1],
-                self.mlp_dim_choices[-1],
-                weight_bits or self.weight_bit_choices[-1],
-                activation_bits or self.activation_bit_choices[-1],
-            )
+        """Lowest resolution, depth, width and feature size, at the lowest bit-widths (or the ones given)."""
+        return self.uniform(
+            self.resolution_choices[-1],
+            self.depth_choices[-1],
+            self.num_heads_choices[-1],
+            self.mlp_dim_choices[-1],
+            weight_bits or self.weight_bit_choices[-1],
+            activation_bits or self.activation_bit_choices[-1],
+            self.hidden_size_choices[-1],
         )
 
     def sample(
@@ -90,6 +130,10 @@ class SearchSpace:
         activation_bit_choices: tuple[int, ...] | None = None,
     ) -> SubnetArchitecture:
         """Draws an architecture uniformly per dimension.
+
+        The draws of the encoder blocks, resolution and depth come first, in the order they always had, then those
+        of the convolutions' bits and, when there is more than one choice, of the feature size: a given seed draws
+        the same blocks whether or not the convolutions are quantized or the feature size is elastic.
 
         Args:
             rng (`random.Random` or `int`, *optional*): a generator, or a seed for a new one.
@@ -101,30 +145,35 @@ class SearchSpace:
         activation_choices = tuple(activation_bit_choices or self.activation_bit_choices)
         num_heads = tuple(rng.choice(self.num_heads_choices) for _ in range(self.num_blocks))
         mlp_dims = tuple(rng.choice(self.mlp_dim_choices) for _ in range(self.num_blocks))
-        weight_bits, activation_bits = self._sample_bits(rng, weight_choices, activation_choices)
+        weight_bits, activation_bits = self._sample_bits(rng, weight_choices, activation_choices, self.num_blocks)
+        resolution = rng.choice(self.resolution_choices)
+        skipped_blocks = self.skipped_blocks(rng.choice(self.depth_choices))
+        num_convs = len(self.layer_names) - self.num_linears
+        conv_weight_bits, conv_activation_bits = self._sample_bits(rng, weight_choices, activation_choices, num_convs)
+        hidden_size = rng.choice(self.hidden_size_choices) if len(self.hidden_size_choices) > 1 else None
         arch = SubnetArchitecture(
-            resolution=rng.choice(self.resolution_choices),
-            skipped_blocks=self.skipped_blocks(rng.choice(self.depth_choices)),
+            resolution=resolution,
+            skipped_blocks=skipped_blocks,
             num_heads=num_heads,
             mlp_dims=mlp_dims,
             layer_names=self.layer_names,
-            weight_bits=weight_bits,
-            activation_bits=activation_bits,
+            weight_bits=weight_bits + conv_weight_bits,
+            activation_bits=activation_bits + conv_activation_bits,
+            hidden_size=None if hidden_size is None else self._hidden_size_value(hidden_size),
         )
         return self.canonical(arch)
 
-    def _sample_bits(self, rng, weight_choices, activation_choices):
+    def _sample_bits(self, rng, weight_choices, activation_choices, num_units: int):
+        """Bits of the block Linears (`num_units` = `num_blocks`) or of the convolutions (`num_units` = their count)."""
+        if num_units == self.num_blocks:
+            units = self.layer_blocks[: self.num_linears]
+        else:
+            units = tuple(range(num_units))
         if self.config.bit_granularity == "block":
-            per_block_w = [rng.choice(weight_choices) for _ in range(self.num_blocks)]
-            per_block_a = [rng.choice(activation_choices) for _ in range(self.num_blocks)]
-            return (
-                tuple(per_block_w[block] for block in self.layer_blocks),
-                tuple(per_block_a[block] for block in self.layer_blocks),
-            )
-        return (
-            tuple(rng.choice(weight_choices) for _ in self.layer_names),
-            tuple(rng.choice(activation_choices) for _ in self.layer_names),
-        )
+            per_unit_w = [rng.choice(weight_choices) for _ in range(num_units)]
+            per_unit_a = [rng.choice(activation_choices) for _ in range(num_units)]
+            return tuple(per_unit_w[unit] for unit in units), tuple(per_unit_a[unit] for unit in units)
+        return tuple(rng.choice(weight_choices) for _ in units), tuple(rng.choice(activation_choices) for _ in units)
 
     def mutate(self, arch: SubnetArchitecture, rng: random.Random, probability: float = 0.1) -> SubnetArchitecture:
         """Redraws each gene of `arch` with the given probability (bits per block under block granularity)."""
@@ -143,7 +192,7 @@ class SearchSpace:
             return tuple(pick(x, y) for x, y in zip(a, b))
 
         if self.config.bit_granularity == "block":
-            from_second = [rng.random() < take_second for _ in range(self.num_blocks)]
+            from_second = [rng.random() < take_second for _ in range(self.num_blocks + len(self.layer_names) - self.num_linears)]
             weight_bits = tuple(
                 (b if from_second[block] else a)
                 for a, b, block in zip(first.weight_bits, second.weight_bits, self.layer_blocks)
@@ -163,11 +212,15 @@ class SearchSpace:
             layer_names=self.layer_names,
             weight_bits=weight_bits,
             activation_bits=activation_bits,
+            hidden_size=pick(first.hidden_size, second.hidden_size),
         )
         return self.canonical(child)
 
     def canonical(self, arch: SubnetArchitecture) -> SubnetArchitecture:
-        """Sets the per-block values of skipped blocks to the largest choices, so equal subnets compare equal."""
+        """Sets the per-block values of skipped blocks to the largest choices and writes the base model's feature size
+        as `None`, so equal subnets compare equal."""
+        if arch.hidden_size == self.base_hidden_size:
+            arch = replace(arch, hidden_size=None)
         skipped = set(arch.skipped_blocks)
         if not skipped:
             return arch
@@ -198,6 +251,11 @@ class SearchSpace:
             )
         self._check_per_item("num_heads", arch.num_heads, self.num_heads_choices, self.num_blocks, "block")
         self._check_per_item("mlp_dims", arch.mlp_dims, self.mlp_dim_choices, self.num_blocks, "block")
+        if self.hidden_size_of(arch) not in self.hidden_size_choices:
+            raise ValueError(
+                f"Feature size (hidden_size) {self.hidden_size_of(arch)} is not in the search space; allowed: "
+                f"{list(self.hidden_size_choices)}."
+            )
         if arch.skipped_blocks != self.skipped_blocks(arch.num_blocks - len(arch.skipped_blocks)):
             allowed = [list(self.skipped_blocks(depth)) for depth in self.depth_choices]
             raise ValueError(

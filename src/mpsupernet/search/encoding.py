@@ -11,8 +11,8 @@ class ArchitectureEncoding:
     """A `SubnetArchitecture` as a vector of integer choice indices, the genotype the evolutionary search works on.
 
     Genes, in order: resolution, depth, attention heads per block, MLP width per block, then weight bits and
-    activation bits per quantized layer (per encoder block under `bit_granularity="block"`, so that every genotype is
-    a valid architecture). Each gene is an index into the search space's choices, which are sorted from largest to
+    activation bits per quantized layer (per bit unit under `bit_granularity="block"`: an encoder block, or a
+    convolution, so that every genotype is a valid architecture), and last the feature size. Each gene is an index into the search space's choices, which are sorted from largest to
     smallest: index 0 is the largest (or highest-bit) choice, and a larger index never costs more BitOPs. That order
     lets pymoo's numeric operators (SBX, polynomial mutation) make children whose cost is near their parents'.
 
@@ -29,7 +29,12 @@ class ArchitectureEncoding:
         self.per_block_bits = space.config.bit_granularity == "block"
         # Blocks without quantized layers have no bits to choose.
         self.bit_blocks = tuple(sorted(set(space.layer_blocks)))
-        bit_units = [f"block {block}" for block in self.bit_blocks] if self.per_block_bits else list(space.layer_names)
+        unit_names = dict(zip(space.layer_blocks, space.layer_names))
+        bit_units = (
+            [f"block {unit}" if unit < space.num_blocks else unit_names[unit] for unit in self.bit_blocks]
+            if self.per_block_bits
+            else list(space.layer_names)
+        )
         blocks = range(space.num_blocks)
         self.gene_names = tuple(
             ["resolution", "depth"]
@@ -37,6 +42,7 @@ class ArchitectureEncoding:
             + [f"mlp_dim of block {block}" for block in blocks]
             + [f"weight_bits of {unit}" for unit in bit_units]
             + [f"activation_bits of {unit}" for unit in bit_units]
+            + ["hidden_size"]
         )
         self.gene_choices = tuple(
             [space.resolution_choices, space.depth_choices]
@@ -44,6 +50,7 @@ class ArchitectureEncoding:
             + [space.mlp_dim_choices] * space.num_blocks
             + [space.weight_bit_choices] * len(bit_units)
             + [space.activation_bit_choices] * len(bit_units)
+            + [space.hidden_size_choices]
         )
         self.num_bit_units = len(bit_units)
 
@@ -72,7 +79,12 @@ class ArchitectureEncoding:
         else:
             weight_bits, activation_bits = list(arch.weight_bits), list(arch.activation_bits)
         values = (
-            [arch.resolution, arch.depth] + list(arch.num_heads) + list(arch.mlp_dims) + weight_bits + activation_bits
+            [arch.resolution, arch.depth]
+            + list(arch.num_heads)
+            + list(arch.mlp_dims)
+            + weight_bits
+            + activation_bits
+            + [self.space.hidden_size_of(arch)]
         )
         genes = []
         for name, choices, value in zip(self.gene_names, self.gene_choices, values):
@@ -105,7 +117,8 @@ class ArchitectureEncoding:
         num_heads = tuple(values[2 : 2 + num_blocks])
         mlp_dims = tuple(values[2 + num_blocks : 2 + 2 * num_blocks])
         weight_bits = values[2 + 2 * num_blocks : 2 + 2 * num_blocks + units]
-        activation_bits = values[2 + 2 * num_blocks + units :]
+        activation_bits = values[2 + 2 * num_blocks + units : 2 + 2 * num_blocks + 2 * units]
+        hidden_size = values[-1]
         if self.per_block_bits:
             unit_of_block = {block: unit for unit, block in enumerate(self.bit_blocks)}
             weight_bits = [weight_bits[unit_of_block[block]] for block in space.layer_blocks]
@@ -118,6 +131,7 @@ class ArchitectureEncoding:
             layer_names=space.layer_names,
             weight_bits=tuple(weight_bits),
             activation_bits=tuple(activation_bits),
+            hidden_size=hidden_size,
         )
         arch = space.canonical(arch)
         space.validate(arch)
