@@ -5,8 +5,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForMaskGeneration, SamModel
 
-from mpsupernet import SamSupernetForMaskGeneration
+from mpsupernet import SamSupernetConfig, SamSupernetForMaskGeneration
+from mpsupernet.elastic import ElasticSamVisionAttention
 from mpsupernet.lora import QuantizedLoraLinear
+from mpsupernet.recompute import RecomputedFunction
+from mpsupernet.testing_utils import make_sam_config
 
 from conftest import assert_same_output, run
 
@@ -236,12 +239,96 @@ def test_forward_keeps_no_weight_sized_tensor_for_backward():
             kept.append(tensor.numel())
         return tensor
 
-    x = torch.randn(2, 48)  # 96 elements; the weight has 40 × 48 = 1920
+    x = torch.randn(2, 48, requires_grad=True)  # 96 elements; the weight has 40 × 48 = 1920
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = layer(x)
     output.sum().backward()
-    assert kept and max(kept) <= x.numel(), kept
-    assert layer.lora_B.grad.abs().sum() > 0
+    # Only the raw input: the input is quantized inside the operation, its quantized copy is recomputed in backward.
+    assert kept == [x.numel()], kept
+    assert layer.lora_B.grad.abs().sum() > 0 and layer.input_quantizer.step_size.grad.abs().sum() > 0
+
+
+def make_attention(window_size: int = 0) -> "ElasticSamVisionAttention":
+    """A global (or windowed) attention of a 64-wide, 4-head SAM block, every tensor trainable, steps calibrated."""
+    config = SamSupernetConfig(**{k: v for k, v in make_sam_config().to_dict().items() if k != "model_type"})
+    torch.manual_seed(0)
+    attn = ElasticSamVisionAttention(config, window_size).train()
+    attn.requires_grad_(True)
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    return attn
+
+
+def activate(attn, num_heads: int, bits: int) -> None:
+    """Selects heads and bits of the attention and its two Linears, as `ElasticSamVisionLayer.set_active` does."""
+    attn.set_active(num_heads, bits)
+    attn.qkv.set_active(8, bits, output_index=attn.head_rows(num_heads, "cpu"))
+    attn.proj.set_active(8, 8, in_features=num_heads * attn.head_dim)
+
+
+@pytest.mark.parametrize("product_bits", [4, 8, 32])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recomputed_attention_core_gives_the_gradients_of_plain_autograd(product_bits, autocast):
+    attn = make_attention()
+    activate(attn, 3, product_bits)
+    hidden_states = torch.randn(2, 8, 8, 64)
+    with torch.no_grad():  # calibrates the product quantizers at these bits, as a first training batch would
+        attn(hidden_states)
+    qkv = torch.randn(3, 2 * 3, 64, 16) * 2
+    query, key, value = (tensor.requires_grad_(True) for tensor in qkv.unbind(0))
+    core = attn.attention_core(8, 8)
+    inputs = (query, key, value, *attn.core_parameters())
+    leaves = [tensor for tensor in inputs if tensor is not None]
+    weights = torch.randn(2 * 3, 64, 16)
+
+    def gradients(function):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = function(*inputs)
+        return output, torch.autograd.grad((output.float() * weights).sum(), leaves, allow_unused=True)
+
+    output, grads = gradients(lambda *args: RecomputedFunction.apply(core, *args))
+    activate(attn, 4, 6)  # another subnet before backward changes nothing
+    expected_output, expected_grads = gradients(core)
+    assert torch.equal(output, expected_output)
+    names = ["query", "key", "value", "rel_pos_h", "rel_pos_w"] + [
+        f"{quantizer}.{table}"
+        for quantizer in ("query", "key", "value", "probs")
+        for table, tensor in zip(("step_size", "offset"), getattr(attn, f"{quantizer}_quantizer").quantize_inputs())
+        if tensor is not None
+    ]
+    assert len(names) == len(leaves) == len(grads)
+    for name, grad, expected in zip(names, grads, expected_grads):
+        if expected is None:  # float products use no step size
+            assert grad is None and product_bits == 32, name
+            continue
+        torch.testing.assert_close(grad, expected, rtol=0, atol=0, msg=name)
+        if not name.endswith("offset"):  # an offset only moves values clipped at the grid's low end, if any
+            assert grad.abs().sum() > 0, name
+
+
+def test_attention_keeps_no_attention_matrix_nor_quantized_copy_for_backward():
+    attn = make_attention(window_size=8)
+    activate(attn, 4, 4)
+    hidden_states = torch.randn(4, 8, 8, 64, requires_grad=True)  # 4 windows of 64 tokens
+    with torch.no_grad():
+        attn(hidden_states)
+    parameters = {p.data_ptr() for p in attn.parameters()}
+    kept = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in parameters:
+            kept.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output, _ = attn(hidden_states)
+    output.square().sum().backward()
+    tokens, width = hidden_states.shape[0] * 64, 64
+    # The qkv input, queries, keys and values (one tensor's views), and proj's raw input: nothing else.
+    assert sum(kept) <= tokens * width + 3 * tokens * width + tokens * width, kept
+    assert max(kept) <= tokens * width  # no probabilities: 4 windows x 4 heads x 64 x 64 = 4 x tokens x width
+    assert attn.probs_quantizer.step_size.grad.abs().sum() > 0 and hidden_states.grad.abs().sum() > 0
 
 
 def test_multiplex_adapters_are_separate_per_bit_width(tiny_supernet, prompt_inputs):
