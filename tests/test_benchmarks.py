@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scipy.stats import kendalltau
 
 from mpsupernet import SamSupernetForMaskGeneration
 from mpsupernet.bitops import count_bitops
@@ -22,6 +23,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import _embedded  # noqa: E402
 import ablations  # noqa: E402
 import quality_bitops  # noqa: E402
+import ranking  # noqa: E402
 import search_space_study  # noqa: E402
 import training_memory  # noqa: E402
 
@@ -88,6 +90,34 @@ def test_search_space_study_varies_one_operator_at_a_time(quality_results, tmp_p
             1 - count_bitops(supernet.config, arch).total_bitops / fp_bitops
         )
     assert Path(results["plot"]).is_file()
+
+
+def test_ranking_correlates_what_it_measured(quality_results, tmp_path):
+    output, _ = quality_results
+    ranking.main(
+        TOY_TASK
+        + ["--supernet", str(output / "supernet"), "--front", str(output / "pareto_front.json")]
+        + ["--num-architectures", "3", "--fine-tune-steps", "2", "--output-dir", str(tmp_path)]
+    )
+    results = json.loads((tmp_path / "ranking.json").read_text())
+    assert len(results["architectures"]) == 3 and results["fine_tune_steps"] == 2
+    assert results["bitops"] == sorted(results["bitops"])
+    tau, p_value = kendalltau(results["inherited_mean_iou"], results["standalone_mean_iou"])
+    assert results["kendall_tau"] == pytest.approx(tau, nan_ok=True)
+    assert results["p_value"] == pytest.approx(p_value, nan_ok=True)
+    # Both columns measured again, independently: the supernet as trained, and each saved fine-tune.
+    test = _embedded.make_splits(ranking.parse_args(TOY_TASK))["test"]
+    supernet = SamSupernetForMaskGeneration.from_pretrained(output / "supernet").eval()
+    for index, (architecture, inherited, standalone) in enumerate(
+        zip(results["architectures"], results["inherited_mean_iou"], results["standalone_mean_iou"])
+    ):
+        arch = SubnetArchitecture.from_dict(architecture)
+        assert results["bitops"][index] == count_bitops(supernet.config, arch).total_bitops
+        supernet.set_subnet(arch)
+        assert inherited == pytest.approx(evaluate_dataset_mean_iou(supernet, test, seed=0), abs=1e-6)
+        tuned = SamSupernetForMaskGeneration.from_pretrained(tmp_path / "fine_tuned" / f"arch_{index}").eval()
+        tuned.set_subnet(arch)
+        assert standalone == pytest.approx(evaluate_dataset_mean_iou(tuned, test, seed=0), abs=1e-6)
 
 
 def test_ablations_train_each_variant_as_configured(tmp_path):

@@ -17,6 +17,7 @@ from mpsupernet.pretrained import load_embedded_sam
 from mpsupernet.quantization import LsqQuantizer
 from mpsupernet.training import (
     QUANTIZER_LR_SCALE,
+    FixedArchitectureSampler,
     ProgressiveBitsSchedule,
     SandwichSampler,
     SUPERNET_OPTIONS,
@@ -396,6 +397,41 @@ def test_accelerate_loop_lowers_the_loss_and_saves_the_supernet(pretrained_sam, 
     torch.testing.assert_close(trainable_state(reloaded), trainable_state(model), rtol=0, atol=0)
 
 
+def test_fixed_architecture_trains_that_architecture_alone(sam, train_data, tmp_path):
+    model = make_supernet(sam)  # multiplex adapters: one per weight bit-width
+    space = model.search_space
+    arch = space.uniform(96, 3, 3, 128, 4, 8)  # W4A8, narrow, one block dropped
+    before = trainable_state(model)
+    summary = train_supernet(
+        model,
+        train_data,
+        output_dir=tmp_path,
+        max_steps=3,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        batch_size=2,
+        fixed_architecture=arch.to_dict(),
+        distillation=None,
+        preprocessor=make_preprocessor(model),
+    )
+    assert set(summary["final_losses"]) == {"fixed"}
+    after = trainable_state(model)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    four_bits = model.config.weight_bit_choices.index(4)
+    block0 = "sam.vision_encoder.layers.0.mlp.lin1."
+    # Only the 4-bit adapter trains, and the MLP units beyond the 128 kept get no gradient.
+    assert f"{block0}lora_B" in changed and f"{block0}lora_A" in changed
+    lora_b_change = (after[f"{block0}lora_B"] - before[f"{block0}lora_B"]).abs().sum(dim=(2,))
+    assert lora_b_change[four_bits, :128].sum() > 0 and lora_b_change[four_bits, 128:].sum() == 0
+    assert torch.equal(lora_b_change[[i for i in range(len(lora_b_change)) if i != four_bits]].sum(), torch.tensor(0.0))
+    skipped = f"sam.vision_encoder.layers.{space.skipped_blocks(3)[0]}.mlp.lin1.lora_B"
+    assert skipped not in changed  # the dropped block never runs
+    with pytest.raises(ValueError, match=r"no largest subnet to distil from; set `distillation` to None"):
+        SupernetTrainingArguments(output_dir=str(tmp_path), fixed_architecture=arch.to_dict())
+    with pytest.raises(ValueError, match=r"Resolution 80 is not in the search space"):
+        FixedArchitectureSampler(model.config, {**arch.to_dict(), "resolution": 80})
+
+
 def test_accelerate_loop_resumes_with_the_same_subnets_and_parameters(sam, train_data, tmp_path, monkeypatch):
     drawn = []
     sample = SandwichSampler.sample
@@ -532,7 +568,7 @@ def test_trainer_and_loop_share_options_and_quantizer_groups(sam, train_data, tm
     )  # fmt: skip
     assert SUPERNET_OPTIONS == (
         "num_random_subnets", "sandwich_seed", "distillation", "distillation_kind", "distillation_weight",
-        "multimask_output", "quantizer_lr_scale",
+        "multimask_output", "quantizer_lr_scale", "fixed_architecture",
     )  # fmt: skip
     assert not args.remove_unused_columns and args.ddp_find_unused_parameters
     trainer = SupernetTrainer(model=model, args=args, num_random_subnets=1)

@@ -22,6 +22,7 @@ from .policies import (
 from .sampling import (
     DISTILLATION_TEACHERS,
     QUANTIZER_LR_SCALE,
+    FixedArchitectureSampler,
     ProgressiveBitsSchedule,
     SandwichSampler,
     SandwichStepOutput,
@@ -38,6 +39,7 @@ from .trainer import PromptEpochCallback, SupernetTrainer
 __all__ = [
     "DISTILLATION_KINDS",
     "DISTILLATION_TEACHERS",
+    "FixedArchitectureSampler",
     "ProgressiveBitsSchedule",
     "PromptEpochCallback",
     "QUANTIZER_LR_SCALE",

@@ -27,11 +27,15 @@ class SupernetTrainingArguments(TrainingArguments):
         multimask_output (`bool`, *optional*, defaults to `False`): train and evaluate with three masks per prompt.
         quantizer_lr_scale (`float`, *optional*, defaults to `QUANTIZER_LR_SCALE`): the quantizers' step sizes and
             offsets learn at `learning_rate` times this (see `quantizer_parameter_groups`).
+        fixed_architecture (`dict`, *optional*): an architecture (`SubnetArchitecture.to_dict()`) to train alone at
+            every step instead of the sandwich: a model dedicated to one budget, or a standalone fine-tune of a
+            subnet (see `FixedArchitectureSampler`). It has no largest subnet to distil from: `distillation` must
+            then be `None` or `"full_precision"`.
         kwargs: every `TrainingArguments` field.
 
     Raises:
         `ValueError`: for a `num_random_subnets` that is not a non-negative integer, an unknown distillation teacher
-        or kind, or a negative `quantizer_lr_scale`.
+        or kind, a negative `quantizer_lr_scale`, or `fixed_architecture` with `distillation="largest"`.
     """
 
     num_random_subnets: int = field(default=2, metadata={"help": "Random subnets per step."})
@@ -42,6 +46,9 @@ class SupernetTrainingArguments(TrainingArguments):
     multimask_output: bool = field(default=False, metadata={"help": "Three masks per prompt."})
     quantizer_lr_scale: float = field(
         default=QUANTIZER_LR_SCALE, metadata={"help": "The quantizers' learning rate over `learning_rate`."}
+    )
+    fixed_architecture: dict | None = field(
+        default=None, metadata={"help": "An architecture dict to train alone at every step instead of the sandwich."}
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the raw columns for the transform."})
     ddp_find_unused_parameters: bool | None = field(
@@ -55,6 +62,11 @@ class SupernetTrainingArguments(TrainingArguments):
         if self.num_random_subnets < 0:
             raise ValueError(f"`num_random_subnets` must be a non-negative integer, got {self.num_random_subnets!r}.")
         check_distillation(self.distillation, self.distillation_kind)
+        if self.fixed_architecture is not None and self.distillation == "largest":
+            raise ValueError(
+                "`fixed_architecture` trains one architecture alone, so there is no largest subnet to distil from; "
+                "set `distillation` to None or 'full_precision'."
+            )
         if not self.quantizer_lr_scale >= 0:
             raise ValueError(f"`quantizer_lr_scale` must be non-negative, got {self.quantizer_lr_scale!r}.")
 

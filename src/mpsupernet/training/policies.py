@@ -11,14 +11,19 @@ from transformers.utils import logging
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from ..search_space import SubnetArchitecture
 from .arguments import SupernetTrainingArguments
-from .sampling import SandwichSampler, is_quantizer_parameter
+from .sampling import FixedArchitectureSampler, SandwichSampler, is_quantizer_parameter
 
 
 logger = logging.get_logger(__name__)
 
 
-def make_sandwich_sampler(model: SamSupernetForMaskGeneration, args: SupernetTrainingArguments) -> SandwichSampler:
-    """The sampler of a run: `num_random_subnets` random subnets, seeded with `sandwich_seed` or else `seed`."""
+def make_sandwich_sampler(
+    model: SamSupernetForMaskGeneration, args: SupernetTrainingArguments
+) -> SandwichSampler | FixedArchitectureSampler:
+    """The sampler of a run: `num_random_subnets` random subnets, seeded with `sandwich_seed` or else `seed`; or,
+    with `fixed_architecture`, that architecture alone at every step."""
+    if args.fixed_architecture is not None:
+        return FixedArchitectureSampler(model.config, args.fixed_architecture)
     seed = args.seed if args.sandwich_seed is None else args.sandwich_seed
     return SandwichSampler(model.config, num_random_subnets=args.num_random_subnets, seed=seed)
 

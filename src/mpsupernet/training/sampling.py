@@ -235,6 +235,34 @@ class SandwichSampler:
         return archs
 
 
+class FixedArchitectureSampler:
+    """The "sampler" of a run that trains one architecture alone: every step trains it and nothing else.
+
+    That is how a dedicated model of one architecture (a tier trained for its budget alone) or a standalone fine-tune
+    of a subnet trains with the same loop, adapters and quantizers as the supernet. The progressive schedule stays (the
+    loop initialises newly enabled bit-widths from it) but does not restrict the architecture's bits.
+
+    Args:
+        config (`SamSupernetConfig`): the supernet configuration.
+        architecture (`SubnetArchitecture` or `dict`): the architecture; checked against the search space.
+
+    Raises:
+        `ValueError`: if the architecture is not in the search space (the message names the value).
+    """
+
+    def __init__(self, config: SamSupernetConfig, architecture: SubnetArchitecture | dict):
+        if isinstance(architecture, dict):
+            architecture = SubnetArchitecture.from_dict(architecture)
+        self.search_space = SearchSpace(config)
+        self.search_space.validate(architecture)
+        self.schedule = ProgressiveBitsSchedule(config)
+        self.architecture = self.search_space.canonical(architecture)
+
+    def sample(self, step: int, fraction: float) -> dict[str, SubnetArchitecture]:
+        """`{"fixed": architecture}` at every step."""
+        return {"fixed": self.architecture}
+
+
 def check_training_batch(batch: dict) -> None:
     """Raises a `ValueError` naming what is missing if `batch` cannot train a SAM supernet.
 
