@@ -7,6 +7,8 @@ from another seed, which neither training nor the search has seen.
 """
 
 import argparse
+import copy
+import statistics
 import time
 from pathlib import Path
 
@@ -31,6 +33,20 @@ def add_task_arguments(parser: argparse.ArgumentParser, name: str, train_steps: 
     parser.add_argument("--num-test", type=int, default=128, help="Held-out test images (default: 128).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of data, prompts, sampling and search.")
     parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="Training seeds, from --seed on: each trains its own supernet on the same data splits; figures are "
+        "reported as mean and standard deviation over them (default: 3).",
+    )
+    parser.set_defaults(train_seed=None)  # set per run by `seed_runs`; training uses --seed without it
+    parser.add_argument(
+        "--hidden-size-choices",
+        type=int,
+        nargs="+",
+        help="Feature sizes of the supernets trained here (SamSupernetConfig.hidden_size_choices; default: full only).",
+    )
+    parser.add_argument(
         "--output-dir", type=Path, default=Path("outputs/benchmarks") / name, help="Where results and models go."
     )
 
@@ -42,6 +58,50 @@ def make_splits(args: argparse.Namespace) -> dict:
     return {"train": splits["train"], "validation": splits["validation"], "test": test}
 
 
+def check_seeds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Refuses `--seeds` below 1, or above 1 with `--supernet` (one trained supernet is one seed)."""
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}.")
+    if getattr(args, "supernet", None) is not None and args.seeds != 1:
+        parser.error("--supernet measures one trained supernet, which is one seed: give --seeds 1 with it.")
+    return args
+
+
+def seed_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One copy of `args` per training seed (`train_seed` = `seed`, `seed + 1`, ...), each writing into its own
+    `seed_<n>` folder when there are several. Data splits, prompts and the search keep `seed`: the spread is that of
+    training alone."""
+    runs = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        run = copy.copy(args)
+        run.train_seed = seed
+        if args.seeds > 1:
+            run.output_dir = args.output_dir / f"seed_{seed}"
+        runs.append(run)
+    return runs
+
+
+def mean_and_std(values: list[float]) -> dict:
+    """`{"mean", "std", "values"}`: the sample standard deviation (n - 1), 0 for a single value."""
+    values = [float(value) for value in values]
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "values": values}
+
+
+def format_mean_std(summary: dict, digits: int = 4) -> str:
+    """`0.8123 ± 0.0040` (the ± part only with several seeds)."""
+    if len(summary["values"]) == 1:
+        return f"{summary['mean']:.{digits}f}"
+    return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+
+
+def embedded_supernet(args: argparse.Namespace, **overrides) -> SamSupernetForMaskGeneration:
+    """A supernet of the embedded SAM with the benchmark's search-space options (`--hidden-size-choices`)."""
+    if getattr(args, "hidden_size_choices", None):
+        overrides.setdefault("hidden_size_choices", args.hidden_size_choices)
+    return SamSupernetForMaskGeneration.from_sam(load_embedded_sam(), **overrides)
+
+
 def train_embedded_supernet(
     args: argparse.Namespace, splits: dict, output_dir: Path, supernet: SamSupernetForMaskGeneration | None = None
 ) -> tuple[SamSupernetForMaskGeneration, float]:
@@ -50,7 +110,7 @@ def train_embedded_supernet(
     Returns the trained supernet (in eval mode, saved in `output_dir`) and the training time in seconds.
     """
     if supernet is None:
-        supernet = SamSupernetForMaskGeneration.from_sam(load_embedded_sam())
+        supernet = embedded_supernet(args)
     started = time.perf_counter()
     train_supernet(
         supernet,
@@ -59,7 +119,7 @@ def train_embedded_supernet(
         max_steps=args.train_steps,
         learning_rate=LEARNING_RATE,
         batch_size=BATCH_SIZE,
-        seed=args.seed,
+        seed=args.seed if args.train_seed is None else args.train_seed,
         log_steps=max(args.train_steps // 10, 1),
     )
     return supernet.eval(), time.perf_counter() - started

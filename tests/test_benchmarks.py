@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from scipy.stats import kendalltau
 
-from mpsupernet import SamSupernetForMaskGeneration
+from mpsupernet import SamSupernetForMaskGeneration, extract_subnet
 from mpsupernet.bitops import count_bitops
 from mpsupernet.evaluation import evaluate_dataset_mean_iou
 from mpsupernet.search_space import SubnetArchitecture
@@ -22,6 +22,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import _embedded  # noqa: E402
 import ablations  # noqa: E402
+import dedicated_baseline  # noqa: E402
 import quality_bitops  # noqa: E402
 import ranking  # noqa: E402
 import search_space_study  # noqa: E402
@@ -118,6 +119,36 @@ def test_ranking_correlates_what_it_measured(quality_results, tmp_path):
         tuned = SamSupernetForMaskGeneration.from_pretrained(tmp_path / "fine_tuned" / f"arch_{index}").eval()
         tuned.set_subnet(arch)
         assert standalone == pytest.approx(evaluate_dataset_mean_iou(tuned, test, seed=0), abs=1e-6)
+
+
+def test_dedicated_baseline_trains_each_tier_alone_and_compares(quality_results, tmp_path):
+    output, _ = quality_results
+    dedicated_baseline.main(
+        TOY_TASK
+        + ["--seeds", "1", "--supernet", str(output / "supernet"), "--front", str(output / "pareto_front.json")]
+        + ["--dedicated-steps", "2", "--output-dir", str(tmp_path)]
+    )
+    results = json.loads((tmp_path / "dedicated_baseline.json").read_text())
+    rows = results["per_seed"]["0"]
+    assert [row["budget_share"] for row in rows] == [0.05, 0.10]
+    test = _embedded.make_splits(dedicated_baseline.parse_args(TOY_TASK + ["--seeds", "1"]))["test"]
+    supernet = SamSupernetForMaskGeneration.from_pretrained(output / "supernet").eval()
+    full_precision = count_bitops(supernet.config, supernet.full_precision_subnet()).total_bitops
+    for row, tier in zip(rows, results["tiers"]):
+        arch = SubnetArchitecture.from_dict(row["architecture"])
+        assert row["bitops"] == count_bitops(supernet.config, arch).total_bitops <= row["budget_share"] * full_precision
+        assert row["tier_test_mean_iou"] == pytest.approx(
+            evaluate_dataset_mean_iou(extract_subnet(supernet, arch), test, seed=0), abs=1e-6
+        )
+        # The dedicated model: the supernet's configuration, trained on this architecture alone, measured the same way.
+        dedicated = SamSupernetForMaskGeneration.from_pretrained(tmp_path / f"dedicated_{row['budget_share']}")
+        for name in dedicated_baseline.CONFIG_FIELDS:
+            assert getattr(dedicated.config, name) == getattr(supernet.config, name), name
+        assert row["dedicated_test_mean_iou"] == pytest.approx(
+            evaluate_dataset_mean_iou(extract_subnet(dedicated.eval(), arch), test, seed=0), abs=1e-6
+        )
+        assert row["difference_points"] == pytest.approx(100 * (row["tier_test_mean_iou"] - row["dedicated_test_mean_iou"]))
+        assert tier["difference_points"] == {"mean": row["difference_points"], "std": 0.0, "values": [row["difference_points"]]}
 
 
 def test_ablations_train_each_variant_as_configured(tmp_path):
