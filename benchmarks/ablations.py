@@ -10,7 +10,9 @@ full-precision subnet for context.
 - `multiplex, all bits at once`: multiplex adapters with every bit-width sampled from the first step, against the
   progressive schedule that enables 8/6/4 bits first, then 3, then 2.
 
-    python benchmarks/ablations.py                               # 4 supernets: about 20 min on 2 cores
+Every figure is the mean ± standard deviation over `--seeds` training seeds (default 3), on the same data.
+
+    python benchmarks/ablations.py                               # 4 variants x 3 seeds: about 60 min on 2 cores
     python benchmarks/ablations.py --variants shared multiplex   # a subset
 """
 
@@ -22,7 +24,6 @@ import torch
 import _common
 import _embedded
 from mpsupernet import SamSupernetForMaskGeneration
-from mpsupernet.pretrained import load_embedded_sam
 
 NAME = "ablations"
 VARIANTS = {
@@ -43,13 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=list(VARIANTS),
         help="Variants to train (default: all).",
     )
-    return parser.parse_args(argv)
+    return _embedded.check_seeds(parser, parser.parse_args(argv))
 
 
-def build_variant(variant: str) -> SamSupernetForMaskGeneration:
+def build_variant(variant: str, args: argparse.Namespace) -> SamSupernetForMaskGeneration:
     """The embedded SAM's supernet in the configuration of `variant`."""
     settings = VARIANTS[variant]
-    supernet = SamSupernetForMaskGeneration.from_sam(load_embedded_sam(), lora_mode=settings["lora_mode"])
+    supernet = _embedded.embedded_supernet(args, lora_mode=settings["lora_mode"])
     if not settings.get("progressive_bits", True):
         config = supernet.config
         every_bit_width = sorted(set(config.weight_bit_choices) | set(config.activation_bit_choices), reverse=True)
@@ -72,20 +73,34 @@ def probe_subnets(supernet) -> dict:
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     splits = _embedded.make_splits(args)
+    runs = _embedded.seed_runs(args)
     results = {}
     for number, variant in enumerate(args.variants, 1):
-        supernet = build_variant(variant)
-        schedule = supernet.config.progressive_bits_schedule
-        print(f"[{number}/{len(args.variants)}] {variant}: bit-width schedule {schedule}, {args.train_steps} steps")
-        supernet, seconds = _embedded.train_embedded_supernet(args, splits, args.output_dir / variant, supernet)
+        measured, seconds = [], []
+        for run_args in runs:
+            supernet = build_variant(variant, run_args)
+            schedule = supernet.config.progressive_bits_schedule
+            seed = args.seed if run_args.train_seed is None else run_args.train_seed
+            print(
+                f"[{number}/{len(args.variants)}] {variant}, seed {seed}: bit-width schedule {schedule}, "
+                f"{args.train_steps} steps"
+            )
+            output_dir = run_args.output_dir / variant
+            supernet, training_seconds = _embedded.train_embedded_supernet(run_args, splits, output_dir, supernet)
+            seconds.append(training_seconds)
+            measured.append(
+                {
+                    name: _embedded.subnet_mean_iou(supernet, arch, splits["test"], args.seed)
+                    for name, arch in probe_subnets(supernet).items()
+                }
+            )
         results[variant] = {
             "lora_mode": supernet.config.lora_mode,
             "progressive_bits_schedule": schedule,
-            "training_seconds": seconds,
+            "training_seconds": _embedded.mean_and_std(seconds),
             "trainable_parameters": sum(p.numel() for p in supernet.parameters() if p.requires_grad),
             "test_mean_iou": {
-                name: _embedded.subnet_mean_iou(supernet, arch, splits["test"], args.seed)
-                for name, arch in probe_subnets(supernet).items()
+                name: _embedded.mean_and_std([seed_result[name] for seed_result in measured]) for name in measured[0]
             },
         }
     return {
@@ -101,7 +116,7 @@ def print_results(results: dict) -> None:
     _common.print_header(
         "Ablations: LoRA modes and progressive bit-widths (embedded SAM, box-prompt mIoU on the test split)",
         results["machine"],
-        {key: results["settings"][key] for key in ("train_steps", "num_train", "num_test", "seed")},
+        {key: results["settings"][key] for key in ("train_steps", "num_train", "num_test", "seed", "seeds")},
     )
     variants = results["variants"]
     subnets = list(next(iter(variants.values()))["test_mean_iou"])
@@ -111,13 +126,13 @@ def print_results(results: dict) -> None:
             [
                 name,
                 f"{v['trainable_parameters'] / 1e3:.0f}k",
-                v["training_seconds"] / 60,
-                *(v["test_mean_iou"][subnet] for subnet in subnets),
+                v["training_seconds"]["mean"] / 60,
+                *(_embedded.format_mean_std(v["test_mean_iou"][subnet]) for subnet in subnets),
             ]
             for name, v in variants.items()
         ],
     )
-    print(f"{results['wall_seconds'] / 60:.1f} min")
+    print(f"mIoU: mean ± standard deviation over training seeds; {results['wall_seconds'] / 60:.1f} min")
 
 
 def main(argv=None) -> None:

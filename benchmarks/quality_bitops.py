@@ -3,12 +3,14 @@
 Trains a supernet on the embedded SAM as `mpsupernet demo` does (or loads one with `--supernet`), searches its Pareto
 front of BitOPs against mean IoU with NSGA-II on the validation split, then measures every front architecture, the
 fine-tuned full-precision model (the supernet's float subnet) and the pretrained SAM again on a held-out test split.
-It prints the front as a table and, for budgets of 5, 10, 15 and 25% of the full-precision BitOPs, the best front
+It prints the front as a table and, for budgets of 3, 5, 10, 15 and 25% of the full-precision BitOPs, the best front
 subnet under the budget (chosen on validation) beside the full-precision model (both on test): the paper's headline
-is about 95% fewer BitOPs with no loss.
+is about 95% fewer BitOPs with no loss. With `--seeds N` (default 3) it trains, searches and measures N supernets
+(training seeds `--seed` to `--seed + N - 1`, the same data) and reports each budget's figures as mean ± standard
+deviation over them.
 
-    python benchmarks/quality_bitops.py                                  # trains first: about 8 min on 2 cores
-    python benchmarks/quality_bitops.py --supernet outputs/demo/supernet # measures a trained supernet
+    python benchmarks/quality_bitops.py                                  # 3 seeds: about 25 min on 2 cores
+    python benchmarks/quality_bitops.py --seeds 1 --supernet outputs/demo/supernet  # measures a trained supernet
 """
 
 import argparse
@@ -18,13 +20,16 @@ import torch
 
 import _common
 import _embedded
-from mpsupernet.bitops import format_bitops
+from mpsupernet import SamSupernetConfig
+from mpsupernet.architecture import QUANTIZABLE_LAYERS
+from mpsupernet.bitops import count_bitops, format_bitops
 from mpsupernet.evaluation import evaluate_dataset_mean_iou
 from mpsupernet.pretrained import load_embedded_sam
 from mpsupernet.search import run_search
+from mpsupernet.search_space import SearchSpace
 
 NAME = "quality_bitops"
-BUDGET_SHARES = (0.05, 0.10, 0.15, 0.25)
+BUDGET_SHARES = (0.03, 0.05, 0.10, 0.15, 0.25)
 HEADLINE_SHARE = 0.05
 
 
@@ -34,12 +39,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     _embedded.add_supernet_argument(parser)
     parser.add_argument("--population-size", type=int, default=16, help="NSGA-II population (default: 16).")
     parser.add_argument("--generations", type=int, default=8, help="NSGA-II generations (default: 8).")
-    return parser.parse_args(argv)
+    return _embedded.check_seeds(parser, parser.parse_args(argv))
 
 
-def run(args: argparse.Namespace) -> dict:
-    started = time.perf_counter()
-    splits = _embedded.make_splits(args)
+def float_convolutions_w8a8_share(supernet) -> float:
+    """The uniform W8A8 model's share of full precision with the patch embedding and neck left in float, as before
+    they could be quantized: the reference the quantized convolutions are compared with."""
+    values = supernet.config.to_dict()
+    values["quantized_layers"] = [name for name in supernet.config.quantized_layers if name in QUANTIZABLE_LAYERS]
+    config = SamSupernetConfig.from_dict(values)
+    space = SearchSpace(config)
+    w8a8 = count_bitops(config, space.largest(8, 8)).total_bitops
+    return w8a8 / count_bitops(config, space.full_precision()).total_bitops
+
+
+def measure_seed(args: argparse.Namespace, splits: dict) -> dict:
+    """One training seed: its supernet's front (searched on validation) and the best subnets under each budget, with
+    the fine-tuned full-precision model, all on the test split."""
     supernet = _embedded.supernet_from_arguments(args, splits)
     print(f"Searching: NSGA-II, population {args.population_size}, {args.generations} generations, validation split")
     front = run_search(
@@ -58,8 +74,6 @@ def run(args: argparse.Namespace) -> dict:
         for entry in front.entries
     ]
     fine_tuned = _embedded.subnet_mean_iou(supernet, supernet.full_precision_subnet(), splits["test"], args.seed)
-    pretrained = evaluate_dataset_mean_iou(load_embedded_sam(), splits["test"], seed=args.seed)
-
     front_rows = [
         {
             "bitops": entry.bitops,
@@ -80,17 +94,53 @@ def run(args: argparse.Namespace) -> dict:
             summary["ratio_to_full_precision"] = row["test_mean_iou"] / fine_tuned
         budgets.append({"budget_share": share, "best": summary})
     return {
-        "benchmark": NAME,
-        "machine": _common.machine_info(torch.device("cpu")),
-        "settings": _common.settings_of(args),
         "full_precision_bitops": full_precision_bitops,
         "w8a8_bitops": front.w8a8_bitops,
+        "w8a8_share_with_float_convolutions": float_convolutions_w8a8_share(supernet),
         "evaluated_architectures": len(front.evaluated),
         "test_mean_iou_full_precision_fine_tuned": fine_tuned,
-        "test_mean_iou_pretrained_sam": pretrained,
         "front": front_rows,
         "budgets": budgets,
         "pareto_plot": str(args.output_dir / "pareto_front.png"),
+    }
+
+
+def summarize_budgets(per_seed: list[dict]) -> list[dict]:
+    """Per budget, over the seeds where a front subnet fits: mean and standard deviation of its figures."""
+    summaries = []
+    for index, share in enumerate(BUDGET_SHARES):
+        found = [seed["budgets"][index]["best"] for seed in per_seed if seed["budgets"][index]["best"] is not None]
+        summary = {"budget_share": share, "seeds": len(found)}
+        for key in ("share_of_full_precision", "test_mean_iou", "ratio_to_full_precision") if found else ():
+            summary[key] = _embedded.mean_and_std([best[key] for best in found])
+        summaries.append(summary)
+    return summaries
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    splits = _embedded.make_splits(args)
+    per_seed = {}
+    for run_args in _embedded.seed_runs(args):
+        seed = args.seed if run_args.train_seed is None else run_args.train_seed
+        print(f"Training seed {seed}")
+        per_seed[str(seed)] = measure_seed(run_args, splits)
+    pretrained = evaluate_dataset_mean_iou(load_embedded_sam(), splits["test"], seed=args.seed)
+    first = next(iter(per_seed.values()))
+    seeds = list(per_seed.values())
+    return {
+        "benchmark": NAME,
+        "machine": _common.machine_info(torch.device("cpu")),
+        "settings": _common.settings_of(args),
+        "full_precision_bitops": first["full_precision_bitops"],
+        "w8a8_bitops": first["w8a8_bitops"],
+        "w8a8_share_with_float_convolutions": first["w8a8_share_with_float_convolutions"],
+        "test_mean_iou_full_precision_fine_tuned": _embedded.mean_and_std(
+            [seed["test_mean_iou_full_precision_fine_tuned"] for seed in seeds]
+        ),
+        "test_mean_iou_pretrained_sam": pretrained,
+        "budgets": summarize_budgets(seeds),
+        "per_seed": per_seed,
         "wall_seconds": time.perf_counter() - started,
     }
 
@@ -99,52 +149,62 @@ def print_results(results: dict) -> None:
     _common.print_header(
         "Quality against BitOPs on the embedded task (box-prompt mIoU, image encoder BitOPs per image)",
         results["machine"],
-        {key: results["settings"][key] for key in ("train_steps", "num_test", "population_size", "generations")},
+        {
+            key: results["settings"][key]
+            for key in ("train_steps", "seeds", "num_test", "population_size", "generations")
+        },
     )
     full_precision = results["full_precision_bitops"]
+    fine_tuned = results["test_mean_iou_full_precision_fine_tuned"]
     print(
         f"full precision: {format_bitops(full_precision)}; uniform W8A8: {format_bitops(results['w8a8_bitops'])} "
-        f"({100 * results['w8a8_bitops'] / full_precision:.1f}%); {results['evaluated_architectures']} architectures "
-        f"evaluated; test mIoU of the fine-tuned full-precision model "
-        f"{results['test_mean_iou_full_precision_fine_tuned']:.4f}, of the pretrained SAM "
+        f"({100 * results['w8a8_bitops'] / full_precision:.1f}%; with the patch embedding and neck in float: "
+        f"{100 * results['w8a8_share_with_float_convolutions']:.1f}%); test mIoU of the fine-tuned full-precision "
+        f"model {_embedded.format_mean_std(fine_tuned)}, of the pretrained SAM "
         f"{results['test_mean_iou_pretrained_sam']:.4f}"
     )
-    print("\nPareto front (searched on validation, measured on test):")
-    _common.print_table(
-        ["GBitOPs", "% of FP", "val mIoU", "test mIoU", "test / FP"],
-        [
+    for seed, measured in results["per_seed"].items():
+        evaluated = measured["evaluated_architectures"]
+        print(f"\nPareto front of seed {seed} ({evaluated} evaluated; searched on validation, measured on test):")
+        _common.print_table(
+            ["GBitOPs", "% of FP", "val mIoU", "test mIoU", "test / FP"],
             [
-                f"{row['bitops'] / 1e9:.3f}",
-                100 * row["share_of_full_precision"],
-                row["validation_mean_iou"],
-                row["test_mean_iou"],
-                row["test_mean_iou"] / results["test_mean_iou_full_precision_fine_tuned"],
-            ]
-            for row in results["front"]
-        ],
-    )
-    print("\nBest front subnet under each budget vs the fine-tuned full-precision model (test mIoU):")
-    _common.print_table(
-        ["budget", "% of FP used", "test mIoU", "subnet / FP"],
-        [
-            [f"<= {100 * row['budget_share']:.0f}%", "-", "none fits", "-"]
-            if row["best"] is None
-            else [
-                f"<= {100 * row['budget_share']:.0f}%",
-                100 * row["best"]["share_of_full_precision"],
-                row["best"]["test_mean_iou"],
-                row["best"]["ratio_to_full_precision"],
-            ]
-            for row in results["budgets"]
-        ],
-    )
-    headline = next(row["best"] for row in results["budgets"] if row["budget_share"] == HEADLINE_SHARE)
-    if headline is not None:
-        print(
-            f"headline: {100 * (1 - headline['share_of_full_precision']):.1f}% fewer BitOPs than full precision at "
-            f"{headline['ratio_to_full_precision']:.3f} of its test mIoU (paper: about 95% fewer, no loss)"
+                [
+                    f"{row['bitops'] / 1e9:.3f}",
+                    100 * row["share_of_full_precision"],
+                    row["validation_mean_iou"],
+                    row["test_mean_iou"],
+                    row["test_mean_iou"] / measured["test_mean_iou_full_precision_fine_tuned"],
+                ]
+                for row in measured["front"]
+            ],
         )
-    print(f"Pareto plot: {results['pareto_plot']}; {results['wall_seconds'] / 60:.1f} min")
+    print("\nBest front subnet under each budget vs the fine-tuned full-precision model (test mIoU, mean ± std):")
+    rows = []
+    for row in results["budgets"]:
+        label = f"<= {100 * row['budget_share']:.0f}%"
+        if not row["seeds"]:
+            rows.append([label, "-", "none fits", "-", "0"])
+            continue
+        percent = _embedded.mean_and_std([100 * value for value in row["share_of_full_precision"]["values"]])
+        rows.append(
+            [
+                label,
+                _embedded.format_mean_std(percent, 2),
+                _embedded.format_mean_std(row["test_mean_iou"]),
+                _embedded.format_mean_std(row["ratio_to_full_precision"], 3),
+                str(row["seeds"]),
+            ]
+        )
+    _common.print_table(["budget", "% of FP used", "test mIoU", "subnet / FP", "seeds"], rows)
+    headline = next(row for row in results["budgets"] if row["budget_share"] == HEADLINE_SHARE)
+    if headline["seeds"]:
+        print(
+            f"headline: {100 * (1 - headline['share_of_full_precision']['mean']):.1f}% fewer BitOPs than full "
+            f"precision at {_embedded.format_mean_std(headline['ratio_to_full_precision'], 3)} of its test mIoU "
+            "(paper: about 95% fewer, no loss)"
+        )
+    print(f"{results['wall_seconds'] / 60:.1f} min")
 
 
 def main(argv=None) -> None:

@@ -6,6 +6,7 @@ scripts runnable and check that their tables mean what they say.
 
 import dataclasses
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,37 +35,46 @@ TOY_TASK = ["--train-steps", "2", "--num-train", "8", "--num-validation", "6", "
 @pytest.fixture(scope="module")
 def quality_results(tmp_path_factory):
     output = tmp_path_factory.mktemp("quality_bitops")
-    quality_bitops.main(TOY_TASK + ["--population-size", "4", "--generations", "1", "--output-dir", str(output)])
+    options = ["--seeds", "1", "--population-size", "4", "--generations", "1", "--output-dir", str(output)]
+    quality_bitops.main(TOY_TASK + options)
     return output, json.loads((output / "quality_bitops.json").read_text())
 
 
 def test_quality_bitops_reports_the_front_it_measured(quality_results):
     output, results = quality_results
+    measured = results["per_seed"]["0"]
     supernet = SamSupernetForMaskGeneration.from_pretrained(output / "supernet").eval()
     fp_bitops = count_bitops(supernet.config, supernet.full_precision_subnet()).total_bitops
-    assert results["full_precision_bitops"] == fp_bitops
-    assert results["front"] and (output / "pareto_front.png").is_file()
-    for row in results["front"]:
+    assert results["full_precision_bitops"] == measured["full_precision_bitops"] == fp_bitops
+    assert measured["front"] and (output / "pareto_front.png").is_file()
+    for row in measured["front"]:
         arch = SubnetArchitecture.from_dict(row["architecture"])
         assert row["bitops"] == count_bitops(supernet.config, arch).total_bitops
         assert row["share_of_full_precision"] == pytest.approx(row["bitops"] / fp_bitops)
+    # Quantized convolutions: uniform W8A8 costs less than with the patch embedding and neck in float.
+    assert results["w8a8_bitops"] / fp_bitops < results["w8a8_share_with_float_convolutions"] < 0.25
     # The test split is not the validation split: the scores come from other images.
     args = quality_bitops.parse_args(TOY_TASK)
     test = _embedded.make_splits(args)["test"]
     supernet.set_subnet(supernet.full_precision_subnet())
     fine_tuned = evaluate_dataset_mean_iou(supernet, test, seed=0)
-    assert results["test_mean_iou_full_precision_fine_tuned"] == pytest.approx(fine_tuned, abs=1e-6)
-    for budget in results["budgets"]:
+    assert results["test_mean_iou_full_precision_fine_tuned"]["values"] == [pytest.approx(fine_tuned, abs=1e-6)]
+    assert [budget["budget_share"] for budget in results["budgets"]] == [0.03, 0.05, 0.10, 0.15, 0.25]
+    for budget, summary in zip(measured["budgets"], results["budgets"]):
         best = budget["best"]
+        assert summary["seeds"] == (best is not None)
         if best is not None:
             assert best["share_of_full_precision"] <= budget["budget_share"]
             assert best["ratio_to_full_precision"] == pytest.approx(best["test_mean_iou"] / fine_tuned)
+            assert summary["ratio_to_full_precision"] == {
+                "mean": best["ratio_to_full_precision"], "std": 0.0, "values": [best["ratio_to_full_precision"]]
+            }
 
 
 def test_search_space_study_varies_one_operator_at_a_time(quality_results, tmp_path):
     output, _ = quality_results
     supernet_path = output / "supernet"
-    search_space_study.main(TOY_TASK + ["--supernet", str(supernet_path), "--output-dir", str(tmp_path)])
+    search_space_study.main(TOY_TASK + ["--seeds", "1", "--supernet", str(supernet_path), "--output-dir", str(tmp_path)])
     results = json.loads((tmp_path / "search_space_study.json").read_text())
     supernet = SamSupernetForMaskGeneration.from_pretrained(supernet_path)
     reference = supernet.search_space.full_precision()
@@ -73,7 +83,7 @@ def test_search_space_study_varies_one_operator_at_a_time(quality_results, tmp_p
         (operator, label) for operator, values in variations.items() for label, _ in values
     ]
     space = supernet.search_space
-    fields = ("resolution", "skipped_blocks", "num_heads", "mlp_dims", "weight_bits", "activation_bits")
+    fields = ("resolution", "skipped_blocks", "num_heads", "mlp_dims", "hidden_size", "weight_bits", "activation_bits")
     for operator, values in variations.items():
         # Each architecture is the reference with one field replaced (up to the canonical form of skipped blocks).
         varied = {
@@ -151,16 +161,52 @@ def test_dedicated_baseline_trains_each_tier_alone_and_compares(quality_results,
         assert tier["difference_points"] == {"mean": row["difference_points"], "std": 0.0, "values": [row["difference_points"]]}
 
 
+def test_search_space_study_over_seeds_with_the_feature_size(tmp_path):
+    search_space_study.main(TOY_TASK + ["--seeds", "2", "--output-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "search_space_study.json").read_text())
+    feature_rows = [row for row in results["rows"] if row["operator"] == "feature size"]
+    assert [row["value"] for row in feature_rows] == ["96 channels", "72 channels", "48 channels"]
+    assert 0 == feature_rows[0]["bitops_reduction"] < feature_rows[1]["bitops_reduction"] < feature_rows[2]["bitops_reduction"]
+    test = _embedded.make_splits(search_space_study.parse_args(TOY_TASK))["test"]
+    supernets = [
+        SamSupernetForMaskGeneration.from_pretrained(tmp_path / f"seed_{seed}" / "supernet").eval() for seed in (0, 1)
+    ]
+    assert supernets[0].config.hidden_size_choices == [96, 72, 48]
+    space = supernets[0].search_space
+    for row in feature_rows:
+        hidden_size = int(row["value"].split()[0])
+        arch = space.canonical(dataclasses.replace(space.full_precision(), hidden_size=hidden_size))
+        assert row["bitops"] == count_bitops(supernets[0].config, arch).total_bitops
+        measured = []
+        for supernet in supernets:  # each seed's supernet, measured again
+            supernet.set_subnet(arch)
+            measured.append(evaluate_dataset_mean_iou(supernet, test, seed=0))
+        assert row["test_mean_iou"]["values"] == pytest.approx(measured, abs=1e-6)
+        assert row["test_mean_iou"]["mean"] == pytest.approx(statistics.fmean(measured), abs=1e-6)
+        assert row["test_mean_iou"]["std"] == pytest.approx(statistics.stdev(measured), abs=1e-6)
+
+
 def test_ablations_train_each_variant_as_configured(tmp_path):
-    ablations.main(TOY_TASK + ["--variants", "shared", "multiplex-all-bits", "--output-dir", str(tmp_path)])
+    ablations.main(
+        TOY_TASK + ["--seeds", "2", "--variants", "shared", "multiplex-all-bits", "--output-dir", str(tmp_path)]
+    )
     results = json.loads((tmp_path / "ablations.json").read_text())["variants"]
     assert list(results) == ["shared", "multiplex-all-bits"]
-    shared = SamSupernetForMaskGeneration.from_pretrained(tmp_path / "shared")
-    all_bits = SamSupernetForMaskGeneration.from_pretrained(tmp_path / "multiplex-all-bits")
+    shared = SamSupernetForMaskGeneration.from_pretrained(tmp_path / "seed_1" / "shared").eval()
+    all_bits = SamSupernetForMaskGeneration.from_pretrained(tmp_path / "seed_0" / "multiplex-all-bits")
     assert shared.config.lora_mode == "shared" and all_bits.config.lora_mode == "multiplex"
     assert all_bits.config.progressive_bits_schedule == [[0.0, [8, 6, 4, 3, 2]]]
     assert results["multiplex-all-bits"]["trainable_parameters"] > results["shared"]["trainable_parameters"]
-    assert all(0 <= value <= 1 for variant in results.values() for value in variant["test_mean_iou"].values())
+    for variant in results.values():
+        for summary in variant["test_mean_iou"].values():
+            assert len(summary["values"]) == 2 and all(0 <= value <= 1 for value in summary["values"])
+            assert summary["mean"] == pytest.approx(statistics.fmean(summary["values"]))
+    # The second seed's figure is that seed's supernet, measured again.
+    test = _embedded.make_splits(ablations.parse_args(TOY_TASK))["test"]
+    shared.set_subnet(shared.smallest_subnet())
+    assert results["shared"]["test_mean_iou"]["smallest W2A4"]["values"][1] == pytest.approx(
+        evaluate_dataset_mean_iou(shared, test, seed=0), abs=1e-6
+    )
 
 
 def test_training_memory_runs_both_variants_and_divides_their_peaks(tmp_path):
