@@ -81,6 +81,21 @@ def seed_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
     return runs
 
 
+def training_seed(args: argparse.Namespace) -> int:
+    """The seed training runs with: the run's `train_seed` (see `seed_runs`), else `--seed`."""
+    return args.seed if args.train_seed is None else args.train_seed
+
+
+def measure_per_seed(args: argparse.Namespace, splits: dict, measure) -> dict:
+    """`measure(run_args, splits)` for each training seed of `seed_runs(args)`, keyed by the seed as a string (a JSON
+    key)."""
+    measured = {}
+    for run in seed_runs(args):
+        print(f"Training seed {run.train_seed}")
+        measured[str(run.train_seed)] = measure(run, splits)
+    return measured
+
+
 def mean_and_std(values: list[float]) -> dict:
     """`{"mean", "std", "values"}`: the sample standard deviation (n - 1), 0 for a single value."""
     values = [float(value) for value in values]
@@ -119,7 +134,7 @@ def train_embedded_supernet(
         max_steps=args.train_steps,
         learning_rate=LEARNING_RATE,
         batch_size=BATCH_SIZE,
-        seed=args.seed if args.train_seed is None else args.train_seed,
+        seed=training_seed(args),
         log_steps=max(args.train_steps // 10, 1),
     )
     return supernet.eval(), time.perf_counter() - started

@@ -80,10 +80,9 @@ def run(args: argparse.Namespace) -> dict:
         for run_args in runs:
             supernet = build_variant(variant, run_args)
             schedule = supernet.config.progressive_bits_schedule
-            seed = args.seed if run_args.train_seed is None else run_args.train_seed
             print(
-                f"[{number}/{len(args.variants)}] {variant}, seed {seed}: bit-width schedule {schedule}, "
-                f"{args.train_steps} steps"
+                f"[{number}/{len(args.variants)}] {variant}, seed {run_args.train_seed}: "
+                f"bit-width schedule {schedule}, {args.train_steps} steps"
             )
             output_dir = run_args.output_dir / variant
             supernet, training_seconds = _embedded.train_embedded_supernet(run_args, splits, output_dir, supernet)

@@ -82,7 +82,7 @@ def train_dedicated(supernet, arch, args: argparse.Namespace, splits: dict, outp
         max_steps=args.dedicated_steps or args.train_steps,
         learning_rate=LEARNING_RATE,
         batch_size=BATCH_SIZE,
-        seed=args.seed if args.train_seed is None else args.train_seed,
+        seed=_embedded.training_seed(args),
         fixed_architecture=arch.to_dict(),
         distillation=None,
         log_steps=max((args.dedicated_steps or args.train_steps) // 10, 1),
@@ -136,11 +136,7 @@ def measure_seed(args: argparse.Namespace, splits: dict) -> list[dict]:
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     splits = _embedded.make_splits(args)
-    per_seed = {}
-    for run_args in _embedded.seed_runs(args):
-        seed = args.seed if run_args.train_seed is None else run_args.train_seed
-        print(f"Training seed {seed}")
-        per_seed[seed] = measure_seed(run_args, splits)
+    per_seed = _embedded.measure_per_seed(args, splits, measure_seed)
     tiers = []
     for index, share in enumerate(TIER_SHARES):
         rows = [rows[index] for rows in per_seed.values() if rows[index]["architecture"] is not None]
@@ -158,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": NAME,
         "machine": _common.machine_info(torch.device("cpu")),
         "settings": _common.settings_of(args),
-        "per_seed": {str(seed): rows for seed, rows in per_seed.items()},
+        "per_seed": per_seed,
         "tiers": tiers,
         "wall_seconds": time.perf_counter() - started,
     }

@@ -120,11 +120,7 @@ def summarize_budgets(per_seed: list[dict]) -> list[dict]:
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     splits = _embedded.make_splits(args)
-    per_seed = {}
-    for run_args in _embedded.seed_runs(args):
-        seed = args.seed if run_args.train_seed is None else run_args.train_seed
-        print(f"Training seed {seed}")
-        per_seed[str(seed)] = measure_seed(run_args, splits)
+    per_seed = _embedded.measure_per_seed(args, splits, measure_seed)
     pretrained = evaluate_dataset_mean_iou(load_embedded_sam(), splits["test"], seed=args.seed)
     first = next(iter(per_seed.values()))
     seeds = list(per_seed.values())

@@ -94,7 +94,7 @@ def measure_seed(args: argparse.Namespace, splits: dict) -> tuple[float, int, li
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     splits = _embedded.make_splits(args)
-    per_seed = [measure_seed(run_args, splits) for run_args in _embedded.seed_runs(args)]
+    per_seed = list(_embedded.measure_per_seed(args, splits, measure_seed).values())
     full_precision_bitops = per_seed[0][1]
     rows = []
     for position, row in enumerate(per_seed[0][2]):

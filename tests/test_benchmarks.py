@@ -74,7 +74,8 @@ def test_quality_bitops_reports_the_front_it_measured(quality_results):
 def test_search_space_study_varies_one_operator_at_a_time(quality_results, tmp_path):
     output, _ = quality_results
     supernet_path = output / "supernet"
-    search_space_study.main(TOY_TASK + ["--seeds", "1", "--supernet", str(supernet_path), "--output-dir", str(tmp_path)])
+    options = ["--seeds", "1", "--supernet", str(supernet_path), "--output-dir", str(tmp_path)]
+    search_space_study.main(TOY_TASK + options)
     results = json.loads((tmp_path / "search_space_study.json").read_text())
     supernet = SamSupernetForMaskGeneration.from_pretrained(supernet_path)
     reference = supernet.search_space.full_precision()
@@ -157,8 +158,9 @@ def test_dedicated_baseline_trains_each_tier_alone_and_compares(quality_results,
         assert row["dedicated_test_mean_iou"] == pytest.approx(
             evaluate_dataset_mean_iou(extract_subnet(dedicated.eval(), arch), test, seed=0), abs=1e-6
         )
-        assert row["difference_points"] == pytest.approx(100 * (row["tier_test_mean_iou"] - row["dedicated_test_mean_iou"]))
-        assert tier["difference_points"] == {"mean": row["difference_points"], "std": 0.0, "values": [row["difference_points"]]}
+        difference = 100 * (row["tier_test_mean_iou"] - row["dedicated_test_mean_iou"])
+        assert row["difference_points"] == pytest.approx(difference)
+        assert tier["difference_points"] == {"mean": difference, "std": 0.0, "values": [difference]}
 
 
 def test_search_space_study_over_seeds_with_the_feature_size(tmp_path):
@@ -166,7 +168,8 @@ def test_search_space_study_over_seeds_with_the_feature_size(tmp_path):
     results = json.loads((tmp_path / "search_space_study.json").read_text())
     feature_rows = [row for row in results["rows"] if row["operator"] == "feature size"]
     assert [row["value"] for row in feature_rows] == ["96 channels", "72 channels", "48 channels"]
-    assert 0 == feature_rows[0]["bitops_reduction"] < feature_rows[1]["bitops_reduction"] < feature_rows[2]["bitops_reduction"]
+    reductions = [row["bitops_reduction"] for row in feature_rows]
+    assert 0 == reductions[0] < reductions[1] < reductions[2]
     test = _embedded.make_splits(search_space_study.parse_args(TOY_TASK))["test"]
     supernets = [
         SamSupernetForMaskGeneration.from_pretrained(tmp_path / f"seed_{seed}" / "supernet").eval() for seed in (0, 1)

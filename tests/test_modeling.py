@@ -85,13 +85,13 @@ def test_each_elastic_dimension_changes_shapes_and_cost(tiny_supernet, prompt_in
     largest = tiny_supernet.largest_subnet()
     base_cost = tiny_supernet.bitops(largest)
     head_dim = 64 // 4
-    layers = len(largest.layer_names)  # 16 Linears and 3 convolutions
+    four_bits = (4,) * len(largest.layer_names)  # 16 Linears and 3 convolutions
     variants = {
         "resolution": largest.__class__(**{**largest.__dict__, "resolution": 64}),
         "depth": largest.__class__(**{**largest.__dict__, "skipped_blocks": space.skipped_blocks(3)}),
         "mlp": largest.__class__(**{**largest.__dict__, "mlp_dims": (128, 256, 192, 256)}),
         "heads": largest.__class__(**{**largest.__dict__, "num_heads": (2, 4, 3, 4)}),
-        "bits": largest.__class__(**{**largest.__dict__, "weight_bits": (4,) * layers, "activation_bits": (4,) * layers}),
+        "bits": largest.__class__(**{**largest.__dict__, "weight_bits": four_bits, "activation_bits": four_bits}),
     }
     for name, arch in variants.items():
         tiny_supernet.set_subnet(arch)

@@ -1,10 +1,10 @@
 """Analytic MACs and BitOPs of a subnet architecture, without running anything.
 
-`BitOPs = Σ MACs × weight_bits × activation_bits` over every matmul-like operation of the image encoder, for one
-image: the patch-embedding and neck convolutions (MACs = output positions × output channels × input channels ×
-kernel area, at their own bits when they are quantized), the Linears and the attention products, all at the
-architecture's feature size. Float operations count at `config.float_bits` on both operands. The act×act attention products (queries ×
-keys, probabilities × values) count at the activation bits of the block's `qkv` layer when
+`BitOPs = Σ MACs × weight_bits × activation_bits` over every matmul-like operation of the image encoder, for one image:
+the patch-embedding and neck convolutions (MACs = output positions × output channels × input channels × kernel area, at
+their own bits when they are quantized), the Linears and the attention products, all at the architecture's feature size.
+Float operations count at `config.float_bits` on both operands. The act×act attention products (queries × keys,
+probabilities × values) count at the activation bits of the block's `qkv` layer when
 `config.quantize_attention_products` is set, else in float; the decomposed relative-position products multiply a
 (quantized) query by a float table. The counts follow transformers' SAM operation by operation, windows padded as the
 encoder pads them, so that they agree exactly with `torch.utils.flop_counter` (FLOPs = 2 × MACs).

@@ -112,7 +112,10 @@ class ElasticQuantizedConv2d(nn.Conv2d):
         """Selects the bit-widths (32 = float) and the leading output and input channels kept (`None`: all)."""
         if self.weight_quantizer is None:
             if (weight_bits, activation_bits) != (FLOAT_BITS, FLOAT_BITS):
-                raise ValueError(f"This convolution is not quantized; it runs at 32 bits, not {weight_bits}/{activation_bits}.")
+                raise ValueError(
+                    f"This convolution is not quantized (not in `quantized_layers`); it runs at 32 bits, not "
+                    f"{weight_bits}/{activation_bits}."
+                )
         else:
             self.weight_quantizer.set_bits(weight_bits)
             self.input_quantizer.set_bits(activation_bits)
@@ -211,7 +214,8 @@ class QuantizedSamVisionAttention(SamVisionAttention):
         """The tensors the attention core takes besides queries, keys and values: the relative-position tables, then
         the step-size and offset tables of the query, key, value and probability quantizers."""
         tables = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
-        return tables + tuple(tensor for quantizer in self.product_quantizers() for tensor in quantizer.quantize_inputs())
+        steps = tuple(tensor for quantizer in self.product_quantizers() for tensor in quantizer.quantize_inputs())
+        return tables + steps
 
     def attention_core(self, height: int, width: int, keep_weights: bool = False):
         """The act×act part of attention as a function of `(query, key, value, *core_parameters())`.

@@ -227,8 +227,9 @@ def descent_path(space: SearchSpace) -> Iterator[SubnetArchitecture]:
     """Uniform architectures from the full-precision model down to the smallest subnet, one step at a time.
 
     Each step lowers one dimension by one choice: bit-widths first (whichever of the weight and activation bits is
-    higher, the weight bits on a tie), then, once both are at their lowest, the MLP width, the heads, the feature
-    size, the depth and the resolution, each down to its lowest. The cost never rises along the path; it ends at `space.smallest()`.
+    higher, the weight bits on a tie), then, once both are at their lowest, the MLP width, the heads, the feature size,
+    the depth and the resolution, each down to its lowest. The cost never rises along the path; it ends at
+    `space.smallest()`.
     """
     ladders = {
         "weight_bits": (FLOAT_BITS, *space.weight_bit_choices),

@@ -410,8 +410,8 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
         if arch.hidden_size not in (None, vision.hidden_size):
             raise ValueError(
                 f"Feature size is not uniform with the base model: the subnet keeps {arch.hidden_size} channels; a "
-                f"plain SamModel's heads are {vision.hidden_size} // {vision.num_attention_heads} wide only at the base "
-                f"hidden size {vision.hidden_size}."
+                f"plain SamModel's heads are {vision.hidden_size} // {vision.num_attention_heads} wide only at the "
+                f"base hidden size {vision.hidden_size}."
             )
         mlp_dims = [arch.mlp_dims[block] for block in kept]
         if len(set(mlp_dims)) > 1:

@@ -192,7 +192,8 @@ class SearchSpace:
             return tuple(pick(x, y) for x, y in zip(a, b))
 
         if self.config.bit_granularity == "block":
-            from_second = [rng.random() < take_second for _ in range(self.num_blocks + len(self.layer_names) - self.num_linears)]
+            num_units = self.num_blocks + len(self.layer_names) - self.num_linears
+            from_second = [rng.random() < take_second for _ in range(num_units)]
             weight_bits = tuple(
                 (b if from_second[block] else a)
                 for a, b, block in zip(first.weight_bits, second.weight_bits, self.layer_blocks)

@@ -10,11 +10,12 @@ from ..search_space import SearchSpace, SubnetArchitecture
 class ArchitectureEncoding:
     """A `SubnetArchitecture` as a vector of integer choice indices, the genotype the evolutionary search works on.
 
-    Genes, in order: resolution, depth, attention heads per block, MLP width per block, then weight bits and
-    activation bits per quantized layer (per bit unit under `bit_granularity="block"`: an encoder block, or a
-    convolution, so that every genotype is a valid architecture), and last the feature size. Each gene is an index into the search space's choices, which are sorted from largest to
-    smallest: index 0 is the largest (or highest-bit) choice, and a larger index never costs more BitOPs. That order
-    lets pymoo's numeric operators (SBX, polynomial mutation) make children whose cost is near their parents'.
+    Genes, in order: resolution, depth, attention heads per block, MLP width per block, then weight bits and activation
+    bits per quantized layer (per bit unit under `bit_granularity="block"`: an encoder block, or a convolution, so that
+    every genotype is a valid architecture), and last the feature size. Each gene is an index into the search space's
+    choices, which are sorted from largest to smallest: index 0 is the largest (or highest-bit) choice, and a larger
+    index never costs more BitOPs. That order lets pymoo's numeric operators (SBX, polynomial mutation) make children
+    whose cost is near their parents'.
 
     `decode` returns canonical architectures (`SearchSpace.canonical`), so the genes of skipped blocks do not matter;
     `canonicalize` rewrites a genotype to the canonical one, which makes equal architectures equal genotypes.

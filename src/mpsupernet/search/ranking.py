@@ -90,8 +90,9 @@ def ranking_correlation(
         inherited, standalone = [], []
         for index, arch in enumerate(archs):
             inherited.append(_mean_iou(supernet, arch, eval_dataset, seed))
+            folder_of_arch = folder / f"arch_{index}"
             tuned = _fine_tune(
-                supernet, arch, train_dataset, fine_tune_steps, learning_rate, batch_size, seed, folder / f"arch_{index}"
+                supernet, arch, train_dataset, fine_tune_steps, learning_rate, batch_size, seed, folder_of_arch
             )
             standalone.append(_mean_iou(tuned, arch, eval_dataset, seed))
     tau, p_value = kendalltau(inherited, standalone)
