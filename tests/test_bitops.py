@@ -134,6 +134,14 @@ def test_a_config_without_the_convolutions_keeps_them_float(tiny_sam):
     convs = [row for row in model.bitops_report(arch).rows if row.kind == "conv"]
     assert len(convs) == 3 and all(row.weight_bits == row.activation_bits == 32 for row in convs)
     assert model.sam.vision_encoder.neck.conv1.weight_quantizer is None
+    # Its checkpoint holds what such a supernet always held: no convolution quantizers, SAM's own conv names.
+    conv_keys = {key for key in model.state_dict() if ".patch_embed." in key or ".neck.conv" in key}
+    assert conv_keys == {
+        "sam.vision_encoder.patch_embed.projection.weight",
+        "sam.vision_encoder.patch_embed.projection.bias",
+        "sam.vision_encoder.neck.conv1.weight",
+        "sam.vision_encoder.neck.conv2.weight",
+    }
 
 
 def test_unquantized_attention_products_count_in_float(tiny_sam):
