@@ -12,6 +12,9 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
+import _common
 from mpsupernet import SamSupernetForMaskGeneration
 from mpsupernet.data import make_synthetic_segmentation_dataset, make_synthetic_segmentation_dataset_dict
 from mpsupernet.demo import BATCH_SIZE, LEARNING_RATE
@@ -163,3 +166,20 @@ def subnet_mean_iou(supernet: SamSupernetForMaskGeneration, arch, dataset, seed:
     """Box-prompt mean IoU of one architecture of `supernet` on `dataset`."""
     supernet.set_subnet(arch)
     return evaluate_dataset_mean_iou(supernet, dataset, seed=seed)
+
+
+def result_header(name: str, args: argparse.Namespace) -> dict:
+    """The first keys of every quality benchmark's results: its name, the machine and the command-line settings."""
+    return {
+        "benchmark": name,
+        "machine": _common.machine_info(torch.device("cpu")),
+        "settings": _common.settings_of(args),
+    }
+
+
+def run_and_report(name: str, parse_args, run, print_results, argv=None) -> None:
+    """A quality benchmark's `main`: parses `argv`, runs, prints the results and writes `<output-dir>/<name>.json`."""
+    args = parse_args(argv)
+    results = run(args)
+    print_results(results)
+    _common.write_json(args.output_dir / f"{name}.json", results)

@@ -19,7 +19,6 @@ Every figure is the mean ± standard deviation over `--seeds` training seeds (de
 import argparse
 import time
 
-import torch
 
 import _common
 import _embedded
@@ -103,9 +102,7 @@ def run(args: argparse.Namespace) -> dict:
             },
         }
     return {
-        "benchmark": NAME,
-        "machine": _common.machine_info(torch.device("cpu")),
-        "settings": _common.settings_of(args),
+        **_embedded.result_header(NAME, args),
         "variants": results,
         "wall_seconds": time.perf_counter() - started,
     }
@@ -135,10 +132,7 @@ def print_results(results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    results = run(args)
-    print_results(results)
-    _common.write_json(args.output_dir / f"{NAME}.json", results)
+    _embedded.run_and_report(NAME, parse_args, run, print_results, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 
 import _common
 import _embedded
@@ -151,9 +150,7 @@ def run(args: argparse.Namespace) -> dict:
             summary["within_1_point"] = abs(difference["mean"]) + difference["std"] <= WITHIN_POINTS
         tiers.append(summary)
     return {
-        "benchmark": NAME,
-        "machine": _common.machine_info(torch.device("cpu")),
-        "settings": _common.settings_of(args),
+        **_embedded.result_header(NAME, args),
         "per_seed": per_seed,
         "tiers": tiers,
         "wall_seconds": time.perf_counter() - started,
@@ -192,10 +189,7 @@ def print_results(results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    results = run(args)
-    print_results(results)
-    _common.write_json(args.output_dir / f"{NAME}.json", results)
+    _embedded.run_and_report(NAME, parse_args, run, print_results, argv)
 
 
 if __name__ == "__main__":

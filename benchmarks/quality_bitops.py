@@ -16,7 +16,6 @@ deviation over them.
 import argparse
 import time
 
-import torch
 
 import _common
 import _embedded
@@ -125,9 +124,7 @@ def run(args: argparse.Namespace) -> dict:
     first = next(iter(per_seed.values()))
     seeds = list(per_seed.values())
     return {
-        "benchmark": NAME,
-        "machine": _common.machine_info(torch.device("cpu")),
-        "settings": _common.settings_of(args),
+        **_embedded.result_header(NAME, args),
         "full_precision_bitops": first["full_precision_bitops"],
         "w8a8_bitops": first["w8a8_bitops"],
         "w8a8_share_with_float_convolutions": first["w8a8_share_with_float_convolutions"],
@@ -204,10 +201,7 @@ def print_results(results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    results = run(args)
-    print_results(results)
-    _common.write_json(args.output_dir / f"{NAME}.json", results)
+    _embedded.run_and_report(NAME, parse_args, run, print_results, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import _common
 import _embedded
@@ -90,9 +89,7 @@ def run(args: argparse.Namespace) -> dict:
         output_dir=args.output_dir / "fine_tuned",
     )
     return {
-        "benchmark": NAME,
-        "machine": _common.machine_info(torch.device("cpu")),
-        "settings": _common.settings_of(args),
+        **_embedded.result_header(NAME, args),
         "full_precision_bitops": supernet.bitops_report(supernet.full_precision_subnet()).total_bitops,
         **result.to_dict(),
         "wall_seconds": time.perf_counter() - started,
@@ -119,10 +116,7 @@ def print_results(results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    results = run(args)
-    print_results(results)
-    _common.write_json(args.output_dir / f"{NAME}.json", results)
+    _embedded.run_and_report(NAME, parse_args, run, print_results, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 import _common  # noqa: E402
 import _embedded  # noqa: E402
@@ -108,9 +107,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     full_precision_miou = _embedded.mean_and_std([miou for miou, _, _ in per_seed])
     return {
-        "benchmark": NAME,
-        "machine": _common.machine_info(torch.device("cpu")),
-        "settings": _common.settings_of(args),
+        **_embedded.result_header(NAME, args),
         "full_precision_bitops": full_precision_bitops,
         "test_mean_iou_full_precision": full_precision_miou,
         "rows": rows,
@@ -179,10 +176,7 @@ def print_results(results: dict) -> None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    results = run(args)
-    print_results(results)
-    _common.write_json(args.output_dir / f"{NAME}.json", results)
+    _embedded.run_and_report(NAME, parse_args, run, print_results, argv)
 
 
 if __name__ == "__main__":
