@@ -20,6 +20,7 @@ from mpsupernet.data import make_synthetic_segmentation_dataset, make_synthetic_
 from mpsupernet.demo import BATCH_SIZE, LEARNING_RATE
 from mpsupernet.evaluation import evaluate_dataset_mean_iou
 from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.search import ParetoFront, run_search
 from mpsupernet.training import train_supernet
 
 TEST_SEED_OFFSET = 1000
@@ -183,3 +184,28 @@ def run_and_report(name: str, parse_args, run, print_results, argv=None) -> None
     results = run(args)
     print_results(results)
     _common.write_json(args.output_dir / f"{name}.json", results)
+
+
+def add_search_arguments(parser: argparse.ArgumentParser, front: bool = False) -> None:
+    """The NSGA-II flags (and, with `front`, `--front`: a saved front of `--supernet` instead of searching)."""
+    parser.add_argument("--population-size", type=int, default=16, help="NSGA-II population (default: 16).")
+    parser.add_argument("--generations", type=int, default=8, help="NSGA-II generations (default: 8).")
+    if front:
+        parser.add_argument("--front", type=Path, help="A saved pareto_front.json of --supernet; searched if absent.")
+
+
+def front_from_arguments(args: argparse.Namespace, supernet, splits: dict) -> ParetoFront:
+    """`--front` loaded, or the front of `supernet` searched now on the validation split (written to `output_dir`)."""
+    if getattr(args, "front", None) is not None:
+        return ParetoFront.load(args.front)
+    print(f"Searching: NSGA-II, population {args.population_size}, {args.generations} generations, validation split")
+    return run_search(
+        supernet,
+        splits["validation"],
+        output_dir=args.output_dir,
+        population_size=args.population_size,
+        generations=args.generations,
+        seed=args.seed,
+        dataset_name="mpsupernet synthetic shapes (validation)",
+        progress=False,
+    )

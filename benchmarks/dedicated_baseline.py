@@ -26,7 +26,6 @@ import _embedded
 from mpsupernet import extract_subnet
 from mpsupernet.demo import BATCH_SIZE, LEARNING_RATE
 from mpsupernet.evaluation import evaluate_dataset_mean_iou
-from mpsupernet.search import ParetoFront, run_search
 from mpsupernet.training import train_supernet
 
 NAME = "dedicated_baseline"
@@ -58,12 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _embedded.add_task_arguments(parser, NAME)
     _embedded.add_supernet_argument(parser)
-    parser.add_argument("--front", type=Path, help="A saved pareto_front.json of --supernet; searched if absent.")
     parser.add_argument(
         "--dedicated-steps", type=int, help="Optimizer steps of each dedicated model (default: --train-steps)."
     )
-    parser.add_argument("--population-size", type=int, default=16, help="NSGA-II population (default: 16).")
-    parser.add_argument("--generations", type=int, default=8, help="NSGA-II generations (default: 8).")
+    _embedded.add_search_arguments(parser, front=True)
     args = _embedded.check_seeds(parser, parser.parse_args(argv))
     if args.front is not None and args.supernet is None:
         parser.error("--front belongs to a trained supernet: give --supernet with it.")
@@ -92,18 +89,7 @@ def train_dedicated(supernet, arch, args: argparse.Namespace, splits: dict, outp
 def measure_seed(args: argparse.Namespace, splits: dict) -> list[dict]:
     """The tiers of one training seed: each tier's and its dedicated model's test mIoU."""
     supernet = _embedded.supernet_from_arguments(args, splits)
-    if args.front is not None:
-        front = ParetoFront.load(args.front)
-    else:
-        front = run_search(
-            supernet,
-            splits["validation"],
-            output_dir=args.output_dir,
-            population_size=args.population_size,
-            generations=args.generations,
-            seed=args.seed,
-            progress=False,
-        )
+    front = _embedded.front_from_arguments(args, supernet, splits)
     full_precision = supernet.bitops_report(supernet.full_precision_subnet()).total_bitops
     rows = []
     for share in TIER_SHARES:

@@ -24,7 +24,6 @@ from mpsupernet.architecture import QUANTIZABLE_LAYERS
 from mpsupernet.bitops import count_bitops, format_bitops
 from mpsupernet.evaluation import evaluate_dataset_mean_iou
 from mpsupernet.pretrained import load_embedded_sam
-from mpsupernet.search import run_search
 from mpsupernet.search_space import SearchSpace
 
 NAME = "quality_bitops"
@@ -36,8 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _embedded.add_task_arguments(parser, NAME)
     _embedded.add_supernet_argument(parser)
-    parser.add_argument("--population-size", type=int, default=16, help="NSGA-II population (default: 16).")
-    parser.add_argument("--generations", type=int, default=8, help="NSGA-II generations (default: 8).")
+    _embedded.add_search_arguments(parser)
     return _embedded.check_seeds(parser, parser.parse_args(argv))
 
 
@@ -56,16 +54,7 @@ def measure_seed(args: argparse.Namespace, splits: dict) -> dict:
     """One training seed: its supernet's front (searched on validation) and the best subnets under each budget, with
     the fine-tuned full-precision model, all on the test split."""
     supernet = _embedded.supernet_from_arguments(args, splits)
-    print(f"Searching: NSGA-II, population {args.population_size}, {args.generations} generations, validation split")
-    front = run_search(
-        supernet,
-        splits["validation"],
-        output_dir=args.output_dir,
-        population_size=args.population_size,
-        generations=args.generations,
-        seed=args.seed,
-        dataset_name="mpsupernet synthetic shapes (validation)",
-    )
+    front = _embedded.front_from_arguments(args, supernet, splits)
     full_precision_bitops = front.full_precision_bitops
     print(f"Measuring the {len(front)} front architectures and the references on {args.num_test} test images")
     test_miou = [

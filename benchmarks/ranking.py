@@ -14,14 +14,13 @@ one-shot search ranks architectures as stand-alone training would (1: the same o
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
 import _common
 import _embedded
 from mpsupernet.demo import BATCH_SIZE, LEARNING_RATE
-from mpsupernet.search import ParetoFront, ranking_correlation, run_search
+from mpsupernet.search import ParetoFront, ranking_correlation
 
 NAME = "ranking"
 
@@ -30,12 +29,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _embedded.add_task_arguments(parser, NAME)
     _embedded.add_supernet_argument(parser)
-    parser.add_argument("--front", type=Path, help="A saved pareto_front.json of that supernet; searched if absent.")
     parser.add_argument("--num-architectures", type=int, default=8, help="Architectures ranked (default: 8).")
     parser.add_argument("--fine-tune-steps", type=int, default=100, help="Steps of each fine-tune (default: 100).")
-    parser.add_argument("--population-size", type=int, default=16, help="NSGA-II population (default: 16).")
-    parser.add_argument("--generations", type=int, default=8, help="NSGA-II generations (default: 8).")
-    args = parser.parse_args(argv)
+    _embedded.add_search_arguments(parser, front=True)
+    parser.set_defaults(seeds=1)  # the architectures of one trained supernet are ranked
+    args = _embedded.check_seeds(parser, parser.parse_args(argv))
     if args.num_architectures < 2:
         parser.error("--num-architectures must be at least 2: a ranking needs two architectures.")
     return args
@@ -62,19 +60,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     splits = _embedded.make_splits(args)
     supernet = _embedded.supernet_from_arguments(args, splits)
-    if args.front is not None:
-        front = ParetoFront.load(args.front)
-    else:
-        print(f"Searching: NSGA-II, population {args.population_size}, {args.generations} generations, validation")
-        front = run_search(
-            supernet,
-            splits["validation"],
-            output_dir=args.output_dir,
-            population_size=args.population_size,
-            generations=args.generations,
-            seed=args.seed,
-            progress=False,
-        )
+    front = _embedded.front_from_arguments(args, supernet, splits)
     archs = spread_architectures(front, args.num_architectures)
     print(f"Ranking {len(archs)} architectures: {args.fine_tune_steps} fine-tuning steps each, test split")
     result = ranking_correlation(
