@@ -183,7 +183,7 @@ class QuantizedSamVisionAttention(SamVisionAttention):
 
         attn_weights = None
         if self.use_sdpa and not self.probs_quantizer.is_quantizing and not output_attentions:
-            bias = self.relative_position_bias(query, self.rel_pos_h, self.rel_pos_w, height, width)
+            bias = self.relative_position_bias(query, *self.core_parameters()[:2], height, width)
             attn_output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
         else:
             for quantizer, tensor in zip(self.product_quantizers(), (query, key, value)):
