@@ -82,6 +82,23 @@ def test_non_dominated_mask_keeps_equal_points_and_rejects_bad_input():
 
 # --- encoding ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bit_granularity", ["layer", "block"])
+def test_convolutions_and_feature_size_leave_the_blocks_drawn_by_a_seed(bit_granularity):
+    sam_config, linears = make_sam_config(), ["qkv", "proj", "lin1", "lin2"]
+    linears_only = SearchSpace(supernet_config(sam_config, bit_granularity=bit_granularity, quantized_layers=linears))
+    full = SearchSpace(supernet_config(sam_config, bit_granularity=bit_granularity, hidden_size_choices=[64, 32]))
+    assert full.layer_names[-3:] == ("patch_embed.projection", "neck.conv1", "neck.conv2")
+    assert full.layer_blocks[-3:] == (4, 5, 6)  # each convolution a bit unit of its own
+    for seed in range(10):
+        before, after = linears_only.sample(seed), full.sample(seed)
+        blocks = len(before.layer_names)
+        assert (before.resolution, before.skipped_blocks, before.num_heads, before.mlp_dims) == (
+            after.resolution, after.skipped_blocks, after.num_heads, after.mlp_dims
+        )
+        assert after.weight_bits[:blocks] == before.weight_bits and after.layer_names[:blocks] == before.layer_names
+        full.validate(after)
+
+
+@pytest.mark.parametrize("bit_granularity", ["layer", "block"])
 @pytest.mark.parametrize("make_config", [make_sam_config, make_vit_b_sam_config], ids=["tiny", "vit_b"])
 def test_encoding_round_trips_sampled_architectures(make_config, bit_granularity):
     space = SearchSpace(supernet_config(make_config(), bit_granularity=bit_granularity))

@@ -145,11 +145,16 @@ class SearchSpace:
         activation_choices = tuple(activation_bit_choices or self.activation_bit_choices)
         num_heads = tuple(rng.choice(self.num_heads_choices) for _ in range(self.num_blocks))
         mlp_dims = tuple(rng.choice(self.mlp_dim_choices) for _ in range(self.num_blocks))
-        weight_bits, activation_bits = self._sample_bits(rng, weight_choices, activation_choices, self.num_blocks)
+        linear_units = self.layer_blocks[: self.num_linears]
+        weight_bits, activation_bits = self._sample_bits(
+            rng, weight_choices, activation_choices, linear_units, self.num_blocks
+        )
         resolution = rng.choice(self.resolution_choices)
         skipped_blocks = self.skipped_blocks(rng.choice(self.depth_choices))
-        num_convs = len(self.layer_names) - self.num_linears
-        conv_weight_bits, conv_activation_bits = self._sample_bits(rng, weight_choices, activation_choices, num_convs)
+        conv_units = tuple(range(len(self.layer_names) - self.num_linears))
+        conv_weight_bits, conv_activation_bits = self._sample_bits(
+            rng, weight_choices, activation_choices, conv_units, len(conv_units)
+        )
         hidden_size = rng.choice(self.hidden_size_choices) if len(self.hidden_size_choices) > 1 else None
         arch = SubnetArchitecture(
             resolution=resolution,
@@ -163,12 +168,9 @@ class SearchSpace:
         )
         return self.canonical(arch)
 
-    def _sample_bits(self, rng, weight_choices, activation_choices, num_units: int):
-        """Bits of the block Linears (`num_units` = `num_blocks`) or of the convolutions (`num_units` = their count)."""
-        if num_units == self.num_blocks:
-            units = self.layer_blocks[: self.num_linears]
-        else:
-            units = tuple(range(num_units))
+    def _sample_bits(self, rng, weight_choices, activation_choices, units: tuple[int, ...], num_units: int):
+        """Bits of layers whose bit units are `units`, each in `range(num_units)`: the Linears' blocks (`num_units`
+        = `num_blocks`, drawn per block as they always were) or the convolutions (one unit each)."""
         if self.config.bit_granularity == "block":
             per_unit_w = [rng.choice(weight_choices) for _ in range(num_units)]
             per_unit_a = [rng.choice(activation_choices) for _ in range(num_units)]
