@@ -294,7 +294,7 @@ def test_recomputed_attention_core_gives_the_gradients_of_plain_autograd(product
     names = ["query", "key", "value", "rel_pos_h", "rel_pos_w"] + [
         f"{quantizer}.{table}"
         for quantizer in ("query", "key", "value", "probs")
-        for table, tensor in zip(("step_size", "offset"), getattr(attn, f"{quantizer}_quantizer").quantize_inputs())
+        for table, tensor in zip(("step_size", "offset"), getattr(attn, f"{quantizer}_quantizer").quantize_tables())
         if tensor is not None
     ]
     assert len(names) == len(leaves) == len(grads)

@@ -214,7 +214,7 @@ class QuantizedSamVisionAttention(SamVisionAttention):
         """The tensors the attention core takes besides queries, keys and values: the relative-position tables, then
         the step-size and offset tables of the query, key, value and probability quantizers."""
         tables = (self.rel_pos_h, self.rel_pos_w) if self.use_rel_pos else (None, None)
-        steps = tuple(tensor for quantizer in self.product_quantizers() for tensor in quantizer.quantize_inputs())
+        steps = tuple(tensor for quantizer in self.product_quantizers() for tensor in quantizer.quantize_tables())
         return tables + steps
 
     def attention_core(self, height: int, width: int, keep_weights: bool = False):

@@ -204,21 +204,21 @@ class QuantizedLoraLinear(nn.Linear):
             return F.linear(self.input_quantizer(x), self.quantized_weight(), self.active_bias())
         self.input_quantizer.ensure_initialized(x)
         self._ensure_weight_steps()
-        input_inputs = self.input_quantizer.quantize_inputs()
+        input_tables = self.input_quantizer.quantize_tables()
         return RecomputedWeightLinear.apply(
             x,
             self.active_bias(),
             self.input_quantizer.quantize_function(),
             self.weight_function(),
-            len(input_inputs),
-            *input_inputs,
+            len(input_tables),
+            *input_tables,
             *self._weight_inputs(),
         )
 
 
 class RecomputedWeightLinear(torch.autograd.Function):
-    """`F.linear(input_fn(x, *input_inputs), weight_fn(*weight_inputs), bias)` that keeps only `x`, `bias` and the
-    small input tensors for the backward pass.
+    """`F.linear(input_fn(x, *input_tables), weight_fn(*weight_inputs), bias)` that keeps only the raw `x` and its
+    arguments (parameters and step-size tables) for the backward pass.
 
     Autograd would keep every weight-sized tensor on the way from the frozen weight to its quantized copy (the merged
     weight, the scaled one, the clamp's input, the rounded one) until backward, in every layer: for ViT-B several
@@ -230,16 +230,16 @@ class RecomputedWeightLinear(torch.autograd.Function):
     passes run at the autocast dtype, as `F.linear` would.
 
     Args (of `apply`): `x`, `bias`, `input_fn` (`LsqQuantizer.quantize_function()` or `None`), `weight_fn`, the number
-    of input tensors `input_fn` takes besides `x`, then those tensors, then the `weight_inputs`.
+    of step-size and offset tables `input_fn` takes besides `x`, then those tables, then the `weight_inputs`.
     """
 
     @staticmethod
-    def forward(ctx, x, bias, input_fn, weight_fn, num_input_inputs, *tensors):
+    def forward(ctx, x, bias, input_fn, weight_fn, num_input_tables, *tensors):
         ctx.autocast = autocast_state(x.device.type)
-        ctx.input_fn, ctx.weight_fn, ctx.num_input_inputs = input_fn, weight_fn, num_input_inputs
+        ctx.input_fn, ctx.weight_fn, ctx.num_input_tables = input_fn, weight_fn, num_input_tables
         ctx.input_dtype = x.dtype
-        input_inputs, weight_inputs = tensors[:num_input_inputs], tensors[num_input_inputs:]
-        quantized_x = x if input_fn is None else input_fn(x, *input_inputs)
+        input_tables, weight_inputs = tensors[:num_input_tables], tensors[num_input_tables:]
+        quantized_x = x if input_fn is None else input_fn(x, *input_tables)
         output = F.linear(quantized_x, weight_fn(*weight_inputs), bias)
         # A float input is kept at the dtype the matmul saw (bf16 under autocast), as F.linear's own backward would;
         # a quantized one raw, which is all its recomputation needs.
@@ -249,22 +249,22 @@ class RecomputedWeightLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, bias, *tensors = ctx.saved_tensors
-        count = ctx.num_input_inputs
-        input_inputs, weight_inputs = tensors[:count], tensors[count:]
+        count = ctx.num_input_tables
+        input_tables, weight_inputs = tensors[:count], tensors[count:]
         needs_x, needs_bias = ctx.needs_input_grad[:2]
-        needs_input_inputs = ctx.needs_input_grad[5 : 5 + count]
+        needs_input_tables = ctx.needs_input_grad[5 : 5 + count]
         needs_weight_inputs = ctx.needs_input_grad[5 + count :]
         device_type, autocast_dtype, autocast_enabled = ctx.autocast
         with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
             weight_leaves = detached_leaves(weight_inputs, needs_weight_inputs)
             weight = ctx.weight_fn(*weight_leaves)
-            x_leaves = detached_leaves((x, *input_inputs), (needs_x, *needs_input_inputs))
+            x_leaves = detached_leaves((x, *input_tables), (needs_x, *needs_input_tables))
             quantized_x = x_leaves[0] if ctx.input_fn is None else ctx.input_fn(*x_leaves)
         grad_bias = None
         if needs_bias:
             grad_bias = grad_output.flatten(0, -2).sum(0).to(bias.dtype)
         x_grads = [None] * len(x_leaves)
-        if needs_x or any(needs_input_inputs):
+        if needs_x or any(needs_input_tables):
             grad_quantized_x = (grad_output @ weight.detach().to(grad_output.dtype)).to(ctx.input_dtype)
             if ctx.input_fn is None:
                 x_grads[0] = grad_quantized_x

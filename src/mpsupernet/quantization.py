@@ -203,7 +203,7 @@ class LsqQuantizer(nn.Module):
 
         return quantize
 
-    def quantize_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def quantize_tables(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The tensors `quantize_function()` takes besides `x`: the step-size table and the offset table (or `None`)."""
         return self.step_size, self.offset
 
