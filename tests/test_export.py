@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import json
+import math
 import re
 from collections import Counter
 from types import SimpleNamespace
@@ -21,11 +22,11 @@ from mpsupernet.data import make_synthetic_segmentation_dataset  # noqa: E402
 from mpsupernet.data.processing import SamSegmentationPreprocessor, collate_fn  # noqa: E402
 from mpsupernet.evaluation import evaluate_mean_iou  # noqa: E402
 from mpsupernet.export import writer  # noqa: E402
-from mpsupernet.export.graphs import ActivationQuantizerGraph, AttentionGraph, LinearGraph  # noqa: E402
+from mpsupernet.export.graphs import ActivationQuantizerGraph, AttentionGraph, ConvGraph, LinearGraph  # noqa: E402
 from mpsupernet.export.ops import ONNX_TRANSLATIONS  # noqa: E402
 from mpsupernet.extraction import extract_subnet  # noqa: E402
 from mpsupernet.metrics import mask_iou  # noqa: E402
-from mpsupernet.modeling_sam_subnet import QuantizedLinear  # noqa: E402
+from mpsupernet.modeling_sam_subnet import QuantizedConv2d, QuantizedLinear  # noqa: E402
 from mpsupernet.packing import pack_codes  # noqa: E402
 from mpsupernet.pretrained import load_embedded_sam  # noqa: E402
 from mpsupernet.quantization import LsqQuantizer, integer_range  # noqa: E402
@@ -155,6 +156,78 @@ def test_exported_linears_match_pytorch_at_every_bit_width(tmp_path):
             reference = linear(x).numpy()
         scale = np.abs(reference).max()
         assert np.abs(output - reference).max() <= 1e-5 * scale, f"W{case[0]}A{case[1]} offset={case[2]}"
+
+
+CONV_CASES = [
+    # (weight_bits, activation_bits, offset, kernel_size, stride, padding): the patch embedding's and the neck's shapes
+    (8, 8, True, 4, 4, 0),
+    (4, 6, True, 1, 1, 0),
+    (3, 4, True, 3, 1, 1),
+    (8, 4, False, 3, 1, 1),
+    (32, 8, True, 3, 1, 1),
+    (2, 32, True, 4, 4, 0),
+]
+
+
+def make_conv(weight_bits, activation_bits, offset, kernel_size, stride, padding, calibration, seed) -> QuantizedConv2d:
+    """A `QuantizedConv2d` (12 -> 10 channels) with random codes and scales, its input step set from `calibration`."""
+    config = SimpleNamespace(activation_offset=offset, step_size_min=1e-8)
+    conv = QuantizedConv2d(12, 10, kernel_size, stride, padding, True, weight_bits, activation_bits, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if weight_bits >= 16:
+            conv.weight.copy_(torch.randn(conv.weight_shape, generator=generator) * 0.1)
+        else:
+            q_min, q_max = integer_range(weight_bits, signed=True)
+            codes = torch.randint(q_min, q_max + 1, conv.weight_shape, generator=generator, dtype=torch.int8)
+            conv.packed_weight.copy_(pack_codes(codes, weight_bits))
+            conv.weight_scale.copy_(torch.rand(10, generator=generator) * 0.02 + 0.005)
+        conv.bias.copy_(torch.randn(10, generator=generator) * 0.1)
+        if activation_bits < 16:
+            conv.input_quantizer.initialize(calibration, activation_bits)
+    return conv.eval()
+
+
+def test_exported_convolutions_match_pytorch_at_every_bit_width(tmp_path):
+    """The patch embedding and neck convolutions, padded ones with an LSQ+ offset included (the offset comes back
+    through a per-position map there: padded taps see 0, not the offset)."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 12, 8, 8, generator=generator) * 1.5 + 0.4
+    convs = [make_conv(*case, calibration=x, seed=i) for i, case in enumerate(CONV_CASES)]
+
+    class Convs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.graphs = nn.ModuleList(ConvGraph(conv, input_size=8) for conv in convs)
+
+        def forward(self, x):
+            return tuple(graph(x) for graph in self.graphs)
+
+    outputs = run_in_onnxruntime(Convs(), (x,), tmp_path)
+    for case, conv, output in zip(CONV_CASES, convs, outputs):
+        with torch.no_grad():
+            reference = conv(x).numpy()
+        assert output.shape == reference.shape
+        scale = np.abs(reference).max()
+        assert np.abs(output - reference).max() <= 1e-5 * scale, f"W{case[0]}A{case[1]} offset={case[2]} k={case[3]}"
+    assert abs(convs[2].input_quantizer.offset.item()) > 0.1  # the padded case has an offset to bring back
+
+
+def test_reduced_feature_size_subnet_exports_and_agrees(tmp_path):
+    """A subnet at half the feature size, convolutions quantized: the exported encoder computes what PyTorch does."""
+    supernet = SamSupernetForMaskGeneration.from_sam(make_tiny_sam(), hidden_size_choices=[64, 32]).eval()
+    supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
+    arch = supernet.search_space.uniform(128, 4, 4, 256, 8, 8, hidden_size=32)
+    subnet = extract_subnet(supernet, arch).eval()
+    subnet.export_onnx(tmp_path / "onnx", verify=False)
+    pixel_values = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        quantized = subnet.get_image_embeddings(pixel_values).numpy()
+        supernet.set_subnet(dataclasses.replace(arch, weight_bits=(32,) * 19, activation_bits=(32,) * 19))
+        full_precision = supernet.get_image_embeddings(pixel_values).numpy()
+    exported = OnnxSamModel.from_pretrained(tmp_path / "onnx").get_image_embeddings(pixel_values.numpy())
+    assert exported.shape == quantized.shape
+    assert np.abs(exported - quantized).mean() <= 0.1 * np.abs(quantized - full_precision).mean()
 
 
 def test_exported_attention_blocks_match_pytorch_at_a8(tiny_w8a8_subnet, tmp_path):
@@ -291,19 +364,24 @@ def test_a4_a6_masks_and_mean_iou_agree_with_pytorch(exported_mixed):
 
 # --- bytes -----------------------------------------------------------------------------------------------------------
 def expected_encoder_bytes(subnet: SamSubnetForMaskGeneration, container: str) -> float:
-    """Codes at their container's bits, 4-byte scales and biases, every other float tensor of the encoder at 4 bytes."""
+    """Codes at their container's bits, 4-byte scales and biases (a padded convolution's with an input offset is a
+    map over its output grid), every other float tensor of the encoder at 4 bytes."""
     total = 0.0
     counted = set()
-    for name, module in subnet.sam.vision_encoder.named_modules():
-        if isinstance(module, QuantizedLinear):
+    encoder = subnet.sam.vision_encoder
+    grid = encoder.resolution // encoder.patch_size
+    for name, module in encoder.named_modules():
+        if isinstance(module, QuantizedLinear):  # convolutions included
             counted.update(f"{name}.{key}" for key, _ in module.named_parameters(recurse=False))
             counted.update(f"{name}.{key}" for key, _ in module.named_buffers(recurse=False))
             if module.weight_bits < 16:
                 bits = 4 if container == "int4" and module.weight_bits <= 4 else 8
-                total += module.out_features * module.in_features * bits / 8 + 4 * module.out_features
+                total += math.prod(module.weight_shape) * bits / 8 + 4 * module.out_features
             else:
                 total += 4 * module.weight.numel()
-            total += 4 * module.out_features
+            padded = isinstance(module, QuantizedConv2d) and module.padding
+            offset_map = padded and module.input_quantizer.offset is not None
+            total += 4 * module.out_features * (grid * grid if offset_map else 1)
     for name, tensor in subnet.sam.vision_encoder.state_dict().items():
         if name not in counted and "quantizer" not in name and tensor.is_floating_point():
             total += 4 * tensor.numel()
@@ -317,7 +395,7 @@ def wide_mixed_subnet():
     supernet = SamSupernetForMaskGeneration.from_sam(sam).eval()
     supernet.calibrate_quantizers(torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
     largest = supernet.search_space.largest(8, 8)
-    weight_bits = (2, 4, 8, 32, 4, 8, 2, 8)[: len(largest.layer_names)]
+    weight_bits = (2, 4, 8, 32, 4, 8, 2, 8, 4, 8, 2)[: len(largest.layer_names)]  # 8 Linears, then 3 convolutions
     return extract_subnet(supernet, dataclasses.replace(largest, weight_bits=weight_bits)).eval()
 
 
@@ -391,7 +469,8 @@ def test_non_finite_and_uncalibrated_steps_are_refused(tiny_w8a8_subnet, tmp_pat
     with pytest.raises(ValueError, match=r"quantizer vision_encoder\.layers\.1\.attn\.probs_quantizer at 8 bits was never calibrated"):
         broken.export_onnx(tmp_path / "out")
     never_extracted = SamSubnetForMaskGeneration(tiny_w8a8_subnet.config)
-    with pytest.raises(ValueError, match=r"weight scales of vision_encoder\.layers\.0\.attn\.qkv \(8 bits\) include \[0\.0"):
+    message = r"weight scales of vision_encoder\.patch_embed\.projection \(8 bits\) include \[0\."
+    with pytest.raises(ValueError, match=message):
         never_extracted.export_onnx(tmp_path / "out")
     assert listing(tmp_path) == []
 

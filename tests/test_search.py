@@ -37,7 +37,7 @@ def synthetic_miou(arch) -> float:
     layer_bits = [
         min(w, 8) * min(a, 8)
         for name, w, a in zip(arch.layer_names, arch.weight_bits, arch.activation_bits)
-        if not name.startswith("layers.") or int(name.split(".")[1]) in kept
+        if arch.keeps_layer(name)
     ]
     width = np.mean([arch.num_heads[b] / 4 + arch.mlp_dims[b] / 256 for b in kept])
     noise = zlib.crc32(arch.to_json().encode()) / 2**32

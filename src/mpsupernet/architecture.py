@@ -104,6 +104,12 @@ class SubnetArchitecture:
     def kept_blocks(self) -> tuple[int, ...]:
         return tuple(block for block in range(self.num_blocks) if block not in self.skipped_blocks)
 
+    def keeps_layer(self, layer_name: str) -> bool:
+        """Whether the subnet runs a quantized layer: a convolution always, a block's Linear when the block is kept."""
+        if not layer_name.startswith("layers."):
+            return True
+        return int(layer_name.split(".")[1]) in self.kept_blocks
+
     def bits_of(self, layer_name: str) -> tuple[int, int]:
         """`(weight_bits, activation_bits)` of a quantized layer, or float if the layer is not quantized."""
         if layer_name not in self.layer_names:

@@ -422,7 +422,7 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
         quantized_inputs = [
             name
             for name, bits in zip(arch.layer_names, arch.activation_bits)
-            if not is_float_bits(bits) and (not name.startswith("layers.") or int(name.split(".")[1]) in kept)
+            if not is_float_bits(bits) and arch.keeps_layer(name)
         ]
         if quantized_inputs:
             logger.warning(

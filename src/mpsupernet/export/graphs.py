@@ -6,8 +6,10 @@ quantization pattern and exact in real arithmetic (the facts behind each rewrite
 - weights are their stored integer codes, laid out `[in, out]` so that `DequantizeLinear` feeds `MatMul` directly,
   with one scale per output channel (`axis=1`);
 - an LSQ+ activation offset is subtracted before quantizing, and added back where it is exact to do so: a
-  Linear's bias gains `offset * column sums of its dequantized weight`; probabilities x values gain
-  `offset * row sums of the quantized probabilities`;
+  Linear's bias gains `offset * column sums of its dequantized weight`; a convolution's (patch embedding, neck)
+  gains `offset` convolved with its weight over an all-ones input of its zero-padded size, a constant map (per
+  channel where the convolution is not padded; per position where it is, since padded taps see 0, not the offset);
+  probabilities x values gain `offset * row sums of the quantized probabilities`;
 - every activation grid is stored in uint8: signed grids shifted by the integer zero point `2^(b-1)` (same values),
   so that onnxruntime runs Q.K^T as an integer matmul too (it fuses uint8 pairs where it skips int8 x int8);
 - the key is quantized after its transpose (per-tensor quantization commutes with it), the head scale multiplies
@@ -22,7 +24,12 @@ from torch import nn
 from transformers.models.sam.modeling_sam import SamVisionAttention
 
 from ..architecture import is_float_bits
-from ..modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration, SamSubnetVisionAttention
+from ..modeling_sam_subnet import (
+    QuantizedConv2d,
+    QuantizedLinear,
+    SamSubnetForMaskGeneration,
+    SamSubnetVisionAttention,
+)
 from ..quantization import LsqQuantizer, integer_range
 from ..packing import unpack_codes
 from .ops import dequantize, quantize
@@ -89,6 +96,52 @@ def linear_graph(linear: nn.Module) -> nn.Module:
     return LinearGraph(linear) if isinstance(linear, QuantizedLinear) else linear
 
 
+class ConvGraph(nn.Module):
+    """A subnet `QuantizedConv2d` as `conv(QDQ(x - offset), DQ(codes [out, in, k, k], scales)) + offset map + bias`.
+
+    Args:
+        conv (`QuantizedConv2d`): the subnet's convolution.
+        input_size (`int`): the side of its (square) input, which the offset map of a padded convolution needs.
+    """
+
+    def __init__(self, conv: QuantizedConv2d, input_size: int):
+        super().__init__()
+        self.weight_bits, self.activation_bits = conv.weight_bits, conv.activation_bits
+        self.stride, self.padding = conv.stride, conv.padding
+        self.input_quantizer = ActivationQuantizerGraph(conv.input_quantizer)
+        with torch.no_grad():
+            if is_float_bits(conv.weight_bits):
+                weight = conv.weight.detach().float().clone()
+                self.register_buffer("weight", weight)
+                self.weight_codes = self.weight_scale = None
+            else:
+                codes = unpack_codes(conv.packed_weight, conv.weight_bits, conv.weight_shape)
+                self.register_buffer("weight_codes", codes)
+                self.register_buffer("weight_scale", conv.weight_scale.detach().float().clone())
+                self.weight = None
+                weight = codes.float() * self.weight_scale.reshape(-1, 1, 1, 1)
+            bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_features)
+            bias = bias.reshape(1, -1, 1, 1)
+            offset = self.input_quantizer.offset
+            if offset != 0.0:
+                side = input_size if self.padding else conv.kernel_size  # without padding every output sees k x k
+                ones = torch.full((1, conv.in_features, side, side), offset)
+                bias = bias + F.conv2d(ones, weight, stride=self.stride, padding=self.padding)
+            self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            weight = dequantize(self.weight_codes, self.weight_scale, 0, 0)
+        else:
+            weight = self.weight
+        return F.conv2d(self.input_quantizer(x), weight, stride=self.stride, padding=self.padding) + self.bias
+
+
+def conv_graph(conv: nn.Module, input_size: int) -> nn.Module:
+    """The export form of a subnet convolution: a plain float `nn.Conv2d` stays as it is."""
+    return ConvGraph(conv, input_size) if isinstance(conv, QuantizedConv2d) else copy.deepcopy(conv).float()
+
+
 class AttentionGraph(nn.Module):
     """The attention of one subnet block, with its act x act products quantized as the subnet quantizes them."""
 
@@ -141,7 +194,7 @@ class VisionEncoderGraph(nn.Module):
         encoder = subnet.sam.vision_encoder
         self.image_size, self.resolution = encoder.image_size, encoder.resolution
         self.base_grid = encoder.image_size // encoder.patch_size
-        self.projection = copy.deepcopy(encoder.patch_embed.projection).float()
+        self.projection = conv_graph(encoder.patch_embed.projection, encoder.resolution)
         grid = encoder.resolution // encoder.patch_size
         with torch.no_grad():
             pos_embed = encoder.position_embedding(grid).detach().float().clone() if encoder.pos_embed is not None else None
@@ -153,6 +206,8 @@ class VisionEncoderGraph(nn.Module):
             layer.mlp.lin1, layer.mlp.lin2 = linear_graph(source.mlp.lin1), linear_graph(source.mlp.lin2)
             self.layers.append(layer.float())
         self.neck = copy.deepcopy(encoder.neck).float()
+        self.neck.conv1 = conv_graph(encoder.neck.conv1, grid)
+        self.neck.conv2 = conv_graph(encoder.neck.conv2, grid)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.resolution != self.image_size:

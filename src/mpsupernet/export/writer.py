@@ -326,7 +326,7 @@ def _write(subnet, staging: Path, destination: Path, target, weight_container, o
                 ),
             }
             for name, weight_bits, activation_bits in zip(arch.layer_names, arch.weight_bits, arch.activation_bits)
-            if int(name.split(".")[1]) in arch.kept_blocks
+            if arch.keeps_layer(name)
         },
         "runtime": {"onnxruntime": ONNXRUNTIME_SETTINGS, "openvino": OPENVINO_SETTINGS},
     }
