@@ -122,19 +122,24 @@ def make_linear(weight_bits, activation_bits, offset, calibration, seed) -> Quan
     """A `QuantizedLinear` with random codes and scales and its input step set from `calibration`."""
     config = SimpleNamespace(activation_offset=offset, step_size_min=1e-8)
     linear = QuantizedLinear(48, 40, True, weight_bits, activation_bits, config)
+    return fill_randomly(linear, calibration, seed)
+
+
+def fill_randomly(layer: QuantizedLinear, calibration: torch.Tensor, seed: int) -> QuantizedLinear:
+    """Random codes and scales (or a random float weight), a random bias, the input step set from `calibration`."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        if weight_bits >= 16:
-            linear.weight.copy_(torch.randn(40, 48, generator=generator) * 0.1)
+        if layer.weight_bits >= 16:
+            layer.weight.copy_(torch.randn(layer.weight_shape, generator=generator) * 0.1)
         else:
-            q_min, q_max = integer_range(weight_bits, signed=True)
-            codes = torch.randint(q_min, q_max + 1, (40, 48), generator=generator, dtype=torch.int8)
-            linear.packed_weight.copy_(pack_codes(codes, weight_bits))
-            linear.weight_scale.copy_(torch.rand(40, generator=generator) * 0.02 + 0.005)
-        linear.bias.copy_(torch.randn(40, generator=generator) * 0.1)
-        if activation_bits < 16:
-            linear.input_quantizer.initialize(calibration, activation_bits)
-    return linear.eval()
+            q_min, q_max = integer_range(layer.weight_bits, signed=True)
+            codes = torch.randint(q_min, q_max + 1, layer.weight_shape, generator=generator, dtype=torch.int8)
+            layer.packed_weight.copy_(pack_codes(codes, layer.weight_bits))
+            layer.weight_scale.copy_(torch.rand(layer.out_features, generator=generator) * 0.02 + 0.005)
+        layer.bias.copy_(torch.randn(layer.out_features, generator=generator) * 0.1)
+        if layer.activation_bits < 16:
+            layer.input_quantizer.initialize(calibration, layer.activation_bits)
+    return layer.eval()
 
 
 def test_exported_linears_match_pytorch_at_every_bit_width(tmp_path):
@@ -173,19 +178,7 @@ def make_conv(weight_bits, activation_bits, offset, kernel_size, stride, padding
     """A `QuantizedConv2d` (12 -> 10 channels) with random codes and scales, its input step set from `calibration`."""
     config = SimpleNamespace(activation_offset=offset, step_size_min=1e-8)
     conv = QuantizedConv2d(12, 10, kernel_size, stride, padding, True, weight_bits, activation_bits, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        if weight_bits >= 16:
-            conv.weight.copy_(torch.randn(conv.weight_shape, generator=generator) * 0.1)
-        else:
-            q_min, q_max = integer_range(weight_bits, signed=True)
-            codes = torch.randint(q_min, q_max + 1, conv.weight_shape, generator=generator, dtype=torch.int8)
-            conv.packed_weight.copy_(pack_codes(codes, weight_bits))
-            conv.weight_scale.copy_(torch.rand(10, generator=generator) * 0.02 + 0.005)
-        conv.bias.copy_(torch.randn(10, generator=generator) * 0.1)
-        if activation_bits < 16:
-            conv.input_quantizer.initialize(calibration, activation_bits)
-    return conv.eval()
+    return fill_randomly(conv, calibration, seed)
 
 
 def test_exported_convolutions_match_pytorch_at_every_bit_width(tmp_path):
