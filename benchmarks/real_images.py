@@ -10,6 +10,7 @@ boxes for every model of the same input size, IoU at the model's `pred_masks` re
   N x N (what a student distilled on such a grid can at best reproduce).
 - **embedded SAM**: `mpsupernet.pretrained.load_embedded_sam()`, the package's default.
 - `--sam DIR` (repeatable): any `SamModel` folder, e.g. a distilled student (`scripts/distill_embedded_sam.py`).
+- `--synthetic-images N`: a last column, box mIoU on N images of the synthetic validation split.
 - `--supernet DIR`: a trained supernet's full-precision subnet; `--tiers DIR`: each tier of a tiers folder
   (`mpsupernet.hub.save_tiers`, e.g. the demo's `outputs/demo/tiers`).
 
@@ -35,8 +36,8 @@ from transformers import SamModel
 
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration
 from mpsupernet.convert import sam_from_lite_medsam
-from mpsupernet.data import REAL3_DOMAINS, load_real3_dataset
-from mpsupernet.evaluation import evaluate_real3_mean_iou
+from mpsupernet.data import REAL3_DOMAINS, load_real3_dataset, make_synthetic_segmentation_dataset_dict
+from mpsupernet.evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
 from mpsupernet.pretrained import load_embedded_sam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,7 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--pooled-grid", type=int, action="append", default=[],
         help="Also evaluate LiteMedSAM with its embeddings pooled to this grid (repeatable, a divisor of 64).",
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the box jitter (default: 0).")
+    parser.add_argument(
+        "--synthetic-images", type=int, default=0,
+        help="Also report box mIoU on this many images of the synthetic validation split (default: 0, none).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the box jitter and synthetic split (default: 0).")
     parser.add_argument("--output", type=Path, default=Path("outputs/benchmarks/real_images.json"))
     args = parser.parse_args(argv)
     for grid in args.pooled_grid:
@@ -99,17 +104,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = load_real3_dataset()
     counts = {domain: len(masks) for domain, masks in zip(dataset["domain"], dataset["masks"])}
+    synthetic = None
+    columns = COLUMNS
+    if args.synthetic_images:
+        synthetic = make_synthetic_segmentation_dataset_dict(0, args.synthetic_images, seed=args.seed)["validation"]
+        columns = (*COLUMNS, "synthetic")
     print(f"real-3: {counts} instances; torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{platform.processor() or platform.machine()}, {datetime.date.today()}")
-    print(f"{'model':<36} " + " ".join(f"{column:>9}" for column in COLUMNS) + f" {'seconds':>8}")
+    print(f"{'model':<36} " + " ".join(f"{column:>9}" for column in columns) + f" {'seconds':>8}")
     rows = []
     for label, model in models_from_arguments(args):
         started = time.perf_counter()
         result = evaluate_real3_mean_iou(model, dataset, seed=args.seed)
+        if synthetic is not None:
+            result["synthetic"] = evaluate_dataset_mean_iou(model, synthetic, seed=args.seed)
         seconds = time.perf_counter() - started
-        rows.append({"model": label, **{column: round(result[column], 4) for column in COLUMNS},
+        rows.append({"model": label, **{column: round(result[column], 4) for column in columns},
                      "seconds": round(seconds, 1)})
-        print(f"{label:<36} " + " ".join(f"{result[column]:>9.4f}" for column in COLUMNS) + f" {seconds:>8.1f}")
+        print(f"{label:<36} " + " ".join(f"{result[column]:>9.4f}" for column in columns) + f" {seconds:>8.1f}")
     payload = {"instances_per_domain": counts, "seed": args.seed, "rows": rows,
                "command": "python benchmarks/real_images.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     args.output.parent.mkdir(parents=True, exist_ok=True)

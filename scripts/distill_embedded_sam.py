@@ -49,8 +49,9 @@ from PIL import Image as PILImage
 from safetensors.torch import load_file, save_file
 
 from mpsupernet.convert import sam_from_lite_medsam
-from mpsupernet.data import make_synthetic_segmentation_dataset
+from mpsupernet.data import make_synthetic_segmentation_dataset, make_synthetic_segmentation_dataset_dict
 from mpsupernet.data.processing import _PillowSamImageProcessor
+from mpsupernet.evaluation import evaluate_dataset_mean_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _litemedsam import load_lite_medsam, sam_pixels_to_lite_medsam  # noqa: E402
@@ -328,6 +329,9 @@ def main() -> None:
         validation_error=embedding_error(encoder, validation_pixels, validation_targets),
         partial=False,
     )
+    # Box mIoU (jittered boxes) on the 200-image synthetic validation split the earlier embedded SAM was validated on.
+    synthetic = make_synthetic_segmentation_dataset_dict(0, 200, seed=args.seed)["validation"]
+    log["synthetic_validation_miou_box"] = round(evaluate_dataset_mean_iou(model, synthetic, seed=args.seed), 4)
     save_float16(model, output_dir, log)
     logger.info("done: %s", log["validation_error"])
 
