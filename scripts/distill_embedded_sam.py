@@ -176,15 +176,18 @@ def build_cache(source: ImageSource, cache_dir: Path, stream: int, num_images: i
         targets = torch.cat([teacher(batch) for batch in teacher_inputs.split(8)])
         targets = F.adaptive_avg_pool2d(targets, grid)
         partial = path.with_suffix(".partial")
-        torch.save({"pixel_values": student_inputs.half(), "targets": targets.half()}, partial)
+        seconds = time.perf_counter() - started
+        torch.save({"pixel_values": student_inputs.half(), "targets": targets.half(), "seconds": seconds}, partial)
         partial.rename(path)
-        logger.info("teacher chunk %d (%d images) in %.1f s", chunk, len(images), time.perf_counter() - started)
+        logger.info("teacher chunk %d (%d images) in %.1f s", chunk, len(images), seconds)
     return paths
 
 
-def _load_chunks(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_chunks(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Student inputs, targets, and the seconds the teacher took to compute them (when they were cached)."""
     chunks = [torch.load(path, weights_only=True) for path in paths]
-    return torch.cat([c["pixel_values"] for c in chunks]), torch.cat([c["targets"] for c in chunks])
+    seconds = sum(c["seconds"] for c in chunks)
+    return torch.cat([c["pixel_values"] for c in chunks]), torch.cat([c["targets"] for c in chunks]), seconds
 
 
 def distillation_loss(
@@ -246,12 +249,12 @@ def main() -> None:
     cache_dir = Path(args.cache_dir)
     validation_paths = build_cache(source, cache_dir, VALIDATION_STREAM, args.num_validation, grid, teacher)
     train_paths = build_cache(source, cache_dir, 0, args.num_images, grid, teacher)
-    teacher_seconds = time.perf_counter() - started
+    setup_seconds = time.perf_counter() - started
     if args.teacher_only:
         return
     del teacher
-    train_pixels, train_targets = _load_chunks(train_paths)
-    validation_pixels, validation_targets = _load_chunks(validation_paths)
+    train_pixels, train_targets, train_teacher_seconds = _load_chunks(train_paths)
+    validation_pixels, validation_targets, validation_teacher_seconds = _load_chunks(validation_paths)
 
     teacher_variance = float(train_targets.float().var())
     model = sam_from_lite_medsam(STUDENT)
@@ -282,7 +285,8 @@ def main() -> None:
         "learning_rate": args.learning_rate,
         "schedule": "linear warmup 50 steps, cosine over the time budget",
         "weights_dtype_on_disk": "float16 (config float32)",
-        "teacher_cache_seconds": round(teacher_seconds, 1),
+        "teacher_seconds": round(train_teacher_seconds + validation_teacher_seconds, 1),
+        "setup_seconds": round(setup_seconds, 1),
         "teacher_embedding_variance": round(teacher_variance, 6),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
@@ -309,7 +313,7 @@ def main() -> None:
         optimizer.step()
         step += 1
         if step % 25 == 0:
-            history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(float(loss), 5), **parts})
+            history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(loss.item(), 5), **parts})
             logger.info("step %d %.0fs loss %.4f mse %.4f cos %.4f", step, elapsed, loss, parts["mse"], parts["cosine"])
         if time.perf_counter() - last_checkpoint > args.checkpoint_minutes * 60:
             encoder.eval()
