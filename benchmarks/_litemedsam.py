@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import SamModel
 
-from mpsupernet.convert import lite_medsam_checkpoint_path, lite_medsam_config, sam_from_lite_medsam
+from mpsupernet.convert import lite_medsam_checkpoint_path, sam_from_lite_medsam
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -111,4 +111,4 @@ class TinyViTForSam(nn.Module):
         return self.sam(image_embeddings=self.image_embeddings(pixel_values), **prompts)
 
 
-__all__ = ["TinyViTForSam", "load_lite_medsam", "lite_medsam_config", "sam_pixels_to_lite_medsam"]
+__all__ = ["TinyViTForSam", "load_lite_medsam", "sam_pixels_to_lite_medsam"]

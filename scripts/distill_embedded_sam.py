@@ -172,7 +172,8 @@ def build_cache(source: ImageSource, cache_dir: Path, stream: int, num_images: i
         indices = range(chunk * CHUNK, min((chunk + 1) * CHUNK, num_images))
         images = [source.image(stream, index) for index in indices]
         student_inputs = student_processor(images=images, return_tensors="pt")["pixel_values"]
-        teacher_inputs = sam_pixels_to_lite_medsam(teacher_processor(images=images, return_tensors="pt")["pixel_values"])
+        teacher_pixels = teacher_processor(images=images, return_tensors="pt")["pixel_values"]
+        teacher_inputs = sam_pixels_to_lite_medsam(teacher_pixels)
         targets = torch.cat([teacher(batch) for batch in teacher_inputs.split(8)])
         targets = F.adaptive_avg_pool2d(targets, grid)
         partial = path.with_suffix(".partial")
@@ -221,6 +222,10 @@ def save_float16(model, output_dir: Path, log: dict) -> None:
     weights = staging / "model.safetensors"
     save_file({name: tensor.half() for name, tensor in load_file(weights).items()}, weights, metadata={"format": "pt"})
     (staging / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    # mkdtemp makes the folder private; the model is meant to be read (and shipped) like any saved model.
+    staging.chmod(0o755)
+    for path in staging.iterdir():
+        path.chmod(0o644)
     if output_dir.exists():
         shutil.rmtree(output_dir)
     staging.rename(output_dir)

