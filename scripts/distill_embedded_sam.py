@@ -21,8 +21,9 @@ jitter, greyscale, inversion and dark backgrounds. Image `i` depends only on `(s
 
 Phases. 1. Teacher: every image's student input (SAM-normalised, 128 px, float16) and pooled teacher target (float16)
 are cached in chunks under `--cache-dir` (outputs/, never git); existing chunks are reused, so an interrupted run
-resumes. 2. Student: AdamW on MSE + (1 - cosine similarity per position) for `--minutes`; the model is saved every
-`--checkpoint-minutes` (a partial run is usable) and at the end, with its training log: settings, timings, and the
+resumes. 2. Student: AdamW on MSE + (1 - cosine similarity per position) for `--minutes`; every `--checkpoint-minutes`
+the held-out embedding error is measured and the model saved when it improved (a partial run is usable); the end
+keeps the best of those and the final weights. The training log holds the settings, timings, and the
 teacher-vs-student embedding error on held-out images of the same distribution. Weights are stored as float16 (the
 config stays float32, so `from_pretrained` loads float32) to keep the folder under 20 MB.
 
@@ -31,6 +32,7 @@ Usage:
 """
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -302,7 +304,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     budget, warmup = args.minutes * 60, 50
     train_started = last_checkpoint = time.perf_counter()
-    step, history = 0, []
+    step, history, checkpoints = 0, [], []
+    best = {"step": 0, "error": log["validation_error_before"], "state": None}
     encoder.train()
     while (elapsed := time.perf_counter() - train_started) < budget:
         progress = min(elapsed / budget, 1.0)
@@ -322,20 +325,31 @@ def main() -> None:
             logger.info("step %d %.0fs loss %.4f mse %.4f cos %.4f", step, elapsed, loss, parts["mse"], parts["cosine"])
         if time.perf_counter() - last_checkpoint > args.checkpoint_minutes * 60:
             encoder.eval()
-            checkpoint_log = {**log, "steps": step, "train_seconds": round(elapsed, 1), "history": history,
-                              "validation_error": embedding_error(encoder, validation_pixels, validation_targets),
-                              "partial": True}
-            save_float16(model, output_dir, checkpoint_log)
-            logger.info("checkpoint at step %d: %s", step, checkpoint_log["validation_error"])
+            error = embedding_error(encoder, validation_pixels, validation_targets)
+            logger.info("checkpoint at step %d: %s", step, error)
+            checkpoints.append({"step": step, "seconds": round(elapsed, 1), **error})
+            if error["relative_mse"] < best["error"]["relative_mse"]:
+                best = {"step": step, "error": error, "state": copy.deepcopy(encoder.state_dict())}
+                save_float16(model, output_dir, {**log, "steps": step, "history": history, "checkpoints": checkpoints,
+                                                 "validation_error": error, "partial": True})
             encoder.train()
             last_checkpoint = time.perf_counter()
     encoder.eval()
+    final_error = embedding_error(encoder, validation_pixels, validation_targets)
+    checkpoints.append({"step": step, "seconds": round(time.perf_counter() - train_started, 1), **final_error})
+    # A small image set overfits: the held-out error can rise late in training, so the best checkpoint is kept.
+    if best["state"] is not None and best["error"]["relative_mse"] < final_error["relative_mse"]:
+        encoder.load_state_dict(best["state"])
+    else:
+        best = {"step": step, "error": final_error}
     log.update(
         steps=step,
+        selected_step=best["step"],
         train_seconds=round(time.perf_counter() - train_started, 1),
         total_seconds=round(time.perf_counter() - started, 1),
         history=history,
-        validation_error=embedding_error(encoder, validation_pixels, validation_targets),
+        checkpoints=checkpoints,
+        validation_error=best["error"],
         partial=False,
     )
     # Box mIoU (jittered boxes) on the 200-image synthetic validation split the earlier embedded SAM was validated on.
