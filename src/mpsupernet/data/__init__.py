@@ -1,4 +1,5 @@
-"""Segmentation data for SAM: a synthetic dataset, adapters from Hub schemas, prompt sampling and preprocessing."""
+"""Segmentation data for SAM: a synthetic dataset, real evaluation images, adapters from Hub schemas, prompt sampling
+and preprocessing."""
 
 from .adapters import (
     DATASET_SCHEMAS,
@@ -19,6 +20,7 @@ from .processing import (
     remove_examples_without_masks,
 )
 from .prompts import PAD_POINT_LABEL, jitter_box, mask_to_box, sample_points
+from .real import REAL3_DOMAINS, REAL3_FEATURES, REAL3_INSTALL, is_real3_available, load_real3_dataset
 from .synthetic import (
     SYNTHETIC_FEATURES,
     make_synthetic_segmentation_dataset,
@@ -31,6 +33,9 @@ __all__ = [
     "MODEL_INPUT_NAMES",
     "PAD_POINT_LABEL",
     "PROMPT_MODES",
+    "REAL3_DOMAINS",
+    "REAL3_FEATURES",
+    "REAL3_INSTALL",
     "STANDARD_FEATURES",
     "SYNTHETIC_FEATURES",
     "SamSegmentationPreprocessor",
@@ -39,7 +44,9 @@ __all__ = [
     "from_coco_annotations",
     "from_instance_mask_columns",
     "from_semantic_maps",
+    "is_real3_available",
     "jitter_box",
+    "load_real3_dataset",
     "low_res_mask_size",
     "make_synthetic_segmentation_dataset",
     "make_synthetic_segmentation_dataset_dict",
