@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -179,6 +180,23 @@ def timed(fn, device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def interleaved_rounds(
+    functions: dict[str, Callable[[], object]], rounds: int, device: torch.device, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds each function takes in each of `rounds` timed rounds, after `warmup` untimed ones.
+
+    Every round calls each function once, in order (A B C, A B C, ...), so that a slow spell of a shared machine
+    hits all of them alike and per-round ratios cancel it.
+    """
+    seconds = {name: [] for name in functions}
+    for round_index in range(warmup + rounds):
+        for name, function in functions.items():
+            elapsed = timed(function, device)
+            if round_index >= warmup:
+                seconds[name].append(elapsed)
+    return seconds
 
 
 def current_memory(device: torch.device) -> int:

@@ -1,90 +1,451 @@
-"""CPU latency of extracted subnets against the full-precision model, beside their MACs and BitOPs ratios.
+"""CPU latency of deployable tiers against the float SamModel: PyTorch, onnxruntime and OpenVINO side by side.
 
-    python benchmarks/latency.py [--budgets 5% 10% 25% 50%] [--repeats 15]
+    python benchmarks/latency.py [--tiers outputs/demo/tiers] [--threads 2] [--rounds 7] [--no-vit-b]
 
-Subnets are extracted from the embedded default's supernet along the cost-only descent (no search needed for a
-latency figure), and each is timed against the plain float `SamModel` in interleaved repetitions (A B A B ...), so that
-machine noise hits both alike; the median ratio is reported. Only the image encoder is timed, as only it changes.
+Two groups of models, each with its float SamModel:
 
-Extracted subnets keep integer weight codes but run them through dequantized float matmuls, with activations
-fake-quantized in float: their speed-up can only come from skipped blocks, narrower layers and a lower resolution
-(the MACs ratio), never from the bits. The gap between the latency ratio and the MACs ratio is the overhead of doing
-quantization in floating point.
+- demo: the tiers of `--tiers` (a folder written by `mpsupernet.save_tiers`, such as the demo's `outputs/demo/tiers`)
+  against the SamModel they were extracted from (`base_model` of its `tiers.json`); without `--tiers`, subnets of the
+  embedded SAM's supernet, calibrated on random images and chosen along the cost-only descent at `--budgets`, so
+  that the script runs alone.
+- vit_b: a random-weight SAM of ViT-B size at `--image-size` (512 px) against its W8A8 subnet, extracted from a
+  supernet calibrated on `--calibration-images` random images (random weights cost the same time as trained ones).
+
+Variants, all timed on the image encoder alone (batch 1; only the encoder differs between a tier and its float model):
+
+- torch float eager / torch float SDPA: transformers' `SamModel.get_image_embeddings`, eager or SDPA attention;
+- onnxruntime float: that encoder exported by `torch.onnx.export` (eager attention), default session options;
+- per tier: `PyTorch (fake-quant)`, the subnet itself (dequantized weights, fake-quantized activations; context);
+  `onnxruntime`, the tier exported by `export_onnx` and run by `mpsupernet.runtime.OnnxSamModel` with the settings
+  the export records (integer kernels); `OpenVINO`, the same file compiled with the export's OpenVINO settings
+  (f32 precision hint: exact mode), where openvino is installed.
+
+Before any timing, every variant's embeddings are checked once against its reference (float variants against torch
+float eager, a tier's runtimes against its PyTorch subnet); a variant that disagrees stops the benchmark. Then the
+variants of a group run in interleaved rounds (one call of each per round, A B C ..., so that a slow spell of a
+shared machine hits all of them alike) after one warm-up round, and each variant's figure is the median of its
+per-round ratios to torch float eager (and to onnxruntime float) of the same round. `--threads` sets
+`torch.set_num_threads`, onnxruntime's `intra_op_num_threads` and OpenVINO's `INFERENCE_NUM_THREADS` alike.
 """
 
 import argparse
+import contextlib
+import json
 import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
+import numpy as np
+import onnxruntime
 import torch
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from transformers import SamModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, median, print_header, print_table, settings_of, timed, write_json  # noqa: E402
+import _common  # noqa: E402
 
-from mpsupernet import SamSupernetForMaskGeneration  # noqa: E402
+from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration  # noqa: E402
+from mpsupernet.hub import read_tiers_manifest  # noqa: E402
 from mpsupernet.pretrained import load_embedded_sam  # noqa: E402
+from mpsupernet.runtime import OnnxSamModel  # noqa: E402
+
+EMBEDDED_BASE_MODEL = "mpsupernet/embedded-sam"
+"""The `base_model` that `mpsupernet demo` writes into `tiers.json`: the SAM shipped in `mpsupernet.pretrained`."""
+EAGER, SDPA, ORT_FLOAT = "torch float eager", "torch float SDPA", "onnxruntime float"
+RATIO_KEYS = {EAGER: "ratio_to_torch_eager", SDPA: "ratio_to_torch_sdpa", ORT_FLOAT: "ratio_to_onnxruntime_float"}
+"""The float baselines every variant is divided by, and the result keys of those ratios."""
+FLOAT_TOLERANCE = 1e-3
+"""Largest difference allowed between two float variants, relative to the reference embeddings' largest |value|."""
+RUNTIME_TOLERANCE = 0.5
+"""Largest mean |difference| allowed between a tier's runtime and its PyTorch subnet, as a share of the subnet's own
+quantization error (mean |subnet - float model|). Exported integer kernels sum in another order than fp32 fake
+quantization and flip codes at rounding boundaries (see DEPLOYMENT facts: about 0.06x of the quantization error at
+W8A8, more at 4-6-bit activations); a broken graph is off by about the embeddings' own size."""
+TARGETS = {
+    "vit_b_onnxruntime_vs_torch_eager": 0.40,
+    "vit_b_onnxruntime_vs_onnxruntime_float": 0.60,
+    "vit_b_openvino_vs_torch_eager": 0.30,
+}
+"""Issue 10's acceptance targets for the ViT-B-size W8A8 encoder (ratios, at most)."""
 
 
-def main() -> None:
+@dataclass
+class Variant:
+    """One way of computing a group's image embeddings.
+
+    Attributes:
+        name: the row name. run: pixel values `(1, 3, size, size)` float32 -> embeddings (numpy).
+        reference: the variant whose embeddings this one must reproduce (None: itself a reference).
+        tier: the tier it runs (None for the float model). subnet: that tier's PyTorch subnet.
+    """
+
+    name: str
+    run: Callable[[np.ndarray], np.ndarray]
+    reference: str | None = None
+    tier: str | None = None
+    subnet: SamSubnetForMaskGeneration | None = field(default=None, repr=False)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", nargs="+", default=["5%", "10%", "25%", "50%"], help="BitOPs budgets to extract")
-    parser.add_argument("--repeats", type=int, default=15, help="timed repetitions per model (median reported)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--tiers", type=Path, help="A tiers folder (tiers.json), e.g. outputs/demo/tiers.")
+    parser.add_argument(
+        "--budgets", nargs="+", default=["5%", "10%", "25%", "50%"], help="Without --tiers: BitOPs budgets to extract."
+    )
+    parser.add_argument("--vit-b", action=argparse.BooleanOptionalAction, default=True, help="Also the ViT-B group.")
+    parser.add_argument("--image-size", type=int, default=512, help="ViT-B input resolution (default: 512).")
+    parser.add_argument("--calibration-images", type=int, default=2, help="Random images calibrating ViT-B (2).")
+    parser.add_argument("--rounds", type=int, default=7, help="Timed interleaved rounds (default: 7).")
+    parser.add_argument("--threads", type=int, default=2, help="Threads of every runtime (default: 2).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and images.")
     parser.add_argument("--output", type=Path, default=Path("outputs/benchmarks/latency.json"))
-    args = parser.parse_args()
-    device = torch.device("cpu")
-    machine = machine_info(device)
-    print_header("Latency of extracted subnets vs the full model (image encoder, CPU)", machine, settings_of(args))
+    parser.add_argument("--plot", type=Path, default=Path("docs/latency_vs_bitops.png"))
+    # A test-size SAM instead of ViT-B, so that the ViT-B code path runs in seconds.
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("rounds", "threads", "image_size", "calibration_images"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    return args
 
+
+# --- the models --------------------------------------------------------------------------------------------------
+def random_images(count: int, size: int, seed: int) -> torch.Tensor:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def with_attention(sam: SamModel, implementation: str) -> SamModel:
+    """A copy of `sam` with another attention implementation (transformers picks SAM's attention class at build)."""
+    config = sam.config.__class__.from_dict(sam.config.to_dict())
+    config._attn_implementation = implementation
+    model = SamModel(config)
+    model.load_state_dict(sam.state_dict())
+    return model.eval()
+
+
+def embedded_tiers(budgets: list[str], seed: int) -> tuple[SamModel, dict[str, SamSubnetForMaskGeneration]]:
+    """The embedded SAM and its supernet's cost-only subnets at `budgets` (calibrated on 4 random images)."""
     sam = load_embedded_sam().eval()
     supernet = SamSupernetForMaskGeneration.from_sam(sam).eval()
-    size = sam.config.vision_config.image_size
-    pixel_values = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
-    supernet.calibrate_quantizers(pixel_values)
-    full_macs = supernet.bitops_report(supernet.full_precision_subnet()).total_macs
+    supernet.calibrate_quantizers(random_images(4, sam.config.vision_config.image_size, seed))
+    return sam, {budget: supernet.extract_subnet(budget) for budget in budgets}
 
-    def run_full():
-        sam.get_image_embeddings(pixel_values)
 
-    rows, results = [], []
-    with torch.inference_mode():
-        for budget in args.budgets:
-            subnet = supernet.extract_subnet(budget).eval()
-            report = subnet.bitops_report()
+def saved_tiers(folder: Path) -> tuple[SamModel, dict[str, SamSubnetForMaskGeneration]]:
+    """The tiers of a tiers folder and the float SamModel named as their `base_model`."""
+    manifest = read_tiers_manifest(folder)
+    base = manifest["base_model"]
+    sam = load_embedded_sam() if base == EMBEDDED_BASE_MODEL else SamModel.from_pretrained(base)
+    tiers = {
+        name: SamSubnetForMaskGeneration.from_pretrained(folder / tier["subfolder"]).eval()
+        for name, tier in manifest["tiers"].items()
+    }
+    return sam.eval(), tiers
 
-            def run_subnet(subnet=subnet):
-                subnet.get_image_embeddings(pixel_values)
 
-            run_full(), run_subnet()  # warm-up: caches, allocator, dequantized weights
-            ratios = []
-            for _ in range(args.repeats):
-                full_seconds = timed(run_full, device)
-                ratios.append(timed(run_subnet, device) / full_seconds)
-            latency_ratio = median(ratios)
-            macs_ratio = report.total_macs / full_macs
-            arch = subnet.config.architecture
-            rows.append(
-                [
-                    budget,
-                    f"{100 * report.summary()['share_of_full_precision']:.2f}%",
-                    round(macs_ratio, 3),
-                    round(latency_ratio, 3),
-                    f"{arch['resolution']}px, {arch['depth']} blocks",
-                ]
+def vit_b_tier(args: argparse.Namespace) -> tuple[SamModel, dict[str, SamSubnetForMaskGeneration]]:
+    """A random-weight SAM of ViT-B size (test size with `--tiny`) and its W8A8 subnet."""
+    sam = _common.build_sam(args.image_size, args.tiny, args.seed).eval()
+    supernet = SamSupernetForMaskGeneration.from_sam(sam).eval()
+    calibration = random_images(args.calibration_images, args.image_size, args.seed + 1)
+    supernet.calibrate_quantizers(calibration, activation_bits=(8,), weight_bits=8)
+    return sam, {"W8A8": supernet.extract_subnet(supernet.search_space.largest(weight_bits=8, activation_bits=8))}
+
+
+# --- the variants ------------------------------------------------------------------------------------------------
+def torch_runner(model) -> Callable[[np.ndarray], np.ndarray]:
+    def run(pixel_values: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model.get_image_embeddings(torch.from_numpy(pixel_values)).numpy()
+
+    return run
+
+
+class _ImageEncoder(torch.nn.Module):
+    """`SamModel.get_image_embeddings` as a module's forward, for `torch.onnx.export`."""
+
+    def __init__(self, sam: SamModel):
+        super().__init__()
+        self.sam = sam
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.sam.get_image_embeddings(pixel_values)
+
+
+def session_options(threads: int) -> onnxruntime.SessionOptions:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return options
+
+
+def float_variants(sam: SamModel, pixel_values: np.ndarray, folder: Path, threads: int) -> list[Variant]:
+    """torch float eager, torch float SDPA and onnxruntime float (the eager encoder exported by torch.onnx.export)."""
+    eager, sdpa = with_attention(sam, "eager"), with_attention(sam, "sdpa")
+    path = folder / "float_vision_encoder.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            _ImageEncoder(eager).eval(),
+            (torch.from_numpy(pixel_values),),
+            path,
+            dynamo=True,
+            input_names=["pixel_values"],
+            output_names=["image_embeddings"],
+            verbose=False,
+        )
+    session = onnxruntime.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    return [
+        Variant(EAGER, torch_runner(eager)),
+        Variant(SDPA, torch_runner(sdpa), reference=EAGER),
+        Variant(ORT_FLOAT, lambda x: session.run(None, {"pixel_values": x})[0], reference=EAGER),
+    ]
+
+
+def openvino_runner(export_directory: Path, threads: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The exported encoder compiled by OpenVINO with the export's settings and `threads`; None without openvino.
+
+    `OnnxSamModel(runtime="openvino")` compiles with the same settings but takes no thread count, hence this.
+    """
+    try:
+        import openvino
+    except ImportError:
+        return None
+    settings = json.loads((export_directory / "config.json").read_text())["export"]["runtime"]["openvino"]
+    core = openvino.Core()
+    compiled = core.compile_model(
+        core.read_model(str(export_directory / "vision_encoder.onnx")),
+        "CPU",
+        {**settings, "INFERENCE_NUM_THREADS": threads},
+    )
+    return lambda x: compiled({"pixel_values": x})[compiled.outputs[0]]
+
+
+def tier_variants(name: str, subnet: SamSubnetForMaskGeneration, export_directory: Path, threads: int) -> list[Variant]:
+    """The tier in PyTorch, exported into `export_directory` and run by `OnnxSamModel` (onnxruntime), and by
+    OpenVINO where installed."""
+    subnet.export_onnx(export_directory, verify=False)
+    model = OnnxSamModel.from_pretrained(export_directory, session_options=session_options(threads))
+    in_torch = f"{name}: PyTorch (fake-quant)"
+    variants = [
+        Variant(in_torch, torch_runner(subnet), tier=name, subnet=subnet),
+        Variant(f"{name}: onnxruntime", model.get_image_embeddings, in_torch, name, subnet),
+    ]
+    openvino = openvino_runner(export_directory, threads)
+    if openvino is not None:
+        variants.append(Variant(f"{name}: OpenVINO", openvino, in_torch, name, subnet))
+    return variants
+
+
+# --- checking and timing ------------------------------------------------------------------------------------------
+def check_outputs(variants: list[Variant], pixel_values: np.ndarray) -> dict[str, dict]:
+    """Runs every variant once and checks it against its reference; returns the errors per variant.
+
+    A float variant must match torch float eager within `FLOAT_TOLERANCE` of the largest |embedding|; a tier's
+    runtime must match its PyTorch subnet within `RUNTIME_TOLERANCE` of that subnet's quantization error.
+
+    Raises:
+        `SystemExit`: naming the variant that disagrees (timing a wrong graph would mean nothing).
+    """
+    outputs = {variant.name: variant.run(pixel_values) for variant in variants}
+    float_embeddings = outputs[EAGER]
+    errors = {}
+    for variant in variants:
+        output = outputs[variant.name]
+        if variant.tier is not None and variant.reference is None:
+            errors[variant.name] = {"quantization_error": float(np.abs(output - float_embeddings).mean())}
+            continue
+        if variant.reference is None:
+            continue
+        reference = outputs[variant.reference]
+        difference = np.abs(output - reference)
+        error = {"mean_abs_error": float(difference.mean()), "max_abs_error": float(difference.max())}
+        if variant.tier is None:
+            error["relative_max_error"] = error["max_abs_error"] / float(np.abs(reference).max())
+            bad = error["relative_max_error"] > FLOAT_TOLERANCE
+            allowed = f"{FLOAT_TOLERANCE} of the largest |embedding|"
+            measured = f"max error {error['relative_max_error']:.3g} of the largest |embedding|"
+        else:
+            quantization_error = float(np.abs(reference - float_embeddings).mean())
+            error["share_of_quantization_error"] = error["mean_abs_error"] / quantization_error
+            bad = error["share_of_quantization_error"] > RUNTIME_TOLERANCE
+            allowed = f"{RUNTIME_TOLERANCE} of the subnet's quantization error {quantization_error:.3g}"
+            measured = f"mean error {error['mean_abs_error']:.3g}"
+        if bad or not np.isfinite(output).all():
+            raise SystemExit(
+                f"{variant.name} disagrees with {variant.reference}: {measured}, allowed {allowed}. Not timed."
             )
-            results.append(
-                {
-                    "budget": budget,
-                    "bitops": report.total_bitops,
-                    "share_of_full_precision": report.summary()["share_of_full_precision"],
-                    "macs_ratio": macs_ratio,
-                    "latency_ratio": latency_ratio,
-                    "architecture": arch,
-                }
+        errors[variant.name] = error
+    return errors
+
+
+def median_ratio(seconds: dict[str, list[float]], name: str, baseline: str) -> float:
+    """The median over rounds of `name`'s time divided by `baseline`'s time in the same round."""
+    return _common.median([mine / theirs for mine, theirs in zip(seconds[name], seconds[baseline])])
+
+
+def measure_group(
+    sam: SamModel, tiers: dict[str, SamSubnetForMaskGeneration], args: argparse.Namespace, folder: Path
+) -> list[dict]:
+    """Builds, checks and times every variant of one group; returns one result per variant."""
+    pixel_values = random_images(1, sam.config.vision_config.image_size, args.seed + 2).numpy()
+    variants = float_variants(sam, pixel_values, folder, args.threads)
+    for index, (name, subnet) in enumerate(tiers.items()):
+        variants += tier_variants(name, subnet, folder / f"tier-{index}", args.threads)
+    errors = check_outputs(variants, pixel_values)
+    seconds = _common.interleaved_rounds(
+        {variant.name: (lambda run=variant.run: run(pixel_values)) for variant in variants},
+        rounds=args.rounds,
+        device=torch.device("cpu"),
+    )
+    results = []
+    for variant in variants:
+        result = {
+            "variant": variant.name,
+            "tier": variant.tier,
+            "median_ms": 1000 * _common.median(seconds[variant.name]),
+            **{key: median_ratio(seconds, variant.name, baseline) for baseline, key in RATIO_KEYS.items()},
+            "macs_ratio": 1.0,
+            "bitops_share": 1.0,
+            "check": errors.get(variant.name, {}),
+        }
+        if variant.subnet is not None:
+            report = variant.subnet.bitops_report()
+            # Every operation of the full-precision model counts float_bits x float_bits BitOPs per MAC.
+            full_precision_macs = report.full_precision_bitops // variant.subnet.config.float_bits**2
+            result.update(
+                macs_ratio=report.total_macs / full_precision_macs,
+                bitops_share=report.summary()["share_of_full_precision"],
+                architecture=variant.subnet.config.architecture,
             )
-    print_table(["budget", "BitOPs vs FP", "MACs ratio", "latency ratio", "subnet"], rows)
-    write_json(args.output, {"machine": machine, "settings": settings_of(args), "results": results})
+        results.append(result)
+    return results
+
+
+# --- reporting ---------------------------------------------------------------------------------------------------
+def print_group(title: str, results: list[dict]) -> None:
+    print(f"\n-- {title}")
+    header = ["variant", "median ms", f"x {EAGER}", f"x {ORT_FLOAT}", "MACs ratio", "BitOPs share", "check"]
+    rows = []
+    for result in results:
+        check = result["check"]
+        if "relative_max_error" in check:
+            note = f"max err {check['relative_max_error']:.1e} of max |x|"
+        elif "share_of_quantization_error" in check:
+            note = f"err {check['share_of_quantization_error']:.2g} x quant. err"
+        elif "quantization_error" in check:
+            note = f"quant. err {check['quantization_error']:.3g}"
+        else:
+            note = "reference"
+        rows.append(
+            [
+                result["variant"],
+                round(result["median_ms"], 2),
+                result[RATIO_KEYS[EAGER]],
+                result[RATIO_KEYS[ORT_FLOAT]],
+                result["macs_ratio"],
+                f"{100 * result['bitops_share']:.2f}%",
+                note,
+            ]
+        )
+    _common.print_table(header, rows)
+
+
+def verdicts(groups: dict[str, list[dict]]) -> dict:
+    """Prints whether issue 10's latency targets hold; returns them."""
+    print()
+    outcome = {}
+    vit_b = {result["variant"]: result for result in groups.get("vit_b", [])}
+    checks = [
+        ("vit_b_onnxruntime_vs_torch_eager", "W8A8: onnxruntime", EAGER),
+        ("vit_b_onnxruntime_vs_onnxruntime_float", "W8A8: onnxruntime", ORT_FLOAT),
+        ("vit_b_openvino_vs_torch_eager", "W8A8: OpenVINO", EAGER),
+    ]
+    for key, variant, baseline in checks:
+        if variant not in vit_b:
+            print(f"{variant} vs {baseline}: not measured")
+            continue
+        ratio = vit_b[variant][RATIO_KEYS[baseline]]
+        _common.verdict(f"ViT-B {variant} vs {baseline}", ratio, TARGETS[key])
+        outcome[key] = {"ratio": ratio, "target": TARGETS[key], "met": ratio <= TARGETS[key]}
+    demo = [result for result in groups.get("demo", []) if result["variant"].endswith(": onnxruntime")]
+    if demo:
+        slowest = max(max(result[RATIO_KEYS[EAGER]], result[RATIO_KEYS[SDPA]]) for result in demo)
+        met = slowest < 1.0
+        print(
+            f"every demo tier on onnxruntime faster than the float SamModel in PyTorch (eager and SDPA): slowest at "
+            f"{slowest:.3f}x: {'MET' if met else 'NOT MET'}"
+        )
+        outcome["demo_tiers_faster_than_torch_float"] = {"slowest_ratio": slowest, "met": met}
+    return outcome
+
+
+def plot(groups: dict[str, list[dict]], path: Path) -> None:
+    """BitOPs share (x, log) against the measured latency ratio to torch float eager (y), one point per tier
+    and runtime."""
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    markers = {"onnxruntime": "o", "OpenVINO": "s", "PyTorch (fake-quant)": "x"}
+    colors = {"demo": "tab:blue", "vit_b": "tab:orange"}
+    labels = {"demo": "demo tiers", "vit_b": "ViT-B"}
+    for group, results in groups.items():
+        for runtime, marker in markers.items():
+            points = [r for r in results if r["tier"] is not None and r["variant"].endswith(f": {runtime}")]
+            if points:
+                axes.scatter(
+                    [100 * r["bitops_share"] for r in points],
+                    [r[RATIO_KEYS[EAGER]] for r in points],
+                    marker=marker,
+                    color=colors[group],
+                    label=f"{labels[group]}: {runtime}",
+                )
+            for r in points:
+                axes.annotate(r["tier"], (100 * r["bitops_share"], r[RATIO_KEYS[EAGER]]), fontsize=7)
+    axes.axhline(1.0, color="gray", linestyle="--", linewidth=1, label=EAGER)
+    axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}%"))
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.set_xlabel("BitOPs, share of the full-precision model")
+    axes.set_ylabel(f"latency / {EAGER} (median of rounds)")
+    axes.set_title("Image encoder latency on CPU vs BitOPs")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    print(f"plot written to {path}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = _common.machine_info(torch.device("cpu"))
+    machine["onnxruntime"] = onnxruntime.__version__
+    with contextlib.suppress(ImportError):
+        import openvino
+
+        machine["openvino"] = openvino.__version__
+    settings = _common.settings_of(args)
+    _common.print_header("Image encoder latency of tiers vs the float SamModel (CPU, batch 1)", machine, settings)
+    sources = {"demo": (lambda: saved_tiers(args.tiers)) if args.tiers else (lambda: embedded_tiers(args.budgets, args.seed))}
+    if args.vit_b:
+        sources["vit_b"] = lambda: vit_b_tier(args)
+    groups = {}
+    for group, load in sources.items():
+        sam, tiers = load()
+        with tempfile.TemporaryDirectory(prefix=f"latency-{group}-") as folder:
+            groups[group] = measure_group(sam, tiers, args, Path(folder))
+        print_group(f"{group}: {_common.describe_model(sam.config)}", groups[group])
+    outcome = verdicts(groups)
+    plot(groups, args.plot)
+    payload = {"machine": machine, "settings": settings, "groups": groups, "targets": outcome, "plot": str(args.plot)}
+    _common.write_json(args.output, payload)
+    return payload
 
 
 if __name__ == "__main__":

@@ -11,22 +11,27 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from scipy.stats import kendalltau
 
 from mpsupernet import SamSupernetForMaskGeneration, extract_subnet
 from mpsupernet.bitops import count_bitops
 from mpsupernet.data import REAL3_INSTALL, is_real3_available
 from mpsupernet.evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
+from mpsupernet.hub import save_tiers
 from mpsupernet.pretrained import load_embedded_sam
 from mpsupernet.search_space import SubnetArchitecture
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import _common  # noqa: E402
 import _embedded  # noqa: E402
 import ablations  # noqa: E402
 import dedicated_baseline  # noqa: E402
+import latency  # noqa: E402
 import quality_bitops  # noqa: E402
 import ranking  # noqa: E402
 import search_space_study  # noqa: E402
@@ -248,3 +253,102 @@ def test_real_images_rows_agree_with_the_evaluation(tmp_path):
     embedded = evaluate_real3_mean_iou(load_embedded_sam(), seed=0)
     assert rows["embedded SAM (package default)"]["instances"] == round(embedded["instances"], 4)
     assert json.loads((tmp_path / "real.json").read_text())["rows"] == payload["rows"]
+
+
+def test_latency_times_every_variant_and_prices_each_tier(tmp_path, embedded_supernet):
+    output, plot = tmp_path / "latency.json", tmp_path / "latency_vs_bitops.png"
+    latency.main(
+        ["--tiny", "--image-size", "64", "--budgets", "10%", "--rounds", "1", "--threads", "1"]
+        + ["--output", str(output), "--plot", str(plot)]
+    )
+    results = json.loads(output.read_text())
+    assert plot.is_file() and results["machine"]["cpu"] and results["machine"]["torch_threads"] == 1
+    runtimes = ["PyTorch (fake-quant)", "onnxruntime"] + (["OpenVINO"] if importlib.util.find_spec("openvino") else [])
+    floats = [latency.EAGER, latency.SDPA, latency.ORT_FLOAT]
+    tiny_vit_b = SamSupernetForMaskGeneration.from_sam(_common.build_sam(64, tiny=True, seed=0))
+    expected_tiers = {"demo": embedded_supernet, "vit_b": tiny_vit_b}
+    for group, supernet in expected_tiers.items():
+        rows = {row["variant"]: row for row in results["groups"][group]}
+        tier = "10%" if group == "demo" else "W8A8"
+        assert list(rows) == floats + [f"{tier}: {runtime}" for runtime in runtimes]
+        full = count_bitops(supernet.config, supernet.full_precision_subnet())
+        for name, row in rows.items():
+            if row["tier"] is None:
+                assert row["macs_ratio"] == row["bitops_share"] == 1.0
+                continue
+            arch = SubnetArchitecture.from_dict(row["architecture"])
+            report = count_bitops(supernet.config, arch)
+            assert row["bitops_share"] == pytest.approx(report.total_bitops / full.total_bitops)
+            assert row["macs_ratio"] == pytest.approx(report.total_macs / full.total_macs)
+        if group == "vit_b":
+            assert SubnetArchitecture.from_dict(rows["W8A8: onnxruntime"]["architecture"]) == (
+                supernet.search_space.largest(weight_bits=8, activation_bits=8)
+            )
+        else:
+            assert rows["10%: onnxruntime"]["bitops_share"] <= 0.10
+        # Each output was checked against its reference before timing.
+        assert rows[latency.SDPA]["check"]["relative_max_error"] <= latency.FLOAT_TOLERANCE
+        assert rows[latency.ORT_FLOAT]["check"]["relative_max_error"] <= latency.FLOAT_TOLERANCE
+        assert rows[f"{tier}: PyTorch (fake-quant)"]["check"]["quantization_error"] > 0
+        for runtime in runtimes[1:]:
+            assert rows[f"{tier}: {runtime}"]["check"]["share_of_quantization_error"] <= latency.RUNTIME_TOLERANCE
+        # One round: each ratio is that round's quotient, so ratios to two baselines differ by their own ratio.
+        eager, ort_float = rows[latency.EAGER], rows[latency.ORT_FLOAT]
+        assert eager["ratio_to_torch_eager"] == 1.0
+        for row in rows.values():
+            assert row["ratio_to_onnxruntime_float"] == pytest.approx(
+                row["ratio_to_torch_eager"] / ort_float["ratio_to_torch_eager"]
+            )
+            assert row["median_ms"] / eager["median_ms"] == pytest.approx(row["ratio_to_torch_eager"])
+    assert set(results["targets"]) >= {"vit_b_onnxruntime_vs_torch_eager", "demo_tiers_faster_than_torch_float"}
+
+
+def _constant(value: np.ndarray):
+    return lambda pixel_values: value
+
+
+def test_latency_check_refuses_a_variant_that_disagrees_with_its_reference():
+    generator = np.random.default_rng(0)
+    float_embeddings = generator.standard_normal((1, 8, 4, 4)).astype(np.float32)
+    quantization_noise = generator.standard_normal(float_embeddings.shape).astype(np.float32)
+    subnet_embeddings = float_embeddings + quantization_noise
+    quantization_error = np.abs(quantization_noise).mean()
+
+    def variants(sdpa_offset: float, runtime_share: float):
+        return [
+            latency.Variant(latency.EAGER, _constant(float_embeddings)),
+            latency.Variant(latency.SDPA, _constant(float_embeddings + sdpa_offset), reference=latency.EAGER),
+            latency.Variant("t: PyTorch (fake-quant)", _constant(subnet_embeddings), tier="t"),
+            latency.Variant(
+                "t: onnxruntime",
+                _constant(subnet_embeddings + runtime_share * quantization_error),
+                reference="t: PyTorch (fake-quant)",
+                tier="t",
+            ),
+        ]
+
+    largest = np.abs(float_embeddings).max()
+    errors = latency.check_outputs(variants(0.5e-3 * largest, 0.4), float_embeddings)
+    assert errors[latency.SDPA]["relative_max_error"] == pytest.approx(0.5e-3, rel=1e-3)
+    assert errors["t: PyTorch (fake-quant)"]["quantization_error"] == pytest.approx(quantization_error)
+    assert errors["t: onnxruntime"]["share_of_quantization_error"] == pytest.approx(0.4, rel=1e-3)
+    with pytest.raises(SystemExit, match="torch float SDPA disagrees with torch float eager"):
+        latency.check_outputs(variants(2e-3 * largest, 0.4), float_embeddings)
+    with pytest.raises(SystemExit, match="t: onnxruntime disagrees with t: PyTorch"):
+        latency.check_outputs(variants(0.0, 0.6), float_embeddings)
+
+
+def test_latency_reads_saved_tiers_with_their_base_model(tmp_path, embedded_supernet):
+    subnet = embedded_supernet.extract_subnet("25%")
+    save_tiers({"quarter": subnet}, tmp_path / "tiers", base_model=latency.EMBEDDED_BASE_MODEL, dataset_name="shapes")
+    sam, tiers = latency.saved_tiers(tmp_path / "tiers")
+    assert list(tiers) == ["quarter"] and tiers["quarter"].config.architecture == subnet.config.architecture
+    pixel_values = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tiers["quarter"].get_image_embeddings(pixel_values), subnet.get_image_embeddings(pixel_values)
+        )
+    # The float model timed against the tiers is the SAM their `base_model` names: here the embedded one.
+    embedded = load_embedded_sam().state_dict()
+    assert sam.state_dict().keys() == embedded.keys()
+    assert all(torch.equal(value, embedded[key]) for key, value in sam.state_dict().items())
