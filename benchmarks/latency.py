@@ -63,11 +63,11 @@ RATIO_KEYS = {EAGER: "ratio_to_torch_eager", SDPA: "ratio_to_torch_sdpa", ORT_FL
 """The float baselines every variant is divided by, and the result keys of those ratios."""
 FLOAT_TOLERANCE = 1e-3
 """Largest difference allowed between two float variants, relative to the reference embeddings' largest |value|."""
-RUNTIME_TOLERANCE = 0.5
-"""Largest mean |difference| allowed between a tier's runtime and its PyTorch subnet, as a share of the subnet's own
-quantization error (mean |subnet - float model|). Exported integer kernels sum in another order than fp32 fake
-quantization and flip codes at rounding boundaries (see DEPLOYMENT facts: about 0.06x of the quantization error at
-W8A8, more at 4-6-bit activations); a broken graph is off by about the embeddings' own size."""
+RUNTIME_TOLERANCE = 0.05
+"""Largest mean |difference| allowed between a tier's runtime and its PyTorch subnet, relative to the subnet's mean
+|embedding|. Integer kernels sum in another order than fp32 fake quantization and so flip a few codes at rounding
+boundaries (about 0.003 of the mean |embedding| on the embedded SAM's tiers); a wrong graph is off by about the
+embeddings' own size."""
 TARGETS = {
     "vit_b_onnxruntime_vs_torch_eager": 0.40,
     "vit_b_onnxruntime_vs_onnxruntime_float": 0.60,
@@ -102,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vit-b", action=argparse.BooleanOptionalAction, default=True, help="Also the ViT-B group.")
     parser.add_argument("--image-size", type=int, default=512, help="ViT-B input resolution (default: 512).")
     parser.add_argument("--calibration-images", type=int, default=2, help="Random images calibrating ViT-B (2).")
-    parser.add_argument("--rounds", type=int, default=7, help="Timed interleaved rounds (default: 7).")
+    # `--repeats`: the name of this flag before the rewrite, kept for one release.
+    parser.add_argument("--rounds", "--repeats", type=int, default=7, help="Timed interleaved rounds (default: 7).")
     parser.add_argument("--threads", type=int, default=2, help="Threads of every runtime (default: 2).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and images.")
     parser.add_argument("--output", type=Path, default=Path("outputs/benchmarks/latency.json"))
@@ -247,40 +248,44 @@ def tier_variants(name: str, subnet: SamSubnetForMaskGeneration, export_director
 def check_outputs(variants: list[Variant], pixel_values: np.ndarray) -> dict[str, dict]:
     """Runs every variant once and checks it against its reference; returns the errors per variant.
 
-    A float variant must match torch float eager within `FLOAT_TOLERANCE` of the largest |embedding|; a tier's
-    runtime must match its PyTorch subnet within `RUNTIME_TOLERANCE` of that subnet's quantization error.
+    A float variant must match torch float eager within `FLOAT_TOLERANCE` of the largest |embedding|: the float
+    variants are the baselines of every ratio, so one that disagrees stops the run. A tier's runtime must match its
+    PyTorch subnet within `RUNTIME_TOLERANCE` of the mean |embedding|; one that does not is marked
+    (`"agrees": False`), reported, and left out of the timing (a wrong graph's speed means nothing).
 
     Raises:
-        `SystemExit`: naming the variant that disagrees (timing a wrong graph would mean nothing).
+        `SystemExit`: naming the float variant that disagrees with torch float eager.
     """
     outputs = {variant.name: variant.run(pixel_values) for variant in variants}
     float_embeddings = outputs[EAGER]
     errors = {}
     for variant in variants:
         output = outputs[variant.name]
-        if variant.tier is not None and variant.reference is None:
-            errors[variant.name] = {"quantization_error": float(np.abs(output - float_embeddings).mean())}
-            continue
         if variant.reference is None:
+            if variant.tier is not None:
+                quantization_error = np.abs(output - float_embeddings).mean() / np.abs(float_embeddings).mean()
+                errors[variant.name] = {"relative_quantization_error": float(quantization_error), "agrees": True}
             continue
         reference = outputs[variant.reference]
         difference = np.abs(output - reference)
         error = {"mean_abs_error": float(difference.mean()), "max_abs_error": float(difference.max())}
         if variant.tier is None:
             error["relative_max_error"] = error["max_abs_error"] / float(np.abs(reference).max())
-            bad = error["relative_max_error"] > FLOAT_TOLERANCE
-            allowed = f"{FLOAT_TOLERANCE} of the largest |embedding|"
-            measured = f"max error {error['relative_max_error']:.3g} of the largest |embedding|"
+            error["agrees"] = bool(error["relative_max_error"] <= FLOAT_TOLERANCE)
+            if not error["agrees"]:
+                raise SystemExit(
+                    f"{variant.name} disagrees with {variant.reference}: max error {error['relative_max_error']:.3g} "
+                    f"of the largest |embedding|, allowed {FLOAT_TOLERANCE}. Nothing timed."
+                )
         else:
-            quantization_error = float(np.abs(reference - float_embeddings).mean())
-            error["share_of_quantization_error"] = error["mean_abs_error"] / quantization_error
-            bad = error["share_of_quantization_error"] > RUNTIME_TOLERANCE
-            allowed = f"{RUNTIME_TOLERANCE} of the subnet's quantization error {quantization_error:.3g}"
-            measured = f"mean error {error['mean_abs_error']:.3g}"
-        if bad or not np.isfinite(output).all():
-            raise SystemExit(
-                f"{variant.name} disagrees with {variant.reference}: {measured}, allowed {allowed}. Not timed."
-            )
+            error["relative_mean_error"] = error["mean_abs_error"] / float(np.abs(reference).mean())
+            error["agrees"] = bool(error["relative_mean_error"] <= RUNTIME_TOLERANCE)
+            if not error["agrees"]:
+                print(
+                    f"warning: {variant.name} disagrees with {variant.reference}: mean error "
+                    f"{error['relative_mean_error']:.3g} of the mean |embedding|, allowed {RUNTIME_TOLERANCE}; "
+                    "not timed."
+                )
         errors[variant.name] = error
     return errors
 
@@ -299,18 +304,23 @@ def measure_group(
     for index, (name, subnet) in enumerate(tiers.items()):
         variants += tier_variants(name, subnet, folder / f"tier-{index}", args.threads)
     errors = check_outputs(variants, pixel_values)
+    timed = [variant for variant in variants if errors.get(variant.name, {}).get("agrees", True)]
     seconds = _common.interleaved_rounds(
-        {variant.name: (lambda run=variant.run: run(pixel_values)) for variant in variants},
+        {variant.name: (lambda run=variant.run: run(pixel_values)) for variant in timed},
         rounds=args.rounds,
         device=torch.device("cpu"),
     )
     results = []
     for variant in variants:
+        measured = variant.name in seconds
         result = {
             "variant": variant.name,
             "tier": variant.tier,
-            "median_ms": 1000 * _common.median(seconds[variant.name]),
-            **{key: median_ratio(seconds, variant.name, baseline) for baseline, key in RATIO_KEYS.items()},
+            "median_ms": 1000 * _common.median(seconds[variant.name]) if measured else None,
+            **{
+                key: median_ratio(seconds, variant.name, baseline) if measured else None
+                for baseline, key in RATIO_KEYS.items()
+            },
             "macs_ratio": 1.0,
             "bitops_share": 1.0,
             "check": errors.get(variant.name, {}),
@@ -337,18 +347,21 @@ def print_group(title: str, results: list[dict]) -> None:
         check = result["check"]
         if "relative_max_error" in check:
             note = f"max err {check['relative_max_error']:.1e} of max |x|"
-        elif "share_of_quantization_error" in check:
-            note = f"err {check['share_of_quantization_error']:.2g} x quant. err"
-        elif "quantization_error" in check:
-            note = f"quant. err {check['quantization_error']:.3g}"
+        elif "relative_mean_error" in check:
+            note = f"mean err {check['relative_mean_error']:.1e} of mean |x|"
+        elif "relative_quantization_error" in check:
+            note = f"vs float {check['relative_quantization_error']:.3f} of mean |x|"
         else:
             note = "reference"
+        if not check.get("agrees", True):
+            note += ": DISAGREES, not timed"
+        measured = result["median_ms"] is not None
         rows.append(
             [
                 result["variant"],
-                round(result["median_ms"], 2),
-                result[RATIO_KEYS[EAGER]],
-                result[RATIO_KEYS[ORT_FLOAT]],
+                round(result["median_ms"], 2) if measured else "-",
+                result[RATIO_KEYS[EAGER]] if measured else "-",
+                result[RATIO_KEYS[ORT_FLOAT]] if measured else "-",
                 result["macs_ratio"],
                 f"{100 * result['bitops_share']:.2f}%",
                 note,
@@ -368,21 +381,29 @@ def verdicts(groups: dict[str, list[dict]]) -> dict:
         ("vit_b_openvino_vs_torch_eager", "W8A8: OpenVINO", EAGER),
     ]
     for key, variant, baseline in checks:
-        if variant not in vit_b:
-            print(f"{variant} vs {baseline}: not measured")
+        if vit_b.get(variant, {}).get("median_ms") is None:
+            print(f"ViT-B {variant} vs {baseline}: not measured")
             continue
         ratio = vit_b[variant][RATIO_KEYS[baseline]]
         _common.verdict(f"ViT-B {variant} vs {baseline}", ratio, TARGETS[key])
         outcome[key] = {"ratio": ratio, "target": TARGETS[key], "met": ratio <= TARGETS[key]}
     demo = [result for result in groups.get("demo", []) if result["variant"].endswith(": onnxruntime")]
     if demo:
-        slowest = max(max(result[RATIO_KEYS[EAGER]], result[RATIO_KEYS[SDPA]]) for result in demo)
-        met = slowest < 1.0
+        unmeasured = [result["tier"] for result in demo if result["median_ms"] is None]
+        measured = [result for result in demo if result["median_ms"] is not None]
+        slowest = max((max(r[RATIO_KEYS[EAGER]], r[RATIO_KEYS[SDPA]]) for r in measured), default=None)
+        met = not unmeasured and slowest < 1.0
         print(
-            f"every demo tier on onnxruntime faster than the float SamModel in PyTorch (eager and SDPA): slowest at "
-            f"{slowest:.3f}x: {'MET' if met else 'NOT MET'}"
+            "every demo tier on onnxruntime faster than the float SamModel in PyTorch (eager and SDPA): "
+            + (f"slowest at {slowest:.3f}x" if slowest is not None else "none measured")
+            + (f", not measured: {unmeasured}" if unmeasured else "")
+            + f": {'MET' if met else 'NOT MET'}"
         )
-        outcome["demo_tiers_faster_than_torch_float"] = {"slowest_ratio": slowest, "met": met}
+        outcome["demo_tiers_faster_than_torch_float"] = {
+            "slowest_ratio": slowest,
+            "not_measured": unmeasured,
+            "met": met,
+        }
     return outcome
 
 
@@ -395,7 +416,11 @@ def plot(groups: dict[str, list[dict]], path: Path) -> None:
     labels = {"demo": "demo tiers", "vit_b": "ViT-B"}
     for group, results in groups.items():
         for runtime, marker in markers.items():
-            points = [r for r in results if r["tier"] is not None and r["variant"].endswith(f": {runtime}")]
+            points = [
+                r
+                for r in results
+                if r["tier"] is not None and r["median_ms"] is not None and r["variant"].endswith(f": {runtime}")
+            ]
             if points:
                 axes.scatter(
                     [100 * r["bitops_share"] for r in points],
@@ -432,7 +457,10 @@ def main(argv=None) -> dict:
         machine["openvino"] = openvino.__version__
     settings = _common.settings_of(args)
     _common.print_header("Image encoder latency of tiers vs the float SamModel (CPU, batch 1)", machine, settings)
-    sources = {"demo": (lambda: saved_tiers(args.tiers)) if args.tiers else (lambda: embedded_tiers(args.budgets, args.seed))}
+    if args.tiers:
+        sources = {"demo": lambda: saved_tiers(args.tiers)}
+    else:
+        sources = {"demo": lambda: embedded_tiers(args.budgets, args.seed)}
     if args.vit_b:
         sources["vit_b"] = lambda: vit_b_tier(args)
     groups = {}
