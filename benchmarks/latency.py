@@ -44,7 +44,7 @@ import torch
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 from transformers import SamModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -433,6 +433,7 @@ def plot(groups: dict[str, list[dict]], path: Path) -> None:
                 axes.annotate(r["tier"], (100 * r["bitops_share"], r[RATIO_KEYS[EAGER]]), fontsize=7)
     axes.axhline(1.0, color="gray", linestyle="--", linewidth=1, label=EAGER)
     axes.set_xscale("log")
+    axes.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}%"))
     axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("BitOPs, share of the full-precision model")
