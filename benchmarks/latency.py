@@ -21,10 +21,10 @@ Variants, all timed on the image encoder alone (batch 1; only the encoder differ
   (f32 precision hint: exact mode), where openvino is installed.
 
 Before any timing, every variant's embeddings are checked once against its reference (float variants against torch
-float eager, a tier's runtimes against its PyTorch subnet); a variant that disagrees stops the benchmark. Then the
-variants of a group run in interleaved rounds (one call of each per round, A B C ..., so that a slow spell of a
-shared machine hits all of them alike) after one warm-up round, and each variant's figure is the median of its
-per-round ratios to torch float eager (and to onnxruntime float) of the same round. `--threads` sets
+float eager, a tier's runtimes against its PyTorch subnet): a float variant that disagrees stops the benchmark, a
+tier's runtime that disagrees is reported and left out of the timing. Then the variants of a group run in
+interleaved rounds (one call of each per round, A B C ..., so that a slow spell of a shared machine hits all of them
+alike) after one warm-up round, and each variant's figure is the median of its per-round ratios to torch float eager (and to onnxruntime float) of the same round. `--threads` sets
 `torch.set_num_threads`, onnxruntime's `intra_op_num_threads` and OpenVINO's `INFERENCE_NUM_THREADS` alike.
 """
 
