@@ -97,3 +97,14 @@ def exported_w8a8(embedded_supernet, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export") / "w8a8"
     report = subnet.export_onnx(folder)
     return subnet, folder, report
+
+
+def drop_weights_digest(folder):
+    """Removes the weights digests from a saved model's config.json, as in a save by an older mpsupernet."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    del config["weights_sha256"]
+    path.write_text(json.dumps(config))

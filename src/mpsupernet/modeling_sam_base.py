@@ -9,18 +9,19 @@ from torch import nn
 from transformers import PreTrainedModel, SamModel
 from transformers.models.sam.modeling_sam import SamImageSegmentationOutput
 
-from .checkpoints import readable_safetensors
+from .checkpoints import CrashSafeSaveMixin
 from .configuration_sam_supernet import SamQuantizedConfigBase
 from .elastic import ResizingSamVisionEncoder
 from .quantization import LsqQuantizer
 
 
-class SamQuantizedPreTrainedModel(PreTrainedModel):
+class SamQuantizedPreTrainedModel(CrashSafeSaveMixin, PreTrainedModel):
     """Base class of [`SamSupernetForMaskGeneration`] and [`SamSubnetForMaskGeneration`].
 
     Subclasses set `config_class`, `_no_split_modules` and `checkpoint_kind` (the word error messages use for a
     checkpoint), build their image encoder in `_make_vision_encoder`, initialise their own layers in
-    `_init_own_weights`, and may act on a freshly loaded model in `_after_loading`.
+    `_init_own_weights`, and may act on a freshly loaded model in `_after_loading`. Saves are crash-safe and loads
+    check that config and weights belong together (`mpsupernet.checkpoints.CrashSafeSaveMixin`).
     """
 
     config_class = SamQuantizedConfigBase
@@ -66,11 +67,10 @@ class SamQuantizedPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """Loads a saved model (local folder or Hub repo), as `PreTrainedModel.from_pretrained` does.
 
-        A checkpoint that cannot be read raises an error that names it (see `mpsupernet.checkpoints`).
+        A checkpoint that cannot be read, or whose config and weights come from different saves, raises an error
+        that names it (see `mpsupernet.checkpoints`).
         """
-        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        with readable_safetensors(source, cls.checkpoint_kind):
-            loaded = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model._after_loading()
         return loaded
