@@ -12,6 +12,7 @@ install_requires = [
     "accelerate>=1.0",
     "datasets>=3.0",
     "huggingface_hub>=1.0",
+    "pydantic>=2.0,<3",
     "safetensors>=0.4.3",
     "numpy>=1.24",
     "pillow>=10.0",

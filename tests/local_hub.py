@@ -16,6 +16,9 @@ Storage layout under `storage_dir` (plain files, so a new server on the same dir
     repos/<type>s/<namespace>/<name>/refs.json      branches, tags, pull requests -> commit id
     repos/<type>s/<namespace>/<name>/commits/<id>.json   one immutable snapshot per commit
 
+For fault-injection tests, `LocalHubServer.inject_fault(Fault(...))` makes matching requests fail before they change
+anything, lose their connection, break a download off midway, or run a callback after they were served.
+
 Every file is stored and served as a regular git blob: `preupload` answers `"regular"` for every file, so the client
 never takes the LFS/Xet upload path (which would need a separate storage service), and downloads never carry Xet
 headers.
@@ -33,12 +36,14 @@ import shutil
 import socket
 import tempfile
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-__all__ = ["LocalHubServer", "free_port"]
+__all__ = ["Fault", "LocalHubServer", "free_port"]
 
 DEFAULT_USERNAME = "local-user"
 REPO_TYPES = ("model", "dataset", "space", "kernel")
@@ -98,6 +103,42 @@ class HubError(Exception):
         self.code = code
         self.headers = headers or {}
         self.body = body
+
+
+FAULT_ACTIONS = ("error", "drop", "truncate", "after")
+
+
+@dataclass
+class Fault:
+    """A failure the server injects into the next `times` requests whose method and path match (fault injection).
+
+    Args:
+        path: a regular expression searched in the request path (e.g. `r"/commit/"`, `r"/resolve/.*safetensors"`).
+        action: `"error"`: answer `status` without doing anything; `"drop"`: close the connection after reading the
+            request, without an answer and without doing anything; `"truncate"`: (downloads) send the headers and
+            half the body, then close the connection; `"after"`: handle the request normally, then call
+            `callback(store)` (e.g. to move a branch between two requests of a client).
+        method: the HTTP method, or `"*"` for any.
+        times: how many matching requests it applies to.
+        status: the status of `"error"`.
+        callback: the function of `"after"`.
+    """
+
+    path: str
+    action: str
+    method: str = "*"
+    times: int = 1
+    status: int = 500
+    callback: Callable[["HubStore"], None] | None = None
+
+    def __post_init__(self):
+        if self.action not in FAULT_ACTIONS:
+            raise ValueError(f"Unknown fault action {self.action!r}; allowed: {list(FAULT_ACTIONS)}.")
+        if self.action == "after" and self.callback is None:
+            raise ValueError("A fault with action 'after' needs a `callback`.")
+
+    def matches(self, method: str, path: str) -> bool:
+        return self.times > 0 and self.method in ("*", method) and re.search(self.path, path) is not None
 
 
 def _repo_not_found(repo_id: str) -> HubError:
@@ -508,7 +549,17 @@ class _Handler(BaseHTTPRequestHandler):
             segments = [unquote(s) for s in split.path.split("/")[1:]]
             if segments and segments[-1] == "" and len(segments) > 1:
                 segments = segments[:-1]
+            fault = self.server.take_fault(method, split.path)
+            self.truncate = fault is not None and fault.action == "truncate"
+            if fault is not None and fault.action == "error":
+                raise HubError(fault.status, f"Injected fault on {method} {split.path}")
+            if fault is not None and fault.action == "drop":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             self._route(method, segments)
+            if fault is not None and fault.action == "after":
+                fault.callback(self.store)
         except HubError as error:
             self._send_error(error)
         except (BrokenPipeError, ConnectionResetError):
@@ -801,6 +852,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
+        if self.truncate:
+            # Half the promised bytes, then a closed connection: a download that breaks off midway.
+            length //= 2
+            self.close_connection = True
         with open(blob, "rb") as f:
             f.seek(start)
             remaining = length
@@ -914,6 +969,16 @@ class _HubHTTPServer(ThreadingHTTPServer):
         self.url = f"http://{address[0]}:{self.server_address[1]}"
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self.faults: list[Fault] = []
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        """The first injected fault matching the request, counting it as used."""
+        with self._connections_lock:
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    fault.times -= 1
+                    return fault
+        return None
 
     def track(self, connection: socket.socket, add: bool) -> None:
         with self._connections_lock:
@@ -1014,6 +1079,18 @@ class LocalHubServer:
             thread.join(timeout=10)
         self._requested_port = server.server_address[1]
         self._server = self._thread = None
+
+    def inject_fault(self, fault: Fault) -> Fault:
+        """Makes the server fail matching requests (see [`Fault`]); returns it, so a test can read `times` left."""
+        if self._server is None:
+            raise RuntimeError("Start the server before injecting faults.")
+        self._server.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        """Removes every injected fault."""
+        if self._server is not None:
+            self._server.faults.clear()
 
     def __enter__(self) -> "LocalHubServer":
         return self.start()

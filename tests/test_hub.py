@@ -1,15 +1,21 @@
 """Model cards and Hub tiers, through the real huggingface_hub client and a local Hub server."""
 
 import json
+import os
+import stat
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import mpsupernet
+from mpsupernet.bitops import parse_budget
 from mpsupernet.extraction import extract_subnet
-from mpsupernet.hub import load_subnet, push_tiers, render_subnet_card, save_tiers
+from mpsupernet.hub import load_subnet, push_tiers, render_subnet_card, save_subnet_with_card, save_tiers, select_tier
+
+from local_hub import Fault
 
 MEAN_IOUS = {"tiny": 0.61, "small": 0.70, "medium": 0.68}
 
@@ -88,3 +94,252 @@ def test_bad_tiers_leave_nothing_behind(tiers, tmp_path, local_hub):
     assert not target.exists() and list(tmp_path.iterdir()) == []
     with pytest.raises(RepositoryNotFoundError):
         HfApi().list_repo_files("local-user/never-made")
+
+
+# --- save_tiers: what it may delete, and crash safety ------------------------------------------------------------------
+def _tier_files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_save_tiers_refuses_a_folder_that_is_not_a_tiers_folder_and_deletes_nothing(tiers, tmp_path, monkeypatch):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    message = r"'.*mine' is not empty and holds no tiers.json, so it is not a tiers folder; .* never deletes files"
+    with pytest.raises(ValueError, match=message):
+        save_tiers({"tiny": tiers["tiny"]}, target, base_model="x/y", dataset_name="d")
+    assert _tier_files(target) == ["notes.txt"]
+    monkeypatch.chdir(target)
+    with pytest.raises(ValueError, match=r"'\.' is not empty and holds no tiers.json"):
+        save_tiers({"tiny": tiers["tiny"]}, ".", base_model="x/y", dataset_name="d")
+    assert _tier_files(target) == ["notes.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_save_tiers_over_earlier_tiers_replaces_only_its_own(tiers, tmp_path):
+    target = tmp_path / "tiers"
+    save_tiers({"a": tiers["tiny"], "b": tiers["small"]}, target, base_model="x/y", dataset_name="d")
+    assert (target / "a" / "config.json").is_file()
+    (target / "notes.txt").write_text("keep me")
+    (target / "_v7").mkdir()  # a generation folder a killed write left: no manifest names it
+    (target / "_v7" / "config.json").write_text("{}")
+    manifest = save_tiers({"b": tiers["medium"], "c": tiers["tiny"]}, target, base_model="x/y", dataset_name="d")
+    assert {name: tier["subfolder"] for name, tier in manifest["tiers"].items()} == {"c": "_v8/c", "b": "_v8/b"}
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "_v8", "notes.txt", "tiers.json"]
+    assert load_subnet(target, max_bitops="100%").config.bitops == tiers["medium"].config.bitops
+    # the third write goes to a new generation and removes the second
+    save_tiers({"a": tiers["small"]}, target, base_model="x/y", dataset_name="d")
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "_v9", "notes.txt", "tiers.json"]
+
+
+def test_tiers_folder_is_as_readable_as_a_new_folder(tiers, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        save_tiers({"a": tiers["tiny"]}, tmp_path / "tiers", base_model="x/y", dataset_name="d")
+    finally:
+        os.umask(previous)
+    for path in [tmp_path / "tiers", tmp_path / "tiers" / "a"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o755, path
+    for path in (tmp_path / "tiers").rglob("*"):
+        if path.is_file():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("tiers.json", r"Tier name 'tiers.json' is reserved for a file of the tiers repository"),
+        ("README.md", r"Tier name 'README.md' is reserved"),
+        ("a" * 300, r"Tier name 'aaaaaaaaaaaaaaaaaaaa'\.\.\. has 300 characters; use at most 96\."),
+        ("_v2", r"Tier name '_v2' is not a valid folder name"),
+    ],
+)
+def test_bad_tier_names_are_refused_clearly(tiers, tmp_path, name, message):
+    with pytest.raises(ValueError, match=message):
+        save_tiers({name: tiers["tiny"]}, tmp_path / "tiers", base_model="x/y", dataset_name="d")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1.5, -0.1, "0.7"])
+def test_a_mean_iou_that_is_not_in_0_1_is_never_written(tiers, tmp_path, value):
+    with pytest.raises(ValueError, match=r"The mean IoU of tier 'tiny' is .*; give a finite number in \[0, 1\]"):
+        save_tiers({"tiny": tiers["tiny"]}, tmp_path / "tiers", base_model="x/y", dataset_name="d", mean_ious={"tiny": value})
+    with pytest.raises(ValueError, match=r"The mean IoU of the subnet is .*; give a finite number in \[0, 1\]"):
+        save_subnet_with_card(tiers["tiny"], tmp_path / "one", base_model="x/y", dataset_name="d", mean_iou=value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_nan_mean_iou_is_never_preferred():
+    manifest = {
+        "full_precision_bitops": 100,
+        "tiers": {"nan": {"bitops": 10, "mean_iou": float("nan")}, "good": {"bitops": 20, "mean_iou": 0.1}},
+    }
+    assert select_tier(manifest, 50) == "good"
+
+
+@pytest.mark.parametrize("budget", [np.int64, np.float64, torch.tensor, lambda v: torch.tensor(float(v)), np.array])
+def test_numpy_and_tensor_budgets_are_numbers(tiers, tmp_path, budget):
+    save_tiers(tiers, tmp_path / "tiers", base_model="x/y", dataset_name="d")
+    small = tiers["small"].config.bitops
+    assert parse_budget(budget(small)) == small
+    assert load_subnet(tmp_path / "tiers", max_bitops=budget(small)).config.bitops == small
+
+
+# --- tiers.json: version, schema, confinement ---------------------------------------------------------------------------
+def _damage_manifest(folder, change):
+    path = folder / "tiers.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(format_version=2), r"has format_version 2, newer than this mpsupernet reads \(1\); upgrade"),
+        (lambda m: m.update(format_version=0), r"field `format_version`: 0 is not a format version"),
+        (lambda m: m.pop("full_precision_bitops"), r"field `full_precision_bitops`: Field required"),
+        (lambda m: m["tiers"]["tiny"].update(bitops="many"), r"field `tiers.tiny.bitops`: Input should be a valid integer"),
+        (lambda m: m["tiers"]["tiny"].update(subfolder="../x"), r"field `tiers.tiny.subfolder`: Value error, '\.\./x' is not a relative path inside"),
+        (lambda m: m["tiers"]["tiny"].update(subfolder="/etc"), r"field `tiers.tiny.subfolder`: Value error, '/etc' is not a relative path"),
+        (lambda m: m["tiers"]["tiny"].update(mean_iou=float("nan")), r"field `tiers.tiny.mean_iou`: Input should be a finite number"),
+        (lambda m: m.update(tiers={}), r"field `tiers`: Dictionary should have at least 1 item"),
+        (lambda m: m.update(tiers=[]), r"field `tiers`: Input should be a valid dictionary"),
+    ],
+)
+def test_invalid_manifests_name_the_repo_file_and_field(tiers, tmp_path, change, message):
+    folder = tmp_path / "tiers"
+    save_tiers({"tiny": tiers["tiny"]}, folder, base_model="x/y", dataset_name="d")
+    _damage_manifest(folder, change)
+    with pytest.raises(ValueError, match=r"tiers.json of '.*tiers' .*" + message):
+        load_subnet(folder, max_bitops="100%")
+
+
+def test_manifest_that_is_not_json_or_an_object_is_named(tiers, tmp_path):
+    folder = tmp_path / "tiers"
+    save_tiers({"tiny": tiers["tiny"]}, folder, base_model="x/y", dataset_name="d")
+    (folder / "tiers.json").write_text('{"tiers": ')
+    with pytest.raises(ValueError, match=r"tiers.json of '.*tiers' is not valid JSON: Expecting value: line 1"):
+        load_subnet(folder, max_bitops="100%")
+    (folder / "tiers.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"tiers.json of '.*tiers' is not a valid tiers manifest: it holds a list"):
+        load_subnet(folder, max_bitops="100%")
+
+
+def test_a_manifest_without_a_format_version_is_the_first_format(tiers, tmp_path):
+    folder = tmp_path / "tiers"
+    save_tiers({"tiny": tiers["tiny"]}, folder, base_model="x/y", dataset_name="d")
+    _damage_manifest(folder, lambda m: m.pop("format_version"))
+    assert load_subnet(folder, max_bitops="100%").config.bitops == tiers["tiny"].config.bitops
+
+
+def test_a_tier_linked_outside_the_folder_or_missing_is_refused(tiers, tmp_path):
+    folder = tmp_path / "tiers"
+    save_tiers({"tiny": tiers["tiny"]}, folder, base_model="x/y", dataset_name="d")
+    tiers["small"].save_pretrained(tmp_path / "elsewhere")
+    (folder / "link").symlink_to(tmp_path / "elsewhere")
+    _damage_manifest(folder, lambda m: m["tiers"]["tiny"].update(subfolder="link"))
+    with pytest.raises(ValueError, match=r"Tier 'tiny' of tiers.json in '.*tiers' points outside it: 'link'\."):
+        load_subnet(folder, max_bitops="100%")
+    _damage_manifest(folder, lambda m: m["tiers"]["tiny"].update(subfolder="gone"))
+    with pytest.raises(FileNotFoundError, match=r"Tier 'tiny' of tiers.json in '.*tiers' names the subfolder 'gone', which holds no subnet"):
+        load_subnet(folder, max_bitops="100%")
+
+
+def test_a_tier_over_its_manifest_entry_is_refused(tiers, tmp_path):
+    folder = tmp_path / "tiers"
+    save_tiers({"x": tiers["medium"]}, folder, base_model="x/y", dataset_name="d")
+    tiny = tiers["tiny"].config.bitops
+    _damage_manifest(folder, lambda m: m["tiers"]["x"].update(bitops=tiny))
+    with pytest.raises(ValueError, match=rf"Tier 'x' of '.*tiers' loaded as a subnet of {tiers['medium'].config.bitops} BitOPs, over the budget {tiny} \({tiny} BitOPs\), although tiers.json lists it at {tiny}"):
+        load_subnet(folder, max_bitops=tiny)
+
+
+# --- the Hub: one commit per push, one commit per load, faults midway ------------------------------------------------
+def _repo_state(repo_id):
+    api = HfApi()
+    return api.repo_info(repo_id).sha, sorted(api.list_repo_files(repo_id))
+
+
+def test_push_over_earlier_tiers_removes_their_folders_in_the_same_commit(tiers, local_hub, tmp_path):
+    repo_id = "local-user/replaced-tiers"
+    push_tiers({"a": tiers["tiny"], "b": tiers["small"]}, repo_id, base_model="x/y", dataset_name="d")
+    HfApi().upload_file(path_or_fileobj=b"mine", path_in_repo="notes/keep.txt", repo_id=repo_id)
+    before = len(HfApi().list_repo_commits(repo_id))
+    push_tiers({"b": tiers["medium"], "c": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d")
+    files = HfApi().list_repo_files(repo_id)
+    assert not any(path.startswith("a/") for path in files)
+    assert {"b/config.json", "c/config.json", "notes/keep.txt", "tiers.json"} <= set(files)
+    assert len(HfApi().list_repo_commits(repo_id)) == before + 1
+
+
+@pytest.mark.parametrize("action", ["error", "drop"])
+def test_a_push_failing_mid_commit_leaves_the_repo_as_it_was(tiers, local_hub, action):
+    repo_id = f"local-user/failing-first-push-{action}"
+    local_hub.inject_fault(Fault(r"/commit/", action, method="POST", times=5))
+    try:
+        with pytest.raises(Exception):
+            push_tiers({"a": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d")
+    finally:
+        local_hub.clear_faults()
+    assert not HfApi().repo_exists(repo_id)  # the repository this push created is gone again
+
+    repo_id = f"local-user/failing-second-push-{action}"
+    push_tiers({"a": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d")
+    before = _repo_state(repo_id)
+    local_hub.inject_fault(Fault(r"/commit/", action, method="POST", times=5))
+    try:
+        with pytest.raises(Exception):
+            push_tiers({"b": tiers["small"]}, repo_id, base_model="x/y", dataset_name="d")
+    finally:
+        local_hub.clear_faults()
+    assert _repo_state(repo_id) == before
+
+
+def test_load_subnet_reads_manifest_and_weights_at_one_commit(tiers, local_hub, tmp_path, monkeypatch):
+    repo_id = "local-user/moving-tiers"
+    push_tiers({"x": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d")
+    old = HfApi().repo_info(repo_id).sha
+    push_tiers({"x": tiers["medium"]}, repo_id, base_model="x/y", dataset_name="d")
+    new = HfApi().repo_info(repo_id).sha
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    set_main = lambda commit: lambda store: store._set_refs("model", repo_id, lambda refs: refs["branches"].__setitem__("main", commit))  # noqa: E731
+    set_main(old)(local_hub.store)
+    # a push lands right after the client has read tiers.json
+    fault = local_hub.inject_fault(Fault(r"/resolve/.*/tiers\.json", "after", method="GET", callback=set_main(new)))
+    budget = tiers["tiny"].config.bitops
+    try:
+        loaded = load_subnet(repo_id, max_bitops=budget, cache_dir=tmp_path / "cache")
+    finally:
+        local_hub.clear_faults()
+    assert fault.times == 0 and HfApi().repo_info(repo_id).sha == new
+    assert loaded.config.bitops == budget
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, tiers["tiny"].state_dict()[key]), key
+
+
+def test_load_subnet_under_a_download_breaking_off_is_right_or_refused(tiers, local_hub, tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    repo_id = "local-user/broken-downloads"
+    push_tiers(tiers, repo_id, base_model="x/y", dataset_name="d", mean_ious=MEAN_IOUS)
+    budget = tiers["small"].config.bitops
+    for times in (1, 50):
+        local_hub.inject_fault(Fault(r"/resolve/.*model\.safetensors", "truncate", method="GET", times=times))
+        try:
+            loaded = load_subnet(repo_id, max_bitops=budget, cache_dir=tmp_path / f"cache-{times}", force_download=True)
+        except OSError as error:
+            assert times == 50 and "Could not load tier 'small' (subfolder 'small')" in str(error)
+        else:
+            assert loaded.config.bitops == budget
+            for key, value in loaded.state_dict().items():
+                assert torch.equal(value, tiers["small"].state_dict()[key]), key
+        finally:
+            local_hub.clear_faults()
+
+
+def test_a_missing_tier_folder_on_the_hub_names_the_tier(tiers, local_hub, tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    repo_id = "local-user/missing-tier-folder"
+    push_tiers({"x": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d")
+    HfApi().delete_folder("x", repo_id=repo_id)
+    with pytest.raises(OSError, match=r"Could not load tier 'x' \(subfolder 'x'\) of 'local-user/missing-tier-folder' at commit [0-9a-f]{40}: "):
+        load_subnet(repo_id, max_bitops="100%", cache_dir=tmp_path / "cache")

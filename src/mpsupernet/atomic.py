@@ -19,8 +19,15 @@ STAGING_MARKER = ".mpsupernet-staging-"
 
 
 def _umask() -> int:
-    # os.umask can only be read by setting it; the process is single-threaded for that instant at worst.
-    mask = os.umask(0)
+    """The process's umask, read from /proc where possible: setting it to read it would race with other threads."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -95,6 +102,19 @@ def fsync_tree(root: str | os.PathLike) -> None:
         fsync_directory(folder)
 
 
+def apply_default_permissions(root: str | os.PathLike) -> None:
+    """Gives every file and folder under `root` the permissions `open`/`mkdir` would (umask applied).
+
+    Some writers (safetensors, `mkstemp`, `mkdtemp`) make private files; a saved model must be readable like any
+    other file its owner writes.
+    """
+    mask = _umask()
+    for folder, folders, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
+
+
 def is_empty_directory(path: str | os.PathLike) -> bool:
     path = Path(path)
     return path.is_dir() and not any(path.iterdir())
@@ -109,6 +129,7 @@ def move_into_place(staging: str | os.PathLike, target: str | os.PathLike) -> No
 
 
 __all__ = [
+    "apply_default_permissions",
     "fsync_directory",
     "fsync_tree",
     "is_empty_directory",

@@ -182,8 +182,8 @@ def parse_budget(
     """A BitOPs budget as a positive whole number of BitOPs (a fractional budget is rounded down).
 
     Args:
-        budget (`int`, `float` or `str`): a number of BitOPs (`35e9`, any real number type such as `numpy.int64`); a
-            string holding one, with an optional SI prefix (k, M, G, T, P) and unit (`"120G"`, `"1.5T"`, `"900M"`,
+        budget (`int`, `float` or `str`): a number of BitOPs (`35e9`, any real number type such as `numpy.int64`, or
+            a 0-d tensor); a string holding one, with an optional SI prefix (k, M, G, T, P) and unit (`"120G"`, `"1.5T"`, `"900M"`,
             `"35e9"`, `"120 GBitOPs"`); or a share of the full-precision model (`"5%"`, above 0% and at most 100%).
         full_precision_bitops (`int`, *optional*): the BitOPs of the full-precision model, which a share refers to.
         name (`str`, *optional*): the caller's argument that holds the budget (`"max_bitops"`); the error then
@@ -202,6 +202,8 @@ def parse_budget(
 
 
 def _parse_budget(budget: int | float | str, full_precision_bitops: int | None) -> int:
+    if getattr(budget, "ndim", None) == 0 and hasattr(budget, "item"):
+        budget = budget.item()  # a 0-d tensor or array holds one number
     if isinstance(budget, bool) or not isinstance(budget, (numbers.Real, str)):
         raise ValueError(f"Budget {budget!r} is not understood; give {BUDGET_FORMS}.")
     if isinstance(budget, str):

@@ -18,6 +18,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from .atomic import (
+    apply_default_permissions,
     fsync_directory,
     fsync_tree,
     is_empty_directory,
@@ -102,6 +103,7 @@ def save_model_folder(save_directory: str | os.PathLike, write: Callable[[Path],
     staging = make_staging_directory(target)
     try:
         write(staging)
+        apply_default_permissions(staging)
         config_path = staging / CONFIG_NAME
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config[WEIGHTS_DIGEST_KEY] = weights_digests(staging)

@@ -6,6 +6,8 @@ downloading one small file.
 """
 
 import json
+import math
+import numbers
 import os
 import re
 import shutil
@@ -14,15 +16,34 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    EvalResult,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    hf_hub_download,
+)
+from huggingface_hub.errors import EntryNotFoundError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from transformers.utils import logging
 
+from .atomic import fsync_tree, make_staging_directory, move_into_place, remove_stale_staging, write_file_atomic
 from .bitops import parse_budget
+from .checkpoints import save_model_folder
 
 logger = logging.get_logger(__name__)
 
 MANIFEST_NAME = "tiers.json"
+MANIFEST_FORMAT_VERSION = 1
+"""The `format_version` of the `tiers.json` this mpsupernet writes; newer ones are refused."""
 TIER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_TIER_NAME_LENGTH = 96
+RESERVED_NAMES = frozenset({MANIFEST_NAME, "readme.md", ".gitattributes"})
+# Tier names start with a letter or digit, so these never collide with one.
+GENERATION_PATTERN = re.compile(r"^_v(\d+)$")
+LOCAL_LOAD_ATTEMPTS = 3
 CARD_TAGS = ["mpsupernet", "segment-anything", "sam", "mixed-precision", "quantization", "lora", "bitops"]
 
 
@@ -109,11 +130,20 @@ def render_subnet_card(
 
 
 def save_subnet_with_card(subnet, save_directory: str | os.PathLike, **card_kwargs) -> ModelCard:
-    """Saves a subnet (safetensors + config) and its model card (`README.md`) into `save_directory`."""
-    save_directory = Path(save_directory)
-    subnet.save_pretrained(save_directory)
+    """Saves a subnet (safetensors + config) and its model card (`README.md`) into `save_directory`, crash-safely.
+
+    The three files are written as one model folder (`mpsupernet.checkpoints.save_model_folder`): after a kill at
+    any moment the folder loads as the old subnet or the new one, with its own card, or is refused.
+    """
+    _check_mean_iou("the subnet", card_kwargs.get("mean_iou"))
     card = render_subnet_card(subnet, **card_kwargs)
-    card.save(save_directory / "README.md")
+
+    def write(folder: Path) -> None:
+        # The subnet's own save goes through save_model_folder too; an empty staging folder is simply replaced.
+        subnet.save_pretrained(folder)
+        card.save(folder / "README.md")
+
+    save_model_folder(save_directory, write)
     return card
 
 
@@ -128,70 +158,144 @@ def save_tiers(
 ) -> dict:
     """Writes several subnets as tiers into a folder laid out as a tiers repository (see [`push_tiers`]).
 
+    A new folder gets one subfolder per tier, named after it, and is renamed into place once complete. Over earlier
+    tiers (a folder holding a `tiers.json`) or into an empty folder, the new tiers go into a new generation
+    subfolder (`_v<n>/<tier>`); `tiers.json` is replaced last, atomically, and only then are the tier folders of the
+    previous manifest removed. So after a kill at any moment the folder holds the complete old tiers or the complete
+    new ones, and `load_subnet` reading it meanwhile gets one or the other. Generation folders that no manifest
+    names (left by a killed write) are ignored and removed by the next write. Nothing else is ever deleted.
+
     Args:
-        tiers (`Mapping[str, SamSubnetForMaskGeneration]`): tier name (used as the subfolder) → subnet.
-        save_directory (`str` or `os.PathLike`): the folder; created if missing.
+        tiers (`Mapping[str, SamSubnetForMaskGeneration]`): tier name (letters, digits, `.`, `_`, `-`; at most
+            `MAX_TIER_NAME_LENGTH` characters; not `tiers.json` or `README.md`) → subnet.
+        save_directory (`str` or `os.PathLike`): the folder: new, empty, or holding earlier tiers.
         base_model (`str`), dataset_name (`str`): for the cards.
-        mean_ious (`Mapping[str, float]`, *optional*): measured mean IoU per tier.
+        mean_ious (`Mapping[str, float]`, *optional*): measured mean IoU per tier, each in [0, 1].
         repo_id (`str`, *optional*): the Hub repository the folder is meant for, named in the cards.
 
     Returns:
         `dict`: the manifest written to `tiers.json`.
+
+    Raises:
+        `ValueError`: for a bad tier name, subnet or mean IoU, or a folder that is not empty and holds no tiers (it
+        is named; nothing is written).
     """
     mean_ious = dict(mean_ious or {})
     _check_tiers(tiers, mean_ious)
     target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written next to the target and renamed at the end, so that a failure never leaves half a tiers folder.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        manifest = _write_tiers(tiers, staging, base_model, dataset_name, mean_ious, repo_id or target.name)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    card_repo_id = repo_id or target.resolve().name
+    previous = _previous_manifest(target)
+    if previous is None:
+        remove_stale_staging(target)
+        staging = make_staging_directory(target)
+        try:
+            manifest = _write_tiers(tiers, staging, "", base_model, dataset_name, mean_ious, card_repo_id)
+            _write_manifest_and_overview(staging, manifest, card_repo_id)
+            move_into_place(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return manifest
+    referenced = _top_folders(previous)
+    for name in (MANIFEST_NAME, "README.md"):
+        remove_stale_staging(target / name)
+    generations = [int(match[1]) for p in target.iterdir() if (match := GENERATION_PATTERN.fullmatch(p.name))]
+    for number in generations:
+        if f"_v{number}" not in referenced:
+            shutil.rmtree(target / f"_v{number}", ignore_errors=True)
+    generation = f"_v{max(generations, default=0) + 1}"
+    manifest = _write_tiers(tiers, target, generation, base_model, dataset_name, mean_ious, card_repo_id)
+    fsync_tree(target / generation)
+    _write_manifest_and_overview(target, manifest, card_repo_id)
+    for folder in sorted(referenced - _top_folders(manifest)):
+        shutil.rmtree(target / folder, ignore_errors=True)
     return manifest
 
 
-def _write_tiers(tiers, save_directory: Path, base_model, dataset_name, mean_ious, repo_id) -> dict:
-    manifest = {"base_model": base_model, "dataset": dataset_name, "tiers": {}}
+def _previous_manifest(target: Path) -> dict | None:
+    """The manifest of the tiers in `target`; `None` for a missing folder; `{}` for an empty one; else refuses."""
+    if not target.exists():
+        return None
+    if not target.is_dir():
+        raise ValueError(f"Cannot write tiers to {str(target)!r}: it is a file, not a folder.")
+    if not (target / MANIFEST_NAME).is_file():
+        if not any(target.iterdir()):
+            return {"tiers": {}}
+        raise ValueError(
+            f"{str(target)!r} is not empty and holds no {MANIFEST_NAME}, so it is not a tiers folder; save_tiers "
+            "writes only into a new or empty folder or over earlier tiers, and never deletes files it did not "
+            "write. Choose another folder."
+        )
+    return read_tiers_manifest(target)
+
+
+def _top_folders(manifest: dict) -> set[str]:
+    return {tier["subfolder"].split("/")[0] for tier in manifest["tiers"].values()}
+
+
+def _write_tiers(tiers, root: Path, generation: str, base_model, dataset_name, mean_ious, repo_id) -> dict:
+    """Writes each tier into `root/<generation>/<name>` and returns the manifest naming them."""
+    manifest = {"format_version": MANIFEST_FORMAT_VERSION, "base_model": base_model, "dataset": dataset_name}
+    manifest["tiers"] = {}
     for name, subnet in sorted(tiers.items(), key=lambda item: item[1].config.bitops):
+        subfolder = f"{generation}/{name}" if generation else name
         save_subnet_with_card(
             subnet,
-            save_directory / name,
+            root / subfolder,
             base_model=base_model,
             dataset_name=dataset_name,
             mean_iou=mean_ious.get(name),
             repo_id=repo_id,
-            subfolder=name,
+            subfolder=subfolder,
         )
         summary = subnet.bitops_report().summary()
         manifest["full_precision_bitops"] = summary["full_precision_bitops"]
         manifest["tiers"][name] = {
-            "subfolder": name,
+            "subfolder": subfolder,
             "bitops": summary["bitops"],
             "share_of_full_precision": summary["share_of_full_precision"],
             "share_of_w8a8": summary["share_of_w8a8"],
             "mean_iou": mean_ious.get(name),
             "architecture": subnet.config.architecture,
         }
-    (save_directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-    _tiers_overview_card(manifest, repo_id).save(save_directory / "README.md")
+    TiersManifest.model_validate(manifest)
     return manifest
+
+
+def _write_manifest_and_overview(root: Path, manifest: dict, repo_id: str) -> None:
+    # The manifest is the pointer readers follow: replaced in one step, after everything it names is in place.
+    write_file_atomic(root / MANIFEST_NAME, json.dumps(manifest, indent=2))
+    write_file_atomic(root / "README.md", str(_tiers_overview_card(manifest, repo_id)))
+
+
+def _check_mean_iou(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) <= 1:
+        raise ValueError(f"The mean IoU of {name} is {value!r}; give a finite number in [0, 1], or None if unmeasured.")
 
 
 def _check_tiers(tiers: Mapping[str, object], mean_ious: Mapping[str, float]) -> None:
     if not tiers:
         raise ValueError("`tiers` is empty; give at least one tier name → subnet.")
     for name, subnet in tiers.items():
-        if not TIER_NAME_PATTERN.match(name):
+        if not isinstance(name, str) or not TIER_NAME_PATTERN.match(name):
             raise ValueError(f"Tier name {name!r} is not a valid folder name; use letters, digits, '.', '_' and '-'.")
-        if getattr(subnet.config, "model_type", None) != "sam_subnet":
+        if len(name) > MAX_TIER_NAME_LENGTH:
+            raise ValueError(
+                f"Tier name {name[:20]!r}... has {len(name)} characters; use at most {MAX_TIER_NAME_LENGTH}."
+            )
+        if name.lower() in RESERVED_NAMES:
+            raise ValueError(
+                f"Tier name {name!r} is reserved for a file of the tiers repository ({sorted(RESERVED_NAMES)}); "
+                "choose another."
+            )
+        if getattr(getattr(subnet, "config", None), "model_type", None) != "sam_subnet":
             raise ValueError(f"Tier {name!r} is a {type(subnet).__name__}, not an extracted SamSubnetForMaskGeneration.")
     unknown = sorted(set(mean_ious) - set(tiers))
     if unknown:
         raise ValueError(f"`mean_ious` names tiers {unknown} that are not among {sorted(tiers)}.")
+    for name, value in mean_ious.items():
+        _check_mean_iou(f"tier {name!r}", value)
 
 
 def push_tiers(
@@ -209,8 +313,10 @@ def push_tiers(
     """Publishes several subnets as tiers of one Hub repository, in one commit.
 
     Each tier goes into its own subfolder (weights, config and model card); `tiers.json` lists them, and the root
-    `README.md` compares them. Everything is staged locally (checked before anything is sent) and uploaded as a single
-    commit, so a failure leaves the repository as it was.
+    `README.md` compares them. Everything is staged and checked locally before anything is sent. The commit adds
+    the new tiers and deletes the tier folders of the repository's previous `tiers.json` that the new one does not
+    name; it is made on top of the head read at the start (`parent_commit`), so a concurrent push makes it fail
+    rather than mix. A failure leaves the repository as it was: a repository this call created is deleted again.
 
     Args:
         tiers (`Mapping[str, SamSubnetForMaskGeneration]`): tier name (used as the subfolder) → subnet.
@@ -225,16 +331,53 @@ def push_tiers(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="mpsupernet-tiers-") as staging:
         folder = Path(staging) / "repo"
-        save_tiers(tiers, folder, base_model=base_model, dataset_name=dataset_name, mean_ious=mean_ious, repo_id=repo_id)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            revision=revision,
-            commit_message=commit_message or f"Publish {len(tiers)} mpsupernet tiers: {', '.join(sorted(tiers))}",
+        manifest = save_tiers(
+            tiers, folder, base_model=base_model, dataset_name=dataset_name, mean_ious=mean_ious, repo_id=repo_id
         )
+        operations = [
+            CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(folder.rglob("*"))
+            if path.is_file()
+        ]
+        created = not api.repo_exists(repo_id)
+        parent_commit = None
+        if not created:
+            parent_commit = api.repo_info(repo_id, revision=revision).sha
+            operations += _stale_tier_deletions(api, repo_id, parent_commit, manifest, token)
+        else:
+            api.create_repo(repo_id, private=private, exist_ok=False)
+        try:
+            commit = api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                revision=revision,
+                parent_commit=parent_commit,
+                commit_message=commit_message or f"Publish {len(tiers)} mpsupernet tiers: {', '.join(sorted(tiers))}",
+            )
+        except BaseException:
+            if created:
+                api.delete_repo(repo_id, missing_ok=True)
+            raise
     logger.info(f"Pushed tiers {sorted(tiers)} to {repo_id}")
     return commit.commit_url
+
+
+def _stale_tier_deletions(api: HfApi, repo_id: str, commit: str, manifest: dict, token) -> list:
+    """Deletions of the tier folders that the repository's current `tiers.json` names and `manifest` does not."""
+    files = set(api.list_repo_files(repo_id, revision=commit))
+    if MANIFEST_NAME not in files:
+        return []
+    try:
+        previous = read_tiers_manifest(repo_id, revision=commit, token=token)
+    except (ValueError, OSError) as error:
+        logger.warning(f"The current {MANIFEST_NAME} of {repo_id} cannot be read ({error}); its tiers are kept.")
+        return []
+    stale = sorted(_top_folders(previous) - _top_folders(manifest) - {MANIFEST_NAME, "README.md"})
+    return [
+        CommitOperationDelete(path_in_repo=f"{folder}/", is_folder=True)
+        for folder in stale
+        if any(path.startswith(f"{folder}/") for path in files)
+    ]
 
 
 def _tiers_overview_card(manifest: dict, repo_id: str) -> ModelCard:
@@ -266,21 +409,103 @@ def _tiers_overview_card(manifest: dict, repo_id: str) -> ModelCard:
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
+class TierEntry(BaseModel):
+    """One tier of `tiers.json`: where its subnet is, what it costs and how good it is."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    subfolder: str
+    bitops: int = Field(gt=0)
+    share_of_full_precision: float = Field(ge=0, allow_inf_nan=False)
+    share_of_w8a8: float = Field(ge=0, allow_inf_nan=False)
+    mean_iou: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    architecture: dict
+
+    @field_validator("subfolder")
+    @classmethod
+    def _inside_the_repository(cls, subfolder: str) -> str:
+        parts = subfolder.split("/")
+        if "\\" in subfolder or subfolder.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            raise ValueError(
+                f"{subfolder!r} is not a relative path inside the repository (no '..', '.', empty parts, backslashes "
+                "or leading '/')"
+            )
+        return subfolder
+
+
+class TiersManifest(BaseModel):
+    """The schema of `tiers.json`, format version `MANIFEST_FORMAT_VERSION`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    format_version: int = MANIFEST_FORMAT_VERSION
+    base_model: str
+    dataset: str
+    full_precision_bitops: int = Field(gt=0)
+    tiers: dict[str, TierEntry] = Field(min_length=1)
+
+
+def validate_tiers_manifest(data, source: str) -> dict:
+    """Checks a parsed `tiers.json` against its schema; `source` names the repository and file in every error.
+
+    A manifest without `format_version` is of the format before versioning, which is version 1.
+
+    Raises:
+        `ValueError`: naming `source` and each offending field; also for a format version newer than this
+        mpsupernet reads.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{source} is not a valid tiers manifest: it holds a {type(data).__name__}, not an object.")
+    version = data.get("format_version", MANIFEST_FORMAT_VERSION)
+    if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_FORMAT_VERSION:
+        raise ValueError(
+            f"{source} has format_version {version}, newer than this mpsupernet reads ({MANIFEST_FORMAT_VERSION}); "
+            "upgrade mpsupernet."
+        )
+    try:
+        manifest = TiersManifest.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"field `{'.'.join(str(part) for part in problem['loc'])}`: {problem['msg']}"
+            for problem in error.errors()
+        )
+        raise ValueError(f"{source} is not a valid tiers manifest: {problems}.") from None
+    if manifest.format_version != MANIFEST_FORMAT_VERSION:
+        raise ValueError(
+            f"{source} is not a valid tiers manifest: field `format_version`: {manifest.format_version} is not a "
+            f"format version (this mpsupernet reads {MANIFEST_FORMAT_VERSION})."
+        )
+    return manifest.model_dump()
+
+
 def read_tiers_manifest(repo_id: str | os.PathLike, revision: str | None = None, token: str | None = None) -> dict:
-    """The `tiers.json` of a Hub repository or a local folder."""
-    if Path(repo_id).is_dir():
+    """The validated `tiers.json` of a Hub repository (at `revision`) or of a local folder.
+
+    Raises:
+        `FileNotFoundError`: for a local folder without `tiers.json`.
+        `ValueError`: for a manifest that is not JSON or does not follow the schema, naming the repository, the
+            file and the field (see [`validate_tiers_manifest`]).
+    """
+    local = Path(repo_id).is_dir()
+    if local:
         path = Path(repo_id) / MANIFEST_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{str(repo_id)!r} has no {MANIFEST_NAME}; it was not written by `push_tiers`.")
     else:
         path = hf_hub_download(str(repo_id), MANIFEST_NAME, revision=revision, token=token)
-    return json.loads(Path(path).read_text())
+    where = f"{MANIFEST_NAME} of {str(repo_id)!r}" + (f" at revision {revision!r}" if revision and not local else "")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{where} is not valid JSON: {error}.") from None
+    return validate_tiers_manifest(data, where)
 
 
 def select_tier(manifest: dict, max_bitops) -> str:
     """The tier to use under `max_bitops`: the best measured mean IoU among those that fit, else the costliest.
 
-    `max_bitops` takes what `mpsupernet.bitops.parse_budget` takes ("40G", "5%", a number).
+    `max_bitops` takes what `mpsupernet.bitops.parse_budget` takes ("40G", "5%", a number). A mean IoU that is not a
+    finite number counts as unmeasured.
     """
     budget = parse_budget(max_bitops, manifest["full_precision_bitops"])
     tiers = manifest["tiers"]
@@ -295,13 +520,19 @@ def select_tier(manifest: dict, max_bitops) -> str:
 
     def rank(name):
         tier = fitting[name]
-        return (tier["mean_iou"] is not None, tier["mean_iou"] or 0.0, tier["bitops"])
+        measured = tier["mean_iou"] is not None and math.isfinite(tier["mean_iou"])
+        return (measured, tier["mean_iou"] if measured else 0.0, tier["bitops"])
 
     return max(fitting, key=rank)
 
 
 def load_subnet(repo_id: str | os.PathLike, max_bitops, revision: str | None = None, token: str | None = None, **kwargs):
     """Downloads and loads the best ready-made subnet under a BitOPs budget.
+
+    On the Hub, `revision` is resolved to a commit once, and the manifest and the weights are both read at that
+    commit, so a push in between cannot pair one tier's entry with another's weights. In a local folder that is
+    being rewritten by `save_tiers`, a tier removed while it loads makes this read the new manifest and try again.
+    Either way the loaded subnet's BitOPs, counted from its own architecture, are checked against the budget.
 
     Args:
         repo_id (`str` or `os.PathLike`): a Hub repository written by [`push_tiers`], or a local copy of one.
@@ -311,15 +542,58 @@ def load_subnet(repo_id: str | os.PathLike, max_bitops, revision: str | None = N
         kwargs: passed to `SamSubnetForMaskGeneration.from_pretrained`.
 
     Returns:
-        `SamSubnetForMaskGeneration`: the chosen tier's subnet; its `config.bitops` is within the budget.
+        `SamSubnetForMaskGeneration`: the chosen tier's subnet; its BitOPs are within the budget.
+
+    Raises:
+        `ValueError`: if no tier fits, the manifest is invalid, or the loaded subnet is over the budget.
+        `OSError`: if the tier's folder is missing or its files cannot be read (the tier is named).
     """
+    if not Path(repo_id).is_dir():
+        commit = HfApi(token=token).repo_info(str(repo_id), revision=revision, token=token).sha
+        manifest = read_tiers_manifest(repo_id, revision=commit, token=token)
+        return _load_tier(manifest, max_bitops, f"{repo_id!r} at commit {commit}", str(repo_id), revision=commit, token=token, **kwargs)
+    root = Path(repo_id)
+    for attempt in range(LOCAL_LOAD_ATTEMPTS):
+        manifest = read_tiers_manifest(root)
+        try:
+            return _load_tier(manifest, max_bitops, repr(str(root)), root, **kwargs)
+        except OSError:
+            # A concurrent save_tiers removes the old tiers only after replacing the manifest: if it changed, retry.
+            if attempt + 1 == LOCAL_LOAD_ATTEMPTS or read_tiers_manifest(root) == manifest:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _load_tier(manifest: dict, max_bitops, where: str, source, **kwargs):
     from .modeling_sam_subnet import SamSubnetForMaskGeneration
 
-    manifest = read_tiers_manifest(repo_id, revision=revision, token=token)
     tier = select_tier(manifest, max_bitops)
-    logger.info(f"Loading tier {tier!r} ({manifest['tiers'][tier]['bitops'] / 1e9:.3f} GBitOPs) from {repo_id}")
-    if Path(repo_id).is_dir():
-        return SamSubnetForMaskGeneration.from_pretrained(Path(repo_id) / manifest["tiers"][tier]["subfolder"], **kwargs)
-    return SamSubnetForMaskGeneration.from_pretrained(
-        str(repo_id), subfolder=manifest["tiers"][tier]["subfolder"], revision=revision, token=token, **kwargs
-    )
+    entry = manifest["tiers"][tier]
+    subfolder = entry["subfolder"]
+    logger.info(f"Loading tier {tier!r} ({entry['bitops'] / 1e9:.3f} GBitOPs) from {where}")
+    try:
+        if isinstance(source, Path):
+            folder = source / subfolder
+            if not folder.resolve().is_relative_to(source.resolve()):
+                raise ValueError(f"Tier {tier!r} of {MANIFEST_NAME} in {where} points outside it: {subfolder!r}.")
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"Tier {tier!r} of {MANIFEST_NAME} in {where} names the subfolder {subfolder!r}, which holds no "
+                    "subnet (no config.json)."
+                )
+            subnet = SamSubnetForMaskGeneration.from_pretrained(folder, **kwargs)
+        else:
+            subnet = SamSubnetForMaskGeneration.from_pretrained(source, subfolder=subfolder, **kwargs)
+    except FileNotFoundError:
+        raise
+    except (OSError, EntryNotFoundError) as error:
+        raise OSError(f"Could not load tier {tier!r} (subfolder {subfolder!r}) of {where}: {error}") from error
+    budget = parse_budget(max_bitops, manifest["full_precision_bitops"])
+    bitops = max(subnet.config.bitops, subnet.bitops_report().total_bitops)
+    if bitops > budget:
+        raise ValueError(
+            f"Tier {tier!r} of {where} loaded as a subnet of {bitops} BitOPs, over the budget {max_bitops!r} "
+            f"({budget} BitOPs), although {MANIFEST_NAME} lists it at {entry['bitops']}: the manifest and the tier do "
+            "not match. Refusing it."
+        )
+    return subnet
