@@ -1,11 +1,14 @@
 """LsqQuantizer: LSQ/LSQ+ forward values and gradients against the same formula written as plain autograd ops."""
 
+import logging
 import math
 
 import pytest
 import torch
 
-from mpsupernet.quantization import LsqQuantizer, integer_range
+from mpsupernet import SamSupernetForMaskGeneration
+from mpsupernet.extraction import extract_subnet
+from mpsupernet.quantization import LsqQuantizer, collapsed_step_sizes, integer_range
 
 
 def reference_fake_quantize(x, step, offset, q_min, q_max, grad_scale):
@@ -70,3 +73,112 @@ def test_forward_keeps_only_its_input_for_backward():
     assert len(kept) == 1 and kept[0] is x
     output.sum().backward()
     assert x.grad is not None and quantizer.step_size.grad.abs().sum() > 0
+
+
+# --- poisoned statistics, low-precision dtypes, collapsed steps ---------------------------------------------------------
+def test_non_finite_statistics_never_become_step_sizes(tiny_supernet):
+    images = torch.randn(2, 3, 128, 128)
+    images[1, 0, 5, 7] = float("nan")  # one NaN pixel
+    message = (
+        r"The 8-bit step size of sam\.vision_encoder\.layers\.0\.attn\.qkv\.input_quantizer would be set from a "
+        r"tensor with non-finite values \(NaN or inf\); refusing it"
+    )
+    with pytest.raises(ValueError, match=message):
+        tiny_supernet.calibrate_quantizers(images)
+    # the refused batch left nothing behind: clean images calibrate and run to finite masks
+    assert not any(bool(m.initialized.any()) for n, m in tiny_supernet.named_modules() if n.endswith("input_quantizer"))
+    tiny_supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128))
+    tiny_supernet.set_subnet(tiny_supernet.largest_subnet())
+    with torch.no_grad():
+        masks = tiny_supernet(pixel_values=torch.randn(1, 3, 128, 128), input_boxes=torch.tensor([[[8.0, 8, 90, 90]]])).pred_masks
+    assert torch.isfinite(masks).all()
+    quantizer = LsqQuantizer([4])
+    quantizer.set_bits(4)
+    with pytest.raises(ValueError, match=r"The 4-bit step size of a quantizer would be set from a tensor with non-finite"):
+        quantizer(torch.tensor([1.0, float("inf"), 2.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_step_floor_holds_in_half_precision(dtype):
+    weight = torch.randn(4, 16)
+    weight[2] = 0  # one all-zero row: its LSQ step is 0 before the floor
+    quantizer = LsqQuantizer([2, 4], num_channels=4).to(dtype)
+    quantizer.set_bits(4)
+    quantizer.initialize(weight, 4, channel_dim=0)
+    floor = quantizer.step_floor(dtype)
+    assert floor == max(1e-8, torch.finfo(dtype).tiny) and torch.tensor(floor, dtype=dtype) > 0
+    assert quantizer.step_size[1, 2] == torch.tensor(floor, dtype=dtype)
+    out = quantizer(weight.to(dtype))
+    assert torch.isfinite(out).all() and torch.equal(out[2], torch.zeros(16, dtype=dtype))
+    q_max = integer_range(4, True)[1]
+    expected_step = 2 * weight.abs().mean(dim=1) / math.sqrt(q_max)
+    torch.testing.assert_close(out[0].float(), (weight[0] / expected_step[0]).round().clamp(-8, 7) * expected_step[0], atol=0.02, rtol=0.02)
+
+
+def test_fp16_supernet_with_a_zero_weight_row_stays_finite(tiny_sam, prompt_inputs):
+    with torch.no_grad():
+        tiny_sam.vision_encoder.layers[0].attn.qkv.weight[3] = 0
+    supernet = SamSupernetForMaskGeneration.from_sam(tiny_sam).eval()
+    supernet.calibrate_quantizers(prompt_inputs["pixel_values"])
+    supernet.half()
+    supernet.set_subnet(supernet.largest_subnet())
+    with torch.no_grad():
+        output = supernet(pixel_values=prompt_inputs["pixel_values"].half(), input_boxes=prompt_inputs["input_boxes"].half())
+    assert torch.isfinite(output.pred_masks).all()
+
+
+def test_a_step_at_its_floor_keeps_a_gradient_and_is_warned_about(caplog):
+    quantizer = LsqQuantizer([4], signed=False)
+    quantizer.name = "layers.3.mlp.lin2.input_quantizer"
+    quantizer.set_bits(4)
+    with caplog.at_level(logging.WARNING, logger="mpsupernet.quantization"):
+        quantizer(torch.zeros(8))
+    assert (
+        "The 4-bit step size of layers.3.mlp.lin2.input_quantizer starts at its floor (1e-08): the tensor it was set "
+        "from is all (nearly) zero" in caplog.text
+    )
+    x = torch.linspace(0.1, 2.0, 8, requires_grad=True)
+    quantizer(x).sum().backward()
+    assert quantizer.step_size.grad is not None and quantizer.step_size.grad.abs().item() > 0
+    with torch.no_grad():
+        quantizer.step_size.fill_(-1.0)  # an optimizer step pushed it below the floor: the forward uses the floor
+    quantizer.step_size.grad = None
+    quantizer(x).sum().backward()
+    assert quantizer.step_size.grad.abs().item() > 0
+    assert collapsed_step_sizes(torch.nn.ModuleDict({"q": quantizer})) == ["q (4-bit)"]
+
+
+def _calibrated_supernet(tiny_sam):
+    supernet = SamSupernetForMaskGeneration.from_sam(tiny_sam).eval()
+    supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
+    return supernet
+
+
+@pytest.mark.parametrize("value", [float("nan"), 0.0])
+def test_extraction_refuses_non_finite_or_collapsed_activation_steps(tiny_sam, value):
+    supernet = _calibrated_supernet(tiny_sam)
+    arch = supernet.largest_subnet()
+    quantizer = supernet.sam.vision_encoder.layers[1].mlp.lin1.input_quantizer
+    with torch.no_grad():
+        quantizer.step_size[quantizer.bit_index(8)] = value
+    with pytest.raises(ValueError, match=r"The 8-bit step size of the input quantizer of layers\.1\.mlp\.lin1 is not finite or has collapsed to its floor"):
+        extract_subnet(supernet, arch)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 0.0])
+def test_extraction_refuses_non_finite_or_collapsed_weight_steps(tiny_sam, value):
+    supernet = _calibrated_supernet(tiny_sam)
+    arch = supernet.largest_subnet()
+    quantizer = supernet.sam.vision_encoder.layers[0].attn.proj.weight_quantizer
+    with torch.no_grad():
+        quantizer.step_size[quantizer.bit_index(8), 5] = value
+    with pytest.raises(ValueError, match=r"The 8-bit weight step sizes of layers\.0\.attn\.proj are not finite or have collapsed to their floor in rows \[5\]"):
+        extract_subnet(supernet, arch)
+
+
+def test_extraction_accepts_a_zero_weight_row_at_its_floor(tiny_sam):
+    with torch.no_grad():
+        tiny_sam.vision_encoder.layers[0].attn.proj.weight[5] = 0
+    supernet = _calibrated_supernet(tiny_sam)
+    subnet = extract_subnet(supernet, supernet.largest_subnet())
+    assert torch.equal(subnet.sam.vision_encoder.layers[0].attn.proj.dequantized_weight()[5], torch.zeros(64))

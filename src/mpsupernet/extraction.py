@@ -119,7 +119,7 @@ def _copy_linear(source: QuantizedLoraLinear, target, name: str) -> None:
     """Writes the active sub-layer of a supernet Linear into a subnet Linear (plain or quantized)."""
     # Exactly the weight the supernet multiplies with: adapters merged, rows and columns sliced, fake-quantized.
     rows = source.output_index
-    _copy_weight(source.quantized_weight(), source.weight_quantizer, rows, target)
+    _copy_weight(source.quantized_weight(), source.weight_quantizer, rows, target, name)
     if target.bias is not None:
         target.bias.copy_(source.active_bias())
     if isinstance(target, QuantizedLinear):
@@ -131,17 +131,35 @@ def _copy_conv(source: ElasticQuantizedConv2d, target, name: str) -> None:
     channels = None
     if source.active_out_channels != source.out_channels:
         channels = torch.arange(source.active_out_channels, device=source.weight.device)
-    _copy_weight(source.quantized_weight(), source.weight_quantizer, channels, target)
+    _copy_weight(source.quantized_weight(), source.weight_quantizer, channels, target, name)
     if target.bias is not None:
         target.bias.copy_(source.active_bias())
     if isinstance(target, QuantizedLinear):
         _copy_quantizer(source.input_quantizer, target.input_quantizer, f"the input quantizer of {name}")
 
 
-def _copy_weight(weight: torch.Tensor, quantizer: LsqQuantizer | None, rows: torch.Tensor | None, target) -> None:
-    """Stores a (fake-quantized) supernet weight in a subnet layer: packed codes and steps, or the float weight."""
+def _copy_weight(
+    weight: torch.Tensor, quantizer: LsqQuantizer | None, rows: torch.Tensor | None, target, name: str
+) -> None:
+    """Stores a (fake-quantized) supernet weight in a subnet layer: packed codes and steps, or the float weight.
+
+    Raises:
+        `ValueError`: naming the layer and rows, if a row's step is not finite, or collapsed to its floor while the
+        row is not zero (it would export nothing but rounding noise).
+    """
     if isinstance(target, QuantizedLinear) and not is_float_bits(target.weight_bits):
         step = _effective_weight_step(quantizer, rows)
+        collapsed = quantizer.collapsed_channels(target.weight_bits)
+        if rows is not None:
+            collapsed = collapsed[rows.to(collapsed.device)]
+        damaged = collapsed & weight.ne(0).flatten(1).any(dim=1) | ~torch.isfinite(step)
+        if bool(damaged.any()):
+            bad = damaged.nonzero().flatten().tolist()
+            raise ValueError(
+                f"The {target.weight_bits}-bit weight step sizes of {name} are not finite or have collapsed to their "
+                f"floor in rows {bad[:8]}{'...' if len(bad) > 8 else ''}: the subnet would compute nothing useful "
+                "there. Retrain or recalibrate the supernet (or choose other bits for this layer) before extracting."
+            )
         codes = torch.round(weight / step.reshape(-1, *([1] * (weight.dim() - 1)))).to(torch.int8)
         target.packed_weight.copy_(pack_codes(codes, target.weight_bits))
         target.weight_scale.copy_(step)
@@ -156,7 +174,8 @@ def _effective_weight_step(quantizer: LsqQuantizer, rows: torch.Tensor | None) -
     step is not quite the one used. Quantizing a weight whose every row holds one stored step gives code 1 times the
     step used: exactly that step. With it, `codes * step` reproduces the fake-quantized weight bit for bit.
     """
-    step = quantizer.step_size[quantizer.bit_index(quantizer.active_bits)].clamp_min(quantizer.step_size_min)
+    step = quantizer.step_size[quantizer.bit_index(quantizer.active_bits)]
+    step = step.clamp_min(quantizer.step_floor(step.dtype))
     if rows is not None:
         step = step[rows.to(step.device)]
     return quantizer(step.unsqueeze(1), channel_index=rows)[:, 0]
@@ -173,6 +192,13 @@ def _copy_quantizer(source: LsqQuantizer, target: LsqQuantizer, name: str) -> No
             f"The {bits}-bit step size of {name} was never calibrated: the supernet has not run a subnet with "
             f"{bits}-bit activations there. Train or calibrate it at those bits (a forward pass on data with such a "
             "subnet active) before extracting."
+        )
+    offset_finite = source.offset is None or bool(torch.isfinite(source.offset[index]).all())
+    if bool(source.collapsed_channels(bits).any()) or not offset_finite:
+        raise ValueError(
+            f"The {bits}-bit step size of {name} is not finite or has collapsed to its floor "
+            f"({source.step_size[index].tolist()}); exporting it would give a layer that outputs nothing useful. "
+            "Recalibrate the supernet on clean images (`calibrate_quantizers`) or retrain it before extracting."
         )
     target.step_size.copy_(source.step_size[index : index + 1])
     if source.offset is not None:

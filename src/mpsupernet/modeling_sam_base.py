@@ -12,7 +12,7 @@ from transformers.models.sam.modeling_sam import SamImageSegmentationOutput
 from .checkpoints import CrashSafeSaveMixin
 from .configuration_sam_supernet import SamQuantizedConfigBase
 from .elastic import ResizingSamVisionEncoder
-from .quantization import LsqQuantizer
+from .quantization import LsqQuantizer, name_quantizers
 
 
 class SamQuantizedPreTrainedModel(CrashSafeSaveMixin, PreTrainedModel):
@@ -44,6 +44,11 @@ class SamQuantizedPreTrainedModel(CrashSafeSaveMixin, PreTrainedModel):
         sam_config._attn_implementation = config._attn_implementation
         self.sam = SamModel(sam_config)
         self.sam.vision_encoder = self._make_vision_encoder(config)
+
+    def post_init(self):
+        super().post_init()
+        # Quantizers name themselves in their errors ("a NaN in the batch that would set the step of ...").
+        name_quantizers(self)
 
     def _make_vision_encoder(self, config: SamQuantizedConfigBase) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__} must build its image encoder in `_make_vision_encoder`.")

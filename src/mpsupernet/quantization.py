@@ -9,8 +9,11 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers.utils import logging
 
 from .architecture import FLOAT_BITS, is_float_bits
+
+logger = logging.get_logger(__name__)
 
 
 class LsqFakeQuantize(torch.autograd.Function):
@@ -80,11 +83,15 @@ class LsqQuantizer(nn.Module):
         learn_offset (`bool`, *optional*, defaults to `False`):
             Whether a learned offset is subtracted before quantization and added back after (LSQ+).
         step_size_min (`float`, *optional*, defaults to 1e-8):
-            Lower bound on the step size, which must stay positive.
+            Lower bound on the step size, which must stay positive. In a dtype that cannot hold it (1e-8 is 0 in
+            fp16), the bound is the dtype's smallest normal number instead (see [`step_floor`]). A step at the bound
+            still gets a gradient (the bound is applied with a straight-through estimator), so it can recover.
 
     Step sizes start uninitialised; they are set from statistics of the first tensor quantized at each bit-width
     (weights: the weight itself; activations: the first calibration or training batch), averaged across processes
-    when `torch.distributed` is initialised so that data-parallel replicas stay identical.
+    when `torch.distributed` is initialised so that data-parallel replicas stay identical. Statistics that are not
+    finite (a NaN pixel in the first batch) are refused with a `ValueError` naming the quantizer (`name`, set by the
+    model with [`name_quantizers`]); a step set at its lower bound (an all-zero first batch) is warned about.
     """
 
     def __init__(
@@ -103,6 +110,25 @@ class LsqQuantizer(nn.Module):
         self.offset = nn.Parameter(torch.zeros(len(self.bit_choices), 1)) if learn_offset else None
         self.register_buffer("initialized", torch.zeros(len(self.bit_choices), dtype=torch.bool))
         self.active_bits = FLOAT_BITS
+        self.name = "a quantizer"
+
+    def step_floor(self, dtype: torch.dtype) -> float:
+        """The lower bound of the step size in `dtype`: `step_size_min`, or the dtype's smallest normal number if
+        `step_size_min` is below it (so that the bound is never 0, and `x / step` never `0 / 0`)."""
+        return max(self.step_size_min, torch.finfo(dtype).tiny)
+
+    def bounded_step(self, step: torch.Tensor) -> torch.Tensor:
+        """`step` clamped to its floor in the forward pass, with the gradient of the unclamped step (straight-through).
+
+        With a plain clamp a step at its floor would get no gradient and could never grow again.
+        """
+        return step + (step.clamp_min(self.step_floor(step.dtype)) - step).detach()
+
+    @torch.no_grad()
+    def collapsed_channels(self, bits: int) -> torch.Tensor:
+        """Mask of the channels whose `bits`-bit step is at (or below) its floor, or not finite."""
+        step = self.step_size[self.bit_index(bits)]
+        return ~torch.isfinite(step) | (step <= self.step_floor(step.dtype))
 
     def extra_repr(self) -> str:
         return f"bit_choices={self.bit_choices}, signed={self.signed}, offset={self.offset is not None}"
@@ -155,7 +181,19 @@ class LsqQuantizer(nn.Module):
             else:
                 step = torch.maximum(high.abs(), low.abs()) / q_max
             step = step.reshape(1)
-        step = step.clamp_min(self.step_size_min)
+        if not bool(torch.isfinite(step).all()) or (self.offset is not None and not bool(torch.isfinite(low))):
+            raise ValueError(
+                f"The {bits}-bit step size of {self.name} would be set from a tensor with non-finite values (NaN or "
+                "inf); refusing it, so that the quantizer is not poisoned. Check the input images (a NaN pixel?) "
+                "before calibrating or training."
+            )
+        floor = self.step_floor(self.step_size.dtype)
+        if channel_dim is None and bool(step.le(floor).all()):
+            logger.warning(
+                f"The {bits}-bit step size of {self.name} starts at its floor ({floor:.3g}): the tensor it was set "
+                "from is all (nearly) zero. Calibrate it on real images."
+            )
+        step = step.clamp_min(floor)
         self._sync_mean(step)
         self.step_size.data[index] = step.to(self.step_size.dtype)
         self.initialized[index] = True
@@ -224,7 +262,7 @@ class LsqQuantizer(nn.Module):
             return x
         index = self.bit_index(bits)
         q_min, q_max = integer_range(bits, self.signed)
-        step = step_size[index].clamp_min(self.step_size_min)
+        step = self.bounded_step(step_size[index])
         if step_size.shape[1] > 1:
             if channel_index is not None:
                 step = step[channel_index.to(step.device)]
@@ -241,6 +279,28 @@ class LsqQuantizer(nn.Module):
         """Integer codes and per-channel scales of a weight at `bits` (for export): `x ≈ codes * scales`."""
         index = self.bit_index(bits)
         q_min, q_max = integer_range(bits, self.signed)
-        step = self.step_size[index].clamp_min(self.step_size_min).reshape(-1, *([1] * (x.dim() - 1)))
+        step = self.step_size[index].clamp_min(self.step_floor(self.step_size.dtype)).reshape(-1, *([1] * (x.dim() - 1)))
         codes = torch.clamp(torch.round(x / step), q_min, q_max).to(torch.int8)
         return codes, step.reshape(-1)
+
+
+def name_quantizers(model: nn.Module) -> None:
+    """Names every `LsqQuantizer` of `model` by its module path, for the messages that must say which one failed."""
+    for name, module in model.named_modules():
+        if isinstance(module, LsqQuantizer):
+            module.name = name
+
+
+def collapsed_step_sizes(model: nn.Module) -> list[str]:
+    """`"<quantizer> (<bits>-bit)"` for every calibrated per-tensor step of `model` at its floor or not finite.
+
+    Per-channel weight steps are left out: an all-zero weight row legitimately has its step at the floor
+    (extraction checks those rows against the weight).
+    """
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, LsqQuantizer) and module.step_size.shape[1] == 1:
+            for index, bits in enumerate(module.bit_choices):
+                if bool(module.initialized[index]) and bool(module.collapsed_channels(bits).any()):
+                    found.append(f"{name} ({bits}-bit)")
+    return found
