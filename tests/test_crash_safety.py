@@ -1,0 +1,207 @@
+"""Kill -9 at every file-system write of each writer: what is left on disk loads as the complete old or the complete
+new model, or is refused with a clear error; never a silent mix. See `kill_points.py` for how the writers are killed.
+"""
+
+import re
+import shutil
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration
+from mpsupernet.cli import main
+from mpsupernet.extraction import descent_path, extract_subnet
+from mpsupernet.hub import load_subnet, read_tiers_manifest, save_tiers
+
+from conftest import make_tiny_sam
+from kill_points import every_kill_point, run_killed_before_write
+
+REFUSED = re.compile(
+    r"do not match its config: config.json records sha256|is incomplete: its config.json records the weights file"
+    r"|holds weights files .* that its config.json does not record"
+)
+STAGING = ".mpsupernet-staging-"
+
+
+def _same_state(model, reference: dict) -> bool:
+    state = model.state_dict()
+    return state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
+
+
+def _identify(load, folder, candidates: dict) -> str:
+    """Which candidate the folder loads as, "refused" (with a pinned message) or "missing"."""
+    if not folder.exists():
+        return "missing"
+    try:
+        model = load(folder)
+    except OSError as error:
+        assert REFUSED.search(str(error)), f"unclear refusal: {error}"
+        return "refused"
+    matches = [name for name, (state, bitops) in candidates.items() if _same_state(model, state) and bitops in (None, getattr(model.config, "bitops", None))]
+    assert matches, "the folder loads as a mix of the old and the new model"
+    return matches[0]
+
+
+def _kill_everywhere(work, pristine, write, identify, allowed, stride=1):
+    """Runs `write` killed at each of its writes, starting each time from a copy of `pristine` in `work`."""
+    outcomes = {}
+
+    def reset():
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(pristine, work, symlinks=True)
+
+    def check(n, finished):
+        outcomes[n] = identify()
+        assert outcomes[n] in allowed, (n, outcomes[n])
+        if finished:
+            assert outcomes[n] == "new", (n, outcomes[n])
+
+    points = every_kill_point(write, reset, check, stride)
+    assert outcomes[1] in ("old", "missing") and points >= 3, outcomes
+    return outcomes
+
+
+def _stale_staging_is_cleaned_by_the_next_write(work, pristine, write, points):
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(pristine, work, symlinks=True)
+    assert not run_killed_before_write(write, max(2, points // 2))
+    write()
+    assert not [p for p in work.rglob("*") if STAGING in p.name]
+
+
+@pytest.fixture(scope="module")
+def supernets():
+    """Two supernets of the same shapes that differ in adapters and step sizes: the "old" and the "new" save."""
+    old = SamSupernetForMaskGeneration.from_sam(make_tiny_sam()).eval()
+    old.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
+    new = SamSupernetForMaskGeneration.from_sam(make_tiny_sam()).eval()
+    new.load_state_dict(old.state_dict())
+    with torch.no_grad():
+        for name, parameter in new.named_parameters():
+            if "lora_B" in name or "step_size" in name:
+                parameter.mul_(1.5).add_(0.01)
+    return old, new
+
+
+@pytest.mark.parametrize("over_old", [True, False])
+def test_supernet_save_pretrained_survives_a_kill_at_every_write(supernets, tmp_path, over_old):
+    old, new = supernets
+    pristine, work = tmp_path / "pristine", tmp_path / "work"
+    pristine.mkdir()
+    if over_old:
+        old.save_pretrained(pristine / "supernet")
+    folder = work / "supernet"
+    candidates = {"old": (old.state_dict(), None), "new": (new.state_dict(), None)}
+    outcomes = _kill_everywhere(
+        work, pristine, lambda: new.save_pretrained(folder),
+        lambda: _identify(SamSupernetForMaskGeneration.from_pretrained, folder, candidates),
+        {"old", "new", "refused"} if over_old else {"missing", "new"},
+    )
+    _stale_staging_is_cleaned_by_the_next_write(work, pristine, lambda: new.save_pretrained(folder), max(outcomes))
+
+
+def _same_shape_archs(supernet):
+    """Two consecutive architectures of the descent path that differ only in their activation bits (W4A6, W4A4)."""
+    path = list(descent_path(supernet.search_space))
+    for first, second in zip(path, path[1:]):
+        quantized = max(first.activation_bits + first.weight_bits + second.activation_bits) < 16
+        if quantized and first.weight_bits == second.weight_bits and first.activation_bits != second.activation_bits:
+            return first, second
+    raise AssertionError("no such pair")
+
+
+def test_extract_subnet_save_directory_survives_a_kill_at_every_write(supernets, tmp_path):
+    supernet = supernets[0]
+    old_arch, new_arch = _same_shape_archs(supernet)
+    old_subnet, new_subnet = extract_subnet(supernet, old_arch), extract_subnet(supernet, new_arch)
+    assert {k: v.shape for k, v in old_subnet.state_dict().items()} == {k: v.shape for k, v in new_subnet.state_dict().items()}
+    pristine, work = tmp_path / "pristine", tmp_path / "work"
+    old_subnet.save_pretrained(pristine / "subnet")
+    folder = work / "subnet"
+    budget = new_subnet.config.bitops
+    candidates = {
+        "old": (old_subnet.state_dict(), old_subnet.config.bitops),
+        "new": (new_subnet.state_dict(), new_subnet.config.bitops),
+    }
+    outcomes = _kill_everywhere(
+        work, pristine, lambda: supernet.extract_subnet(budget, save_directory=folder),
+        lambda: _identify(SamSubnetForMaskGeneration.from_pretrained, folder, candidates), {"old", "new", "refused"},
+    )
+    assert "refused" in outcomes.values()  # the window where the new config meets the old weights is caught
+
+
+# The fast variants sample every third (tiers: fifth) write; the slow ones kill at every write.
+SAMPLED = [3, pytest.param(1, marks=pytest.mark.slow)]
+SAMPLED_TIERS = [5, pytest.param(1, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("stride", SAMPLED)
+def test_mpsupernet_extract_survives_a_kill_at_every_write(supernets, tmp_path, stride):
+    supernet = supernets[0]
+    supernet_dir = tmp_path / "supernet"
+    supernet.save_pretrained(supernet_dir)
+    old_arch, new_arch = _same_shape_archs(supernet)
+    old_subnet, new_subnet = extract_subnet(supernet, old_arch), extract_subnet(supernet, new_arch)
+    pristine, work = tmp_path / "pristine", tmp_path / "work"
+    command = ["extract", "--supernet", str(supernet_dir), "--output-dir"]
+    assert main(command + [str(pristine / "tier"), "--budget", str(old_subnet.config.bitops)]) == 0
+    folder = work / "tier"
+    candidates = {
+        "old": (old_subnet.state_dict(), old_subnet.config.bitops),
+        "new": (new_subnet.state_dict(), new_subnet.config.bitops),
+    }
+
+    def identify():
+        outcome = _identify(SamSubnetForMaskGeneration.from_pretrained, folder, candidates)
+        if outcome in ("old", "new"):  # the card states the BitOPs of the subnet beside it
+            assert ModelCard.load(folder / "README.md").data.to_dict()["bitops"] == candidates[outcome][1]
+        return outcome
+
+    def write():
+        assert main(command + [str(folder), "--budget", str(new_subnet.config.bitops)]) == 0
+
+    _kill_everywhere(work, pristine, write, identify, {"old", "new", "refused"}, stride)
+
+
+@pytest.mark.parametrize("stride", SAMPLED_TIERS)
+@pytest.mark.parametrize("over_old", [True, False])
+def test_save_tiers_survives_a_kill_at_every_write(supernets, tmp_path, over_old, stride):
+    supernet = supernets[0]
+    space = supernet.search_space
+    old_tiers = {"fast": extract_subnet(supernet, space.smallest()), "best": extract_subnet(supernet, space.largest(4, 8))}
+    new_tiers = {"fast": extract_subnet(supernet, space.largest(2, 4)), "mid": extract_subnet(supernet, space.largest(3, 6))}
+    pristine, work = tmp_path / "pristine", tmp_path / "work"
+    pristine.mkdir()
+    kwargs = {"base_model": "x/y", "dataset_name": "d"}
+    if over_old:
+        old_manifest = save_tiers(old_tiers, pristine / "tiers", **kwargs)
+    new_manifest = save_tiers(new_tiers, tmp_path / "reference", **kwargs)
+    folder = work / "tiers"
+
+    def identify():
+        if not folder.exists():
+            return "missing"
+        manifest = read_tiers_manifest(folder)
+        which = "old" if over_old and _bitops(manifest) == _bitops(old_manifest) else "new"
+        assert _bitops(manifest) == _bitops(new_manifest if which == "new" else old_manifest)
+        subnets = new_tiers if which == "new" else old_tiers
+        for name, tier in manifest["tiers"].items():  # every tier the manifest names is complete and is that tier
+            loaded = load_subnet(folder, max_bitops=tier["bitops"])
+            assert loaded.config.bitops <= tier["bitops"]
+            if loaded.config.bitops == tier["bitops"]:
+                assert _same_state(loaded, subnets[name].state_dict())
+        return which
+
+    outcomes = _kill_everywhere(
+        work, pristine, lambda: save_tiers(new_tiers, folder, **kwargs), identify,
+        {"old", "new"} if over_old else {"missing", "new"}, stride,
+    )
+    _stale_staging_is_cleaned_by_the_next_write(work, pristine, lambda: save_tiers(new_tiers, folder, **kwargs), max(outcomes))
+    # the generation a killed write left is gone too: one generation, named by the manifest
+    generations = [p.name for p in folder.iterdir() if p.name.startswith("_v")]
+    assert len(generations) == (1 if over_old else 0) and all(t["subfolder"].split("/")[0] in generations + list(new_tiers) for t in read_tiers_manifest(folder)["tiers"].values())
+
+
+def _bitops(manifest):
+    return {name: tier["bitops"] for name, tier in manifest["tiers"].items()}
