@@ -199,6 +199,23 @@ def test_pareto_front_choice_is_extracted(supernet):
         del supernet.pareto_front
 
 
+@pytest.mark.parametrize(
+    "overrides, detail",
+    [
+        ({"weight_bit_choices": [4, 8]}, r"`weight_bits` of layers\.\d\.\w+\.\w+ is (2|3|6); allowed: \[4, 8, 32\]"),
+        ({"quantized_layers": ["qkv", "proj"]}, r"The architecture quantizes layers \['layers.0.attn.qkv', "),
+    ],
+)
+def test_a_pareto_front_of_another_supernet_is_refused_as_such(supernet, tmp_path, overrides, detail):
+    arch = supernet.search_space.smallest()
+    front = FakeParetoFront(FakeEntry(arch.to_dict(), supernet.bitops(arch).total_bitops))
+    other = SamSupernetForMaskGeneration.from_sam(make_tiny_sam(), **overrides)
+    message = r"The Pareto front's choice under '100%' does not fit this supernet \(" + detail
+    with pytest.raises(ValueError, match=message + r".*\): the front was made for another supernet configuration"):
+        other.extract_subnet("100%", pareto_front=front, save_directory=tmp_path / "subnet")
+    assert not (tmp_path / "subnet").exists()
+
+
 def test_parse_budget_reads_numbers_prefixes_and_shares():
     full_precision = 1794100690944
     assert parse_budget(35e9) == parse_budget("35e9") == parse_budget("35G") == 35_000_000_000

@@ -221,7 +221,7 @@ def select_architecture(supernet, budget: int | float | str, pareto_front=None) 
 
     Raises:
         `ValueError`: if the budget is not understood, is below the smallest subnet's BitOPs (the message names
-        them), or if the Pareto front has nothing under it.
+        them), if the Pareto front has nothing under it, or if its choice does not fit this supernet.
     """
     space = supernet.search_space
     max_bitops = parse_budget(budget, supernet.bitops_report(space.full_precision()).total_bitops)
@@ -240,6 +240,13 @@ def select_architecture(supernet, budget: int | float | str, pareto_front=None) 
             "larger budget, or no front for a cost-only choice."
         )
     arch = SubnetArchitecture.from_dict(entry.architecture)
+    try:
+        space.validate(arch)
+    except ValueError as error:
+        raise ValueError(
+            f"The Pareto front's choice under {budget!r} does not fit this supernet ({error}): the front was made for "
+            "another supernet configuration. Run the search on this supernet, or give no front for a cost-only choice."
+        ) from None
     bitops = supernet.bitops_report(arch).total_bitops
     if bitops > max_bitops:
         raise ValueError(
