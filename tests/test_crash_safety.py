@@ -14,7 +14,7 @@ from mpsupernet.cli import main
 from mpsupernet.extraction import descent_path, extract_subnet
 from mpsupernet.hub import load_subnet, read_tiers_manifest, save_tiers
 
-from conftest import make_tiny_sam
+from conftest import drop_weights_digest, make_tiny_sam
 from kill_points import every_kill_point, run_killed_before_write
 
 REFUSED = re.compile(
@@ -84,20 +84,27 @@ def supernets():
     return old, new
 
 
-@pytest.mark.parametrize("over_old", [True, False])
-def test_supernet_save_pretrained_survives_a_kill_at_every_write(supernets, tmp_path, over_old):
+@pytest.mark.parametrize("old_save", ["none", "digest", "older_save_without_digest", "sharded_new"])
+def test_supernet_save_pretrained_survives_a_kill_at_every_write(supernets, tmp_path, old_save):
     old, new = supernets
     pristine, work = tmp_path / "pristine", tmp_path / "work"
     pristine.mkdir()
-    if over_old:
+    if old_save != "none":
         old.save_pretrained(pristine / "supernet")
+    if old_save == "older_save_without_digest":
+        drop_weights_digest(pristine / "supernet")
     folder = work / "supernet"
+    # a new save in shards over a single-file one: the old model.safetensors must go, and never load with the new config
+    save_kwargs = {"max_shard_size": "300KB"} if old_save == "sharded_new" else {}
     candidates = {"old": (old.state_dict(), None), "new": (new.state_dict(), None)}
     outcomes = _kill_everywhere(
-        work, pristine, lambda: new.save_pretrained(folder),
+        work, pristine, lambda: new.save_pretrained(folder, **save_kwargs),
         lambda: _identify(SamSupernetForMaskGeneration.from_pretrained, folder, candidates),
-        {"old", "new", "refused"} if over_old else {"missing", "new"},
+        {"missing", "new"} if old_save == "none" else {"old", "new", "refused"},
     )
+    if old_save == "sharded_new":
+        weights = sorted(p.name for p in folder.iterdir() if "safetensors" in p.name)
+        assert "model.safetensors" not in weights and "model.safetensors.index.json" in weights and len(weights) > 2
     _stale_staging_is_cleaned_by_the_next_write(work, pristine, lambda: new.save_pretrained(folder), max(outcomes))
 
 

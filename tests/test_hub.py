@@ -11,6 +11,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import mpsupernet
+from mpsupernet import SamSubnetForMaskGeneration
 from mpsupernet.bitops import parse_budget
 from mpsupernet.extraction import extract_subnet
 from mpsupernet.hub import load_subnet, push_tiers, render_subnet_card, save_subnet_with_card, save_tiers, select_tier
@@ -343,3 +344,20 @@ def test_a_missing_tier_folder_on_the_hub_names_the_tier(tiers, local_hub, tmp_p
     HfApi().delete_folder("x", repo_id=repo_id)
     with pytest.raises(OSError, match=r"Could not load tier 'x' \(subfolder 'x'\) of 'local-user/missing-tier-folder' at commit [0-9a-f]{40}: "):
         load_subnet(repo_id, max_bitops="100%", cache_dir=tmp_path / "cache")
+
+
+def test_a_hub_model_whose_config_and_weights_come_from_two_saves_is_refused(tiers, local_hub, tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    repo_id = "local-user/two-saves"
+    subnet = tiers["small"]
+    subnet.save_pretrained(tmp_path / "first", push_to_hub=True, repo_id=repo_id)
+    assert {"config.json", "model.safetensors"} <= set(HfApi().list_repo_files(repo_id))
+    loaded = SamSubnetForMaskGeneration.from_pretrained(repo_id)
+    assert loaded.config.bitops == subnet.config.bitops and not hasattr(loaded.config, "weights_sha256")
+    changed = SamSubnetForMaskGeneration.from_pretrained(tmp_path / "first")
+    with torch.no_grad():
+        next(p for n, p in changed.named_parameters() if n.endswith("input_quantizer.step_size")).mul_(2)
+    changed.save_pretrained(tmp_path / "second")
+    HfApi().upload_file(path_or_fileobj=tmp_path / "second" / "config.json", path_in_repo="config.json", repo_id=repo_id)
+    with pytest.raises(OSError, match=r"The weights of 'local-user/two-saves' do not match its config: config.json records sha256"):
+        SamSubnetForMaskGeneration.from_pretrained(repo_id)

@@ -10,6 +10,7 @@ come from different saves is refused. Folders without digests (older saves, SAM 
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from .atomic import (
 
 CONFIG_NAME = "config.json"
 WEIGHTS_DIGEST_KEY = "weights_sha256"
-WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+WEIGHTS_NAME_PATTERN = re.compile(r"^(model|pytorch_model|adapter_model)[.-]")
 
 
 @contextmanager
@@ -51,8 +52,9 @@ def readable_safetensors(source, what: str):
 
 
 def is_weights_file(name: str) -> bool:
-    """Whether a file of a model folder holds weights (a safetensors or torch file, or a shard index)."""
-    return name.endswith(WEIGHTS_SUFFIXES)
+    """Whether a file is one `from_pretrained` reads weights from: `model.safetensors`, `pytorch_model.bin`, their
+    shards, variants and shard indexes. Other tensor files in the folder are not the model's."""
+    return WEIGHTS_NAME_PATTERN.match(name) is not None and (name.endswith((".safetensors", ".bin")) or ".index." in name)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
