@@ -208,7 +208,7 @@ def test_pareto_front_choice_is_extracted(supernet):
 )
 def test_a_pareto_front_of_another_supernet_is_refused_as_such(supernet, tmp_path, overrides, detail):
     arch = supernet.search_space.smallest()
-    front = FakeParetoFront(FakeEntry(arch.to_dict(), supernet.bitops(arch).total_bitops))
+    front = FakeParetoFront(FakeEntry(arch.to_dict(), supernet.bitops_report(arch).total_bitops))
     other = SamSupernetForMaskGeneration.from_sam(make_tiny_sam(), **overrides)
     message = r"The Pareto front's choice under '100%' does not fit this supernet \(" + detail
     with pytest.raises(ValueError, match=message + r".*\): the front was made for another supernet configuration"):
