@@ -13,6 +13,8 @@ import sys
 WRITE_EVENTS = {"os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.truncate", "os.link", "os.symlink"}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 CHILD_TIMEOUT_S = 120
+ARMED = True
+"""Whether the child counts writes; a test sets it False in `write` and True around the part it means to kill."""
 
 
 def _is_write(event: str, args: tuple) -> bool:
@@ -40,7 +42,7 @@ def run_killed_before_write(write, n: int) -> bool:
 
             def hook(event, args):
                 nonlocal count
-                if _is_write(event, args):
+                if ARMED and _is_write(event, args):
                     count += 1
                     if count >= n:
                         os.kill(os.getpid(), signal.SIGKILL)

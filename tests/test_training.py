@@ -2,6 +2,11 @@
 
 import copy
 import dataclasses
+import json
+import logging
+import pathlib
+import pickle
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +15,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from transformers import TrainingArguments
 
+import kill_points
 from conftest import make_tiny_sam
+from kill_points import every_kill_point
 from mpsupernet import SamSupernetConfig, SamSupernetForMaskGeneration
 from mpsupernet.data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset
 from mpsupernet.pretrained import load_embedded_sam
@@ -34,6 +41,7 @@ from mpsupernet.training import (
     train_supernet,
 )
 from mpsupernet.training import loop as training_loop
+from mpsupernet.training.resume import incompleteness, mark_complete, resolve_checkpoint
 
 
 SCHEDULE = [[0.0, [8, 6, 4]], [0.25, [3]], [0.5, [2]]]
@@ -254,7 +262,7 @@ def test_bad_datasets_and_batches_are_named(sam, train_data, tmp_path):
         train_supernet(model, train_data, **{**common, "max_steps": 0})
     with pytest.raises(ValueError, match=r"`warmup_ratio` must be in \[0, 1\), got 1.0"):
         train_supernet(model, train_data, **common, warmup_ratio=1.0)
-    with pytest.raises(ValueError, match="not a checkpoint of train_supernet"):
+    with pytest.raises(ValueError, match=r"'.*nowhere' is not a complete checkpoint: it is not a folder\. Give a complete"):
         train_supernet(model, train_data, **common, resume_from_checkpoint=tmp_path / "nowhere")
     with pytest.raises(TypeError, match="SamSupernetForMaskGeneration"):
         SupernetTrainer(model=make_tiny_sam(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
@@ -621,3 +629,183 @@ def test_subnet_loss_window_averages_since_the_last_pop():
     assert len(window) == 2
     assert window.pop_means(Accelerator(cpu=True)) == {"largest": 1.5, "smallest": 3.0617}
     assert len(window) == 0 and window.pop_means(Accelerator(cpu=True)) == {}
+
+
+# --- checkpoints: complete or ignored, and nothing unpickled ----------------------------------------------------------
+class Payload:
+    """Unpickling this creates `path`: a stand-in for code a planted checkpoint file would run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def loop_run(sam, train_data, output_dir, **overrides):
+    model = make_supernet(sam)
+    arguments = dict(max_steps=2, learning_rate=3e-3, batch_size=2, num_random_subnets=1, save_steps=1)
+    return train_supernet(
+        model, train_data, output_dir=output_dir, preprocessor=make_preprocessor(model), **{**arguments, **overrides}
+    )
+
+
+@pytest.fixture(scope="module")
+def loop_checkpoints(sam, train_data, tmp_path_factory):
+    """An output folder of the Accelerate loop with complete checkpoints after steps 1 and 2."""
+    output_dir = tmp_path_factory.mktemp("loop")
+    loop_run(sam, train_data, output_dir)
+    assert {p.name for p in output_dir.glob("checkpoint-*")} == {"checkpoint-1", "checkpoint-2"}
+    return output_dir
+
+
+def test_loop_checkpoints_hold_json_state_and_no_pickled_objects(loop_checkpoints):
+    checkpoint = loop_checkpoints / "checkpoint-2"
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert "training_state.json" in names and "checkpoint_complete.json" in names
+    assert not [name for name in names if name.startswith("custom_checkpoint")]
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    assert state["step"] == 2 and state["sampler"] == {"seed": 42, "num_random_subnets": 1}  # TrainingArguments.seed
+    assert state["scheduler"]["last_epoch"] == 2
+    assert incompleteness(checkpoint) is None
+
+
+@pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
+def test_resuming_runs_no_code_from_a_planted_pickle(sam, train_data, loop_checkpoints, tmp_path, planted):
+    output_dir = tmp_path / "run"
+    shutil.copytree(loop_checkpoints, output_dir)
+    checkpoint = output_dir / "checkpoint-1"
+    marker = tmp_path / "code-ran"
+    torch.save(Payload(marker), checkpoint / planted)
+    mark_complete(checkpoint, 1)  # the attacker rewrites the completion marker too
+    if planted == "optimizer.bin":
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            loop_run(sam, train_data, output_dir, resume_from_checkpoint=checkpoint)
+    elif planted.startswith("custom_checkpoint"):
+        with pytest.raises(ValueError, match=r"checkpoint-1 holds pickled custom states \['custom_checkpoint_0.pkl'\], which train_supernet never writes and will not unpickle"):
+            loop_run(sam, train_data, output_dir, resume_from_checkpoint=checkpoint)
+    else:
+        assert loop_run(sam, train_data, output_dir, resume_from_checkpoint=checkpoint)["resumed_from_step"] == 1
+    assert not marker.exists()
+
+
+def test_trainer_resuming_runs_no_code_from_a_planted_pickle(sam, train_data, tmp_path):
+    model = make_supernet(sam)
+    args = trainer_arguments(tmp_path / "run", max_steps=1, save_strategy="steps", save_steps=1)
+    trainer = SupernetTrainer(model=model, args=args, num_random_subnets=1, train_dataset=train_data.with_transform(make_preprocessor(model)))
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert incompleteness(checkpoint) is None
+    marker = tmp_path / "code-ran"
+    torch.save(Payload(marker), checkpoint / "optimizer.pt")
+    mark_complete(checkpoint, 1)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert not marker.exists()
+
+
+def _damage(output_dir):
+    """checkpoint-3: a save killed midway (no marker); checkpoint-2: a file changed after its save."""
+    partial = output_dir / "checkpoint-3"
+    partial.mkdir()
+    shutil.copy(output_dir / "checkpoint-2" / "model.safetensors", partial / "model.safetensors")
+    with open(output_dir / "checkpoint-2" / "optimizer.bin", "ab") as handle:
+        handle.write(b"\0")
+
+
+def test_loop_resumes_from_the_newest_complete_checkpoint_and_names_the_skipped(sam, train_data, loop_checkpoints, tmp_path, caplog):
+    output_dir = tmp_path / "run"
+    shutil.copytree(loop_checkpoints, output_dir)
+    _damage(output_dir)
+    with caplog.at_level(logging.WARNING, logger="mpsupernet.training.resume"):
+        summary = loop_run(sam, train_data, output_dir, resume_from_checkpoint=True)
+    assert summary["resumed_from_step"] == 1 and summary["steps"] == 2
+    assert (
+        f"Not resuming from {output_dir / 'checkpoint-3'}: it has no checkpoint_complete.json: its save was "
+        "interrupted, or an older mpsupernet wrote it." in caplog.text
+    )
+    assert (
+        f"Not resuming from {output_dir / 'checkpoint-2'}: optimizer.bin changed after the checkpoint was saved"
+        in caplog.text
+    )
+    with pytest.raises(ValueError, match=r"'.*checkpoint-3' is not a complete checkpoint: it has no checkpoint_complete.json"):
+        loop_run(sam, train_data, output_dir, resume_from_checkpoint=output_dir / "checkpoint-3")
+    shutil.rmtree(output_dir / "checkpoint-1")
+    shutil.rmtree(output_dir / "checkpoint-2")  # the re-run above saved a complete one again
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint=True, but .* holds no complete 'checkpoint-<step>' folder; skipped: checkpoint-3 \(it has no"):
+        loop_run(sam, train_data, output_dir, resume_from_checkpoint=True)
+
+
+def test_loop_refuses_a_checkpoint_of_another_sampler(sam, train_data, loop_checkpoints):
+    with pytest.raises(ValueError, match=r"was trained with the sandwich sampler \{'seed': 42, 'num_random_subnets': 1\}, this run has \{'seed': 42, 'num_random_subnets': 2\}"):
+        loop_run(sam, train_data, loop_checkpoints, resume_from_checkpoint=loop_checkpoints / "checkpoint-1", num_random_subnets=2)
+
+
+def test_trainer_resumes_from_the_newest_complete_checkpoint(sam, train_data, tmp_path, caplog):
+    def trainer(output_dir, max_steps):
+        model = make_supernet(sam)
+        args = trainer_arguments(output_dir, max_steps=max_steps, save_strategy="steps", save_steps=1, save_total_limit=2)
+        return SupernetTrainer(model=model, args=args, num_random_subnets=1, train_dataset=train_data.with_transform(make_preprocessor(model)))
+
+    trainer(tmp_path, 2).train()
+    assert all(incompleteness(tmp_path / f"checkpoint-{step}") is None for step in (1, 2))
+    (tmp_path / "checkpoint-2" / "checkpoint_complete.json").unlink()  # as if the save of step 2 was killed
+    resumed = trainer(tmp_path, 2)
+    with caplog.at_level(logging.WARNING, logger="mpsupernet.training.resume"):
+        resumed.train(resume_from_checkpoint=True)
+    assert f"Not resuming from {tmp_path / 'checkpoint-2'}: it has no checkpoint_complete.json" in caplog.text
+    assert resumed.state.global_step == 2 and incompleteness(tmp_path / "checkpoint-2") is None
+
+
+@pytest.mark.parametrize("stride", [4, pytest.param(1, marks=pytest.mark.slow)])
+def test_a_training_checkpoint_survives_a_kill_at_every_write(sam, train_data, tmp_path, stride):
+    pristine, work = tmp_path / "pristine", tmp_path / "work"
+    loop_run(sam, train_data, pristine, max_steps=1)  # the old state: a complete checkpoint-1
+
+    def write():  # resume, train step 2 and save checkpoint-2; killed only while the checkpoint is written
+        kill_points.ARMED = False
+        save = training_loop._AccelerateLoop.save_checkpoint
+
+        def armed(loop):
+            kill_points.ARMED = True
+            save(loop)
+            kill_points.ARMED = False
+
+        training_loop._AccelerateLoop.save_checkpoint = armed
+        loop_run(sam, train_data, work, resume_from_checkpoint=True, max_steps=2)
+
+    def reset():
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(pristine, work)
+
+    resumed = {}
+
+    def check(n, finished):
+        chosen = resolve_checkpoint(True, work)  # never a half-written checkpoint-2
+        assert chosen.name in ("checkpoint-1", "checkpoint-2") and (chosen.name == "checkpoint-2" or not finished)
+        assert json.loads((chosen / "training_state.json").read_text())["step"] == int(chosen.name.split("-")[1])
+        if chosen.name not in resumed:  # and it really resumes
+            summary = loop_run(sam, train_data, tmp_path / f"resumed-{n}", resume_from_checkpoint=chosen, max_steps=2)
+            resumed[chosen.name] = summary["resumed_from_step"]
+
+    every_kill_point(write, reset, check, stride)
+    assert resumed == {"checkpoint-1": 1, "checkpoint-2": 2}
+
+
+def test_a_nan_in_the_first_training_batch_is_refused_naming_the_quantizer(sam, train_data):
+    model = make_supernet(sam)
+    pixel_values = fixed_batch(model, train_data)["pixel_values"].clone()
+    pixel_values[0, 1, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"step size of sam\.vision_encoder\.layers\.0\.attn\.qkv\.input_quantizer would be set from a tensor with non-finite values"):
+        SandwichSampler(model.config).schedule.calibrate_start_bits(model, pixel_values)
+
+
+def test_training_warns_about_a_collapsed_step(sam, train_data, tmp_path, caplog):
+    model = make_supernet(sam)
+    SandwichSampler(model.config).schedule.calibrate_start_bits(model, fixed_batch(model, train_data)["pixel_values"])
+    quantizer = model.sam.vision_encoder.layers[1].mlp.lin2.input_quantizer
+    with torch.no_grad():
+        quantizer.step_size[quantizer.bit_index(8)] = -1.0  # driven below its floor
+    with caplog.at_level(logging.WARNING, logger="mpsupernet.training.policies"):
+        train_supernet(model, train_data, output_dir=tmp_path, max_steps=1, learning_rate=1e-4, batch_size=2, num_random_subnets=1, preprocessor=make_preprocessor(model))
+    assert "Step 1: 1 activation step size(s) at their floor or not finite: sam.vision_encoder.layers.1.mlp.lin2.input_quantizer (8-bit)." in caplog.text

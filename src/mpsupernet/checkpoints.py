@@ -26,7 +26,6 @@ from .atomic import (
     make_staging_directory,
     move_into_place,
     remove_stale_staging,
-    write_file_atomic,
 )
 
 CONFIG_NAME = "config.json"

@@ -1,14 +1,14 @@
 """`train_supernet`: supernet training in a plain Accelerate loop (one process, or DDP under `accelerate launch`).
 
 It trains exactly what `SupernetTrainer` trains (the step is `supernet_training_step`), with checkpoints that
-resume bit-for-bit: the step counter, model, optimizer, learning-rate schedule and RNG states are saved with
-`Accelerator.save_state`, the sandwich of a step depends only on `(seed, step)`, and the data order and prompts of an
-epoch only on `(seed, epoch)`.
+resume bit-for-bit: the model, optimizer and RNG states are saved with `Accelerator.save_state`, the step counter,
+learning-rate schedule and sandwich sampler as JSON (`mpsupernet.training.resume`), the sandwich of a step depends
+only on `(seed, step)`, and the data order and prompts of an epoch only on `(seed, epoch)`. Checkpoints appear whole
+or not at all, and resuming reads no pickled object.
 """
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,6 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from ..data.processing import SamSegmentationPreprocessor, collate_fn, remove_examples_without_masks
@@ -37,26 +36,21 @@ from .policies import (
     evaluation_subnets,
     make_sandwich_sampler,
     quantizer_parameter_groups,
+    warn_collapsed_steps,
+)
+from .resume import (
+    CHECKPOINT_PREFIX,
+    begin_checkpoint,
+    checkpoint_staging,
+    finish_checkpoint,
+    load_state,
+    resolve_checkpoint,
 )
 from .sampling import check_distributed_support, evaluate_subnets, supernet_training_step
 
 
 logger = logging.get_logger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint"
-
-
-class TrainingProgress:
-    """The optimizer steps done so far; saved in every checkpoint through `Accelerator.register_for_checkpointing`."""
-
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
 
 
 def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
@@ -86,24 +80,6 @@ def _check_dataset(dataset, name: str, preprocessor: SamSegmentationPreprocessor
             "standard schema with `mpsupernet.data.from_coco_annotations`, `from_instance_mask_columns` or "
             "`from_semantic_maps`."
         )
-
-
-def _resolve_checkpoint(resume_from_checkpoint: str | os.PathLike | bool, output_dir: Path) -> Path:
-    if resume_from_checkpoint is True:
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if last is None:
-            raise ValueError(
-                f"resume_from_checkpoint=True, but {output_dir} holds no '{CHECKPOINT_PREFIX}-<step>' folder."
-            )
-        return Path(last)
-    path = Path(resume_from_checkpoint)
-    # The scheduler and the TrainingProgress are the two objects registered for checkpointing.
-    if not all((path / f"custom_checkpoint_{index}.pkl").is_file() for index in (0, 1)):
-        raise ValueError(
-            f"{str(path)!r} is not a checkpoint of train_supernet (a '{CHECKPOINT_PREFIX}-<step>' folder written with "
-            "`save_steps`); give such a folder, or True for the last one in `output_dir`."
-        )
-    return path
 
 
 def _micro_batches(accelerator: Accelerator, dataloader, preprocessor: SamSegmentationPreprocessor, start: int):
@@ -299,7 +275,7 @@ class _AccelerateLoop:
         self.preprocessor = preprocessor
         self.output_dir = Path(args.output_dir)
         resume = args.resume_from_checkpoint
-        self.checkpoint = _resolve_checkpoint(resume, self.output_dir) if resume else None
+        self.checkpoint = resolve_checkpoint(resume, self.output_dir) if resume else None
         self.sampler = make_sandwich_sampler(model, args)
         mixed_precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
         self.accelerator = Accelerator(
@@ -372,14 +348,53 @@ class _AccelerateLoop:
             num_training_steps=args.max_steps,
         )
         self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, self.train_loader)
-        self.progress = TrainingProgress()
-        accelerator.register_for_checkpointing(self.scheduler, self.progress)
+        self.step = 0
         self.supernet = accelerator.unwrap_model(self.model)
         if self.checkpoint is not None:
-            accelerator.load_state(str(self.checkpoint))
-            logger.info(f"Resumed from {self.checkpoint} at step {self.progress.step}.")
-        if self.progress.step > args.max_steps:
-            raise ValueError(f"The checkpoint is at step {self.progress.step}, beyond max_steps={args.max_steps}.")
+            self.resume()
+        if self.step > args.max_steps:
+            raise ValueError(f"The checkpoint is at step {self.step}, beyond max_steps={args.max_steps}.")
+
+    def loop_state(self) -> dict:
+        """What a checkpoint holds beside Accelerate's files: the step, the learning-rate schedule, the sampler."""
+        sampler = {"seed": self.sampler.seed, "num_random_subnets": self.sampler.num_random_subnets}
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "sampler": sampler}
+
+    def resume(self) -> None:
+        """Loads a complete checkpoint: nothing registered for pickling, every tensor file read with weights_only."""
+        state = load_state(self.checkpoint)
+        sampler = {"seed": self.sampler.seed, "num_random_subnets": self.sampler.num_random_subnets}
+        if state["sampler"] != sampler:
+            raise ValueError(
+                f"{self.checkpoint} was trained with the sandwich sampler {state['sampler']}, this run has {sampler}; "
+                "resuming needs the same seed and num_random_subnets as the first run."
+            )
+        pickled = sorted(path.name for path in Path(self.checkpoint).glob("custom_checkpoint_*.pkl"))
+        if pickled:
+            # Accelerate unpickles custom states with weights_only=False, i.e. runs whatever they hold.
+            raise ValueError(
+                f"{self.checkpoint} holds pickled custom states {pickled}, which train_supernet never writes and will "
+                "not unpickle (that could run code); remove them, or resume from a checkpoint this version wrote."
+            )
+        self.accelerator.load_state(str(self.checkpoint), load_kwargs={"weights_only": True})
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        logger.info(f"Resumed from {self.checkpoint} at step {self.step}.")
+
+    def save_checkpoint(self) -> None:
+        """Writes `checkpoint-<step>` so that it appears complete or not at all (see `mpsupernet.training.resume`)."""
+        accelerator = self.accelerator
+        target = self.output_dir / f"{CHECKPOINT_PREFIX}-{self.step}"
+        if accelerator.is_main_process:
+            begin_checkpoint(target)
+        accelerator.wait_for_everyone()
+        # Every process writes its own files (RNG states) into the one staging folder the main process made.
+        accelerator.save_state(str(checkpoint_staging(target)))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            finish_checkpoint(target, self.step, self.loop_state())
+            logger.info(f"Saved checkpoint {target}.")
+        accelerator.wait_for_everyone()
 
     def evaluate(self) -> dict[str, float] | None:
         """Mean IoU of the evaluation subnets, or `None` without evaluation data."""
@@ -399,7 +414,7 @@ class _AccelerateLoop:
     def run(self) -> dict:
         """Evaluates, trains up to `max_steps`, evaluates again and saves; returns `train_supernet`'s summary."""
         args, accelerator = self.args, self.accelerator
-        start_step = self.progress.step
+        start_step = self.step
         mean_iou_before = self.evaluate()
         if mean_iou_before is not None:
             logger.info(f"Mean IoU before training: {mean_iou_before}")
@@ -416,7 +431,7 @@ class _AccelerateLoop:
             logger.info(f"Mean IoU after training: {mean_iou_after}")
         self.save()
         return {
-            "steps": self.progress.step,
+            "steps": self.step,
             "resumed_from_step": start_step,
             "seconds": round(seconds, 2),
             "final_losses": log.final_losses,
@@ -442,14 +457,12 @@ class _AccelerateLoop:
         )
         for step in range(start_step, args.max_steps):
             learning_rate = self.train_step(step, batches, log.losses)
-            self.progress.step = step + 1
+            self.step = step + 1
             progress_bar.update(1)
-            if self.progress.step % log_steps == 0 or self.progress.step == args.max_steps:
+            if self.step % log_steps == 0 or self.step == args.max_steps:
                 self.log(log, learning_rate, progress_bar)
-            if save_steps and self.progress.step % save_steps == 0:
-                saved = self.output_dir / f"{CHECKPOINT_PREFIX}-{self.progress.step}"
-                accelerator.save_state(str(saved))
-                logger.info(f"Saved checkpoint {saved}.")
+            if save_steps and self.step % save_steps == 0:
+                self.save_checkpoint()
         progress_bar.close()
         return log
 
@@ -486,13 +499,14 @@ class _AccelerateLoop:
         log.final_losses = log.losses.pop_means(self.accelerator)
         log.history.append(
             {
-                "step": self.progress.step,
+                "step": self.step,
                 "learning_rate": learning_rate,
                 **{f"loss/{name}": value for name, value in log.final_losses.items()},
             }
         )
         progress_bar.set_postfix({name: f"{value:.3f}" for name, value in log.final_losses.items()})
-        logger.info(f"step {self.progress.step}/{self.args.max_steps}: {log.final_losses}")
+        logger.info(f"step {self.step}/{self.args.max_steps}: {log.final_losses}")
+        warn_collapsed_steps(self.supernet, self.step)
 
     def save(self) -> None:
         """Saves the supernet as `from_pretrained` would give it, not in the last random subnet."""

@@ -1,7 +1,8 @@
 """The policies both training paths follow (`SupernetTrainer` and `train_supernet`), written once.
 
 Which subnets train and are evaluated, how the quantizers start (calibration on the first training examples), at which
-learning rate the quantizers learn, and how the per-subnet losses are averaged between two logs.
+learning rate the quantizers learn, how the per-subnet losses are averaged between two logs, and the warning about
+step sizes that collapsed to their floor.
 """
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
+from ..quantization import collapsed_step_sizes
 from ..search_space import SubnetArchitecture
 from .arguments import SupernetTrainingArguments
 from .sampling import FixedArchitectureSampler, SandwichSampler, is_quantizer_parameter
@@ -26,6 +28,22 @@ def make_sandwich_sampler(
         return FixedArchitectureSampler(model.config, args.fixed_architecture)
     seed = args.seed if args.sandwich_seed is None else args.sandwich_seed
     return SandwichSampler(model.config, num_random_subnets=args.num_random_subnets, seed=seed)
+
+
+def warn_collapsed_steps(model: nn.Module, step: int) -> list[str]:
+    """Warns (at each log) about activation step sizes at their floor or not finite; returns their names.
+
+    Such a quantizer maps its whole input to one or two codes, so its layer passes nearly nothing on; extraction
+    refuses it. A step at its floor still gets a gradient and may recover.
+    """
+    collapsed = collapsed_step_sizes(model)
+    if collapsed:
+        shown = ", ".join(collapsed[:5]) + (f" and {len(collapsed) - 5} more" if len(collapsed) > 5 else "")
+        logger.warning(
+            f"Step {step}: {len(collapsed)} activation step size(s) at their floor or not finite: {shown}. Their "
+            "layers pass nearly nothing on; lower the quantizers' learning rate (quantizer_lr_scale) or recalibrate."
+        )
+    return collapsed
 
 
 def evaluation_subnets(model: SamSupernetForMaskGeneration) -> dict[str, SubnetArchitecture]:

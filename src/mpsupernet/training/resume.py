@@ -11,12 +11,18 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 from transformers.utils import logging
 
-from ..atomic import make_staging_directory, move_into_place, remove_stale_staging, write_file_atomic
+from ..atomic import (
+    STAGING_MARKER,
+    apply_default_permissions,
+    make_staging_directory,
+    move_into_place,
+    remove_stale_staging,
+    write_file_atomic,
+)
 from ..checkpoints import file_sha256
 
 logger = logging.get_logger(__name__)
@@ -96,33 +102,42 @@ def resolve_checkpoint(resume_from_checkpoint: str | os.PathLike | bool, output_
     return path
 
 
-def save_checkpoint(output_dir: str | os.PathLike, step: int, state: dict, write: Callable[[Path], None]) -> Path:
-    """Writes `checkpoint-<step>` so that it appears complete or not at all.
+def checkpoint_staging(target: str | os.PathLike) -> Path:
+    """The staging folder of checkpoint folder `target`: one fixed name, so that every process writes into it."""
+    target = Path(target)
+    return target.parent / f".{target.name}{STAGING_MARKER}partial"
 
-    `write(folder)` writes the model, optimizer and RNG states into a staging folder next to it; the loop's own
-    `state` goes into `training_state.json`, then the completion marker, and the folder is renamed into place. An
-    earlier checkpoint of the same step (a resumed run saving it again) is replaced only once the new one is whole.
 
-    Returns:
-        `Path`: the checkpoint folder.
+def begin_checkpoint(target: str | os.PathLike) -> Path:
+    """Creates the empty staging folder of checkpoint `target` (main process only); returns it.
+
+    Staging folders that earlier, killed saves of `target` left are removed first.
     """
-    target = Path(output_dir) / f"{CHECKPOINT_PREFIX}-{step}"
     remove_stale_staging(target)
-    staging = make_staging_directory(target)
-    try:
-        write(staging)
-        write_file_atomic(staging / STATE_NAME, json.dumps(state, indent=2) + "\n")
-        mark_complete(staging, step)
-        if target.exists():
-            # Renamed aside (a staging name, so a kill leaves it to be cleaned), then replaced.
-            previous = make_staging_directory(target)
-            os.replace(target, previous)
-            move_into_place(staging, target)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            move_into_place(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    staging = checkpoint_staging(target)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def finish_checkpoint(target: str | os.PathLike, step: int, state: dict) -> Path:
+    """Completes checkpoint `target` from its staging folder (main process only, after every process wrote).
+
+    The loop's own `state` goes into `training_state.json`, then the completion marker, and the folder is renamed
+    into place. An earlier checkpoint of the same step (a resumed run saving it again) is replaced only once the new
+    one is whole.
+    """
+    target, staging = Path(target), checkpoint_staging(target)
+    apply_default_permissions(staging)
+    write_file_atomic(staging / STATE_NAME, json.dumps(state, indent=2) + "\n")
+    mark_complete(staging, step)
+    if target.exists():
+        # Moved aside under a staging name, so that a kill right here leaves it to be cleaned up, not resumed from.
+        previous = make_staging_directory(target)
+        os.replace(target, previous)
+        move_into_place(staging, target)
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        move_into_place(staging, target)
     return target
 
 
@@ -134,9 +149,10 @@ def load_state(checkpoint: str | os.PathLike) -> dict:
 __all__ = [
     "CHECKPOINT_PREFIX",
     "COMPLETE_NAME",
+    "begin_checkpoint",
+    "finish_checkpoint",
     "incompleteness",
     "load_state",
     "mark_complete",
     "resolve_checkpoint",
-    "save_checkpoint",
 ]

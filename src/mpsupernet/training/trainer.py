@@ -2,12 +2,13 @@
 
 import math
 import time
+from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import speed_metrics
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, speed_metrics
 from transformers.utils import logging
 
 from ..data.processing import SamSegmentationPreprocessor, collate_fn
@@ -19,7 +20,9 @@ from .policies import (
     evaluation_subnets,
     make_sandwich_sampler,
     split_quantizer_groups,
+    warn_collapsed_steps,
 )
+from .resume import mark_complete, resolve_checkpoint
 from .sampling import (
     check_distributed_support,
     check_training_batch,
@@ -118,11 +121,17 @@ class SupernetTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
         """`Trainer.train`, after calibrating the activation quantizers on the first training examples.
 
+        `resume_from_checkpoint` must name a complete checkpoint (one whose `checkpoint_complete.json` matches its
+        files); `True` resumes from the newest complete one in `output_dir`, logging the newer ones skipped and why.
+
         The calibration (see `ProgressiveBitsSchedule.calibrate_start_bits`) runs before the model is wrapped for
         distributed training, on `per_device_train_batch_size` examples per process; a resumed run takes the step
         sizes from its checkpoint instead. Under FSDP or DeepSpeed, a progressive schedule that would hand step sizes
         over during training is refused (see `check_distributed_support`).
         """
+        if resume_from_checkpoint:
+            # Only a complete checkpoint (see `mpsupernet.training.resume`); `True` takes the newest complete one.
+            resume_from_checkpoint = str(resolve_checkpoint(resume_from_checkpoint, self.args.output_dir))
         supernet = self.accelerator.unwrap_model(self.model)
         if not resume_from_checkpoint and self.train_dataset is not None:
             calibrate_from_dataset(
@@ -135,6 +144,27 @@ class SupernetTrainer(Trainer):
             )
         check_distributed_support(self.accelerator, supernet, self.sampler.schedule)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        """`Trainer._save_checkpoint`, then the completion marker; older checkpoints are rotated out only after it.
+
+        The Trainer writes a checkpoint file by file; the marker, written last, is what makes it one to resume from.
+        """
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # the parent would rotate before the marker exists
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            mark_complete(Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}", self.state.global_step)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The parent's choice (no biases, no norms) without the quantizers' step sizes and offsets."""
@@ -196,10 +226,12 @@ class SupernetTrainer(Trainer):
         return output.total / accumulation_steps
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds each subnet's mean loss since the last log (averaged over processes) to training logs."""
+        """Adds each subnet's mean loss since the last log (averaged over processes) to training logs, and warns about
+        collapsed step sizes (`warn_collapsed_steps`)."""
         if "loss" in logs and len(self._subnet_losses):
             means = self._subnet_losses.pop_means(self.accelerator)
             logs.update({f"loss/{name}": value for name, value in means.items()})
+            warn_collapsed_steps(self.accelerator.unwrap_model(self.model), self.state.global_step)
         super().log(logs, start_time)
 
     def evaluate(
