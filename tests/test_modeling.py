@@ -460,3 +460,23 @@ def test_from_sam_rejects_a_checkpoint_that_is_not_sam(tmp_path):
 
 def test_isinstance_of_sam_inside(tiny_supernet):
     assert isinstance(tiny_supernet.sam, SamModel)
+
+
+@pytest.mark.parametrize("arch", [None, 5, ["resolution"]])
+def test_an_architecture_of_the_wrong_type_is_named(tiny_supernet, arch):
+    message = rf"An architecture must be a SubnetArchitecture, its to_dict\(\) or its to_json\(\), got {type(arch).__name__}"
+    uses = [tiny_supernet.set_subnet, lambda a: tiny_supernet.using_subnet(a).__enter__()]
+    if arch is not None:  # bitops_report(None) reports the active subnet
+        uses.append(tiny_supernet.bitops_report)
+    for use in uses:
+        with pytest.raises(TypeError, match=message):
+            use(arch)
+
+
+def test_an_architecture_as_json_is_read(tiny_supernet):
+    arch = tiny_supernet.smallest_subnet()
+    tiny_supernet.set_subnet(arch.to_json())
+    assert tiny_supernet.active_subnet == arch
+    assert tiny_supernet.bitops_report(arch.to_json()).total_bitops == tiny_supernet.bitops_report(arch).total_bitops
+    with pytest.raises(ValueError, match=r"An architecture string must be `SubnetArchitecture.to_json\(\)`'s output: Expecting value"):
+        tiny_supernet.set_subnet("smallest")

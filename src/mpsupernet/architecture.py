@@ -138,6 +138,28 @@ class SubnetArchitecture:
         return json.dumps(self.to_dict())
 
     @classmethod
+    def coerce(cls, arch) -> "SubnetArchitecture":
+        """`arch` as a `SubnetArchitecture`: one already, its `to_dict()`, or its `to_json()`.
+
+        Raises:
+            `TypeError`: for anything else (`None`, a number, ...), naming what was given and what is allowed.
+            `ValueError`: for a string that is not JSON, or a dict that is not an architecture (see `from_dict`).
+        """
+        if isinstance(arch, cls):
+            return arch
+        if isinstance(arch, str):
+            try:
+                arch = json.loads(arch)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"An architecture string must be `SubnetArchitecture.to_json()`'s output: {error}.") from None
+        if isinstance(arch, dict):
+            return cls.from_dict(arch)
+        raise TypeError(
+            f"An architecture must be a SubnetArchitecture, its to_dict() or its to_json(), got {type(arch).__name__}: "
+            f"{arch!r}."
+        )
+
+    @classmethod
     def from_dict(cls, data: dict) -> "SubnetArchitecture":
         """Reads `to_dict`'s output back; raises a `ValueError` naming a missing, unknown or malformed field.
 

@@ -167,10 +167,9 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
             self.train(was_training)
 
     # --- the active subnet ----------------------------------------------------------------------------------------
-    def set_subnet(self, arch: SubnetArchitecture | dict) -> None:
-        """Activates an architecture (a `SubnetArchitecture` or its `to_dict()`), after checking it."""
-        if isinstance(arch, dict):
-            arch = SubnetArchitecture.from_dict(arch)
+    def set_subnet(self, arch: SubnetArchitecture | dict | str) -> None:
+        """Activates an architecture (a `SubnetArchitecture`, its `to_dict()` or `to_json()`), after checking it."""
+        arch = SubnetArchitecture.coerce(arch)
         self.search_space.validate(arch)
         self.sam.vision_encoder.set_active(arch)
         self.active_subnet = arch
@@ -218,9 +217,7 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         The same name and report as `SamSubnetForMaskGeneration.bitops_report()`: the subnet extracted for `arch`
         reports the same rows and totals.
         """
-        if isinstance(arch, dict):
-            arch = SubnetArchitecture.from_dict(arch)
-        return count_bitops(self.config, arch or self.active_subnet)
+        return count_bitops(self.config, self.active_subnet if arch is None else SubnetArchitecture.coerce(arch))
 
     def bitops(self, arch: SubnetArchitecture | dict | None = None) -> BitOpsReport:
         """Deprecated alias of [`bitops_report`]."""
