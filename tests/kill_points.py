@@ -10,7 +10,16 @@ import os
 import signal
 import sys
 
-WRITE_EVENTS = {"os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.truncate", "os.link", "os.symlink"}
+WRITE_EVENTS = {
+    "os.rename",
+    "os.remove",
+    "os.rmdir",
+    "os.mkdir",
+    "shutil.rmtree",
+    "os.truncate",
+    "os.link",
+    "os.symlink",
+}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 CHILD_TIMEOUT_S = 120
 ARMED = True

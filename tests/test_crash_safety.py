@@ -38,7 +38,11 @@ def _identify(load, folder, candidates: dict) -> str:
     except OSError as error:
         assert REFUSED.search(str(error)), f"unclear refusal: {error}"
         return "refused"
-    matches = [name for name, (state, bitops) in candidates.items() if _same_state(model, state) and bitops in (None, getattr(model.config, "bitops", None))]
+    matches = [
+        name
+        for name, (state, bitops) in candidates.items()
+        if _same_state(model, state) and bitops in (None, getattr(model.config, "bitops", None))
+    ]
     assert matches, "the folder loads as a mix of the old and the new model"
     return matches[0]
 
@@ -98,7 +102,9 @@ def test_supernet_save_pretrained_survives_a_kill_at_every_write(supernets, tmp_
     save_kwargs = {"max_shard_size": "300KB"} if old_save == "sharded_new" else {}
     candidates = {"old": (old.state_dict(), None), "new": (new.state_dict(), None)}
     outcomes = _kill_everywhere(
-        work, pristine, lambda: new.save_pretrained(folder, **save_kwargs),
+        work,
+        pristine,
+        lambda: new.save_pretrained(folder, **save_kwargs),
         lambda: _identify(SamSupernetForMaskGeneration.from_pretrained, folder, candidates),
         {"missing", "new"} if old_save == "none" else {"old", "new", "refused"},
     )
@@ -122,7 +128,9 @@ def test_extract_subnet_save_directory_survives_a_kill_at_every_write(supernets,
     supernet = supernets[0]
     old_arch, new_arch = _same_shape_archs(supernet)
     old_subnet, new_subnet = extract_subnet(supernet, old_arch), extract_subnet(supernet, new_arch)
-    assert {k: v.shape for k, v in old_subnet.state_dict().items()} == {k: v.shape for k, v in new_subnet.state_dict().items()}
+    assert {k: v.shape for k, v in old_subnet.state_dict().items()} == {
+        k: v.shape for k, v in new_subnet.state_dict().items()
+    }
     pristine, work = tmp_path / "pristine", tmp_path / "work"
     old_subnet.save_pretrained(pristine / "subnet")
     folder = work / "subnet"
@@ -132,8 +140,11 @@ def test_extract_subnet_save_directory_survives_a_kill_at_every_write(supernets,
         "new": (new_subnet.state_dict(), new_subnet.config.bitops),
     }
     outcomes = _kill_everywhere(
-        work, pristine, lambda: supernet.extract_subnet(budget, save_directory=folder),
-        lambda: _identify(SamSubnetForMaskGeneration.from_pretrained, folder, candidates), {"old", "new", "refused"},
+        work,
+        pristine,
+        lambda: supernet.extract_subnet(budget, save_directory=folder),
+        lambda: _identify(SamSubnetForMaskGeneration.from_pretrained, folder, candidates),
+        {"old", "new", "refused"},
     )
     assert "refused" in outcomes.values()  # the window where the new config meets the old weights is caught
 
@@ -176,8 +187,14 @@ def test_mpsupernet_extract_survives_a_kill_at_every_write(supernets, tmp_path, 
 def test_save_tiers_survives_a_kill_at_every_write(supernets, tmp_path, over_old, stride):
     supernet = supernets[0]
     space = supernet.search_space
-    old_tiers = {"fast": extract_subnet(supernet, space.smallest()), "best": extract_subnet(supernet, space.largest(4, 8))}
-    new_tiers = {"fast": extract_subnet(supernet, space.largest(2, 4)), "mid": extract_subnet(supernet, space.largest(3, 6))}
+    old_tiers = {
+        "fast": extract_subnet(supernet, space.smallest()),
+        "best": extract_subnet(supernet, space.largest(4, 8)),
+    }
+    new_tiers = {
+        "fast": extract_subnet(supernet, space.largest(2, 4)),
+        "mid": extract_subnet(supernet, space.largest(3, 6)),
+    }
     pristine, work = tmp_path / "pristine", tmp_path / "work"
     pristine.mkdir()
     kwargs = {"base_model": "x/y", "dataset_name": "d"}
@@ -201,13 +218,22 @@ def test_save_tiers_survives_a_kill_at_every_write(supernets, tmp_path, over_old
         return which
 
     outcomes = _kill_everywhere(
-        work, pristine, lambda: save_tiers(new_tiers, folder, **kwargs), identify,
-        {"old", "new"} if over_old else {"missing", "new"}, stride,
+        work,
+        pristine,
+        lambda: save_tiers(new_tiers, folder, **kwargs),
+        identify,
+        {"old", "new"} if over_old else {"missing", "new"},
+        stride,
     )
-    _stale_staging_is_cleaned_by_the_next_write(work, pristine, lambda: save_tiers(new_tiers, folder, **kwargs), max(outcomes))
+    _stale_staging_is_cleaned_by_the_next_write(
+        work, pristine, lambda: save_tiers(new_tiers, folder, **kwargs), max(outcomes)
+    )
     # the generation a killed write left is gone too: one generation, named by the manifest
     generations = [p.name for p in folder.iterdir() if p.name.startswith("_v")]
-    assert len(generations) == (1 if over_old else 0) and all(t["subfolder"].split("/")[0] in generations + list(new_tiers) for t in read_tiers_manifest(folder)["tiers"].values())
+    assert len(generations) == (1 if over_old else 0) and all(
+        t["subfolder"].split("/")[0] in generations + list(new_tiers)
+        for t in read_tiers_manifest(folder)["tiers"].values()
+    )
 
 
 def _bitops(manifest):

@@ -303,7 +303,10 @@ def test_load_subnet_reads_manifest_and_weights_at_one_commit(tiers, local_hub, 
     push_tiers({"x": tiers["medium"]}, repo_id, base_model="x/y", dataset_name="d")
     new = HfApi().repo_info(repo_id).sha
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
-    set_main = lambda commit: lambda store: store._set_refs("model", repo_id, lambda refs: refs["branches"].__setitem__("main", commit))  # noqa: E731
+
+    def set_main(commit):
+        return lambda store: store._set_refs("model", repo_id, lambda refs: refs["branches"].__setitem__("main", commit))
+
     set_main(old)(local_hub.store)
     # a push lands right after the client has read tiers.json
     fault = local_hub.inject_fault(Fault(r"/resolve/.*/tiers\.json", "after", method="GET", callback=set_main(new)))

@@ -642,8 +642,8 @@ class Payload:
         return (pathlib.Path.touch, (pathlib.Path(self.path),))
 
 
-def loop_run(sam, train_data, output_dir, **overrides):
-    model = make_supernet(sam)
+def loop_run(sam, train_data, output_dir, model=None, **overrides):
+    model = model or make_supernet(sam)
     arguments = dict(max_steps=2, learning_rate=3e-3, batch_size=2, num_random_subnets=1, save_steps=1)
     return train_supernet(
         model, train_data, output_dir=output_dir, preprocessor=make_preprocessor(model), **{**arguments, **overrides}
@@ -692,7 +692,8 @@ def test_resuming_runs_no_code_from_a_planted_pickle(sam, train_data, loop_check
 def test_trainer_resuming_runs_no_code_from_a_planted_pickle(sam, train_data, tmp_path):
     model = make_supernet(sam)
     args = trainer_arguments(tmp_path / "run", max_steps=1, save_strategy="steps", save_steps=1)
-    trainer = SupernetTrainer(model=model, args=args, num_random_subnets=1, train_dataset=train_data.with_transform(make_preprocessor(model)))
+    train_dataset = train_data.with_transform(make_preprocessor(model))
+    trainer = SupernetTrainer(model=model, args=args, num_random_subnets=1, train_dataset=train_dataset)
     trainer.train()
     checkpoint = tmp_path / "run" / "checkpoint-1"
     assert incompleteness(checkpoint) is None
@@ -745,7 +746,8 @@ def test_trainer_resumes_from_the_newest_complete_checkpoint(sam, train_data, tm
     def trainer(output_dir, max_steps):
         model = make_supernet(sam)
         args = trainer_arguments(output_dir, max_steps=max_steps, save_strategy="steps", save_steps=1, save_total_limit=2)
-        return SupernetTrainer(model=model, args=args, num_random_subnets=1, train_dataset=train_data.with_transform(make_preprocessor(model)))
+        train_dataset = train_data.with_transform(make_preprocessor(model))
+        return SupernetTrainer(model=model, args=args, num_random_subnets=1, train_dataset=train_dataset)
 
     trainer(tmp_path, 2).train()
     assert all(incompleteness(tmp_path / f"checkpoint-{step}") is None for step in (1, 2))
@@ -807,5 +809,5 @@ def test_training_warns_about_a_collapsed_step(sam, train_data, tmp_path, caplog
     with torch.no_grad():
         quantizer.step_size[quantizer.bit_index(8)] = -1.0  # driven below its floor
     with caplog.at_level(logging.WARNING, logger="mpsupernet.training.policies"):
-        train_supernet(model, train_data, output_dir=tmp_path, max_steps=1, learning_rate=1e-4, batch_size=2, num_random_subnets=1, preprocessor=make_preprocessor(model))
+        loop_run(sam, train_data, tmp_path, model=model, max_steps=1, learning_rate=1e-4, save_steps=None)
     assert "Step 1: 1 activation step size(s) at their floor or not finite: sam.vision_encoder.layers.1.mlp.lin2.input_quantizer (8-bit)." in caplog.text

@@ -151,7 +151,9 @@ class SubnetArchitecture:
             try:
                 arch = json.loads(arch)
             except json.JSONDecodeError as error:
-                raise ValueError(f"An architecture string must be `SubnetArchitecture.to_json()`'s output: {error}.") from None
+                raise ValueError(
+                    f"An architecture string must be `SubnetArchitecture.to_json()`'s output: {error}."
+                ) from None
         if isinstance(arch, dict):
             return cls.from_dict(arch)
         raise TypeError(

@@ -183,8 +183,9 @@ def parse_budget(
 
     Args:
         budget (`int`, `float` or `str`): a number of BitOPs (`35e9`, any real number type such as `numpy.int64`, or
-            a 0-d tensor); a string holding one, with an optional SI prefix (k, M, G, T, P) and unit (`"120G"`, `"1.5T"`, `"900M"`,
-            `"35e9"`, `"120 GBitOPs"`); or a share of the full-precision model (`"5%"`, above 0% and at most 100%).
+            a 0-d tensor); a string holding one, with an optional SI prefix (k, M, G, T, P) and unit (`"120G"`,
+            `"1.5T"`, `"900M"`, `"35e9"`, `"120 GBitOPs"`); or a share of the full-precision model (`"5%"`, above 0%
+            and at most 100%).
         full_precision_bitops (`int`, *optional*): the BitOPs of the full-precision model, which a share refers to.
         name (`str`, *optional*): the caller's argument that holds the budget (`"max_bitops"`); the error then
             starts with it.

@@ -53,7 +53,9 @@ def readable_safetensors(source, what: str):
 def is_weights_file(name: str) -> bool:
     """Whether a file is one `from_pretrained` reads weights from: `model.safetensors`, `pytorch_model.bin`, their
     shards, variants and shard indexes. Other tensor files in the folder are not the model's."""
-    return WEIGHTS_NAME_PATTERN.match(name) is not None and (name.endswith((".safetensors", ".bin")) or ".index." in name)
+    if WEIGHTS_NAME_PATTERN.match(name) is None:
+        return False
+    return name.endswith((".safetensors", ".bin")) or ".index." in name
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -160,7 +162,8 @@ def check_weights_digests(folder: str | os.PathLike, source=None) -> None:
                 f"{name!r}, but the file has sha256 {found}. The file is damaged or comes from another save (an "
                 "interrupted save?); save the model again."
             )
-    unrecorded = sorted(p.name for p in folder.iterdir() if p.is_file() and is_weights_file(p.name) and p.name not in recorded)
+    present = (path.name for path in folder.iterdir() if path.is_file() and is_weights_file(path.name))
+    unrecorded = sorted(name for name in present if name not in recorded)
     if unrecorded:
         raise OSError(
             f"{source!r} holds weights files {unrecorded} that its {CONFIG_NAME} does not record: they come from "
@@ -206,7 +209,8 @@ class CrashSafeSaveMixin:
             for key in ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision", "tags")
             if key in kwargs
         }
-        save_model_folder(save_directory, lambda folder: super(CrashSafeSaveMixin, self).save_pretrained(folder, **kwargs))
+        save = super().save_pretrained
+        save_model_folder(save_directory, lambda folder: save(folder, **kwargs))
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
             return self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)

@@ -290,7 +290,9 @@ def _check_tiers(tiers: Mapping[str, object], mean_ious: Mapping[str, float]) ->
                 "choose another."
             )
         if getattr(getattr(subnet, "config", None), "model_type", None) != "sam_subnet":
-            raise ValueError(f"Tier {name!r} is a {type(subnet).__name__}, not an extracted SamSubnetForMaskGeneration.")
+            raise ValueError(
+                f"Tier {name!r} is a {type(subnet).__name__}, not an extracted SamSubnetForMaskGeneration."
+            )
     unknown = sorted(set(mean_ious) - set(tiers))
     if unknown:
         raise ValueError(f"`mean_ious` names tiers {unknown} that are not among {sorted(tiers)}.")
@@ -526,7 +528,9 @@ def select_tier(manifest: dict, max_bitops) -> str:
     return max(fitting, key=rank)
 
 
-def load_subnet(repo_id: str | os.PathLike, max_bitops, revision: str | None = None, token: str | None = None, **kwargs):
+def load_subnet(
+    repo_id: str | os.PathLike, max_bitops, revision: str | None = None, token: str | None = None, **kwargs
+):
     """Downloads and loads the best ready-made subnet under a BitOPs budget.
 
     On the Hub, `revision` is resolved to a commit once, and the manifest and the weights are both read at that
@@ -551,7 +555,8 @@ def load_subnet(repo_id: str | os.PathLike, max_bitops, revision: str | None = N
     if not Path(repo_id).is_dir():
         commit = HfApi(token=token).repo_info(str(repo_id), revision=revision, token=token).sha
         manifest = read_tiers_manifest(repo_id, revision=commit, token=token)
-        return _load_tier(manifest, max_bitops, f"{repo_id!r} at commit {commit}", str(repo_id), revision=commit, token=token, **kwargs)
+        where = f"{repo_id!r} at commit {commit}"
+        return _load_tier(manifest, max_bitops, where, str(repo_id), revision=commit, token=token, **kwargs)
     root = Path(repo_id)
     for attempt in range(LOCAL_LOAD_ATTEMPTS):
         manifest = read_tiers_manifest(root)

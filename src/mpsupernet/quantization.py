@@ -279,7 +279,8 @@ class LsqQuantizer(nn.Module):
         """Integer codes and per-channel scales of a weight at `bits` (for export): `x ≈ codes * scales`."""
         index = self.bit_index(bits)
         q_min, q_max = integer_range(bits, self.signed)
-        step = self.step_size[index].clamp_min(self.step_floor(self.step_size.dtype)).reshape(-1, *([1] * (x.dim() - 1)))
+        step = self.step_size[index].clamp_min(self.step_floor(self.step_size.dtype))
+        step = step.reshape(-1, *([1] * (x.dim() - 1)))
         codes = torch.clamp(torch.round(x / step), q_min, q_max).to(torch.int8)
         return codes, step.reshape(-1)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_file_atomic
 from ..bitops import parse_budget
 from ..search_space import SubnetArchitecture
 
@@ -179,10 +180,10 @@ class ParetoFront:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Writes the front, every evaluated point and the metadata as JSON; returns the path."""
+        """Writes the front, every evaluated point and the metadata as JSON, crash-safely; returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_file_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
         return path
 
     @classmethod

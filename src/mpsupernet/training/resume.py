@@ -76,11 +76,15 @@ def resolve_checkpoint(resume_from_checkpoint: str | os.PathLike | bool, output_
     """
     output_dir = Path(output_dir)
     if resume_from_checkpoint is True:
-        candidates = sorted(
-            (path for path in output_dir.iterdir() if CHECKPOINT_PATTERN.match(path.name) and path.is_dir()),
-            key=lambda path: int(CHECKPOINT_PATTERN.match(path.name)[1]),
-            reverse=True,
-        ) if output_dir.is_dir() else []
+        candidates = (
+            sorted(
+                (path for path in output_dir.iterdir() if CHECKPOINT_PATTERN.match(path.name) and path.is_dir()),
+                key=lambda path: int(CHECKPOINT_PATTERN.match(path.name)[1]),
+                reverse=True,
+            )
+            if output_dir.is_dir()
+            else []
+        )
         skipped = []
         for candidate in candidates:
             reason = incompleteness(candidate)
