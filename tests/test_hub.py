@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 import mpsupernet
 from mpsupernet import SamSubnetForMaskGeneration
@@ -273,26 +273,29 @@ def test_push_over_earlier_tiers_removes_their_folders_in_the_same_commit(tiers,
     assert len(HfApi().list_repo_commits(repo_id)) == before + 1
 
 
+PUSH_FAILURES = {"error": (HfHubHTTPError, "Injected fault on POST /api/models/local-user/"), "drop": (Exception, "Server disconnected without sending a response")}
+
+
+def _push_failing_mid_commit(local_hub, action, tiers, repo_id):
+    error, message = PUSH_FAILURES[action]
+    local_hub.inject_fault(Fault(r"/commit/", action, method="POST", times=5))
+    try:
+        with pytest.raises(error, match=message):
+            push_tiers(tiers, repo_id, base_model="x/y", dataset_name="d")
+    finally:
+        local_hub.clear_faults()
+
+
 @pytest.mark.parametrize("action", ["error", "drop"])
 def test_a_push_failing_mid_commit_leaves_the_repo_as_it_was(tiers, local_hub, action):
     repo_id = f"local-user/failing-first-push-{action}"
-    local_hub.inject_fault(Fault(r"/commit/", action, method="POST", times=5))
-    try:
-        with pytest.raises(Exception):
-            push_tiers({"a": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d")
-    finally:
-        local_hub.clear_faults()
+    _push_failing_mid_commit(local_hub, action, {"a": tiers["tiny"]}, repo_id)
     assert not HfApi().repo_exists(repo_id)  # the repository this push created is gone again
 
     repo_id = f"local-user/failing-second-push-{action}"
     push_tiers({"a": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d")
     before = _repo_state(repo_id)
-    local_hub.inject_fault(Fault(r"/commit/", action, method="POST", times=5))
-    try:
-        with pytest.raises(Exception):
-            push_tiers({"b": tiers["small"]}, repo_id, base_model="x/y", dataset_name="d")
-    finally:
-        local_hub.clear_faults()
+    _push_failing_mid_commit(local_hub, action, {"b": tiers["small"]}, repo_id)
     assert _repo_state(repo_id) == before
 
 

@@ -155,25 +155,30 @@ def _calibrated_supernet(tiny_sam):
 
 
 @pytest.mark.parametrize("value", [float("nan"), 0.0])
-def test_extraction_refuses_non_finite_or_collapsed_activation_steps(tiny_sam, value):
+@pytest.mark.parametrize(
+    "quantizer, row, message",
+    [
+        (
+            "layers.1.mlp.lin1.input_quantizer",
+            0,
+            r"The 8-bit step size of the input quantizer of layers\.1\.mlp\.lin1 is not finite or has collapsed to its "
+            r"floor",
+        ),
+        (
+            "layers.0.attn.proj.weight_quantizer",
+            5,
+            r"The 8-bit weight step sizes of layers\.0\.attn\.proj are not finite or have collapsed to their floor in "
+            r"rows \[5\]",
+        ),
+    ],
+)
+def test_extraction_refuses_non_finite_or_collapsed_steps(tiny_sam, value, quantizer, row, message):
     supernet = _calibrated_supernet(tiny_sam)
-    arch = supernet.largest_subnet()
-    quantizer = supernet.sam.vision_encoder.layers[1].mlp.lin1.input_quantizer
+    quantizer = supernet.sam.vision_encoder.get_submodule(quantizer)
     with torch.no_grad():
-        quantizer.step_size[quantizer.bit_index(8)] = value
-    with pytest.raises(ValueError, match=r"The 8-bit step size of the input quantizer of layers\.1\.mlp\.lin1 is not finite or has collapsed to its floor"):
-        extract_subnet(supernet, arch)
-
-
-@pytest.mark.parametrize("value", [float("nan"), 0.0])
-def test_extraction_refuses_non_finite_or_collapsed_weight_steps(tiny_sam, value):
-    supernet = _calibrated_supernet(tiny_sam)
-    arch = supernet.largest_subnet()
-    quantizer = supernet.sam.vision_encoder.layers[0].attn.proj.weight_quantizer
-    with torch.no_grad():
-        quantizer.step_size[quantizer.bit_index(8), 5] = value
-    with pytest.raises(ValueError, match=r"The 8-bit weight step sizes of layers\.0\.attn\.proj are not finite or have collapsed to their floor in rows \[5\]"):
-        extract_subnet(supernet, arch)
+        quantizer.step_size[quantizer.bit_index(8), row] = value
+    with pytest.raises(ValueError, match=message):
+        extract_subnet(supernet, supernet.largest_subnet())
 
 
 def test_extraction_accepts_a_zero_weight_row_at_its_floor(tiny_sam):
