@@ -261,14 +261,16 @@ def _repo_state(repo_id):
     return api.repo_info(repo_id).sha, sorted(api.list_repo_files(repo_id))
 
 
-def test_push_over_earlier_tiers_removes_their_folders_in_the_same_commit(tiers, local_hub, tmp_path):
+def test_push_over_earlier_tiers_removes_their_files_in_the_same_commit(tiers, local_hub, tmp_path):
     repo_id = "local-user/replaced-tiers"
     push_tiers({"a": tiers["tiny"], "b": tiers["small"]}, repo_id, base_model="x/y", dataset_name="d")
     HfApi().upload_file(path_or_fileobj=b"mine", path_in_repo="notes/keep.txt", repo_id=repo_id)
+    # a file of tier "b" that its next version no longer has (as a sharded save's shard would be)
+    HfApi().upload_file(path_or_fileobj=b"old shard", path_in_repo="b/model-00001-of-00002.safetensors", repo_id=repo_id)
     before = len(HfApi().list_repo_commits(repo_id))
     push_tiers({"b": tiers["medium"], "c": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d")
     files = HfApi().list_repo_files(repo_id)
-    assert not any(path.startswith("a/") for path in files)
+    assert not any(path.startswith("a/") for path in files) and "b/model-00001-of-00002.safetensors" not in files
     assert {"b/config.json", "c/config.json", "notes/keep.txt", "tiers.json"} <= set(files)
     assert len(HfApi().list_repo_commits(repo_id)) == before + 1
 

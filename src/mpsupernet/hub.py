@@ -316,8 +316,8 @@ def push_tiers(
 
     Each tier goes into its own subfolder (weights, config and model card); `tiers.json` lists them, and the root
     `README.md` compares them. Everything is staged and checked locally before anything is sent. The commit adds
-    the new tiers and deletes the tier folders of the repository's previous `tiers.json` that the new one does not
-    name; it is made on top of the head read at the start (`parent_commit`), so a concurrent push makes it fail
+    the new tiers and deletes every file in the tier folders of the repository's previous `tiers.json` that it does
+    not replace (other files of the repository are kept); it is made on top of the head read at the start (`parent_commit`), so a concurrent push makes it fail
     rather than mix. A failure leaves the repository as it was: a repository this call created is deleted again.
 
     Args:
@@ -345,7 +345,8 @@ def push_tiers(
         parent_commit = None
         if not created:
             parent_commit = api.repo_info(repo_id, revision=revision).sha
-            operations += _stale_tier_deletions(api, repo_id, parent_commit, manifest, token)
+            uploaded = {operation.path_in_repo for operation in operations}
+            operations += _stale_tier_deletions(api, repo_id, parent_commit, uploaded, token)
         else:
             api.create_repo(repo_id, private=private, exist_ok=False)
         try:
@@ -364,8 +365,9 @@ def push_tiers(
     return commit.commit_url
 
 
-def _stale_tier_deletions(api: HfApi, repo_id: str, commit: str, manifest: dict, token) -> list:
-    """Deletions of the tier folders that the repository's current `tiers.json` names and `manifest` does not."""
+def _stale_tier_deletions(api: HfApi, repo_id: str, commit: str, uploaded: set[str], token) -> list:
+    """Deletions of the files in the tier folders of the repository's current `tiers.json` that the new upload does
+    not replace: tiers dropped, and files a tier kept under its name no longer has (old weight shards)."""
     files = set(api.list_repo_files(repo_id, revision=commit))
     if MANIFEST_NAME not in files:
         return []
@@ -374,12 +376,9 @@ def _stale_tier_deletions(api: HfApi, repo_id: str, commit: str, manifest: dict,
     except (ValueError, OSError) as error:
         logger.warning(f"The current {MANIFEST_NAME} of {repo_id} cannot be read ({error}); its tiers are kept.")
         return []
-    stale = sorted(_top_folders(previous) - _top_folders(manifest) - {MANIFEST_NAME, "README.md"})
-    return [
-        CommitOperationDelete(path_in_repo=f"{folder}/", is_folder=True)
-        for folder in stale
-        if any(path.startswith(f"{folder}/") for path in files)
-    ]
+    owned = _top_folders(previous)
+    stale = sorted(path for path in files if "/" in path and path.split("/")[0] in owned and path not in uploaded)
+    return [CommitOperationDelete(path_in_repo=path) for path in stale]
 
 
 def _tiers_overview_card(manifest: dict, repo_id: str) -> ModelCard:
