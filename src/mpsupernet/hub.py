@@ -212,7 +212,11 @@ def save_tiers(
 
 
 def _previous_manifest(target: Path) -> dict | None:
-    """The manifest of the tiers in `target`; `None` for a missing folder; `{}` for an empty one; else refuses."""
+    """The manifest of the tiers in `target`: `None` for a missing folder, one without tiers for an empty folder.
+
+    Raises:
+        `ValueError`: for a file, or a non-empty folder without `tiers.json` (it is not ours to write into).
+    """
     if not target.exists():
         return None
     if not target.is_dir():
@@ -317,8 +321,9 @@ def push_tiers(
     Each tier goes into its own subfolder (weights, config and model card); `tiers.json` lists them, and the root
     `README.md` compares them. Everything is staged and checked locally before anything is sent. The commit adds
     the new tiers and deletes every file in the tier folders of the repository's previous `tiers.json` that it does
-    not replace (other files of the repository are kept); it is made on top of the head read at the start (`parent_commit`), so a concurrent push makes it fail
-    rather than mix. A failure leaves the repository as it was: a repository this call created is deleted again.
+    not replace (other files of the repository are kept). It is made on top of the head read at the start
+    (`parent_commit`), so a concurrent push makes it fail rather than mix. A failure leaves the repository as it
+    was: a repository this call created is deleted again.
 
     Args:
         tiers (`Mapping[str, SamSubnetForMaskGeneration]`): tier name (used as the subfolder) → subnet.
