@@ -2,6 +2,7 @@
 new model, or is refused with a clear error; never a silent mix. See `kill_points.py` for how the writers are killed.
 """
 
+import os
 import re
 import shutil
 
@@ -238,3 +239,34 @@ def test_save_tiers_survives_a_kill_at_every_write(supernets, tmp_path, over_old
 
 def _bitops(manifest):
     return {name: tier["bitops"] for name, tier in manifest["tiers"].items()}
+
+
+def test_readers_polling_load_subnet_during_rewrites_get_a_whole_tier(supernets, tmp_path):
+    supernet = supernets[0]
+    space = supernet.search_space
+    versions = [extract_subnet(supernet, space.largest(2, 4)), extract_subnet(supernet, space.largest(4, 8))]
+    folder = tmp_path / "tiers"
+    kwargs = {"base_model": "x/y", "dataset_name": "d"}
+    save_tiers({"x": versions[0]}, folder, **kwargs)
+    budget = max(version.config.bitops for version in versions)
+    states = [version.state_dict() for version in versions]
+
+    pid = os.fork()
+    if pid == 0:  # the writer: rewrites the tier back and forth
+        try:
+            for round in range(6):
+                save_tiers({"x": versions[(round + 1) % 2]}, folder, **kwargs)
+        finally:
+            os._exit(0)
+    seen = []
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        try:
+            loaded = load_subnet(folder, max_bitops=budget)
+        except OSError as error:  # only when the writer outpaced ten reads in a row
+            assert re.fullmatch(r"The tiers in '.*' were rewritten 10 times while loading; load again .*", str(error))
+            seen.append("refused")
+            continue
+        matches = [index for index, state in enumerate(states) if _same_state(loaded, state)]
+        assert len(matches) == 1 and loaded.config.bitops == versions[matches[0]].config.bitops
+        seen.append(matches[0])
+    assert seen  # reads happened during the rewrites

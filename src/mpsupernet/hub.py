@@ -43,7 +43,7 @@ MAX_TIER_NAME_LENGTH = 96
 RESERVED_NAMES = frozenset({MANIFEST_NAME, "readme.md", ".gitattributes"})
 # Tier names start with a letter or digit, so these never collide with one.
 GENERATION_PATTERN = re.compile(r"^_v(\d+)$")
-LOCAL_LOAD_ATTEMPTS = 3
+LOCAL_LOAD_ATTEMPTS = 10
 CARD_TAGS = ["mpsupernet", "segment-anything", "sam", "mixed-precision", "quantization", "lora", "bitops"]
 
 
@@ -562,15 +562,19 @@ def load_subnet(
         where = f"{repo_id!r} at commit {commit}"
         return _load_tier(manifest, max_bitops, where, str(repo_id), revision=commit, token=token, **kwargs)
     root = Path(repo_id)
-    for attempt in range(LOCAL_LOAD_ATTEMPTS):
+    for _ in range(LOCAL_LOAD_ATTEMPTS):
         manifest = read_tiers_manifest(root)
         try:
             return _load_tier(manifest, max_bitops, repr(str(root)), root, **kwargs)
-        except OSError:
+        except OSError as error:
             # A concurrent save_tiers removes the old tiers only after replacing the manifest: if it changed, retry.
-            if attempt + 1 == LOCAL_LOAD_ATTEMPTS or read_tiers_manifest(root) == manifest:
+            if read_tiers_manifest(root) == manifest:
                 raise
-    raise AssertionError("unreachable")
+            interrupted = error
+    raise OSError(
+        f"The tiers in {str(root)!r} were rewritten {LOCAL_LOAD_ATTEMPTS} times while loading; load again once "
+        "the writer is done."
+    ) from interrupted
 
 
 def _load_tier(manifest: dict, max_bitops, where: str, source, **kwargs):
