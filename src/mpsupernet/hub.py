@@ -338,9 +338,7 @@ def push_tiers(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="mpsupernet-tiers-") as staging:
         folder = Path(staging) / "repo"
-        manifest = save_tiers(
-            tiers, folder, base_model=base_model, dataset_name=dataset_name, mean_ious=mean_ious, repo_id=repo_id
-        )
+        save_tiers(tiers, folder, base_model=base_model, dataset_name=dataset_name, mean_ious=mean_ious, repo_id=repo_id)
         operations = [
             CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
             for path in sorted(folder.rglob("*"))
