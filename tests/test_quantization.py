@@ -115,15 +115,16 @@ def test_step_floor_holds_in_half_precision(dtype):
     torch.testing.assert_close(out[0].float(), (weight[0] / expected_step[0]).round().clamp(-8, 7) * expected_step[0], atol=0.02, rtol=0.02)
 
 
-def test_fp16_supernet_with_a_zero_weight_row_stays_finite(tiny_sam, prompt_inputs):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_supernet_with_a_zero_weight_row_stays_finite(tiny_sam, prompt_inputs, dtype):
     with torch.no_grad():
         tiny_sam.vision_encoder.layers[0].attn.qkv.weight[3] = 0
     supernet = SamSupernetForMaskGeneration.from_sam(tiny_sam).eval()
     supernet.calibrate_quantizers(prompt_inputs["pixel_values"])
-    supernet.half()
+    supernet.to(dtype)
     supernet.set_subnet(supernet.largest_subnet())
     with torch.no_grad():
-        output = supernet(pixel_values=prompt_inputs["pixel_values"].half(), input_boxes=prompt_inputs["input_boxes"].half())
+        output = supernet(pixel_values=prompt_inputs["pixel_values"].to(dtype), input_boxes=prompt_inputs["input_boxes"])
     assert torch.isfinite(output.pred_masks).all()
 
 
