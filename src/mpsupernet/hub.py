@@ -2,7 +2,8 @@
 
 A *tier* is one extracted subnet, stored in a subfolder of one Hub repository; `tiers.json` at the root of that
 repository lists every tier with its BitOPs and quality, so `load_subnet` can pick the best tier under a budget after
-downloading one small file.
+downloading one small file. `tiers.json` carries a `format_version` and is validated against its schema
+([`TiersManifest`]); it is the pointer readers follow, so writers replace it last and atomically.
 """
 
 import json
