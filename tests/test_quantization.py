@@ -188,3 +188,19 @@ def test_extraction_accepts_a_zero_weight_row_at_its_floor(tiny_sam):
     supernet = _calibrated_supernet(tiny_sam)
     subnet = extract_subnet(supernet, supernet.largest_subnet())
     assert torch.equal(subnet.sam.vision_encoder.layers[0].attn.proj.dequantized_weight()[5], torch.zeros(64))
+
+
+@pytest.mark.parametrize("value", [float("nan"), 0.0, 1e-9])
+def test_export_refuses_non_finite_or_collapsed_steps(tiny_sam, tmp_path, value):
+    pytest.importorskip("onnx")
+    supernet = _calibrated_supernet(tiny_sam)
+    subnet = extract_subnet(supernet, supernet.largest_subnet())
+    with torch.no_grad():
+        subnet.sam.vision_encoder.layers[1].mlp.lin2.input_quantizer.step_size.fill_(value)
+    message = (
+        r"Cannot export: the step size of vision_encoder\.layers\.1\.mlp\.lin2\.input_quantizer at 8 bits is .*; "
+        r"steps must be finite and above their floor \(1e-08\)\."
+    )
+    with pytest.raises(ValueError, match=message):
+        subnet.export_onnx(tmp_path / "export")
+    assert list(tmp_path.iterdir()) == []

@@ -122,17 +122,18 @@ def check_export_arguments(target: str, weight_container: str, opset: int | None
 
 
 def check_quantizers(subnet: SamSubnetForMaskGeneration) -> None:
-    """Refuses a subnet whose encoder holds steps, offsets or weight scales that are unset or not finite."""
+    """Refuses a subnet whose encoder holds steps, offsets or weight scales that are unset or not finite, or steps
+    collapsed to their floor (`LsqQuantizer.collapsed_channels`: the layer would pass nearly nothing on)."""
     for name, module in subnet.sam.vision_encoder.named_modules():
         if isinstance(module, LsqQuantizer) and module.is_quantizing:
             where = f"vision_encoder.{name} at {module.active_bits} bits"
             if not bool(module.initialized.all()):
                 raise ValueError(f"Cannot export: the quantizer {where} was never calibrated (its step size is unset).")
             step = module.step_size.detach()
-            if not bool(torch.isfinite(step).all()) or not bool((step > 0).all()):
+            if bool(module.collapsed_channels(module.active_bits).any()):
                 raise ValueError(
                     f"Cannot export: the step size of {where} is {step.flatten().tolist()}; steps must be finite and "
-                    "positive."
+                    f"above their floor ({module.step_floor(step.dtype):.3g})."
                 )
             if module.offset is not None and not bool(torch.isfinite(module.offset).all()):
                 raise ValueError(
