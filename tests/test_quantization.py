@@ -80,7 +80,7 @@ def test_non_finite_statistics_never_become_step_sizes(tiny_supernet):
     images = torch.randn(2, 3, 128, 128)
     images[1, 0, 5, 7] = float("nan")  # one NaN pixel
     message = (
-        r"The 8-bit step size of sam\.vision_encoder\.layers\.0\.attn\.qkv\.input_quantizer would be set from a "
+        r"The 8-bit step size of sam\.vision_encoder\.patch_embed\.projection\.input_quantizer would be set from a "
         r"tensor with non-finite values \(NaN or inf\); refusing it"
     )
     with pytest.raises(ValueError, match=message):
