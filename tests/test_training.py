@@ -807,7 +807,7 @@ def test_training_warns_about_a_collapsed_step(sam, train_data, tmp_path, caplog
     SandwichSampler(model.config).schedule.calibrate_start_bits(model, fixed_batch(model, train_data)["pixel_values"])
     quantizer = model.sam.vision_encoder.layers[1].mlp.lin2.input_quantizer
     with torch.no_grad():
-        quantizer.step_size[quantizer.bit_index(8)] = -1.0  # driven below its floor
+        quantizer.step_size[quantizer.bit_index(8)] = 0.0  # collapsed
     with caplog.at_level(logging.WARNING, logger="mpsupernet.training.policies"):
         loop_run(sam, train_data, tmp_path, model=model, max_steps=1, learning_rate=1e-4, save_steps=None)
     assert "Step 1: 1 activation step size(s) at their floor or not finite: sam.vision_encoder.layers.1.mlp.lin2.input_quantizer (8-bit)." in caplog.text
