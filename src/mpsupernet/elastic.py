@@ -373,9 +373,16 @@ class ResizingSamVisionEncoder(nn.Module):
                 f"{self.resolution}x{self.resolution}."
             )
         if size[0] != self.resolution:
-            pixel_values = F.interpolate(
-                pixel_values, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False, antialias=True
+            # The antialiased resize has no CPU kernel for float16/bfloat16: it runs in float32 and is cast back, so
+            # that a model loaded with `dtype=torch.bfloat16` runs at a reduced resolution too.
+            resized = F.interpolate(
+                pixel_values.float(),
+                size=(self.resolution, self.resolution),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
             )
+            pixel_values = resized.to(pixel_values.dtype)
         return pixel_values
 
     def position_embedding(self, grid: int) -> torch.Tensor:

@@ -14,10 +14,12 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
+import jinja2
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
 from transformers.utils import logging
 
-from .bitops import parse_budget
+from .architecture import is_float_bits
+from .bitops import format_budget, parse_budget
 
 logger = logging.get_logger(__name__)
 
@@ -26,9 +28,35 @@ TIER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 CARD_TAGS = ["mpsupernet", "segment-anything", "sam", "mixed-precision", "quantization", "lora", "bitops"]
 
 
+MISSING_PACKAGE_ERROR = (
+    "ValueError: The checkpoint you are trying to load has model type `sam_subnet` but Transformers does not "
+    "recognize this architecture"
+)
+"""How transformers' `AutoModel.from_pretrained` fails on a tier where mpsupernet is not installed (the cards quote it)."""
+
+ONNX_FILE_NAME = "vision_encoder.onnx"
+"""A tier folder holding this file gets the ONNX paragraph on its card (see `mpsupernet.runtime.OnnxSamModel`)."""
+
+
+def _card_template_source(name: str) -> str:
+    return resources.files("mpsupernet.model_cards").joinpath(name).read_text(encoding="utf-8")
+
+
 def subnet_card_template() -> str:
     """The Jinja template of subnet cards (`model_cards/subnet_card.md` in the repository)."""
-    return resources.files("mpsupernet.model_cards").joinpath("subnet_card.md").read_text(encoding="utf-8")
+    return _card_template_source("subnet_card.md")
+
+
+def _render_card(template_name: str, card_data: ModelCardData, **template_kwargs) -> ModelCard:
+    # A loader (which `ModelCard.from_template` lacks) lets both cards include the shared "how to run" paragraph.
+    environment = jinja2.Environment(loader=jinja2.FunctionLoader(_card_template_source), keep_trailing_newline=True)
+    text = environment.get_template(template_name).render(card_data=card_data.to_yaml(), **template_kwargs)
+    return ModelCard(text)
+
+
+def _hub_url(model_id: str) -> str | None:
+    """The Hub page of a model id (`"org/name"`), or `None` for a local name such as `"embedded-sam"`."""
+    return f"https://huggingface.co/{model_id}" if "/" in model_id and not Path(model_id).is_absolute() else None
 
 
 def render_subnet_card(
@@ -41,22 +69,28 @@ def render_subnet_card(
     repo_id: str | None = None,
     subfolder: str | None = None,
     license: str = "apache-2.0",
+    has_onnx: bool = False,
 ) -> ModelCard:
     """Renders the model card of an extracted subnet.
 
     Args:
         subnet (`SamSubnetForMaskGeneration`): the subnet; its BitOPs report and architecture are printed.
-        base_model (`str`): the Hub id of the SAM checkpoint the supernet was built from.
+        base_model (`str`): the SAM checkpoint the supernet was built from (a Hub id, a folder name or
+            `"embedded-sam"`).
         dataset_name (`str`): the dataset the quality was measured on.
         mean_iou (`float`, *optional*): measured mean mask IoU; goes into the card's `model-index` too.
         dataset_split (`str`, *optional*): the split it was measured on.
         repo_id (`str`, *optional*), subfolder (`str`, *optional*): where the subnet is published, for the loading
-            snippet.
+            snippets; without `repo_id` they name a local folder.
         license (`str`, *optional*, defaults to `"apache-2.0"`): the card's license; SAM's weights are Apache-2.0.
+        has_onnx (`bool`, *optional*): whether the folder holds `vision_encoder.onnx`; adds the ONNX paragraph.
 
     Returns:
-        `huggingface_hub.ModelCard`: metadata (base model, `mask-generation`, tags, model-index with the mIoU) and a
-        body with the BitOPs (absolute and against both references), the architecture and the per-layer bits.
+        `huggingface_hub.ModelCard`: metadata (base model with `base_model_relation: quantized`, `mask-generation`,
+        tags, model-index with the mIoU, the BitOPs) and a body that says first how to run the subnet (with
+        mpsupernet, with onnxruntime, and what happens without mpsupernet), then the BitOPs (absolute and against both
+        references), the quality, the architecture, the per-layer bits, usage snippets and `to_sam_model`'s
+        availability.
     """
     report = subnet.bitops_report()
     summary = report.summary()
@@ -75,36 +109,53 @@ def render_subnet_card(
             )
         ]
     title = f"{base_model.split('/')[-1]} mixed-precision subnet, {gbitops:.3g} GBitOPs"
-    card_data = ModelCardData(
+    card_data = _card_data(base_model, dataset_name, license, title, eval_results)
+    # BitOPs in the metadata let the Hub's search and `load_subnet` read the cost without parsing the body.
+    card_data.bitops = summary["bitops"]
+    card_data.bitops_share_of_full_precision = round(summary["share_of_full_precision"], 6)
+    card_data.bitops_share_of_w8a8 = round(summary["share_of_w8a8"], 6)
+    arch = subnet.architecture
+    quantized_activations = sum(
+        1
+        for name, bits in zip(arch.layer_names, arch.activation_bits)
+        if not is_float_bits(bits) and int(name.split(".")[1]) in arch.kept_blocks
+    )
+    subfolder = subfolder if repo_id else None
+    return _render_card(
+        "subnet_card.md",
+        card_data,
+        title=title,
         base_model=base_model,
+        report=summary,
+        rows=report.rows,
+        architecture=dict(report.architecture),
+        mean_iou=mean_iou,
+        dataset_name=dataset_name,
+        dataset_split=dataset_split,
+        repo_id=repo_id,
+        source=f'"{repo_id}"' if repo_id else '"path/to/this/folder"',
+        subfolder=subfolder,
+        budget=format_budget(summary["bitops"]),
+        onnx_subfolder=(subfolder or "") if has_onnx else None,
+        missing_package_error=MISSING_PACKAGE_ERROR,
+        sam_model_blocker=subnet.to_sam_model_blocker(),
+        quantized_activations=quantized_activations,
+        float_bits=subnet.config.float_bits,
+        image_size=subnet.config.vision_config.image_size,
+    )
+
+
+def _card_data(base_model: str, dataset_name: str | None, license: str, title: str, eval_results) -> ModelCardData:
+    return ModelCardData(
+        base_model=base_model,
+        base_model_relation="quantized",
         pipeline_tag="mask-generation",
         library_name="mpsupernet",
         license=license,
         tags=CARD_TAGS,
         model_name=title,
         eval_results=eval_results,
-        datasets=[dataset_name] if "/" in dataset_name else None,
-    )
-    # BitOPs in the metadata let the Hub's search and `load_subnet` read the cost without parsing the body.
-    card_data.bitops = summary["bitops"]
-    card_data.bitops_share_of_full_precision = round(summary["share_of_full_precision"], 6)
-    card_data.bitops_share_of_w8a8 = round(summary["share_of_w8a8"], 6)
-    architecture = dict(report.architecture)
-    return ModelCard.from_template(
-        card_data,
-        template_str=subnet_card_template(),
-        title=title,
-        base_model=base_model,
-        report=summary,
-        rows=report.rows,
-        architecture=architecture,
-        mean_iou=mean_iou,
-        dataset_name=dataset_name,
-        dataset_split=dataset_split,
-        repo_id=repo_id,
-        subfolder=subfolder,
-        float_bits=subnet.config.float_bits,
-        image_size=subnet.config.vision_config.image_size,
+        datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
     )
 
 
@@ -112,6 +163,7 @@ def save_subnet_with_card(subnet, save_directory: str | os.PathLike, **card_kwar
     """Saves a subnet (safetensors + config) and its model card (`README.md`) into `save_directory`."""
     save_directory = Path(save_directory)
     subnet.save_pretrained(save_directory)
+    card_kwargs.setdefault("has_onnx", (save_directory / ONNX_FILE_NAME).is_file())
     card = render_subnet_card(subnet, **card_kwargs)
     card.save(save_directory / "README.md")
     return card
@@ -177,7 +229,7 @@ def _write_tiers(tiers, save_directory: Path, base_model, dataset_name, mean_iou
             "architecture": subnet.config.architecture,
         }
     (save_directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-    _tiers_overview_card(manifest, repo_id).save(save_directory / "README.md")
+    render_tiers_card(manifest, save_directory, repo_id=repo_id).save(save_directory / "README.md")
     return manifest
 
 
@@ -237,33 +289,79 @@ def push_tiers(
     return commit.commit_url
 
 
-def _tiers_overview_card(manifest: dict, repo_id: str) -> ModelCard:
-    lines = [
-        f"# {repo_id.split('/')[-1]}: mixed-precision SAM subnets by BitOPs tier",
-        "",
-        f"Subnets of [{manifest['base_model']}](https://huggingface.co/{manifest['base_model']}) extracted with "
-        "mpsupernet. Each tier is a subfolder with its own model card.",
-        "",
-        "| tier | GBitOPs | % of full precision | % of W8A8 | mean IoU |",
-        "|---|---|---|---|---|",
-    ]
-    for name, tier in manifest["tiers"].items():
-        miou = "–" if tier["mean_iou"] is None else f"{tier['mean_iou']:.4f}"
-        lines.append(
-            f"| `{name}` | {tier['bitops'] / 1e9:.3f} | {100 * tier['share_of_full_precision']:.2f} | "
-            f"{100 * tier['share_of_w8a8']:.2f} | {miou} |"
+def render_tiers_card(
+    manifest: dict, save_directory: str | os.PathLike, *, repo_id: str | None = None, license: str = "apache-2.0"
+) -> ModelCard:
+    """Renders the root model card of a tiers repository (`model_cards/tiers_card.md`), the card the Hub shows.
+
+    Args:
+        manifest (`dict`): the repository's `tiers.json` (see [`save_tiers`]). A tier entry's optional
+            `latency_ms` (a measured latency in milliseconds) adds a latency column.
+        save_directory (`str` or `os.PathLike`): the tiers folder; each tier's weight bytes (its `*.safetensors`
+            files) are read there, and a tier holding `vision_encoder.onnx` adds the ONNX paragraph.
+        repo_id (`str`, *optional*): the Hub repository, for the snippets; without it they name a local folder.
+        license (`str`, *optional*, defaults to `"apache-2.0"`): the card's license.
+
+    Returns:
+        `huggingface_hub.ModelCard`: metadata with the license, `base_model` and `base_model_relation: quantized`,
+        `library_name: mpsupernet` and a `model-index` holding every measured tier's mean IoU (`metric_config` is
+        the tier's name); a body saying how to run the tiers, a table of their BitOPs, bytes, quality (and latency
+        where measured) with the `max_bitops` budget that selects each, and usage snippets.
+    """
+    folder = Path(save_directory)
+    base_model, dataset_name = manifest["base_model"], manifest.get("dataset")
+    rows = []
+    for name, tier in sorted(manifest["tiers"].items(), key=lambda item: item[1]["bitops"]):
+        tier_folder = folder / tier["subfolder"]
+        budget = format_budget(tier["bitops"])
+        rows.append(
+            {
+                "name": name,
+                "subfolder": tier["subfolder"],
+                "gbitops": tier["bitops"] / 1e9,
+                "share_of_full_precision": tier["share_of_full_precision"],
+                "share_of_w8a8": tier["share_of_w8a8"],
+                "weights_bytes": sum(path.stat().st_size for path in tier_folder.glob("*.safetensors")),
+                "mean_iou": tier.get("mean_iou"),
+                "latency_ms": tier.get("latency_ms"),
+                # A tier that a cheaper, better-measured tier dominates is reached by name only.
+                "budget": budget if select_tier(manifest, budget) == name else None,
+                "has_onnx": (tier_folder / ONNX_FILE_NAME).is_file(),
+            }
         )
-    lines += [
-        "",
-        "```python",
-        "import mpsupernet",
-        f'subnet = mpsupernet.load_subnet("{repo_id}", max_bitops="5%")  # the best tier under the budget',
-        "```",
+    eval_results = [
+        EvalResult(
+            task_type="mask-generation",
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            metric_type="mean_iou",
+            metric_name=f"Mean IoU ({row['name']})",
+            metric_config=row["name"],
+            metric_value=round(float(row["mean_iou"]), 6),
+        )
+        for row in rows
+        if row["mean_iou"] is not None and dataset_name
     ]
-    card_data = ModelCardData(
-        base_model=manifest["base_model"], pipeline_tag="mask-generation", library_name="mpsupernet", tags=CARD_TAGS
+    name = (repo_id or folder.name).split("/")[-1]
+    title = f"{name}: mixed-precision SAM subnets by BitOPs tier"
+    card_data = _card_data(base_model, dataset_name, license, title, eval_results or None)
+    onnx_tiers = [row["subfolder"] for row in rows if row["has_onnx"]]
+    return _render_card(
+        "tiers_card.md",
+        card_data,
+        title=title,
+        base_model=base_model,
+        base_model_url=_hub_url(base_model),
+        dataset_name=dataset_name,
+        manifest_name=MANIFEST_NAME,
+        tiers=rows,
+        has_latency=any(row["latency_ms"] is not None for row in rows),
+        full_precision_gbitops=manifest["full_precision_bitops"] / 1e9,
+        example=next((row for row in rows if row["budget"]), rows[0]),
+        source=f'"{repo_id}"' if repo_id else '"path/to/this/folder"',
+        onnx_subfolder=onnx_tiers[0] if onnx_tiers else None,
+        missing_package_error=MISSING_PACKAGE_ERROR,
     )
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
 def read_tiers_manifest(repo_id: str | os.PathLike, revision: str | None = None, token: str | None = None) -> dict:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import SamModel
+from transformers import AutoModel, AutoModelForMaskGeneration, SamModel
 from transformers.utils import logging
 
 from . import extraction
