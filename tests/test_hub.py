@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import mpsupernet
 from mpsupernet.extraction import extract_subnet
-from mpsupernet.hub import load_subnet, push_tiers, render_subnet_card, save_tiers
+from mpsupernet.bitops import format_budget
+from mpsupernet.hub import load_subnet, push_tiers, render_subnet_card, render_tiers_card, save_tiers, select_tier
 
 MEAN_IOUS = {"tiny": 0.61, "small": 0.70, "medium": 0.68}
 
@@ -88,3 +89,39 @@ def test_bad_tiers_leave_nothing_behind(tiers, tmp_path, local_hub):
     assert not target.exists() and list(tmp_path.iterdir()) == []
     with pytest.raises(RepositoryNotFoundError):
         HfApi().list_repo_files("local-user/never-made")
+
+
+def test_root_card_of_pushed_tiers_parses_with_every_tier_and_its_provenance(tiers, local_hub, tmp_path):
+    repo_id = "local-user/sam-tiers-card"
+    push_tiers(tiers, repo_id, base_model="facebook/sam-vit-base", dataset_name="synthetic", mean_ious=MEAN_IOUS)
+    card = ModelCard.load(repo_id)
+    assert card.data.license == "apache-2.0" and card.data.library_name == "mpsupernet"
+    assert card.data.base_model == "facebook/sam-vit-base" and card.data.base_model_relation == "quantized"
+    results = {result.metric_config: result for result in card.data.eval_results}
+    assert {name: result.metric_value for name, result in results.items()} == MEAN_IOUS
+    assert {result.dataset_name for result in results.values()} == {"synthetic"}
+    table = {line.split("|")[1].strip(): line for line in card.text.splitlines() if line.startswith("| [`")}
+    assert list(table) == [f"[`{name}`]({name}/README.md)" for name in ("tiny", "small", "medium")]
+    manifest = json.loads(open(hf_hub_download(repo_id, "tiers.json", cache_dir=tmp_path)).read())
+    for name, subnet in tiers.items():
+        row = table[f"[`{name}`]({name}/README.md)"]
+        assert f"| {subnet.config.bitops / 1e9:.3f} |" in row and f"| {MEAN_IOUS[name]:.4f} |" in row
+        weights = HfApi().get_paths_info(repo_id, [f"{name}/model.safetensors"])[0].size
+        assert f"| {weights / 1e6:.2f} MB |" in row
+        if name == "medium":  # "small" costs less and measured better: no budget reaches "medium"
+            assert "a cheaper tier measured better" in row
+        else:
+            budget = format_budget(subnet.config.bitops)
+            assert f'`"{budget}"`' in row and select_tier(manifest, budget) == name
+    assert "latency" not in card.text.split("## Tiers")[1].split("\n\n")[1]
+
+
+def test_root_card_has_a_latency_column_only_with_measured_latencies(tiers, tmp_path):
+    folder = tmp_path / "tiers"
+    manifest = save_tiers(tiers, folder, base_model="facebook/sam-vit-base", dataset_name="synthetic")
+    assert "latency" not in render_tiers_card(manifest, folder).text
+    manifest["tiers"]["small"]["latency_ms"] = 12.34
+    text = render_tiers_card(manifest, folder).text
+    assert "| mean IoU | latency |" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| [`")}
+    assert "| 12.3 ms |" in rows["[`small`](small/README.md)"] and "| – |" in rows["[`tiny`](tiny/README.md)"]

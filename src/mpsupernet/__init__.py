@@ -10,10 +10,16 @@ imported, and `import mpsupernet` makes sure that happens as soon as transformer
 import importlib
 import importlib.abc
 import importlib.util
+import logging
 import sys
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0.dev0"
+
+# mpsupernet's loggers (`mpsupernet.*`) hang under transformers' library logger, so that its verbosity switches
+# (`transformers.logging.set_verbosity_info()`, `TRANSFORMERS_VERBOSITY=info`) and its handler apply to them too;
+# `logging.getLogger("mpsupernet").setLevel(...)` still sets this package's level alone.
+logging.getLogger(__name__).parent = logging.getLogger("transformers")
 
 # Public name -> the module that defines it.
 _LAZY_NAMES = {

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .data import DATASET_SCHEMAS, make_synthetic_segmentation_dataset_dict, to_standard_schema
+from . import __version__
 
 
 def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64, num_validation: int = 32, seed: int = 0):
@@ -24,6 +24,8 @@ def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64
         seed (`int`): seed of the synthetic data and of the split.
     """
     import datasets
+
+    from .data import DATASET_SCHEMAS, make_synthetic_segmentation_dataset_dict, to_standard_schema
 
     if schema not in DATASET_SCHEMAS:
         raise ValueError(f"Unknown dataset schema {schema!r}; allowed: {list(DATASET_SCHEMAS)}.")
@@ -43,7 +45,11 @@ def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64
 
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="synthetic", help="'synthetic', a save_to_disk folder, or a Hub id")
-    parser.add_argument("--schema", default="standard", choices=list(DATASET_SCHEMAS), help="how the dataset stores masks")
+    # No `choices=`: the schemas live in mpsupernet.data, whose import would slow `--help` down; an unknown schema is
+    # refused with the list of known ones when the command runs.
+    parser.add_argument(
+        "--schema", default="standard", help="how the dataset stores masks: standard, coco or semantic (see README)"
+    )
     parser.add_argument("--num-train", type=int, default=64, help="training images of the synthetic dataset")
     parser.add_argument("--num-validation", type=int, default=32, help="validation images")
 
@@ -167,6 +173,7 @@ def cmd_demo(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpsupernet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="turn a SAM checkpoint into a supernet")

@@ -1,0 +1,243 @@
+"""What a transformers user expects of mpsupernet (issue 12): names, cards, dtypes, logging and the command line."""
+
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from decimal import Decimal
+
+import mpsupernet
+from mpsupernet.bitops import format_budget, parse_budget
+from mpsupernet.modeling_sam_subnet import QuantizedLinear
+from mpsupernet.hub import MISSING_PACKAGE_ERROR, load_subnet, render_subnet_card, save_tiers, select_tier
+from mpsupernet.pretrained import load_embedded_sam
+
+from conftest import make_tiny_sam
+
+
+def run_python(code: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def supernet():
+    model = mpsupernet.SamSupernetForMaskGeneration.from_sam(make_tiny_sam()).eval()
+    model.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tier_folders(supernet, tmp_path_factory):
+    """A tiers folder: `low` at a reduced resolution, `full` a uniform full-size W8A8 subnet."""
+    space = supernet.search_space
+    tiers = {
+        "low": mpsupernet.extract_subnet(supernet, space.smallest()),
+        "full": mpsupernet.extract_subnet(supernet, space.largest(8, 8)),
+    }
+    folder = tmp_path_factory.mktemp("tiers") / "repo"
+    save_tiers(tiers, folder, base_model="embedded-sam", dataset_name="synthetic", mean_ious={"low": 0.4, "full": 0.6})
+    return folder, tiers
+
+
+# --- item 1: the documented names ----------------------------------------------------------------------------------
+def test_documented_names_are_exported_and_import_mpsupernet_stays_light():
+    for name in ("load_subnet", "push_tiers", "save_tiers", "SupernetTrainer", "train_supernet", "run_search"):
+        assert name in mpsupernet.__all__ and callable(getattr(mpsupernet, name))
+    assert mpsupernet.SupernetTrainer is mpsupernet.training.SupernetTrainer
+    process = run_python(
+        """
+        import sys
+        import mpsupernet
+        print(sorted(name for name in ("torch", "transformers") if name in sys.modules))
+        """
+    )
+    assert process.stdout.strip() == "[]", process.stderr
+
+
+@pytest.mark.parametrize("order", ["mpsupernet first", "transformers first"])
+def test_auto_classes_load_a_tier_after_a_bare_import_mpsupernet(tier_folders, order):
+    folder, _ = tier_folders
+    imports = ["import mpsupernet", "from transformers import AutoModel"]
+    if order == "transformers first":
+        imports.reverse()
+    process = run_python(
+        "\n".join(imports)
+        + f"\nmodel = AutoModel.from_pretrained({str(folder / 'low')!r})\nprint(type(model).__name__, model.config.bitops)"
+    )
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.split() == ["SamSubnetForMaskGeneration", str(tier_folders[1]["low"].config.bitops)]
+
+
+# --- item 2: the card's budget selects its tier --------------------------------------------------------------------
+def embedded_smallest_bitops() -> int:
+    """The demo's tier xs (4.174 GBitOPs): the embedded SAM's smallest subnet."""
+    supernet = mpsupernet.SamSupernetForMaskGeneration.from_sam(load_embedded_sam())
+    return supernet.bitops(supernet.smallest_subnet()).total_bitops
+
+
+@pytest.mark.parametrize("bitops", [4_105_623_552, 4_106_000_000, "demo xs"])
+def test_card_budget_is_rounded_up_and_selects_its_tier(bitops):
+    bitops = embedded_smallest_bitops() if bitops == "demo xs" else bitops
+    budget = format_budget(bitops)
+    assert 0 <= parse_budget(budget) - bitops < 10**6
+    assert Decimal(budget[:-1]) * 10**9 == parse_budget(budget)
+    manifest = {
+        "full_precision_bitops": 221_459_251_200,
+        "tiers": {
+            "xxs": {"bitops": 3_990_000_000, "mean_iou": 0.30},
+            "xs": {"bitops": bitops, "mean_iou": 0.43},
+            "s": {"bitops": 9_752_000_000, "mean_iou": 0.50},
+        },
+    }
+    assert select_tier(manifest, budget) == "xs"
+    # What the card printed before: rounded to whole GBitOPs, it never reaches this tier.
+    assert select_tier(manifest, f"{bitops / 1e9:.0f}G") == "xxs"
+
+
+def test_format_budget_of_the_demo_tier_and_bad_values():
+    assert embedded_smallest_bitops() == 4_174_381_056
+    assert format_budget(4_174_381_056) == "4.175G" and format_budget(4_174_381_056, decimals=6) == "4.174382G"
+    assert format_budget(4_000_000_000) == "4.000G"
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="`bitops` must be a positive integer"):
+            format_budget(bad)
+    with pytest.raises(ValueError, match="`decimals` must be an integer from 0 to 9, got 10"):
+        format_budget(5, decimals=10)
+
+
+def test_tier_card_budget_snippet_loads_that_tier(tier_folders):
+    folder, tiers = tier_folders
+    for name, subnet in tiers.items():
+        text = (folder / name / "README.md").read_text()
+        budget = re.search(r'max_bitops="([^"]+)"', text)[1]
+        assert budget == format_budget(subnet.config.bitops)
+        assert load_subnet(folder, max_bitops=budget).config.bitops == subnet.config.bitops
+
+
+# --- item 4: without mpsupernet --------------------------------------------------------------------------------------
+def test_cards_say_first_how_to_run_the_tier_and_what_to_sam_model_allows(tier_folders):
+    folder, tiers = tier_folders
+    for card in (folder / "README.md", folder / "low" / "README.md", folder / "full" / "README.md"):
+        body = card.read_text().split("---", 2)[2]
+        first_section = body.split("\n## ", 1)[0]
+        assert "`pip install mpsupernet`" in first_section and MISSING_PACKAGE_ERROR in first_section
+        assert "**ONNX:**" not in body  # no vision_encoder.onnx in these folders
+    low = (folder / "low" / "README.md").read_text()
+    assert "This tier is not uniform: Resolution is not uniform" in low
+    quantized_inputs = sum(
+        1 for module in tiers["full"].modules() if isinstance(module, QuantizedLinear) and module.activation_bits < 16
+    )
+    assert quantized_inputs == 16  # 4 blocks x (qkv, proj, lin1, lin2) at 8 bits
+    assert f"This tier qualifies; its {quantized_inputs} quantized activation layers then run in float." in (
+        folder / "full" / "README.md"
+    ).read_text()
+
+
+def test_onnx_paragraph_appears_only_with_an_onnx_file(tier_folders, tmp_path):
+    _, tiers = tier_folders
+    card = render_subnet_card(
+        tiers["low"], base_model="embedded-sam", dataset_name="synthetic", repo_id="me/tiers", subfolder="low",
+        has_onnx=True,
+    )
+    assert 'OnnxSamModel.from_pretrained("me/tiers", subfolder="low")' in card.text
+    assert "runs with onnxruntime\n  alone" in card.text
+
+
+def test_without_mpsupernet_the_documented_error_is_the_one_raised(tier_folders):
+    folder, _ = tier_folders
+    process = run_python(
+        f"""
+        import re, sys
+        sys.modules["mpsupernet"] = None  # `import mpsupernet` raises ImportError, as where it is not installed
+        try:
+            import mpsupernet
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("mpsupernet imported")
+        from transformers import AutoModel, SamModel
+
+        card = open({str(folder / "low" / "README.md")!r}).read()
+        documented = re.search(r"stops with ``(.+?)``", card, re.S)[1]
+        try:
+            AutoModel.from_pretrained({str(folder / "low")!r})
+        except Exception as error:
+            raised = f"{{type(error).__name__}}: {{error}}"
+        print(raised.startswith(documented), "pip install mpsupernet" in card)
+        _, info = SamModel.from_pretrained({str(folder / "full")!r}, output_loading_info=True)
+        print("vision_encoder.layers.0.attn.qkv.weight" in info["missing_keys"])
+        """
+    )
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.split() == ["True", "True", "True"]
+
+
+# --- item 8: half-precision inference of a reduced-resolution tier on the CPU ----------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_resolution_tier_runs_in_half_precision(supernet, tier_folders, prompt_inputs, tmp_path, dtype):
+    folder, tiers = tier_folders
+    assert tiers["low"].architecture.resolution < 128
+    # A float subnet at the lowest resolution: only the resize and the float arithmetic differ from float32.
+    arch = supernet.full_precision_subnet().to_dict()
+    arch["resolution"] = min(supernet.config.resolution_choices)
+    mpsupernet.extract_subnet(supernet, arch).save_pretrained(tmp_path / "float-low")
+    half_inputs = {key: value.to(dtype) if value.is_floating_point() else value for key, value in prompt_inputs.items()}
+    for path in (folder / "low", tmp_path / "float-low"):
+        model = mpsupernet.SamSubnetForMaskGeneration.from_pretrained(path, dtype=dtype)
+        assert model.dtype == dtype
+        with torch.no_grad():
+            output = model(**half_inputs).pred_masks
+            expected = mpsupernet.SamSubnetForMaskGeneration.from_pretrained(path)(**prompt_inputs).pred_masks
+        assert output.dtype == dtype and output.shape == expected.shape and torch.isfinite(output).all()
+    correlation = torch.corrcoef(torch.stack([output.float().flatten(), expected.flatten()]))[0, 1]
+    assert correlation > 0.97, correlation
+
+
+# --- item 9: logging under transformers' verbosity -------------------------------------------------------------------
+def test_transformers_verbosity_shows_mpsupernet_info_lines(tier_folders, caplog):
+    folder, _ = tier_folders
+    with caplog.at_level(logging.INFO):
+        load_subnet(folder, max_bitops="100%")
+    assert not [record for record in caplog.records if record.name.startswith("mpsupernet")]
+    transformers.logging.set_verbosity_info()
+    try:
+        with caplog.at_level(logging.INFO):
+            load_subnet(folder, max_bitops="100%")
+    finally:
+        transformers.logging.set_verbosity_warning()
+    messages = [record.getMessage() for record in caplog.records if record.name == "mpsupernet.hub"]
+    assert messages == [f"Loading tier 'full' ({tier_folders[1]['full'].config.bitops / 1e9:.3f} GBitOPs) from {folder}"]
+
+
+# --- item 10: the command line -----------------------------------------------------------------------------------------
+def test_help_and_version_answer_without_torch_or_transformers():
+    process = run_python(
+        """
+        import runpy, sys
+        for argv in (["--help"], ["extract", "--help"], ["--version"]):
+            sys.argv = ["mpsupernet", *argv]
+            try:
+                runpy.run_module("mpsupernet", run_name="__main__")
+            except SystemExit as exit:
+                assert exit.code == 0, exit.code
+        print("heavy:", sorted(name for name in ("torch", "transformers") if name in sys.modules))
+        """
+    )
+    assert process.returncode == 0, process.stderr
+    assert "usage: mpsupernet" in process.stdout and "--pareto-front" in process.stdout
+    assert f"mpsupernet {mpsupernet.__version__}" in process.stdout
+    assert process.stdout.strip().endswith("heavy: []")
+    script = Path(sys.executable).with_name("mpsupernet")
+    assert subprocess.run([script, "--version"], capture_output=True, text=True).stdout.strip() == (
+        f"mpsupernet {mpsupernet.__version__}"
+    )
