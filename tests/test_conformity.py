@@ -1,5 +1,6 @@
 """What a transformers user expects of mpsupernet (issue 12): names, cards, dtypes, logging and the command line."""
 
+import copy
 import logging
 import os
 import re
@@ -180,6 +181,52 @@ def test_without_mpsupernet_the_documented_error_is_the_one_raised(tier_folders)
     )
     assert process.returncode == 0, process.stderr
     assert process.stdout.split() == ["True", "True", "True"]
+
+
+# --- item 7: peft ---------------------------------------------------------------------------------------------------
+DECODER_ATTENTION = r".*mask_decoder\.transformer\.layers\.\d+\.self_attn\.(q_proj|v_proj)"
+
+
+def test_peft_wraps_a_supernet_and_trains_lora_on_its_decoder(supernet, prompt_inputs):
+    peft = pytest.importorskip("peft")
+    model = copy.deepcopy(supernet)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=DECODER_ATTENTION))
+    trainable = [name for name, parameter in wrapped.named_parameters() if parameter.requires_grad]
+    assert trainable and all(".lora_" in name and "mask_decoder" in name for name in trainable)
+    model.set_subnet(model.smallest_subnet())
+    wrapped(**prompt_inputs).pred_masks.square().mean().backward()
+    lora_b = [parameter for name, parameter in wrapped.named_parameters() if "lora_B" in name and parameter.requires_grad]
+    assert len(lora_b) == 4 and all(parameter.grad.abs().sum() > 0 for parameter in lora_b)
+
+
+def test_peft_lora_on_a_subnet_decoder_merges_back_into_a_subnet(supernet, prompt_inputs):
+    peft = pytest.importorskip("peft")
+    subnet = supernet.extract_subnet("30%").eval()
+    wrapped = peft.get_peft_model(subnet, peft.LoraConfig(r=4, target_modules=DECODER_ATTENTION))
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)  # lora_B starts at zero; a trained adapter changes the output
+        adapted = wrapped(**prompt_inputs).pred_masks
+        merged = wrapped.merge_and_unload()
+        assert type(merged) is mpsupernet.SamSubnetForMaskGeneration
+        torch.testing.assert_close(merged(**prompt_inputs).pred_masks, adapted, atol=1e-4, rtol=0)
+
+
+def test_peft_refuses_a_subnets_quantized_encoder_linears_by_name(supernet):
+    peft = pytest.importorskip("peft")
+    subnet = supernet.extract_subnet("30%")
+    config = peft.LoraConfig(r=4, target_modules=r".*vision_encoder\.layers\.\d+\.attn\.qkv")
+    with pytest.raises(ValueError, match=r"(?s)Target module QuantizedLinear\(.*\) is not supported"):
+        peft.get_peft_model(subnet, config)
+
+
+def test_input_embeddings_hook_makes_inputs_require_grad(supernet, prompt_inputs):
+    subnet = supernet.extract_subnet("30%")
+    assert subnet.get_input_embeddings() is subnet.sam.vision_encoder.patch_embed.projection
+    subnet.requires_grad_(False)
+    subnet.enable_input_require_grads()
+    assert subnet(**prompt_inputs).pred_masks.requires_grad
 
 
 # --- item 8: half-precision inference of a reduced-resolution tier on the CPU ----------------------------------------

@@ -357,6 +357,14 @@ class ResizingSamVisionEncoder(nn.Module):
         self.resolution = resolution or vision_config.image_size
         self.kept_blocks = tuple(range(len(layers)))
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding's convolution: the first module `forward` calls (`SamModel` and peft ask for it).
+
+        `SamVisionEncoder` returns its `SamPatchEmbeddings`; this encoder calls the convolution directly (the
+        wrapper refuses other input sizes), so hooks such as `enable_input_require_grads` are placed on it.
+        """
+        return self.patch_embed.projection
+
     def prepare_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Checks the input size and resizes base-size images to the active resolution."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.patch_embed.num_channels:
