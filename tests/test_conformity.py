@@ -9,9 +9,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
+from transformers import SamProcessor, pipeline
 from decimal import Decimal
 
 import mpsupernet
@@ -83,7 +86,7 @@ def test_auto_classes_load_a_tier_after_a_bare_import_mpsupernet(tier_folders, o
 def embedded_smallest_bitops() -> int:
     """The demo's tier xs (4.174 GBitOPs): the embedded SAM's smallest subnet."""
     supernet = mpsupernet.SamSupernetForMaskGeneration.from_sam(load_embedded_sam())
-    return supernet.bitops(supernet.smallest_subnet()).total_bitops
+    return supernet.bitops_report(supernet.smallest_subnet()).total_bitops
 
 
 @pytest.mark.parametrize("bitops", [4_105_623_552, 4_106_000_000, "demo xs"])
@@ -123,6 +126,38 @@ def test_tier_card_budget_snippet_loads_that_tier(tier_folders):
         budget = re.search(r'max_bitops="([^"]+)"', text)[1]
         assert budget == format_budget(subnet.config.bitops)
         assert load_subnet(folder, max_bitops=budget).config.bitops == subnet.config.bitops
+
+
+# --- item 3: the image processor travels with every model ------------------------------------------------------------
+def test_every_save_writes_the_processor_at_the_models_size(supernet, tier_folders, tmp_path):
+    supernet.save_pretrained(tmp_path / "supernet")
+    folder, _ = tier_folders
+    for path in (tmp_path / "supernet", folder / "low", folder / "full"):
+        processor = SamProcessor.from_pretrained(path)
+        image_processor = processor.image_processor
+        assert image_processor.size["longest_edge"] == 128
+        assert (image_processor.pad_size["height"], image_processor.pad_size["width"]) == (128, 128)
+        assert image_processor.mask_size["longest_edge"] == 4 * (128 // 16) == 32
+        image = Image.fromarray(np.full((96, 160, 3), 128, dtype=np.uint8))
+        assert processor(image, return_tensors="pt")["pixel_values"].shape == (1, 3, 128, 128)
+
+
+def test_mask_generation_pipeline_on_a_saved_tier_gives_masks_at_the_image_size(tier_folders):
+    folder, _ = tier_folders
+    generator = pipeline("mask-generation", model=str(folder / "low"))
+    assert isinstance(generator.model, mpsupernet.SamSubnetForMaskGeneration)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 160, 3), dtype=np.uint8))
+    # The pipeline's last step (`post_process_for_mask_generation`, non-maximum suppression across crops) needs
+    # torchvision, which cannot be installed next to this torch: the test runs every step before it, the pipeline's
+    # own `preprocess` and `forward` (image embedding once, then the point grid through the mask decoder, masks
+    # filtered and scaled back to the image), and checks what they hand to that step: run-length encoded masks.
+    masks = []
+    for batch in generator.preprocess(image, points_per_batch=8, points_per_crop=4):
+        output = generator.forward(batch, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+        masks.extend(output["masks"])
+    assert len(masks) == 4 * 4 * 3  # a 4 x 4 point grid, three masks per point
+    for mask in masks:
+        assert mask["size"] == [96, 160] and sum(mask["counts"]) == 96 * 160
 
 
 # --- item 4: without mpsupernet --------------------------------------------------------------------------------------

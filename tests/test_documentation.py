@@ -1,7 +1,7 @@
 """The Python snippets of the README and of the model cards run as written.
 
-A document's ```python blocks run in order, in one namespace, in a fresh interpreter: `import mpsupernet` must be
-a first import there, and `HF_ENDPOINT` (the local Hub of `conftest.py`, inherited through the environment) must be
+A document's ```python blocks run in order, in one namespace, in a fresh interpreter (the README's alone; the cards
+one after another, each in a new namespace): `import mpsupernet` must be a first import there, and `HF_ENDPOINT` (the local Hub of `conftest.py`, inherited through the environment) must be
 set before huggingface_hub is imported. What the snippets name but cannot be reached here is replaced, and nothing
 else: the quoted strings of `readme_id_map` (Hub ids of a SAM checkpoint, a dataset and a tiers repository) become
 the embedded SAM's folder, a local COCO-style dataset and a repository of the local Hub; cards are rendered for a
@@ -46,24 +46,21 @@ def python_blocks(markdown: str) -> list[tuple[str, str | None]]:
     return [(textwrap.dedent(match["code"]), match["reason"]) for match in BLOCK.finditer(markdown)]
 
 
-def run_blocks(blocks: list[str], cwd: Path, id_map: dict[str, str] | None = None) -> str:
-    """Runs the blocks in order in one namespace in a fresh interpreter; returns its output, fails on an error."""
-    sources = []
-    for code in blocks:
-        for original, replacement in (id_map or {}).items():
-            code = code.replace(json.dumps(original), json.dumps(replacement))
-        sources.append(code)
-    script = cwd / "run_snippets.py"
-    script.write_text(
-        "import sys, traceback\nnamespace = {'__name__': '__main__'}\n"
-        + "".join(
-            f"print('--- block {index}', flush=True)\nexec(compile({code!r}, 'block {index}', 'exec'), namespace)\n"
-            for index, code in enumerate(sources)
-        )
-    )
+def run_documents(documents: list[list[str]], cwd: Path, id_map: dict[str, str] | None = None) -> str:
+    """Runs each document's blocks in order in one namespace (a fresh one per document), all in one new interpreter;
+    returns its output and fails on the first error."""
+    script = "namespace = {}\n"
+    for number, blocks in enumerate(documents):
+        script += "namespace = {'__name__': '__main__'}\n"
+        for index, code in enumerate(blocks):
+            for original, replacement in (id_map or {}).items():
+                code = code.replace(json.dumps(original), json.dumps(replacement))
+            name = f"document {number}, block {index}"
+            script += f"print({name!r}, flush=True)\nexec(compile({code!r}, {name!r}, 'exec'), namespace)\n"
+    (cwd / "run_snippets.py").write_text(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_CACHE": str(cwd / "hub-cache")}
     process = subprocess.run(
-        [sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "run_snippets.py"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
     assert process.returncode == 0, f"A snippet failed:\n{process.stdout[-3000:]}\n{process.stderr[-5000:]}"
     return process.stdout
@@ -131,7 +128,7 @@ README_BLOCKS = python_blocks((REPO_ROOT / "README.md").read_text(encoding="utf-
 def test_readme_python_blocks_run_as_written(local_hub, readme_id_map, tmp_path):
     runnable = [code for code, reason in README_BLOCKS if reason is None]
     assert any("mpsupernet.load_subnet(" in code for code in runnable)
-    output = run_blocks(runnable, tmp_path, readme_id_map)
+    output = run_documents([runnable], tmp_path, readme_id_map)
     # Provenance: the supernet records the checkpoint it was made from (here the embedded SAM's folder name).
     assert "embedded-sam" in output
     assert (tmp_path / "search" / "pareto_front.json").is_file()
@@ -162,30 +159,25 @@ def published_tiers(local_hub):
     space = supernet.search_space
     tiers = {"xs": mpsupernet.extract_subnet(supernet, space.smallest()), "m": supernet.extract_subnet("30%")}
     repo_id = "local-user/card-snippets"
-    mpsupernet.push_tiers(tiers, repo_id, mean_ious={"xs": 0.5, "m": 0.6})
+    mpsupernet.push_tiers(tiers, repo_id, base_model="tiny-sam", dataset_name="synthetic", mean_ious={"xs": 0.5, "m": 0.6})
     return repo_id, tiers
 
 
-def write_image(folder: Path) -> None:
-    pixels = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(folder / "image.jpg")
-
-
-@pytest.mark.parametrize("card", ["README.md", "xs/README.md", "m/README.md"])
-def test_card_snippets_run_as_written(published_tiers, card, tmp_path):
-    repo_id, _ = published_tiers
-    text = Path(hf_hub_download(repo_id, card, cache_dir=tmp_path / "cache")).read_text(encoding="utf-8")
-    blocks = python_blocks(text)
-    assert blocks and all(reason is None for _, reason in blocks)
-    assert any("mpsupernet.load_subnet(" in code for code, _ in blocks)
-    write_image(tmp_path)
-    run_blocks([code for code, _ in blocks], tmp_path)
-
-
-def test_local_card_snippets_run_with_the_folder_for_its_placeholder(published_tiers, tmp_path):
-    _, tiers = published_tiers
+def test_card_snippets_run_as_written(published_tiers, tmp_path):
+    """The root card, both tier cards as the Hub serves them, and a card saved without a repository (its folder
+    stands for `path/to/this/folder`)."""
+    repo_id, tiers = published_tiers
+    documents = []
+    for card in ("README.md", "xs/README.md", "m/README.md"):
+        text = Path(hf_hub_download(repo_id, card, cache_dir=tmp_path / "cache")).read_text(encoding="utf-8")
+        blocks = python_blocks(text)
+        assert blocks and all(reason is None for _, reason in blocks)
+        assert any("mpsupernet.load_subnet(" in code for code, _ in blocks)
+        documents.append([code for code, _ in blocks])
     folder = tmp_path / "tier"
     card = save_subnet_with_card(tiers["m"], folder, base_model="embedded-sam", dataset_name="synthetic")
-    blocks = [code for code, _ in python_blocks(card.text)]
-    write_image(tmp_path)
-    run_blocks(blocks, tmp_path, {"path/to/this/folder": str(folder)})
+    documents.append([code for code, _ in python_blocks(card.text)])
+    pixels = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "image.jpg")
+    output = run_documents(documents, tmp_path, {"path/to/this/folder": str(folder)})
+    assert "document 3, block 0" in output

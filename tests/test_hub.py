@@ -55,7 +55,9 @@ def test_push_three_tiers_and_download_by_budget(tiers, local_hub, tmp_path, mon
     files = HfApi().list_repo_files(repo_id)
     assert {"tiers.json", "README.md"} <= set(files)
     for name in tiers:
-        assert {f"{name}/config.json", f"{name}/model.safetensors", f"{name}/README.md"} <= set(files)
+        assert {f"{name}/config.json", f"{name}/model.safetensors", f"{name}/README.md", f"{name}/preprocessor_config.json"} <= set(
+            files
+        )
 
     bitops = {name: subnet.config.bitops for name, subnet in tiers.items()}
     # a budget that admits every tier picks the best mIoU ("small"), not the costliest

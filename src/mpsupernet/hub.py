@@ -62,8 +62,8 @@ def _hub_url(model_id: str) -> str | None:
 def render_subnet_card(
     subnet,
     *,
-    base_model: str,
-    dataset_name: str,
+    base_model: str | None = None,
+    dataset_name: str | None = None,
     mean_iou: float | None = None,
     dataset_split: str | None = None,
     repo_id: str | None = None,
@@ -75,9 +75,10 @@ def render_subnet_card(
 
     Args:
         subnet (`SamSubnetForMaskGeneration`): the subnet; its BitOPs report and architecture are printed.
-        base_model (`str`): the SAM checkpoint the supernet was built from (a Hub id, a folder name or
-            `"embedded-sam"`).
-        dataset_name (`str`): the dataset the quality was measured on.
+        base_model (`str`, *optional*): the SAM checkpoint the supernet was built from (a Hub id, a folder name or
+            `"embedded-sam"`); defaults to the subnet's `config.base_model_name_or_path`.
+        dataset_name (`str`, *optional*): the dataset the quality was measured on; defaults to the subnet's
+            `config.training_dataset`.
         mean_iou (`float`, *optional*): measured mean mask IoU; goes into the card's `model-index` too.
         dataset_split (`str`, *optional*): the split it was measured on.
         repo_id (`str`, *optional*), subfolder (`str`, *optional*): where the subnet is published, for the loading
@@ -91,7 +92,16 @@ def render_subnet_card(
         mpsupernet, with onnxruntime, and what happens without mpsupernet), then the BitOPs (absolute and against both
         references), the quality, the architecture, the per-layer bits, usage snippets and `to_sam_model`'s
         availability.
+
+    Raises:
+        `ValueError`: if no base model is given or recorded, or a mean IoU comes without a dataset name.
     """
+    base_model, dataset_name = card_provenance([subnet], base_model, dataset_name)
+    if mean_iou is not None and not dataset_name:
+        raise ValueError(
+            "A mean IoU needs the dataset it was measured on: give `dataset_name` (the subnet's config records no "
+            "`training_dataset`)."
+        )
     report = subnet.bitops_report()
     summary = report.summary()
     gbitops = summary["gbitops"]
@@ -145,6 +155,92 @@ def render_subnet_card(
     )
 
 
+def render_supernet_card(
+    supernet, *, steps: int | None = None, eval_metrics: Mapping[str, float] | None = None, repo_id: str | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """Renders the model card of a supernet (`model_cards/supernet_card.md`), as `SupernetTrainer` publishes it.
+
+    Args:
+        supernet (`SamSupernetForMaskGeneration`): the supernet; its provenance (`config.base_model_name_or_path`,
+            `config.training_dataset`) and the BitOPs of its search space are stated.
+        steps (`int`, *optional*): the training steps taken.
+        eval_metrics (`Mapping[str, float]`, *optional*): the last evaluation's metrics (e.g.
+            `eval_mean_iou_largest`), shown in a table.
+        repo_id (`str`, *optional*): where the supernet is published, for the snippet.
+        license (`str`, *optional*, defaults to `"apache-2.0"`): the card's license.
+
+    Returns:
+        `huggingface_hub.ModelCard`: metadata with `library_name: mpsupernet`, the base model
+        (`base_model_relation: finetune`: frozen base weights plus trained adapters), the training data and the
+        full-precision, W8A8 and smallest subnets' BitOPs; a body with a snippet that extracts a subnet.
+    """
+    config = supernet.config
+    base_model = config.base_model_name_or_path or "an unrecorded SAM checkpoint"
+    full_precision = supernet.bitops_report(supernet.full_precision_subnet())
+    smallest = supernet.bitops_report(supernet.smallest_subnet())
+    title = f"{base_model.split('/')[-1]} mixed-precision supernet"
+    card_data = ModelCardData(
+        base_model=config.base_model_name_or_path,
+        base_model_relation="finetune" if config.base_model_name_or_path else None,
+        pipeline_tag="mask-generation",
+        library_name="mpsupernet",
+        license=license,
+        tags=CARD_TAGS + ["supernet"],
+        model_name=title,
+        datasets=[config.training_dataset] if config.training_dataset and "/" in config.training_dataset else None,
+    )
+    card_data.bitops_full_precision = full_precision.total_bitops
+    card_data.bitops_w8a8 = full_precision.w8a8_bitops
+    card_data.bitops_smallest = smallest.total_bitops
+    return _render_card(
+        "supernet_card.md",
+        card_data,
+        title=title,
+        base_model=base_model,
+        base_model_url=_hub_url(base_model),
+        source=f'"{repo_id}"' if repo_id else '"path/to/this/folder"',
+        example_budget=format_budget(smallest.total_bitops),
+        missing_package_error=MISSING_PACKAGE_ERROR.replace("`sam_subnet`", f"`{config.model_type}`"),
+        full_precision_bitops=full_precision.total_bitops,
+        w8a8_bitops=full_precision.w8a8_bitops,
+        smallest_bitops=smallest.total_bitops,
+        float_bits=config.float_bits,
+        training_dataset=config.training_dataset,
+        steps=steps,
+        eval_metrics=dict(eval_metrics or {}),
+    )
+
+
+def card_provenance(models, base_model: str | None, dataset_name: str | None) -> tuple[str, str | None]:
+    """The base model and dataset a card states: those given, else those the models' configs record.
+
+    Args:
+        models (`Iterable[PreTrainedModel]`): subnets (or supernets) whose `config.base_model_name_or_path` and
+            `config.training_dataset` fill what is not given; where they record different values, nothing is guessed.
+        base_model (`str`, *optional*), dataset_name (`str`, *optional*): explicit values, used as they are.
+
+    Returns:
+        `tuple[str, str | None]`: the base model and the dataset name (`None` where none is recorded).
+
+    Raises:
+        `ValueError`: if no base model is given and the configs record none, or several.
+    """
+    configs = [model.config for model in models]
+    if base_model is None:
+        recorded = {config.base_model_name_or_path for config in configs}
+        if len(recorded) != 1 or None in recorded:
+            raise ValueError(
+                f"Give `base_model`: the models' configs record {sorted(map(str, recorded))} as their base model "
+                "(`base_model_name_or_path`, set by `SamSupernetForMaskGeneration.from_sam`)."
+            )
+        base_model = recorded.pop()
+    if dataset_name is None:
+        recorded = {config.training_dataset for config in configs}
+        dataset_name = recorded.pop() if len(recorded) == 1 else None
+    return base_model, dataset_name
+
+
 def _card_data(base_model: str, dataset_name: str | None, license: str, title: str, eval_results) -> ModelCardData:
     return ModelCardData(
         base_model=base_model,
@@ -173,8 +269,8 @@ def save_tiers(
     tiers: Mapping[str, object],
     save_directory: str | os.PathLike,
     *,
-    base_model: str,
-    dataset_name: str,
+    base_model: str | None = None,
+    dataset_name: str | None = None,
     mean_ious: Mapping[str, float] | None = None,
     repo_id: str | None = None,
 ) -> dict:
@@ -183,7 +279,8 @@ def save_tiers(
     Args:
         tiers (`Mapping[str, SamSubnetForMaskGeneration]`): tier name (used as the subfolder) → subnet.
         save_directory (`str` or `os.PathLike`): the folder; created if missing.
-        base_model (`str`), dataset_name (`str`): for the cards.
+        base_model (`str`, *optional*), dataset_name (`str`, *optional*): for the cards and the manifest; default to
+            what the subnets' configs record (see [`card_provenance`]).
         mean_ious (`Mapping[str, float]`, *optional*): measured mean IoU per tier.
         repo_id (`str`, *optional*): the Hub repository the folder is meant for, named in the cards.
 
@@ -192,6 +289,7 @@ def save_tiers(
     """
     mean_ious = dict(mean_ious or {})
     _check_tiers(tiers, mean_ious)
+    base_model, dataset_name = card_provenance(tiers.values(), base_model, dataset_name)
     target = Path(save_directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target and renamed at the end, so that a failure never leaves half a tiers folder.
@@ -250,8 +348,8 @@ def push_tiers(
     tiers: Mapping[str, object],
     repo_id: str,
     *,
-    base_model: str,
-    dataset_name: str,
+    base_model: str | None = None,
+    dataset_name: str | None = None,
     mean_ious: Mapping[str, float] | None = None,
     private: bool = False,
     token: str | None = None,
@@ -267,7 +365,8 @@ def push_tiers(
     Args:
         tiers (`Mapping[str, SamSubnetForMaskGeneration]`): tier name (used as the subfolder) → subnet.
         repo_id (`str`): the Hub repository, created if missing.
-        base_model (`str`), dataset_name (`str`): for the cards.
+        base_model (`str`, *optional*), dataset_name (`str`, *optional*): for the cards; default to what the
+            subnets' configs record (see [`card_provenance`]).
         mean_ious (`Mapping[str, float]`, *optional*): measured mean IoU per tier.
         private (`bool`), token (`str`), revision (`str`), commit_message (`str`): as in `huggingface_hub`.
 

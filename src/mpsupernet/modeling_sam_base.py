@@ -12,6 +12,7 @@ from transformers.models.sam.modeling_sam import SamImageSegmentationOutput
 from .checkpoints import readable_safetensors
 from .configuration_sam_supernet import SamQuantizedConfigBase
 from .elastic import ResizingSamVisionEncoder
+from .image_processing import sam_image_processor
 from .quantization import LsqQuantizer
 
 
@@ -74,6 +75,19 @@ class SamQuantizedPreTrainedModel(PreTrainedModel):
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model._after_loading()
         return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the image processor at this model's input size.
+
+        `preprocessor_config.json` (see `mpsupernet.image_processing.sam_image_processor`) is what
+        `SamProcessor.from_pretrained` and `pipeline("mask-generation", model=...)` read; without it they fall back to
+        SAM ViT-B's 1024 pixels, which a smaller model refuses. `push_to_hub` saves through here, so it is pushed too.
+        """
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            vision = self.config.vision_config
+            sam_image_processor(vision.image_size, vision.patch_size).save_pretrained(save_directory)
+        return result
 
     def _after_loading(self) -> None:
         """Called on the model `from_pretrained` returns; nothing to do here."""
