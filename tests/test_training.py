@@ -401,6 +401,9 @@ def test_accelerate_loop_lowers_the_loss_and_saves_the_supernet(pretrained_sam, 
 
     reloaded = SamSupernetForMaskGeneration.from_pretrained(tmp_path)
     torch.testing.assert_close(trainable_state(reloaded), trainable_state(model), rtol=0, atol=0)
+    # Provenance for the cards: the data's name, and the base model's (the embedded SAM's folder).
+    assert reloaded.config.training_dataset == SYNTHETIC_DATASET_NAME
+    assert reloaded.config.base_model_name_or_path == "embedded-sam"
 
 
 def test_fixed_architecture_trains_that_architecture_alone(sam, train_data, tmp_path):

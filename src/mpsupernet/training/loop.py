@@ -37,6 +37,7 @@ from .policies import (
     evaluation_subnets,
     make_sandwich_sampler,
     quantizer_parameter_groups,
+    record_training_dataset,
 )
 from .sampling import check_distributed_support, evaluate_subnets, supernet_training_step
 
