@@ -155,6 +155,7 @@ def _front_metadata(
 ) -> dict:
     """The metadata `evolutionary_search` gives its front (see `ParetoFront`)."""
     return {
+        "supernet": getattr(supernet, "name_or_path", None) or None,
         "base_model": supernet.config.base_model_name_or_path,
         "training_dataset": supernet.config.training_dataset,
         "dataset": {"name": None, "size": None},
