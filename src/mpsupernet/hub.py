@@ -18,7 +18,6 @@ import jinja2
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
 from transformers.utils import logging
 
-from .architecture import is_float_bits
 from .bitops import format_budget, parse_budget
 
 logger = logging.get_logger(__name__)
@@ -52,6 +51,11 @@ def _render_card(template_name: str, card_data: ModelCardData, **template_kwargs
     environment = jinja2.Environment(loader=jinja2.FunctionLoader(_card_template_source), keep_trailing_newline=True)
     text = environment.get_template(template_name).render(card_data=card_data.to_yaml(), **template_kwargs)
     return ModelCard(text)
+
+
+def _snippet_source(repo_id: str | None) -> str:
+    """What the cards' snippets load from, as a Python string literal: the repository, or a placeholder folder."""
+    return f'"{repo_id}"' if repo_id else '"path/to/this/folder"'
 
 
 def _hub_url(model_id: str) -> str | None:
@@ -124,12 +128,6 @@ def render_subnet_card(
     card_data.bitops = summary["bitops"]
     card_data.bitops_share_of_full_precision = round(summary["share_of_full_precision"], 6)
     card_data.bitops_share_of_w8a8 = round(summary["share_of_w8a8"], 6)
-    arch = subnet.architecture
-    quantized_activations = sum(
-        1
-        for name, bits in zip(arch.layer_names, arch.activation_bits)
-        if not is_float_bits(bits) and int(name.split(".")[1]) in arch.kept_blocks
-    )
     subfolder = subfolder if repo_id else None
     return _render_card(
         "subnet_card.md",
@@ -143,13 +141,13 @@ def render_subnet_card(
         dataset_name=dataset_name,
         dataset_split=dataset_split,
         repo_id=repo_id,
-        source=f'"{repo_id}"' if repo_id else '"path/to/this/folder"',
+        source=_snippet_source(repo_id),
         subfolder=subfolder,
         budget=format_budget(summary["bitops"]),
         onnx_subfolder=(subfolder or "") if has_onnx else None,
         missing_package_error=MISSING_PACKAGE_ERROR,
         sam_model_blocker=subnet.to_sam_model_blocker(),
-        quantized_activations=quantized_activations,
+        quantized_activations=len(subnet.quantized_input_layers()),
         float_bits=subnet.config.float_bits,
         image_size=subnet.config.vision_config.image_size,
     )
@@ -199,7 +197,7 @@ def render_supernet_card(
         title=title,
         base_model=base_model,
         base_model_url=_hub_url(base_model),
-        source=f'"{repo_id}"' if repo_id else '"path/to/this/folder"',
+        source=_snippet_source(repo_id),
         example_budget=format_budget(smallest.total_bitops),
         missing_package_error=MISSING_PACKAGE_ERROR.replace("`sam_subnet`", f"`{config.model_type}`"),
         full_precision_bitops=full_precision.total_bitops,
@@ -457,7 +455,7 @@ def render_tiers_card(
         has_latency=any(row["latency_ms"] is not None for row in rows),
         full_precision_gbitops=manifest["full_precision_bitops"] / 1e9,
         example=next((row for row in rows if row["budget"]), rows[0]),
-        source=f'"{repo_id}"' if repo_id else '"path/to/this/folder"',
+        source=_snippet_source(repo_id),
         onnx_subfolder=onnx_tiers[0] if onnx_tiers else None,
         missing_package_error=MISSING_PACKAGE_ERROR,
     )

@@ -380,6 +380,15 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
             self, save_directory, target=target, weight_container=weight_container, opset=opset, verify=verify
         )
 
+    def quantized_input_layers(self) -> list[str]:
+        """The kept layers (`layers.{block}.{path}`) whose inputs are quantized: a plain `SamModel` runs them in float."""
+        arch = self.architecture
+        return [
+            name
+            for name, bits in zip(arch.layer_names, arch.activation_bits)
+            if not is_float_bits(bits) and arch.keeps_layer(name)
+        ]
+
     def to_sam_model_blocker(self) -> str | None:
         """Why [`to_sam_model`] cannot convert this subnet (the first dimension that is not uniform), or `None`."""
         arch, vision = self.architecture, self.config.vision_config
@@ -429,11 +438,7 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
         arch, vision = self.architecture, self.config.vision_config
         kept = arch.kept_blocks
         mlp_dims = [arch.mlp_dims[block] for block in kept]
-        quantized_inputs = [
-            name
-            for name, bits in zip(arch.layer_names, arch.activation_bits)
-            if not is_float_bits(bits) and arch.keeps_layer(name)
-        ]
+        quantized_inputs = self.quantized_input_layers()
         if quantized_inputs:
             logger.warning(
                 f"to_sam_model: {len(quantized_inputs)} layers of this subnet quantize their inputs (e.g. "
