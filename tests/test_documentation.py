@@ -31,7 +31,7 @@ from pycocotools import mask as mask_utils
 
 import mpsupernet
 from mpsupernet.data import make_synthetic_segmentation_dataset
-from mpsupernet.hub import save_subnet_with_card
+from mpsupernet.hub import render_supernet_card, save_subnet_with_card
 from mpsupernet.pretrained import EMBEDDED_SAM_PATH
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_at_most_a_few_readme_blocks_are_not_run():
 
 @pytest.fixture(scope="module")
 def published_tiers(local_hub):
-    """Two tiers of the tiny SAM's supernet pushed to the local Hub (one at a reduced resolution)."""
+    """Two tiers of the tiny SAM's supernet pushed to the local Hub (one at a reduced resolution), and the supernet."""
     from conftest import make_tiny_sam
 
     supernet = mpsupernet.SamSupernetForMaskGeneration.from_sam(make_tiny_sam()).eval()
@@ -160,13 +160,13 @@ def published_tiers(local_hub):
     tiers = {"xs": mpsupernet.extract_subnet(supernet, space.smallest()), "m": supernet.extract_subnet("30%")}
     repo_id = "local-user/card-snippets"
     mpsupernet.push_tiers(tiers, repo_id, base_model="tiny-sam", dataset_name="synthetic", mean_ious={"xs": 0.5, "m": 0.6})
-    return repo_id, tiers
+    return repo_id, tiers, supernet
 
 
 def test_card_snippets_run_as_written(published_tiers, tmp_path):
-    """The root card, both tier cards as the Hub serves them, and a card saved without a repository (its folder
-    stands for `path/to/this/folder`)."""
-    repo_id, tiers = published_tiers
+    """The root card and both tier cards as the Hub serves them; a tier card and the supernet card written without a
+    repository (their folders stand for `path/to/this/folder`)."""
+    repo_id, tiers, supernet = published_tiers
     documents = []
     for card in ("README.md", "xs/README.md", "m/README.md"):
         text = Path(hf_hub_download(repo_id, card, cache_dir=tmp_path / "cache")).read_text(encoding="utf-8")
@@ -177,7 +177,11 @@ def test_card_snippets_run_as_written(published_tiers, tmp_path):
     folder = tmp_path / "tier"
     card = save_subnet_with_card(tiers["m"], folder, base_model="embedded-sam", dataset_name="synthetic")
     documents.append([code for code, _ in python_blocks(card.text)])
+    supernet.save_pretrained(tmp_path / "supernet")
+    card = render_supernet_card(supernet)
+    documents.append([code.replace(json.dumps("path/to/this/folder"), json.dumps(str(tmp_path / "supernet")))
+                      for code, _ in python_blocks(card.text)])
     pixels = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "image.jpg")
     output = run_documents(documents, tmp_path, {"path/to/this/folder": str(folder)})
-    assert "document 3, block 0" in output
+    assert "document 4, block 0" in output and "'bitops': " in output.split("document 4, block 0")[1]

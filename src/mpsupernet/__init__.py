@@ -50,6 +50,7 @@ _AUTO_REGISTERED_MODULES = ("configuration_sam_supernet", "modeling_sam_supernet
 __all__ = sorted(_LAZY_NAMES)
 
 if TYPE_CHECKING:
+    from .architecture import SubnetArchitecture
     from .bitops import BitOpsReport, count_bitops, parse_budget
     from .configuration_sam_supernet import SamSubnetConfig, SamSupernetConfig
     from .extraction import extract_subnet
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
     from .modeling_sam_subnet import SamSubnetForMaskGeneration
     from .modeling_sam_supernet import SamSupernetForMaskGeneration
     from .search import ParetoFront, run_search
-    from .architecture import SubnetArchitecture
     from .search_space import SearchSpace
     from .training import SupernetTrainer, train_supernet
 

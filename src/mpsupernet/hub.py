@@ -177,7 +177,11 @@ def render_supernet_card(
     base_model = config.base_model_name_or_path or "an unrecorded SAM checkpoint"
     full_precision = supernet.bitops_report(supernet.full_precision_subnet())
     smallest = supernet.bitops_report(supernet.smallest_subnet())
-    title = f"{base_model.split('/')[-1]} mixed-precision supernet"
+    title = (
+        f"{base_model.split('/')[-1]} mixed-precision supernet"
+        if config.base_model_name_or_path
+        else "Mixed-precision SAM supernet"
+    )
     card_data = ModelCardData(
         base_model=config.base_model_name_or_path,
         base_model_relation="finetune" if config.base_model_name_or_path else None,
