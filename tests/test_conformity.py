@@ -1,4 +1,6 @@
-"""What a transformers user expects of mpsupernet (issue 12): names, cards, dtypes, logging and the command line."""
+"""What a transformers user expects of mpsupernet (issue 12): names, processors, cards, peft, dtypes, logging and the
+command line. The README's and the cards' snippets are run in `test_documentation.py`; the Trainer's items are in
+`test_training.py`, the root card's in `test_hub.py`, the CLI's paths in `test_cli.py`."""
 
 import copy
 import logging
@@ -7,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +18,11 @@ import torch
 import transformers
 from PIL import Image
 from transformers import SamProcessor, pipeline
-from decimal import Decimal
 
 import mpsupernet
 from mpsupernet.bitops import format_budget, parse_budget
-from mpsupernet.modeling_sam_subnet import QuantizedLinear
 from mpsupernet.hub import MISSING_PACKAGE_ERROR, load_subnet, render_subnet_card, save_tiers, select_tier
+from mpsupernet.modeling_sam_subnet import QuantizedLinear
 from mpsupernet.pretrained import load_embedded_sam
 
 from conftest import make_tiny_sam
