@@ -325,3 +325,21 @@ def test_help_and_version_answer_without_torch_or_transformers():
     assert subprocess.run([script, "--version"], capture_output=True, text=True).stdout.strip() == (
         f"mpsupernet {mpsupernet.__version__}"
     )
+
+
+def test_importing_transformers_after_mpsupernet_works_without_torch():
+    process = run_python(
+        """
+        import sys
+        sys.modules["torch"] = None  # as where torch is not installed (an ONNX-only deployment)
+        import importlib.util
+        importlib.util.find_spec = lambda name, *args, _find=importlib.util.find_spec: (
+            None if name == "torch" else _find(name, *args)
+        )
+        import mpsupernet
+        import transformers
+        print("transformers", transformers.__version__ is not None)
+        """
+    )
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.split() == ["transformers", "True"]

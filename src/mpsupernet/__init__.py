@@ -122,6 +122,11 @@ class _AutoClassRegistration(importlib.abc.MetaPathFinder):
     def register_if_ready(self) -> None:
         if self.depth or self.registering or "transformers" not in sys.modules:
             return
+        if importlib.util.find_spec("torch") is None:
+            # The models need torch; where it is missing (e.g. only the ONNX runtime is used), transformers' own
+            # import must not fail because of mpsupernet, so nothing is registered.
+            sys.meta_path.remove(self)
+            return
         self.registering = True
         try:
             for module in _AUTO_REGISTERED_MODULES:
