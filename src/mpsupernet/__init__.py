@@ -2,9 +2,10 @@
 
 `import mpsupernet` is light: it imports neither torch nor transformers, so that `mpsupernet --help` answers at
 once. Every public name is imported on first use (as in transformers' own lazy module). The models register with
-transformers' Auto classes (`AutoConfig`, `AutoModel`, `AutoModelForMaskGeneration`) when their modules are
-imported, and `import mpsupernet` makes sure that happens as soon as transformers is imported too, so that
-`import mpsupernet` followed by `AutoModel.from_pretrained(<tier>)` works in either import order.
+transformers' Auto classes (`AutoConfig`, `AutoModel`, `AutoModelForMaskGeneration`, in `_torch_api.py`) as soon
+as transformers is imported, so that `import mpsupernet` followed by `AutoModel.from_pretrained(<tier>)` works in
+either import order. Without torch nothing is registered, and `mpsupernet.runtime` (ONNX, numpy and Pillow only)
+still imports.
 """
 
 import importlib
@@ -44,8 +45,8 @@ _LAZY_NAMES = {
     "train_supernet": "training",
 }
 
-# The modules whose import registers the package's configurations and models with transformers' Auto classes.
-_AUTO_REGISTERED_MODULES = ("configuration_sam_supernet", "modeling_sam_supernet", "modeling_sam_subnet")
+# The module whose import registers the package's configurations and models with transformers' Auto classes.
+_AUTO_REGISTRATION_MODULE = "_torch_api"
 
 __all__ = sorted(_LAZY_NAMES)
 
@@ -77,8 +78,8 @@ def __dir__() -> list[str]:
 class _AutoClassRegistration(importlib.abc.MetaPathFinder):
     """Registers the package's models with transformers' Auto classes once both can be imported safely.
 
-    Registration imports the configuration and model modules, which register themselves; it needs transformers (and
-    torch), which `import mpsupernet` must not import. A user may import transformers after mpsupernet and call
+    Registration imports `_torch_api`, which imports the configuration and model modules and registers them; it
+    needs transformers and torch, which `import mpsupernet` must not import. A user may import transformers after mpsupernet and call
     `AutoModel.from_pretrained` without touching any mpsupernet name, so registration runs when the import of
     `transformers` completes. When an mpsupernet module is what imports transformers, registering there would import
     the model modules while that module is half-initialised (a circular import); registration then waits until the
@@ -129,8 +130,7 @@ class _AutoClassRegistration(importlib.abc.MetaPathFinder):
             return
         self.registering = True
         try:
-            for module in _AUTO_REGISTERED_MODULES:
-                importlib.import_module(f"{__name__}.{module}")
+            importlib.import_module(f"{__name__}.{_AUTO_REGISTRATION_MODULE}")
         finally:
             self.registering = False
         if self in sys.meta_path:

@@ -3,7 +3,7 @@
 import warnings
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, SamConfig
+from transformers import SamConfig
 
 from .architecture import (
     ALLOWED_BITS,
@@ -443,7 +443,3 @@ class SamSubnetConfig(SamQuantizedConfigBase):
                 f"`bitops` is {self.bitops} but `bitops_report` says {reported!r}; they must describe the same "
                 "architecture."
             )
-
-
-AutoConfig.register(SamSupernetConfig.model_type, SamSupernetConfig, exist_ok=True)
-AutoConfig.register(SamSubnetConfig.model_type, SamSubnetConfig, exist_ok=True)

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForMaskGeneration, SamModel
+from transformers import SamModel
 from transformers.models.sam.modeling_sam import SamVisionLayer
 from transformers.utils import logging
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForMaskGeneration, SamModel
+from transformers import SamModel
 from transformers.utils import logging
 
 from . import extraction
