@@ -3,9 +3,10 @@
 A document's ```python blocks run in order, in one namespace, in a fresh interpreter (the README's alone; the cards
 one after another, each in a new namespace): `import mpsupernet` must be a first import there, and `HF_ENDPOINT` (the local Hub of `conftest.py`, inherited through the environment) must be
 set before huggingface_hub is imported. What the snippets name but cannot be reached here is replaced, and nothing
-else: the quoted strings of `readme_id_map` (Hub ids of a SAM checkpoint, a dataset and a tiers repository) become
-the embedded SAM's folder, a local COCO-style dataset and a repository of the local Hub; cards are rendered for a
-repository of the local Hub, so their ids are real, and `image.jpg` is an image in the working directory.
+else: the quoted strings of `readme_id_map` (Hub ids of a SAM checkpoint, a dataset and a tiers repository, and the
+folder of an ONNX export) become the embedded SAM's folder, a local COCO-style dataset, a repository of the local Hub
+and an export of an embedded-SAM subnet; cards are rendered for a repository of the local Hub, so their ids are
+real; `image.jpg` and `photo.jpg` are images in the working directory.
 
 A block preceded by `<!-- doc-test: not run, REASON -->` (one needing a GPU) does not run: the mpsupernet names it
 uses are checked to exist, and the test reports it as skipped with REASON.
@@ -32,7 +33,7 @@ from pycocotools import mask as mask_utils
 import mpsupernet
 from mpsupernet.data import make_synthetic_segmentation_dataset
 from mpsupernet.hub import render_supernet_card, save_subnet_with_card
-from mpsupernet.pretrained import EMBEDDED_SAM_PATH
+from mpsupernet.pretrained import EMBEDDED_SAM_PATH, load_embedded_sam
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(
@@ -111,14 +112,20 @@ def write_coco_split(path: Path, num_images: int, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def readme_id_map(tmp_path_factory):
-    """What the README's Hub ids stand for here (a COCO-style folder that `datasets.load_dataset` reads)."""
-    coco = tmp_path_factory.mktemp("data") / "coco"
+    """What the README's Hub ids and folders stand for here: the embedded SAM's folder, a COCO-style folder that
+    `datasets.load_dataset` reads, a repository of the local Hub, and an ONNX export of an embedded-SAM subnet."""
+    data = tmp_path_factory.mktemp("data")
+    coco = data / "coco"
     write_coco_split(coco / "data" / "train-00000-of-00001.parquet", num_images=8, seed=0)
     write_coco_split(coco / "data" / "val-00000-of-00001.parquet", num_images=4, seed=1)
+    supernet = mpsupernet.SamSupernetForMaskGeneration.from_sam(load_embedded_sam())
+    supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
+    supernet.extract_subnet("5%").export_onnx(data / "onnx-tier", verify=False)
     return {
         "facebook/sam-vit-base": str(EMBEDDED_SAM_PATH),
         "detection-datasets/coco": str(coco),
         "my-org/sam-vit-base-mp": "local-user/readme-sam-vit-base-mp",
+        "tier-5pct-onnx": str(data / "onnx-tier"),
     }
 
 
@@ -128,6 +135,8 @@ README_BLOCKS = python_blocks((REPO_ROOT / "README.md").read_text(encoding="utf-
 def test_readme_python_blocks_run_as_written(local_hub, readme_id_map, tmp_path):
     runnable = [code for code, reason in README_BLOCKS if reason is None]
     assert any("mpsupernet.load_subnet(" in code for code in runnable)
+    pixels = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg")  # the image the ONNX snippet opens
     output = run_documents([runnable], tmp_path, readme_id_map)
     # Provenance: the supernet records the checkpoint it was made from (here the embedded SAM's folder name).
     assert "embedded-sam" in output
