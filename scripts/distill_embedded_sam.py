@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 
 from mpsupernet.convert import sam_from_lite_medsam
 from mpsupernet.data import make_synthetic_segmentation_dataset, make_synthetic_segmentation_dataset_dict
-from mpsupernet.data.processing import _PillowSamImageProcessor
+from mpsupernet.image_processing import PillowSamImageProcessor
 from mpsupernet.evaluation import evaluate_dataset_mean_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -156,7 +156,7 @@ class ImageSource:
 
 
 def _processor(size: int):
-    return _PillowSamImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
+    return PillowSamImageProcessor(size={"longest_edge": size}, pad_size={"height": size, "width": size})
 
 
 @torch.no_grad()

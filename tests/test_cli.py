@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration
 from mpsupernet.cli import main
 from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.search import ParetoEntry, ParetoFront
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,53 @@ def test_push_publishes_tiers_to_the_hub(calibrated_supernet_dir, tmp_path, loca
         ) == 0
     code = main(
         ["push", "--repo-id", "local-user/cli-tiers", "--tier", f"s={tmp_path / 's'}", "--tier", f"m={tmp_path / 'm'}",
-         "--mean-iou", "s=0.5"]
+         "--mean-iou", "s=0.5", "--dataset-name", "synthetic"]
     )
     assert code == 0
     files = set(HfApi().list_repo_files("local-user/cli-tiers"))
     assert {"tiers.json", "s/model.safetensors", "m/model.safetensors", "m/README.md"} <= files
+
+
+@pytest.mark.parametrize(
+    "argv, option, path",
+    [
+        (["extract", "--supernet", "outputs/x/y", "--budget", "5%", "--output-dir", "{tmp}/o"], "--supernet", "outputs/x/y"),
+        (["extract", "--supernet", "no-such-org/supernet", "--budget", "5%", "--output-dir", "{tmp}/o"], "--supernet",
+         "no-such-org/supernet"),
+        (["extract", "--supernet", "embedded", "--pareto-front", "{tmp}/front.json", "--budget", "5%", "--output-dir",
+          "{tmp}/o"], "--pareto-front", "{tmp}/front.json"),
+        (["search", "--supernet", "embedded", "--dataset", "./no/such/data", "--output-dir", "{tmp}/o"], "--dataset",
+         "./no/such/data"),
+        (["convert", "--sam", "./no-such-sam", "--output-dir", "{tmp}/o"], "--sam", "./no-such-sam"),
+        (["push", "--repo-id", "local-user/never", "--tier", "s={tmp}/no-tier"], "--tier", "{tmp}/no-tier"),
+    ],
+)
+def test_mistyped_paths_give_one_line_naming_them_and_exit_2(argv, option, path, tmp_path, capsys, local_hub):
+    argv = [item.replace("{tmp}", str(tmp_path)) for item in argv]
+    path = path.replace("{tmp}", str(tmp_path))
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and error.count("error:") == 1  # (progress bars may precede it)
+    assert error.strip().splitlines()[-1].startswith(f"mpsupernet {argv[0]}: error: {option} {path!r} is no folder")
+    assert not (tmp_path / "o").exists()
+
+
+def test_extract_and_push_cards_state_the_recorded_base_model_and_data(calibrated_supernet_dir, tmp_path, local_hub):
+    supernet = SamSupernetForMaskGeneration.from_pretrained(calibrated_supernet_dir)
+    assert supernet.config.base_model_name_or_path == "embedded-sam"
+    arch = supernet.smallest_subnet()
+    bitops = supernet.bitops_report(arch).total_bitops
+    ParetoFront(
+        [ParetoEntry(arch.to_dict(), bitops, 0.42)], metadata={"dataset": {"name": "org/val-shapes", "size": 4}}
+    ).save(tmp_path / "front.json")
+    output = tmp_path / "tier"
+    argv = ["extract", "--supernet", str(calibrated_supernet_dir), "--pareto-front", str(tmp_path / "front.json")]
+    assert main([*argv, "--budget", str(bitops), "--output-dir", str(output)]) == 0
+    card = ModelCard.load(output / "README.md")
+    assert card.data.base_model == "embedded-sam" and card.data.datasets == ["org/val-shapes"]
+    assert card.data.eval_results[0].dataset_name == "org/val-shapes" and card.data.eval_results[0].metric_value == 0.42
+    push = ["push", "--repo-id", "local-user/cli-provenance", "--tier", f"xs={output}", "--mean-iou", "xs=0.4"]
+    assert main(push) == 2  # a mean IoU, but no dataset recorded or given: refused rather than guessed
+    assert main([*push, "--dataset-name", "org/val-shapes"]) == 0
+    root = ModelCard.load("local-user/cli-provenance")
+    assert root.data.base_model == "embedded-sam" and "facebook/sam-vit-base" not in root.text

@@ -163,7 +163,7 @@ def test_mpsupernet_extract_survives_a_kill_at_every_write(supernets, tmp_path, 
     old_arch, new_arch = _same_shape_archs(supernet)
     old_subnet, new_subnet = extract_subnet(supernet, old_arch), extract_subnet(supernet, new_arch)
     pristine, work = tmp_path / "pristine", tmp_path / "work"
-    command = ["extract", "--supernet", str(supernet_dir), "--output-dir"]
+    command = ["extract", "--supernet", str(supernet_dir), "--base-model", "tiny-sam", "--output-dir"]
     assert main(command + [str(pristine / "tier"), "--budget", str(old_subnet.config.bitops)]) == 0
     folder = work / "tier"
     candidates = {

@@ -7,14 +7,23 @@ import stat
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 import mpsupernet
 from mpsupernet import SamSubnetForMaskGeneration
 from mpsupernet.bitops import parse_budget
 from mpsupernet.extraction import extract_subnet
-from mpsupernet.hub import load_subnet, push_tiers, render_subnet_card, save_subnet_with_card, save_tiers, select_tier
+from mpsupernet.bitops import format_budget
+from mpsupernet.hub import (
+    load_subnet,
+    push_tiers,
+    render_subnet_card,
+    render_tiers_card,
+    save_subnet_with_card,
+    save_tiers,
+    select_tier,
+)
 
 from local_hub import Fault
 
@@ -61,7 +70,9 @@ def test_push_three_tiers_and_download_by_budget(tiers, local_hub, tmp_path, mon
     files = HfApi().list_repo_files(repo_id)
     assert {"tiers.json", "README.md"} <= set(files)
     for name in tiers:
-        assert {f"{name}/config.json", f"{name}/model.safetensors", f"{name}/README.md"} <= set(files)
+        assert {f"{name}/config.json", f"{name}/model.safetensors", f"{name}/README.md", f"{name}/preprocessor_config.json"} <= set(
+            files
+        )
 
     bitops = {name: subnet.config.bitops for name, subnet in tiers.items()}
     # a budget that admits every tier picks the best mIoU ("small"), not the costliest
@@ -382,3 +393,39 @@ def test_a_hub_model_whose_config_and_weights_come_from_two_saves_is_refused(tie
     HfApi().upload_file(path_or_fileobj=tmp_path / "second" / "config.json", path_in_repo="config.json", repo_id=repo_id)
     with pytest.raises(OSError, match=r"The weights of 'local-user/two-saves' do not match its config: config.json records sha256"):
         SamSubnetForMaskGeneration.from_pretrained(repo_id)
+
+
+def test_root_card_of_pushed_tiers_parses_with_every_tier_and_its_provenance(tiers, local_hub, tmp_path):
+    repo_id = "local-user/sam-tiers-card"
+    push_tiers(tiers, repo_id, base_model="facebook/sam-vit-base", dataset_name="synthetic", mean_ious=MEAN_IOUS)
+    card = ModelCard.load(repo_id)
+    assert card.data.license == "apache-2.0" and card.data.library_name == "mpsupernet"
+    assert card.data.base_model == "facebook/sam-vit-base" and card.data.base_model_relation == "quantized"
+    results = {result.metric_config: result for result in card.data.eval_results}
+    assert {name: result.metric_value for name, result in results.items()} == MEAN_IOUS
+    assert {result.dataset_name for result in results.values()} == {"synthetic"}
+    table = {line.split("|")[1].strip(): line for line in card.text.splitlines() if line.startswith("| [`")}
+    assert list(table) == [f"[`{name}`]({name}/README.md)" for name in ("tiny", "small", "medium")]
+    manifest = json.loads(open(hf_hub_download(repo_id, "tiers.json", cache_dir=tmp_path)).read())
+    for name, subnet in tiers.items():
+        row = table[f"[`{name}`]({name}/README.md)"]
+        assert f"| {subnet.config.bitops / 1e9:.3f} |" in row and f"| {MEAN_IOUS[name]:.4f} |" in row
+        weights = HfApi().get_paths_info(repo_id, [f"{name}/model.safetensors"])[0].size
+        assert f"| {weights / 1e6:.2f} MB |" in row
+        if name == "medium":  # "small" costs less and measured better: no budget reaches "medium"
+            assert "a cheaper tier measured better" in row
+        else:
+            budget = format_budget(subnet.config.bitops)
+            assert f'`"{budget}"`' in row and select_tier(manifest, budget) == name
+    assert "latency" not in card.text.split("## Tiers")[1].split("\n\n")[1]
+
+
+def test_root_card_has_a_latency_column_only_with_measured_latencies(tiers, tmp_path):
+    folder = tmp_path / "tiers"
+    manifest = save_tiers(tiers, folder, base_model="facebook/sam-vit-base", dataset_name="synthetic")
+    assert "latency" not in render_tiers_card(manifest, folder).text
+    manifest["tiers"]["small"]["latency_ms"] = 12.34
+    text = render_tiers_card(manifest, folder).text
+    assert "| mean IoU | latency |" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| [`")}
+    assert "| 12.3 ms |" in rows["[`small`](small/README.md)"] and "| – |" in rows["[`tiny`](tiny/README.md)"]

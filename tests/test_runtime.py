@@ -14,7 +14,7 @@ from transformers import SamProcessor
 
 pytest.importorskip("onnxruntime")
 
-from mpsupernet.data.processing import _PillowSamImageProcessor  # noqa: E402
+from mpsupernet.image_processing import PillowSamImageProcessor  # noqa: E402
 from mpsupernet.metrics import mask_iou  # noqa: E402
 from mpsupernet.runtime import OnnxSamModel, resize_bilinear  # noqa: E402
 
@@ -29,7 +29,7 @@ def photo(height=90, width=150, seed=0) -> Image.Image:
 def test_preprocess_matches_the_sam_image_processor(exported_w8a8):
     _, folder, _ = exported_w8a8
     model = OnnxSamModel.from_pretrained(folder)
-    processor = SamProcessor(image_processor=_PillowSamImageProcessor.from_pretrained(folder))
+    processor = SamProcessor(image_processor=PillowSamImageProcessor.from_pretrained(folder))
     images = [photo(), photo(150, 70, seed=1)]
     ours = model.preprocess(images, input_boxes=[[[10, 20, 120, 80]], [[5, 5, 60, 140]]])
     theirs = processor(images, input_boxes=[[[10, 20, 120, 80]], [[5, 5, 60, 140]]], return_tensors="np")
@@ -42,7 +42,7 @@ def test_preprocess_matches_the_sam_image_processor(exported_w8a8):
 def test_post_process_and_resize_match_transformers(exported_w8a8):
     _, folder, _ = exported_w8a8
     model = OnnxSamModel.from_pretrained(folder)
-    processor = _PillowSamImageProcessor.from_pretrained(folder)
+    processor = PillowSamImageProcessor.from_pretrained(folder)
     logits = np.random.default_rng(0).standard_normal((2, 1, 3, 32, 32)).astype(np.float32)
     original, reshaped = [[90, 150], [150, 70]], [[77, 128], [128, 60]]
     ours = model.post_process_masks(logits, original, reshaped, binarize=False)
@@ -85,7 +85,7 @@ def test_a_process_without_torch_gets_masks_at_the_image_size(exported_w8a8, tmp
     saved = np.load(tmp_path / "out.npz")
     assert saved["masks"].shape == (1, 3, 90, 150) and saved["masks"].dtype == bool
     # the same masks from the PyTorch subnet with transformers' processor
-    processor = SamProcessor(image_processor=_PillowSamImageProcessor.from_pretrained(folder))
+    processor = SamProcessor(image_processor=PillowSamImageProcessor.from_pretrained(folder))
     inputs = processor(image, input_boxes=[[[20, 10, 120, 70]]], return_tensors="pt")
     with torch.no_grad():
         pred_masks = subnet(pixel_values=inputs["pixel_values"], input_boxes=inputs["input_boxes"]).pred_masks

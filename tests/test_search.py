@@ -11,7 +11,12 @@ from accelerate.state import AcceleratorState
 
 from mpsupernet import SamSupernetConfig, SearchSpace
 from mpsupernet.bitops import parse_budget
-from mpsupernet.data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset
+from mpsupernet.data import (
+    SYNTHETIC_DATASET_NAME,
+    SamSegmentationPreprocessor,
+    collate_fn,
+    make_synthetic_segmentation_dataset,
+)
 from mpsupernet.search import (
     ArchitectureEncoding,
     ParetoEntry,
@@ -318,8 +323,9 @@ def test_miou_evaluator_and_run_search_on_synthetic_data(tiny_supernet, tmp_path
     assert all(0.0 <= e.mean_iou <= 1.0 and e.bitops <= max_bitops for e in front.evaluated)
     assert ParetoFront.load(tmp_path / "search" / "pareto_front.json").to_table() == front.to_table()
     assert (tmp_path / "search" / "pareto_front.png").read_bytes().startswith(PNG_SIGNATURE)
-    assert front.metadata["base_model"] == str(tmp_path / "supernet")
-    assert front.metadata["dataset"] == {"name": None, "size": 2, "max_eval_batches": 2}
+    # Provenance: the supernet's folder, and what it records (a SAM built in memory has no base model name).
+    assert front.metadata["supernet"] == str(tmp_path / "supernet") and front.metadata["base_model"] is None
+    assert front.metadata["dataset"] == {"name": SYNTHETIC_DATASET_NAME, "size": 2, "max_eval_batches": 2}
     assert 0.0 <= front.full_precision_mean_iou <= 1.0
 
 

@@ -13,13 +13,19 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from huggingface_hub import ModelCard
 from transformers import TrainingArguments
 
 import kill_points
 from conftest import make_tiny_sam
 from kill_points import every_kill_point
 from mpsupernet import SamSupernetConfig, SamSupernetForMaskGeneration
-from mpsupernet.data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset
+from mpsupernet.data import (
+    SYNTHETIC_DATASET_NAME,
+    SamSegmentationPreprocessor,
+    collate_fn,
+    make_synthetic_segmentation_dataset,
+)
 from mpsupernet.pretrained import load_embedded_sam
 from mpsupernet.quantization import LsqQuantizer
 from mpsupernet.training import (
@@ -403,6 +409,9 @@ def test_accelerate_loop_lowers_the_loss_and_saves_the_supernet(pretrained_sam, 
 
     reloaded = SamSupernetForMaskGeneration.from_pretrained(tmp_path)
     torch.testing.assert_close(trainable_state(reloaded), trainable_state(model), rtol=0, atol=0)
+    # Provenance for the cards: the data's name, and the base model's (the embedded SAM's folder).
+    assert reloaded.config.training_dataset == SYNTHETIC_DATASET_NAME
+    assert reloaded.config.base_model_name_or_path == "embedded-sam"
 
 
 def test_fixed_architecture_trains_that_architecture_alone(sam, train_data, tmp_path):
@@ -811,3 +820,45 @@ def test_training_warns_about_a_collapsed_step(sam, train_data, tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="mpsupernet.training.policies"):
         loop_run(sam, train_data, tmp_path, model=model, max_steps=1, learning_rate=1e-4, save_steps=None)
     assert "Step 1: 1 activation step size(s) at their floor or not finite: sam.vision_encoder.layers.1.mlp.lin2.input_quantizer (8-bit)." in caplog.text
+
+
+def test_trainer_refuses_raw_datasets_metrics_it_would_ignore_and_torch_compile(sam, train_data, tmp_path):
+    model = make_supernet(sam)
+    args = trainer_arguments(tmp_path)
+    with pytest.raises(ValueError, match=r"`train_dataset` has no preprocessing transform \(its columns are \['image'"):
+        SupernetTrainer(model=model, args=args, train_dataset=train_data)
+    with pytest.raises(ValueError, match=r"`eval_dataset\['val'\]` has no preprocessing transform"):
+        SupernetTrainer(model=model, args=args, eval_dataset={"val": train_data})
+    with pytest.raises(ValueError, match="SupernetTrainer does not call `compute_metrics`"):
+        SupernetTrainer(model=model, args=args, compute_metrics=lambda prediction: {})
+    with pytest.raises(ValueError, match=r"`torch_compile=True` is refused: every training step samples other"):
+        SupernetTrainer(model=model, args=trainer_arguments(tmp_path, torch_compile=True))
+    with pytest.raises(ValueError, match=r"`torch_compile=True` is refused"):
+        train_supernet(model, train_data, args=SupernetTrainingArguments(output_dir=str(tmp_path), torch_compile=True))
+
+
+def test_trainer_records_the_data_and_pushes_mpsupernets_card(pretrained_sam, train_data, tmp_path, local_hub):
+    model = make_supernet(pretrained_sam)
+    assert model.config.base_model_name_or_path == "embedded-sam" and model.config.training_dataset is None
+    trainer = SupernetTrainer(
+        model=model,
+        args=trainer_arguments(
+            tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, hub_model_id="local-user/trained-supernet"
+        ),
+        train_dataset=train_data.with_transform(make_preprocessor(model)),
+        eval_dataset=train_data.select(range(2)).with_transform(make_preprocessor(model)),
+    )
+    trainer.train()
+    assert model.config.training_dataset == SYNTHETIC_DATASET_NAME
+    trainer.push_to_hub()
+    card = ModelCard.load("local-user/trained-supernet")
+    assert card.data.library_name == "mpsupernet" and card.data.base_model == "embedded-sam"
+    assert card.data.base_model_relation == "finetune"
+    full_precision = model.bitops_report(model.full_precision_subnet())
+    assert card.data.bitops_full_precision == full_precision.total_bitops
+    assert card.data.bitops_smallest == model.bitops_report(model.smallest_subnet()).total_bitops
+    last_eval = [entry for entry in trainer.state.log_history if "eval_mean_iou_largest" in entry][-1]
+    assert f"| `eval_mean_iou_largest` | {last_eval['eval_mean_iou_largest']:.4f} |" in card.text
+    assert f"Trained on {SYNTHETIC_DATASET_NAME}, 2 sandwich steps." in card.text
+    loaded = SamSupernetForMaskGeneration.from_pretrained("local-user/trained-supernet", cache_dir=tmp_path / "cache")
+    assert loaded.config.training_dataset == SYNTHETIC_DATASET_NAME

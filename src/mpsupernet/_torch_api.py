@@ -1,4 +1,8 @@
-"""The PyTorch part of mpsupernet's top-level API, imported by `mpsupernet/__init__.py` when torch is available."""
+"""The PyTorch part of mpsupernet's top-level API: the models' registration with transformers' Auto classes.
+
+`mpsupernet/__init__.py` imports it once transformers has been imported and torch is installed (see
+`_AutoClassRegistration` there); the package's names themselves load lazily from their own modules.
+"""
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskGeneration
 

@@ -244,3 +244,27 @@ def format_bitops(bitops: float, exact: bool = False) -> str:
             text = f"{bitops / factor:.3g} {prefix}BitOPs"
             break
     return f'{text} ("{int(bitops)}")' if exact else text
+
+
+def format_budget(bitops: int, decimals: int = 3) -> str:
+    """A budget string in GBitOPs that admits `bitops`: rounded *up* at `decimals` decimals, e.g. `"4.106G"`.
+
+    `parse_budget(format_budget(bitops)) >= bitops` always holds, and it exceeds `bitops` by less than
+    `10 ** (9 - decimals)` BitOPs, so the budget printed for a tier (on its model card) lets `load_subnet` choose
+    that tier; rounding to the nearest value could cut the tier off (a 4.174 G tier printed as "4G" fits none).
+
+    Args:
+        bitops (`int`): a positive number of BitOPs.
+        decimals (`int`, *optional*, defaults to 3): decimals of the GBitOPs figure, 0 to 9.
+
+    Raises:
+        `ValueError`: if `bitops` is not a positive integer or `decimals` is outside 0 to 9.
+    """
+    if isinstance(bitops, bool) or not isinstance(bitops, int) or bitops < 1:
+        raise ValueError(f"`bitops` must be a positive integer, got {bitops!r}.")
+    if isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 <= decimals <= 9:
+        raise ValueError(f"`decimals` must be an integer from 0 to 9, got {decimals!r}.")
+    step = 10 ** (9 - decimals)
+    units = -(-bitops // step)  # ceiling division, exact on integers of any size
+    whole, fraction = divmod(units, 10**decimals)
+    return f"{whole}.{fraction:0{decimals}d}G" if decimals else f"{whole}G"

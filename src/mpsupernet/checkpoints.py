@@ -199,6 +199,9 @@ class CrashSafeSaveMixin:
 
     checkpoint_kind = "model"
 
+    def _save_companion_files(self, folder: Path) -> None:
+        """Files that belong in the saved folder beside config and weights (none here); written inside the save."""
+
     def save_pretrained(self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
         """As `PreTrainedModel.save_pretrained`, but crash-safe (see `mpsupernet.checkpoints.save_model_folder`)."""
         if not is_main_process:
@@ -210,7 +213,12 @@ class CrashSafeSaveMixin:
             if key in kwargs
         }
         save = super().save_pretrained
-        save_model_folder(save_directory, lambda folder: save(folder, **kwargs))
+
+        def write(folder: Path) -> None:
+            save(folder, **kwargs)
+            self._save_companion_files(folder)
+
+        save_model_folder(save_directory, write)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
             return self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)

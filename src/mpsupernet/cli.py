@@ -6,9 +6,32 @@ Heavy imports (the models, training, search) happen inside each command, so that
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from .data import DATASET_SCHEMAS, make_synthetic_segmentation_dataset_dict, to_standard_schema
+from . import __version__
+
+
+class SourceError(Exception):
+    """A folder, file or Hub id given on the command line that cannot be found or loaded (exit status 2)."""
+
+
+@contextmanager
+def loading(option: str, value: str, hub: bool = True):
+    """Turns the failure to find or load `value` into a one-line `SourceError` naming the option and the path.
+
+    A mistyped folder is taken for a Hub id by transformers and datasets, and fails deep inside them (an `OSError`:
+    "Repo id must be in the form ...", a failed download, a missing file); the user needs to know which argument.
+    `hub` says whether the option also takes a Hub id.
+    """
+    try:
+        yield
+    except OSError as error:
+        lines = str(error).strip().splitlines()
+        found = "exists but could not be read" if Path(value).exists() else "is no folder or file here"
+        tried_hub = ", and could not be loaded as a Hub repository" if hub else ""
+        detail = f" ({lines[0]})" if lines else ""
+        raise SourceError(f"{option} {value!r} {found}{tried_hub}{detail}.") from None
 
 
 def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64, num_validation: int = 32, seed: int = 0):
@@ -25,12 +48,15 @@ def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64
     """
     import datasets
 
+    from .data import DATASET_SCHEMAS, make_synthetic_segmentation_dataset_dict, to_standard_schema
+
     if schema not in DATASET_SCHEMAS:
         raise ValueError(f"Unknown dataset schema {schema!r}; allowed: {list(DATASET_SCHEMAS)}.")
     if spec == "synthetic":
         splits = make_synthetic_segmentation_dataset_dict(num_train, num_validation, seed=seed)
         return splits["train"], splits["validation"]
-    loaded = datasets.load_from_disk(spec) if Path(spec).exists() else datasets.load_dataset(spec)
+    with loading("--dataset", spec):
+        loaded = datasets.load_from_disk(spec) if Path(spec).exists() else datasets.load_dataset(spec)
     loaded = to_standard_schema(loaded, schema)
     if isinstance(loaded, datasets.Dataset):
         split = loaded.train_test_split(test_size=min(num_validation, len(loaded) // 2), seed=seed)
@@ -43,17 +69,24 @@ def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64
 
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="synthetic", help="'synthetic', a save_to_disk folder, or a Hub id")
-    parser.add_argument("--schema", default="standard", choices=list(DATASET_SCHEMAS), help="how the dataset stores masks")
+    # No `choices=`: the schemas live in mpsupernet.data, whose import would slow `--help` down; an unknown schema is
+    # refused with the list of known ones when the command runs.
+    parser.add_argument(
+        "--schema", default="standard", help="how the dataset stores masks: standard, coco or semantic (see README)"
+    )
     parser.add_argument("--num-train", type=int, default=64, help="training images of the synthetic dataset")
     parser.add_argument("--num-validation", type=int, default=32, help="validation images")
 
 
 def cmd_convert(args) -> None:
+    from transformers import SamModel
+
     from .modeling_sam_supernet import SamSupernetForMaskGeneration
     from .pretrained import load_embedded_sam
 
     overrides = {"lora_mode": args.lora_mode, "lora_rank": args.lora_rank}
-    sam = load_embedded_sam() if args.sam == "embedded" else args.sam
+    with loading("--sam", args.sam):
+        sam = load_embedded_sam() if args.sam == "embedded" else SamModel.from_pretrained(args.sam)
     supernet = SamSupernetForMaskGeneration.from_sam(sam, **overrides)
     supernet.save_pretrained(args.output_dir)
     print(f"Supernet saved to {args.output_dir}")
@@ -65,7 +98,8 @@ def _load_supernet(path: str):
 
     if path == "embedded":
         return SamSupernetForMaskGeneration.from_sam(load_embedded_sam())
-    return SamSupernetForMaskGeneration.from_pretrained(path)
+    with loading("--supernet", path):
+        return SamSupernetForMaskGeneration.from_pretrained(path)
 
 
 def cmd_train(args) -> None:
@@ -115,14 +149,19 @@ def cmd_extract(args) -> None:
     from .search.front import ParetoFront
 
     supernet = _load_supernet(args.supernet)
-    front = ParetoFront.load(args.pareto_front) if args.pareto_front else None
+    front = None
+    if args.pareto_front:
+        with loading("--pareto-front", args.pareto_front, hub=False):
+            front = ParetoFront.load(args.pareto_front)
     subnet = supernet.extract_subnet(args.budget, pareto_front=front)
     entry = front.best_under(subnet.config.bitops) if front else None
+    # The mean IoU comes from the front: the card names the data the search measured it on.
+    measured_on = (front.metadata.get("dataset") or {}).get("name") if front else None
     save_subnet_with_card(
         subnet,
         args.output_dir,
         base_model=args.base_model,
-        dataset_name=args.dataset_name,
+        dataset_name=args.dataset_name or measured_on,
         mean_iou=entry.mean_iou if entry else None,
     )
     print(json.dumps(subnet.bitops_report().summary(), indent=2))
@@ -144,7 +183,8 @@ def cmd_push(args) -> None:
         name, _, folder = item.partition("=")
         if not folder:
             raise SystemExit(f"--tier {item!r}: expected NAME=FOLDER.")
-        tiers[name] = SamSubnetForMaskGeneration.from_pretrained(folder)
+        with loading("--tier", folder):
+            tiers[name] = SamSubnetForMaskGeneration.from_pretrained(folder)
     mean_ious = dict((k, float(v)) for k, _, v in (item.partition("=") for item in args.mean_iou))
     url = push_tiers(
         tiers, args.repo_id, base_model=args.base_model, dataset_name=args.dataset_name, mean_ious=mean_ious,
@@ -167,6 +207,7 @@ def cmd_demo(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpsupernet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="turn a SAM checkpoint into a supernet")
@@ -209,8 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--budget", required=True, help='"120G", "1.5T", "5%%" or a number of BitOPs')
     extract.add_argument("--pareto-front", default=None, help="pareto_front.json written by `mpsupernet search`")
     extract.add_argument("--output-dir", required=True)
-    extract.add_argument("--base-model", default="facebook/sam-vit-base")
-    extract.add_argument("--dataset-name", default="synthetic")
+    extract.add_argument("--base-model", default=None, help="for the card; default: the supernet's recorded base model")
+    extract.add_argument(
+        "--dataset-name", default=None, help="for the card; default: the front's dataset, else the training data"
+    )
     extract.set_defaults(func=cmd_extract)
 
     export = commands.add_parser("export", help="export an extracted subnet to ONNX (integer kernels, no PyTorch)")
@@ -224,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--repo-id", required=True)
     push.add_argument("--tier", action="append", required=True, help="NAME=FOLDER of an extracted subnet (repeat)")
     push.add_argument("--mean-iou", action="append", default=[], help="NAME=VALUE (repeat)")
-    push.add_argument("--base-model", default="facebook/sam-vit-base")
-    push.add_argument("--dataset-name", default="synthetic")
+    push.add_argument("--base-model", default=None, help="for the cards; default: the tiers' recorded base model")
+    push.add_argument("--dataset-name", default=None, help="for the cards; default: the tiers' training data")
     push.add_argument("--private", action="store_true")
     push.set_defaults(func=cmd_push)
 
@@ -243,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ValueError as error:
+    except (SourceError, ValueError) as error:
         print(f"mpsupernet {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -55,6 +55,14 @@ class SamQuantizedConfigBase(SamConfig):
         step_size_min (`float`, *optional*, defaults to 1e-8):
             Lower bound applied to every step size, which must stay positive.
 
+    Provenance (what model cards and the CLI state by default; extracted subnets inherit it):
+        base_model_name_or_path (`str`, *optional*):
+            The SAM checkpoint the supernet was made from, set by `SamSupernetForMaskGeneration.from_sam`: its Hub
+            id, or the name of its local folder (`"embedded-sam"` for the package's embedded SAM).
+        training_dataset (`str`, *optional*):
+            The name of the dataset the supernet was last trained on, set by `train_supernet` and
+            `SupernetTrainer` when the dataset has one (`mpsupernet.data.dataset_name`).
+
     Subclasses fill their defaults in `_fill_defaults` and extend `check_settings`. The checks are deliberately not
     named `validate_*`: `@strict` runs such methods after `__init__` on its own, which ran every check twice and
     wrapped its `ValueError`; they run once, from `__post_init__`, and again before `save_pretrained` writes.
@@ -64,6 +72,8 @@ class SamQuantizedConfigBase(SamConfig):
     activation_offset: bool = True
     float_bits: int = FLOAT_BITS
     step_size_min: float = 1e-8
+    base_model_name_or_path: str | None = None
+    training_dataset: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -159,7 +159,6 @@ def run_demo(
         population_size=population_size,
         generations=generations,
         seed=seed,
-        dataset_name="mpsupernet synthetic shapes",
     )
 
     budgets = pick_tier_budgets(front)
@@ -168,13 +167,8 @@ def run_demo(
     mean_ious = {name: evaluate_dataset_mean_iou(tier, splits["validation"], seed=seed) for name, tier in tiers.items()}
     if real3 is not None:
         real3_mious.update({name: evaluate_real3_mean_iou(tier, real3, seed=seed) for name, tier in tiers.items()})
-    manifest = save_tiers(
-        tiers,
-        output / "tiers",
-        base_model="mpsupernet/embedded-sam",
-        dataset_name="mpsupernet synthetic shapes",
-        mean_ious=mean_ious,
-    )
+    # The cards name the base model and data that the supernet's config records ("embedded-sam", the synthetic set).
+    manifest = save_tiers(tiers, output / "tiers", mean_ious=mean_ious)
 
     print("[5/5] Summary")
     rows = summary_rows(front.full_precision_bitops, sam_miou, manifest, real3_mious)

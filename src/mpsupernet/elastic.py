@@ -357,6 +357,14 @@ class ResizingSamVisionEncoder(nn.Module):
         self.resolution = resolution or vision_config.image_size
         self.kept_blocks = tuple(range(len(layers)))
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding's convolution: the first module `forward` calls (`SamModel` and peft ask for it).
+
+        `SamVisionEncoder` returns its `SamPatchEmbeddings`; this encoder calls the convolution directly (the
+        wrapper refuses other input sizes), so hooks such as `enable_input_require_grads` are placed on it.
+        """
+        return self.patch_embed.projection
+
     def prepare_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Checks the input size and resizes base-size images to the active resolution."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.patch_embed.num_channels:
@@ -373,9 +381,16 @@ class ResizingSamVisionEncoder(nn.Module):
                 f"{self.resolution}x{self.resolution}."
             )
         if size[0] != self.resolution:
-            pixel_values = F.interpolate(
-                pixel_values, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False, antialias=True
+            # The antialiased resize has no CPU kernel for float16/bfloat16: it runs in float32 and is cast back, so
+            # that a model loaded with `dtype=torch.bfloat16` runs at a reduced resolution too.
+            resized = F.interpolate(
+                pixel_values.float(),
+                size=(self.resolution, self.resolution),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
             )
+            pixel_values = resized.to(pixel_values.dtype)
         return pixel_values
 
     def position_embedding(self, grid: int) -> torch.Tensor:

@@ -83,6 +83,8 @@ def _extract_active_subnet(supernet, arch: SubnetArchitecture) -> SamSubnetForMa
         activation_offset=source_config.activation_offset,
         float_bits=source_config.float_bits,
         step_size_min=source_config.step_size_min,
+        base_model_name_or_path=source_config.base_model_name_or_path,
+        training_dataset=source_config.training_dataset,
     )
     config._attn_implementation = source_config._attn_implementation
     subnet = SamSubnetForMaskGeneration(config).to(device=supernet.device, dtype=supernet.dtype).eval()

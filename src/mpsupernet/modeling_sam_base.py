@@ -12,6 +12,7 @@ from transformers.models.sam.modeling_sam import SamImageSegmentationOutput
 from .checkpoints import CrashSafeSaveMixin
 from .configuration_sam_supernet import SamQuantizedConfigBase
 from .elastic import ResizingSamVisionEncoder
+from .image_processing import sam_image_processor
 from .quantization import LsqQuantizer, name_quantizers
 
 
@@ -79,6 +80,17 @@ class SamQuantizedPreTrainedModel(CrashSafeSaveMixin, PreTrainedModel):
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model._after_loading()
         return loaded
+
+    def _save_companion_files(self, folder) -> None:
+        """Writes the image processor at this model's input size into the folder being saved.
+
+        `preprocessor_config.json` (see `mpsupernet.image_processing.sam_image_processor`) is what
+        `SamProcessor.from_pretrained` and `pipeline("mask-generation", model=...)` read; without it they fall back to
+        SAM ViT-B's 1024 pixels, which a smaller model refuses. It is written inside the crash-safe save, so the folder
+        never holds a processor of another model, and `push_to_hub` pushes it too.
+        """
+        vision = self.config.vision_config
+        sam_image_processor(vision.image_size, vision.patch_size).save_pretrained(folder)
 
     def _after_loading(self) -> None:
         """Called on the model `from_pretrained` returns; nothing to do here."""

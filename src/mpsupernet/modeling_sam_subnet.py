@@ -380,6 +380,44 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
             self, save_directory, target=target, weight_container=weight_container, opset=opset, verify=verify
         )
 
+    def quantized_input_layers(self) -> list[str]:
+        """The kept layers (`layers.{block}.{path}`) whose inputs are quantized: a plain `SamModel` runs them in float."""
+        arch = self.architecture
+        return [
+            name
+            for name, bits in zip(arch.layer_names, arch.activation_bits)
+            if not is_float_bits(bits) and arch.keeps_layer(name)
+        ]
+
+    def to_sam_model_blocker(self) -> str | None:
+        """Why [`to_sam_model`] cannot convert this subnet (the first dimension that is not uniform), or `None`."""
+        arch, vision = self.architecture, self.config.vision_config
+        kept = arch.kept_blocks
+        if arch.resolution != vision.image_size:
+            return (
+                f"Resolution is not uniform with the base model: the subnet runs at {arch.resolution} px, a plain "
+                f"SamModel only at the base image size {vision.image_size}."
+            )
+        heads = [arch.num_heads[block] for block in kept]
+        if set(heads) != {vision.num_attention_heads}:
+            return (
+                f"Heads are not uniform: the kept blocks {list(kept)} keep {heads} heads; a plain SamModel needs all "
+                f"{vision.num_attention_heads} in every block (its attention is as wide as the hidden size)."
+            )
+        if arch.hidden_size not in (None, vision.hidden_size):
+            return (
+                f"Feature size is not uniform with the base model: the subnet keeps {arch.hidden_size} channels; a "
+                f"plain SamModel's heads are {vision.hidden_size} // {vision.num_attention_heads} wide only at the "
+                f"base hidden size {vision.hidden_size}."
+            )
+        mlp_dims = [arch.mlp_dims[block] for block in kept]
+        if len(set(mlp_dims)) > 1:
+            return (
+                f"MLP width is not uniform: the kept blocks {list(kept)} keep {mlp_dims} units; a plain SamModel has "
+                "one mlp_dim."
+            )
+        return None
+
     @torch.no_grad()
     def to_sam_model(self) -> SamModel:
         """This subnet as a plain transformers `SamModel`, with the dequantized weights.
@@ -392,38 +430,15 @@ class SamSubnetForMaskGeneration(SamSubnetPreTrainedModel):
         where the subnet's activations are float too (its weights are the same either way).
 
         Raises:
-            `ValueError`: naming the dimension that is not uniform.
+            `ValueError`: naming the dimension that is not uniform (see [`to_sam_model_blocker`]).
         """
+        blocker = self.to_sam_model_blocker()
+        if blocker is not None:
+            raise ValueError(blocker)
         arch, vision = self.architecture, self.config.vision_config
         kept = arch.kept_blocks
-        if arch.resolution != vision.image_size:
-            raise ValueError(
-                f"Resolution is not uniform with the base model: the subnet runs at {arch.resolution} px, a plain "
-                f"SamModel only at the base image size {vision.image_size}."
-            )
-        heads = [arch.num_heads[block] for block in kept]
-        if set(heads) != {vision.num_attention_heads}:
-            raise ValueError(
-                f"Heads are not uniform: the kept blocks {list(kept)} keep {heads} heads; a plain SamModel needs all "
-                f"{vision.num_attention_heads} in every block (its attention is as wide as the hidden size)."
-            )
-        if arch.hidden_size not in (None, vision.hidden_size):
-            raise ValueError(
-                f"Feature size is not uniform with the base model: the subnet keeps {arch.hidden_size} channels; a "
-                f"plain SamModel's heads are {vision.hidden_size} // {vision.num_attention_heads} wide only at the "
-                f"base hidden size {vision.hidden_size}."
-            )
         mlp_dims = [arch.mlp_dims[block] for block in kept]
-        if len(set(mlp_dims)) > 1:
-            raise ValueError(
-                f"MLP width is not uniform: the kept blocks {list(kept)} keep {mlp_dims} units; a plain SamModel has "
-                "one mlp_dim."
-            )
-        quantized_inputs = [
-            name
-            for name, bits in zip(arch.layer_names, arch.activation_bits)
-            if not is_float_bits(bits) and arch.keeps_layer(name)
-        ]
+        quantized_inputs = self.quantized_input_layers()
         if quantized_inputs:
             logger.warning(
                 f"to_sam_model: {len(quantized_inputs)} layers of this subnet quantize their inputs (e.g. "

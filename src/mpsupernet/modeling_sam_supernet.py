@@ -5,6 +5,7 @@ import random
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -76,12 +77,14 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         The base weights are copied as they are, then MLP units and attention heads (and, when the feature size is
         elastic, the channels of the residual stream) are reordered by importance (which leaves the full model's
         output unchanged) so that narrower subnets keep the most important ones, and the weight quantizers' step
-        sizes are initialised from the weights.
+        sizes are initialised from the weights. `config.base_model_name_or_path` records where the checkpoint came
+        from (see [`sam_source_name`]), for model cards.
         """
         if not isinstance(sam, SamModel):
             sam = SamModel.from_pretrained(sam, **(sam_kwargs or {}))
         attn_implementation = config_overrides.pop("attn_implementation", sam.config._attn_implementation)
         base = {k: v for k, v in sam.config.to_dict().items() if k not in SAM_CONFIG_KEYS_NOT_COPIED}
+        config_overrides.setdefault("base_model_name_or_path", sam_source_name(sam))
         config = SamSupernetConfig(**{**base, **config_overrides})
         config._attn_implementation = attn_implementation
         model = cls(config)
@@ -261,6 +264,15 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         if save_directory is not None:
             subnet.save_pretrained(save_directory)
         return subnet
+
+
+def sam_source_name(sam: SamModel) -> str | None:
+    """Where a loaded `SamModel` came from, as model cards name it: the Hub id it was loaded from, or the name of its
+    local folder (`"embedded-sam"` for the package's embedded SAM); `None` for a model built in memory."""
+    source = sam.config._name_or_path
+    if not source:
+        return None
+    return Path(source).name if Path(source).is_dir() else source
 
 
 def _reorder_mlp(mlp) -> None:

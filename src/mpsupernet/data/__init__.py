@@ -4,6 +4,7 @@ and preprocessing."""
 from .adapters import (
     DATASET_SCHEMAS,
     STANDARD_FEATURES,
+    dataset_name,
     decode_coco_segmentation,
     from_coco_annotations,
     from_instance_mask_columns,
@@ -22,6 +23,7 @@ from .processing import (
 from .prompts import PAD_POINT_LABEL, jitter_box, mask_to_box, sample_points
 from .real import REAL3_DOMAINS, REAL3_FEATURES, REAL3_INSTALL, is_real3_available, load_real3_dataset
 from .synthetic import (
+    SYNTHETIC_DATASET_NAME,
     SYNTHETIC_FEATURES,
     make_synthetic_segmentation_dataset,
     make_synthetic_segmentation_dataset_dict,
@@ -37,9 +39,11 @@ __all__ = [
     "REAL3_FEATURES",
     "REAL3_INSTALL",
     "STANDARD_FEATURES",
+    "SYNTHETIC_DATASET_NAME",
     "SYNTHETIC_FEATURES",
     "SamSegmentationPreprocessor",
     "collate_fn",
+    "dataset_name",
     "decode_coco_segmentation",
     "from_coco_annotations",
     "from_instance_mask_columns",

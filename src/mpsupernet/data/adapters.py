@@ -371,3 +371,10 @@ def to_standard_schema(dataset: Dataset | DatasetDict, schema: str, **adapter_kw
     if schema not in DATASET_SCHEMAS:
         raise ValueError(f"Unknown dataset schema {schema!r}; allowed: {list(DATASET_SCHEMAS)}.")
     return DATASET_SCHEMAS[schema](dataset, **adapter_kwargs)
+
+
+def dataset_name(dataset) -> str | None:
+    """The name a dataset carries, for metadata and model cards: `info.dataset_name` (a Hub dataset's or a local
+    folder's name, kept through `map` and `save_to_disk`), else `info.builder_name`; `None` where it has neither."""
+    info = getattr(dataset, "info", None)
+    return getattr(info, "dataset_name", None) or getattr(info, "builder_name", None)

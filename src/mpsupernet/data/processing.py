@@ -5,39 +5,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from datasets import Dataset
 from PIL import Image as PILImage
 from transformers import SamConfig, SamVisionConfig
 from transformers.utils import logging
 
+from ..image_processing import low_res_mask_size, sam_image_processor
 from .prompts import jitter_box, mask_to_box, sample_points
 
 
 logger = logging.get_logger(__name__)
 
-# Since transformers 5.x (5.24 here), `SamImageProcessor` is the torchvision backend and the Pillow one is
-# `SamImageProcessorPil`; earlier 5.x releases named the Pillow one `SamImageProcessor`. torchvision is unusable next
-# to the project's torch, so take the Pillow processor under either name.
-_PillowSamImageProcessor = getattr(transformers, "SamImageProcessorPil", None) or transformers.SamImageProcessor
-
 MODEL_INPUT_NAMES = ("pixel_values", "input_boxes", "input_points", "input_labels")
 PROMPT_MODES = ("box", "points", "box_and_points")
-
-
-def low_res_mask_size(image_size: int, patch_size: int) -> int:
-    """Side of SAM's `pred_masks`: the mask decoder upscales the embedding grid 4 times.
-
-    Args:
-        image_size (`int`):
-            Side of the model's (square, padded) input.
-        patch_size (`int`):
-            Side of a patch of the vision encoder.
-
-    Returns:
-        `int`: `4 * (image_size // patch_size)`, e.g. 256 for SAM's 1024-pixel input with 16-pixel patches.
-    """
-    return 4 * (image_size // patch_size)
 
 
 def _example_key(value: Any) -> int:
@@ -173,9 +153,7 @@ class SamSegmentationPreprocessor:
         self.masks_column = masks_column
         self.id_column = id_column
         if image_processor is None:
-            image_processor = _PillowSamImageProcessor(
-                size={"longest_edge": self.image_size}, pad_size={"height": self.image_size, "width": self.image_size}
-            )
+            image_processor = sam_image_processor(self.image_size, self.patch_size)
         else:
             self._check_image_processor(image_processor)
         self.image_processor = image_processor

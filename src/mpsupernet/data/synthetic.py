@@ -8,7 +8,7 @@ objects on textured backgrounds).
 """
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, Image, List, Value
+from datasets import Dataset, DatasetDict, DatasetInfo, Features, Image, List, Value
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
@@ -24,6 +24,9 @@ SYNTHETIC_FEATURES = Features(
         "shapes": List(Value("string")),
     }
 )
+
+SYNTHETIC_DATASET_NAME = "mpsupernet synthetic shapes"
+"""The `info.dataset_name` of the synthetic dataset, which supernet configs, Pareto fronts and model cards state."""
 
 # Streams keep the splits of `make_synthetic_segmentation_dataset_dict` disjoint for any seed.
 _TRAIN_STREAM = 0
@@ -181,7 +184,8 @@ def _make_split(
         columns["masks"].append([PILImage.fromarray(mask) for mask in masks])
         columns["image_id"].append(index)
         columns["shapes"].append(shapes)
-    return Dataset.from_dict(columns, features=SYNTHETIC_FEATURES)
+    info = DatasetInfo(dataset_name=SYNTHETIC_DATASET_NAME, features=SYNTHETIC_FEATURES)
+    return Dataset.from_dict(columns, features=SYNTHETIC_FEATURES, info=info)
 
 
 def make_synthetic_segmentation_dataset(

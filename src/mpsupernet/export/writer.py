@@ -24,6 +24,7 @@ import onnxscript.optimizer
 import torch
 
 from ..architecture import is_float_bits
+from ..image_processing import PillowSamImageProcessor, sam_image_processor
 from ..metrics import mask_iou
 from ..modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration
 from ..quantization import LsqQuantizer
@@ -179,11 +180,10 @@ def exported_file_names(directory: Path) -> set[str]:
 def _sample_inputs(image_size: int, num_images: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
     """Images of the package's synthetic dataset as `SamImageProcessor` prepares them, with one box around each
     image's first object and a point at its centre, in the model's input frame."""
-    from ..data.processing import _PillowSamImageProcessor
     from ..data.synthetic import make_synthetic_segmentation_dataset
 
     dataset = make_synthetic_segmentation_dataset(num_images, image_size=image_size, seed=seed)
-    processor = _PillowSamImageProcessor(size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size})
+    processor = PillowSamImageProcessor(size={"longest_edge": image_size}, pad_size={"height": image_size, "width": image_size})
     pixel_values = processor(list(dataset["image"]), return_tensors="np")["pixel_values"].astype(np.float32)
     boxes = []
     for masks in list(dataset["masks"]):
@@ -308,7 +308,7 @@ def _write(subnet, staging: Path, destination: Path, target, weight_container, o
     finally:
         subnet.train(was_training)
 
-    _write_preprocessor_config(staging, image_size)
+    sam_image_processor(image_size, config.vision_config.patch_size).save_pretrained(staging)
     config_dict = config.to_dict()
     config_dict["export"] = {
         "format": "onnx",
@@ -345,19 +345,6 @@ def _write(subnet, staging: Path, destination: Path, target, weight_container, o
     if verify:
         _verify(subnet, staging, sample, report)
     return report
-
-
-def _write_preprocessor_config(directory: Path, image_size: int) -> None:
-    from ..data.processing import _PillowSamImageProcessor
-
-    mask_size = image_size // 4
-    processor = _PillowSamImageProcessor(
-        size={"longest_edge": image_size},
-        pad_size={"height": image_size, "width": image_size},
-        mask_size={"longest_edge": mask_size},
-        mask_pad_size={"height": mask_size, "width": mask_size},
-    )
-    processor.save_pretrained(directory)
 
 
 def count_integer_matmuls(path: str | os.PathLike, settings: dict = ONNXRUNTIME_SETTINGS) -> int:

@@ -96,7 +96,8 @@ class ParetoFront:
         evaluated (`Iterable[ParetoEntry]`, *optional*): every architecture the search evaluated (the plot shows
             them); defaults to `candidates`.
         metadata (`dict`, *optional*): where the front comes from. `evolutionary_search` and `run_search` fill:
-            `base_model` (name or path of the supernet), `dataset` (`{"name", "size"}`), `full_precision`
+            `supernet` (the name or path it was loaded from), `base_model` and `training_dataset` (its provenance:
+            `config.base_model_name_or_path` and `config.training_dataset`), `dataset` (what the search measured on: `{"name", "size"}`), `full_precision`
             (`{"bitops", "macs", "mean_iou"}`, `mean_iou` `None` when not measured), `w8a8_bitops` (the uniform W8A8
             reference), `date` (ISO 8601, UTC) and `search` (the search settings and the number of evaluations).
 

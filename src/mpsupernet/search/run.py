@@ -115,7 +115,7 @@ def evolutionary_search(
         algorithm (`str`, *optional*, defaults to `"nsga2"`): one of `ALGORITHMS` (`"nsga2"`, `"smsemoa"`).
         evaluate_full_precision (`bool`, *optional*, defaults to `True`): also measure the full-precision model
             (one more `evaluate` call) for the front's metadata and plot.
-        metadata (`dict`, *optional*): more metadata for the front (`run_search` gives `base_model`, `dataset`).
+        metadata (`dict`, *optional*): more metadata for the front (`run_search` gives `dataset`).
 
     Returns:
         `ParetoFront`: with the full-precision point, the W8A8 reference, the date and the settings in `metadata`.
@@ -155,7 +155,9 @@ def _front_metadata(
 ) -> dict:
     """The metadata `evolutionary_search` gives its front (see `ParetoFront`)."""
     return {
-        "base_model": getattr(supernet, "name_or_path", None) or None,
+        "supernet": getattr(supernet, "name_or_path", None) or None,
+        "base_model": supernet.config.base_model_name_or_path,
+        "training_dataset": supernet.config.training_dataset,
         "dataset": {"name": None, "size": None},
         "full_precision": {
             "bitops": full_precision_report.total_bitops,
@@ -315,6 +317,7 @@ def run_search(
     from torch.utils.data import DataLoader
 
     from ..data import SamSegmentationPreprocessor, collate_fn
+    from ..data import dataset_name as name_of_dataset
 
     supernet = _load_supernet(supernet_path_or_model)
     if eval_batch_size < 1:
@@ -329,8 +332,7 @@ def run_search(
         dataset.with_transform(preprocessor), batch_size=eval_batch_size, shuffle=False, collate_fn=collate_fn
     )
     evaluate = make_miou_evaluator(supernet, dataloader, accelerator=accelerator, max_batches=max_eval_batches)
-    info = getattr(dataset, "info", None)
-    dataset_name = dataset_name or getattr(info, "dataset_name", None) or getattr(info, "builder_name", None)
+    dataset_name = dataset_name or name_of_dataset(dataset)
     front = evolutionary_search(
         supernet,
         evaluate,

@@ -35,7 +35,8 @@ class SupernetTrainingArguments(TrainingArguments):
 
     Raises:
         `ValueError`: for a `num_random_subnets` that is not a non-negative integer, an unknown distillation teacher
-        or kind, a negative `quantizer_lr_scale`, or `fixed_architecture` with `distillation="largest"`.
+        or kind, a negative `quantizer_lr_scale`, `fixed_architecture` with `distillation="largest"`, or
+        `torch_compile=True` without `fixed_architecture` (it recompiles for every sampled subnet).
     """
 
     num_random_subnets: int = field(default=2, metadata={"help": "Random subnets per step."})
@@ -66,6 +67,12 @@ class SupernetTrainingArguments(TrainingArguments):
             raise ValueError(
                 "`fixed_architecture` trains one architecture alone, so there is no largest subnet to distil from; "
                 "set `distillation` to None or 'full_precision'."
+            )
+        if self.torch_compile and self.fixed_architecture is None:
+            raise ValueError(
+                "`torch_compile=True` is refused: every training step samples other subnets, so torch.compile "
+                "recompiles the supernet again and again (its recompile limit is reached; a step ran about 100x "
+                "slower than eager). Train eagerly, and compile an extracted subnet (a fixed architecture) instead."
             )
         if not self.quantizer_lr_scale >= 0:
             raise ValueError(f"`quantizer_lr_scale` must be non-negative, got {self.quantizer_lr_scale!r}.")

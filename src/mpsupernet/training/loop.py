@@ -36,6 +36,7 @@ from .policies import (
     evaluation_subnets,
     make_sandwich_sampler,
     quantizer_parameter_groups,
+    record_training_dataset,
     warn_collapsed_steps,
 )
 from .resume import (
@@ -252,6 +253,7 @@ def train_supernet(
     _check_dataset(train_dataset, "train_dataset", preprocessor)
     if eval_dataset is not None:
         _check_dataset(eval_dataset, "eval_dataset", preprocessor)
+    record_training_dataset(model, train_dataset)
     loop = _AccelerateLoop(model, args, preprocessor)
     loop.prepare_data(train_dataset, eval_dataset)
     loop.prepare_training()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..data import dataset_name
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from ..quantization import collapsed_step_sizes
 from ..search_space import SubnetArchitecture
@@ -50,6 +51,14 @@ def evaluation_subnets(model: SamSupernetForMaskGeneration) -> dict[str, SubnetA
     """The subnets both paths evaluate: the largest and the smallest of the whole search space, so that numbers stay
     comparable across the progressive bit-width schedule."""
     return {"largest": model.largest_subnet(), "smallest": model.smallest_subnet()}
+
+
+def record_training_dataset(model: SamSupernetForMaskGeneration, dataset) -> None:
+    """Records the training data's name (`mpsupernet.data.dataset_name`) in `model.config.training_dataset`, which
+    Pareto fronts and model cards state; a dataset without a name leaves the record as it was."""
+    name = dataset_name(dataset)
+    if name:
+        model.config.training_dataset = name
 
 
 def calibrate_from_dataset(

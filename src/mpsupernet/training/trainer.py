@@ -1,11 +1,13 @@
 """`SupernetTrainer`: the transformers `Trainer`, taught to train a supernet with the sandwich rule."""
 
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType
+from datasets import Dataset
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, speed_metrics
@@ -19,6 +21,7 @@ from .policies import (
     calibrate_from_dataset,
     evaluation_subnets,
     make_sandwich_sampler,
+    record_training_dataset,
     split_quantizer_groups,
     warn_collapsed_steps,
 )
@@ -101,6 +104,15 @@ class SupernetTrainer(Trainer):
                 f"SupernetTrainer trains a SamSupernetForMaskGeneration, got {type(model).__name__}. Build one with "
                 "`SamSupernetForMaskGeneration.from_sam(...)` or `.from_pretrained(...)`."
             )
+        for name in ("compute_metrics", "preprocess_logits_for_metrics"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"SupernetTrainer does not call `{name}`: its `evaluate` measures the mean mask IoU of the largest "
+                    "and the smallest subnets. For other metrics or subnets, run "
+                    "`mpsupernet.training.evaluate_subnets` (or `mpsupernet.evaluation`) on the trained supernet."
+                )
+        for name in ("train_dataset", "eval_dataset"):
+            _check_preprocessed(kwargs.get(name), name)
         options = {name: kwargs.pop(name) for name in SUPERNET_OPTIONS if name in kwargs}
         if args is None:
             args = SupernetTrainingArguments(output_dir="trainer_output", **options)
@@ -133,6 +145,7 @@ class SupernetTrainer(Trainer):
             # Only a complete checkpoint (see `mpsupernet.training.resume`); `True` takes the newest complete one.
             resume_from_checkpoint = str(resolve_checkpoint(resume_from_checkpoint, self.args.output_dir))
         supernet = self.accelerator.unwrap_model(self.model)
+        record_training_dataset(supernet, self.train_dataset)
         if not resume_from_checkpoint and self.train_dataset is not None:
             calibrate_from_dataset(
                 self.sampler,
@@ -165,6 +178,33 @@ class SupernetTrainer(Trainer):
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=True,
             )
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Writes mpsupernet's supernet card (`mpsupernet.hub.render_supernet_card`) to `output_dir/README.md`.
+
+        `push_to_hub` calls this. transformers' own card would call the model a plain transformers fine-tune with
+        no base model and no BitOPs; this one states the base SAM, the training data, the search space's BitOPs and
+        the last evaluation. The arguments of `Trainer.create_model_card` (`license`, `tags`, ...) are accepted;
+        only `license` is used.
+        """
+        if not self.is_world_process_zero():
+            return
+        from ..hub import render_supernet_card
+
+        evaluations = [entry for entry in self.state.log_history if any(key.startswith("eval_") for key in entry)]
+        metrics = {
+            key: value
+            for key, value in (evaluations[-1] if evaluations else {}).items()
+            if key.startswith("eval_mean_iou")
+        }
+        card = render_supernet_card(
+            self.accelerator.unwrap_model(self.model),
+            steps=self.state.global_step or None,
+            eval_metrics=metrics,
+            repo_id=self.hub_model_id,
+            license=kwargs.get("license") or "apache-2.0",
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The parent's choice (no biases, no norms) without the quantizers' step sizes and offsets."""
@@ -272,3 +312,18 @@ class SupernetTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+def _check_preprocessed(dataset, name: str) -> None:
+    """Refuses a `datasets.Dataset` that yields raw examples: the Trainer's batches must be SAM inputs."""
+    if isinstance(dataset, dict):
+        for key, split in dataset.items():
+            _check_preprocessed(split, f"{name}[{key!r}]")
+        return
+    if isinstance(dataset, Dataset) and dataset.format["type"] != "custom" and "pixel_values" not in dataset.column_names:
+        raise ValueError(
+            f"`{name}` has no preprocessing transform (its columns are {dataset.column_names}): SupernetTrainer "
+            f"trains on SAM inputs. Give `{name}.with_transform(SamSegmentationPreprocessor(model.config))` (from "
+            "`mpsupernet.data`). `train_supernet`, by contrast, takes the dataset in the standard schema without a "
+            "transform and preprocesses it itself."
+        )
