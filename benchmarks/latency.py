@@ -53,11 +53,11 @@ import _common  # noqa: E402
 
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration  # noqa: E402
 from mpsupernet.hub import read_tiers_manifest  # noqa: E402
-from mpsupernet.pretrained import load_embedded_sam  # noqa: E402
+from mpsupernet.pretrained import EMBEDDED_SAM_PATH, load_embedded_sam  # noqa: E402
 from mpsupernet.runtime import OnnxSamModel  # noqa: E402
 
-EMBEDDED_BASE_MODEL = "mpsupernet/embedded-sam"
-"""The `base_model` that `mpsupernet demo` writes into `tiers.json`: the SAM shipped in `mpsupernet.pretrained`."""
+EMBEDDED_BASE_MODEL = EMBEDDED_SAM_PATH.name
+"""The `base_model` that `mpsupernet demo` writes into `tiers.json` (what `from_sam` records for the embedded SAM)."""
 EAGER, SDPA, ORT_FLOAT = "torch float eager", "torch float SDPA", "onnxruntime float"
 RATIO_KEYS = {EAGER: "ratio_to_torch_eager", SDPA: "ratio_to_torch_sdpa", ORT_FLOAT: "ratio_to_onnxruntime_float"}
 """The float baselines every variant is divided by, and the result keys of those ratios."""
