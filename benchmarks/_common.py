@@ -6,7 +6,6 @@ ratio measured side by side does.
 """
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -22,6 +21,7 @@ from transformers import SamModel
 
 from mpsupernet import SamSupernetForMaskGeneration, SubnetArchitecture
 from mpsupernet.data import low_res_mask_size
+from mpsupernet.runtime import cpu_model
 from mpsupernet.testing_utils import make_sam_config, make_vit_b_sam_config
 from mpsupernet.training import SandwichSampler, sam_loss
 
@@ -237,11 +237,8 @@ def median(values: list[float]) -> float:
 # --- reporting -------------------------------------------------------------------------------------------------------
 def machine_info(device: torch.device) -> dict:
     """What ran the benchmark: CPU model, GPU name, library versions, threads and the date."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

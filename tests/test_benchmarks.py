@@ -343,7 +343,10 @@ def test_latency_check_stops_on_a_wrong_baseline_and_marks_a_wrong_runtime():
 
 def test_latency_reads_saved_tiers_with_their_base_model(tmp_path, embedded_supernet):
     subnet = embedded_supernet.extract_subnet("25%")
-    save_tiers({"quarter": subnet}, tmp_path / "tiers", base_model=latency.EMBEDDED_BASE_MODEL, dataset_name="shapes")
+    save_tiers(
+        {"quarter": subnet}, tmp_path / "tiers", base_model=latency.EMBEDDED_BASE_MODEL, dataset_name="shapes",
+        export_onnx=False,
+    )
     sam, tiers = latency.saved_tiers(tmp_path / "tiers")
     assert list(tiers) == ["quarter"] and tiers["quarter"].config.architecture == subnet.config.architecture
     pixel_values = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))

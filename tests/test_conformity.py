@@ -50,7 +50,10 @@ def tier_folders(supernet, tmp_path_factory):
         "full": mpsupernet.extract_subnet(supernet, space.largest(8, 8)),
     }
     folder = tmp_path_factory.mktemp("tiers") / "repo"
-    save_tiers(tiers, folder, base_model="embedded-sam", dataset_name="synthetic", mean_ious={"low": 0.4, "full": 0.6})
+    save_tiers(
+        tiers, folder, base_model="embedded-sam", dataset_name="synthetic", mean_ious={"low": 0.4, "full": 0.6},
+        export_onnx=False,
+    )
     return folder, tiers
 
 

@@ -198,7 +198,7 @@ def test_save_tiers_survives_a_kill_at_every_write(supernets, tmp_path, over_old
     }
     pristine, work = tmp_path / "pristine", tmp_path / "work"
     pristine.mkdir()
-    kwargs = {"base_model": "x/y", "dataset_name": "d"}
+    kwargs = {"base_model": "x/y", "dataset_name": "d", "export_onnx": False}
     if over_old:
         old_manifest = save_tiers(old_tiers, pristine / "tiers", **kwargs)
     new_manifest = save_tiers(new_tiers, tmp_path / "reference", **kwargs)
@@ -246,7 +246,7 @@ def test_readers_polling_load_subnet_during_rewrites_get_a_whole_tier(supernets,
     space = supernet.search_space
     versions = [extract_subnet(supernet, space.largest(2, 4)), extract_subnet(supernet, space.largest(4, 8))]
     folder = tmp_path / "tiers"
-    kwargs = {"base_model": "x/y", "dataset_name": "d"}
+    kwargs = {"base_model": "x/y", "dataset_name": "d", "export_onnx": False}
     save_tiers({"x": versions[0]}, folder, **kwargs)
     budget = max(version.config.bitops for version in versions)
     states = [version.state_dict() for version in versions]

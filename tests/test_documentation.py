@@ -160,7 +160,8 @@ def test_at_most_a_few_readme_blocks_are_not_run():
 
 @pytest.fixture(scope="module")
 def published_tiers(local_hub):
-    """Two tiers of the tiny SAM's supernet pushed to the local Hub (one at a reduced resolution), and the supernet."""
+    """Two tiers of the tiny SAM's supernet pushed to the local Hub with their ONNX exports (one at a reduced
+    resolution), and the supernet."""
     from conftest import make_tiny_sam
 
     supernet = mpsupernet.SamSupernetForMaskGeneration.from_sam(make_tiny_sam()).eval()
@@ -182,6 +183,11 @@ def test_card_snippets_run_as_written(published_tiers, tmp_path):
         blocks = python_blocks(text)
         assert blocks and all(reason is None for _, reason in blocks)
         assert any("mpsupernet.load_subnet(" in code for code, _ in blocks)
+        # push_tiers exports every tier: each card runs its ONNX export with onnxruntime, up to the masks
+        onnx_blocks = [code for code, _ in blocks if "OnnxSamModel.from_pretrained(" in code]
+        assert len(onnx_blocks) == 1 and "model.post_process_masks(" in onnx_blocks[0]
+        if card != "README.md":
+            assert any('runtime="onnxruntime"' in code and "max_latency_ms=" in code for code, _ in blocks)
         documents.append([code for code, _ in blocks])
     folder = tmp_path / "tier"
     card = save_subnet_with_card(tiers["m"], folder, base_model="embedded-sam", dataset_name="synthetic")

@@ -16,6 +16,7 @@ from mpsupernet.bitops import parse_budget
 from mpsupernet.extraction import extract_subnet
 from mpsupernet.bitops import format_budget
 from mpsupernet.hub import (
+    describe_latency_measurement,
     load_subnet,
     push_tiers,
     render_subnet_card,
@@ -66,7 +67,7 @@ def test_card_metadata_parses_and_states_the_bitops(tiers, tmp_path):
 def test_push_three_tiers_and_download_by_budget(tiers, local_hub, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
     repo_id = "local-user/sam-tiers"
-    push_tiers(tiers, repo_id, base_model="facebook/sam-vit-base", dataset_name="synthetic", mean_ious=MEAN_IOUS)
+    push_tiers(tiers, repo_id, base_model="facebook/sam-vit-base", dataset_name="synthetic", mean_ious=MEAN_IOUS, export_onnx=False)
     files = HfApi().list_repo_files(repo_id)
     assert {"tiers.json", "README.md"} <= set(files)
     for name in tiers:
@@ -90,7 +91,7 @@ def test_push_three_tiers_and_download_by_budget(tiers, local_hub, tmp_path, mon
 
 
 def test_save_tiers_locally_and_load_by_budget(tiers, tmp_path):
-    manifest = save_tiers(tiers, tmp_path / "tiers", base_model="facebook/sam-vit-base", dataset_name="synthetic")
+    manifest = save_tiers(tiers, tmp_path / "tiers", base_model="facebook/sam-vit-base", dataset_name="synthetic", export_onnx=False)
     assert json.loads((tmp_path / "tiers" / "tiers.json").read_text()) == manifest
     assert list(manifest["tiers"]) == sorted(tiers, key=lambda name: tiers[name].config.bitops)
     loaded = load_subnet(tmp_path / "tiers", max_bitops="100%")
@@ -100,9 +101,9 @@ def test_save_tiers_locally_and_load_by_budget(tiers, tmp_path):
 def test_bad_tiers_leave_nothing_behind(tiers, tmp_path, local_hub):
     target = tmp_path / "tiers"
     with pytest.raises(ValueError, match=r"Tier name 'a/b' is not a valid folder name"):
-        save_tiers({"a/b": tiers["tiny"]}, target, base_model="x/y", dataset_name="d")
+        save_tiers({"a/b": tiers["tiny"]}, target, base_model="x/y", dataset_name="d", export_onnx=False)
     with pytest.raises(ValueError, match=r"`mean_ious` names tiers \['huge'\]"):
-        push_tiers(tiers, "local-user/never-made", base_model="x/y", dataset_name="d", mean_ious={"huge": 0.1})
+        push_tiers(tiers, "local-user/never-made", base_model="x/y", dataset_name="d", mean_ious={"huge": 0.1}, export_onnx=False)
     assert not target.exists() and list(tmp_path.iterdir()) == []
     with pytest.raises(RepositoryNotFoundError):
         HfApi().list_repo_files("local-user/never-made")
@@ -119,34 +120,34 @@ def test_save_tiers_refuses_a_folder_that_is_not_a_tiers_folder_and_deletes_noth
     (target / "notes.txt").write_text("keep me")
     message = r"'.*mine' is not empty and holds no tiers.json, so it is not a tiers folder; .* never deletes files"
     with pytest.raises(ValueError, match=message):
-        save_tiers({"tiny": tiers["tiny"]}, target, base_model="x/y", dataset_name="d")
+        save_tiers({"tiny": tiers["tiny"]}, target, base_model="x/y", dataset_name="d", export_onnx=False)
     assert _tier_files(target) == ["notes.txt"]
     monkeypatch.chdir(target)
     with pytest.raises(ValueError, match=r"'\.' is not empty and holds no tiers.json"):
-        save_tiers({"tiny": tiers["tiny"]}, ".", base_model="x/y", dataset_name="d")
+        save_tiers({"tiny": tiers["tiny"]}, ".", base_model="x/y", dataset_name="d", export_onnx=False)
     assert _tier_files(target) == ["notes.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 def test_save_tiers_over_earlier_tiers_replaces_only_its_own(tiers, tmp_path):
     target = tmp_path / "tiers"
-    save_tiers({"a": tiers["tiny"], "b": tiers["small"]}, target, base_model="x/y", dataset_name="d")
+    save_tiers({"a": tiers["tiny"], "b": tiers["small"]}, target, base_model="x/y", dataset_name="d", export_onnx=False)
     assert (target / "a" / "config.json").is_file()
     (target / "notes.txt").write_text("keep me")
     (target / "_v7").mkdir()  # a generation folder a killed write left: no manifest names it
     (target / "_v7" / "config.json").write_text("{}")
-    manifest = save_tiers({"b": tiers["medium"], "c": tiers["tiny"]}, target, base_model="x/y", dataset_name="d")
+    manifest = save_tiers({"b": tiers["medium"], "c": tiers["tiny"]}, target, base_model="x/y", dataset_name="d", export_onnx=False)
     assert {name: tier["subfolder"] for name, tier in manifest["tiers"].items()} == {"c": "_v8/c", "b": "_v8/b"}
     assert sorted(p.name for p in target.iterdir()) == ["README.md", "_v8", "notes.txt", "tiers.json"]
     assert load_subnet(target, max_bitops="100%").config.bitops == tiers["medium"].config.bitops
     # the third write goes to a new generation and removes the second
-    save_tiers({"a": tiers["small"]}, target, base_model="x/y", dataset_name="d")
+    save_tiers({"a": tiers["small"]}, target, base_model="x/y", dataset_name="d", export_onnx=False)
     assert sorted(p.name for p in target.iterdir()) == ["README.md", "_v9", "notes.txt", "tiers.json"]
 
 
 def test_tiers_folder_is_as_readable_as_a_new_folder(tiers, tmp_path):
     previous = os.umask(0o022)
     try:
-        save_tiers({"a": tiers["tiny"]}, tmp_path / "tiers", base_model="x/y", dataset_name="d")
+        save_tiers({"a": tiers["tiny"]}, tmp_path / "tiers", base_model="x/y", dataset_name="d", export_onnx=False)
     finally:
         os.umask(previous)
     for path in [tmp_path / "tiers", tmp_path / "tiers" / "a"]:
@@ -167,14 +168,14 @@ def test_tiers_folder_is_as_readable_as_a_new_folder(tiers, tmp_path):
 )
 def test_bad_tier_names_are_refused_clearly(tiers, tmp_path, name, message):
     with pytest.raises(ValueError, match=message):
-        save_tiers({name: tiers["tiny"]}, tmp_path / "tiers", base_model="x/y", dataset_name="d")
+        save_tiers({name: tiers["tiny"]}, tmp_path / "tiers", base_model="x/y", dataset_name="d", export_onnx=False)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1.5, -0.1, "0.7"])
 def test_a_mean_iou_that_is_not_in_0_1_is_never_written(tiers, tmp_path, value):
     with pytest.raises(ValueError, match=r"The mean IoU of tier 'tiny' is .*; give a finite number in \[0, 1\]"):
-        save_tiers({"tiny": tiers["tiny"]}, tmp_path / "tiers", base_model="x/y", dataset_name="d", mean_ious={"tiny": value})
+        save_tiers({"tiny": tiers["tiny"]}, tmp_path / "tiers", base_model="x/y", dataset_name="d", mean_ious={"tiny": value}, export_onnx=False)
     with pytest.raises(ValueError, match=r"The mean IoU of the subnet is .*; give a finite number in \[0, 1\]"):
         save_subnet_with_card(tiers["tiny"], tmp_path / "one", base_model="x/y", dataset_name="d", mean_iou=value)
     assert list(tmp_path.iterdir()) == []
@@ -190,7 +191,7 @@ def test_a_nan_mean_iou_is_never_preferred():
 
 @pytest.mark.parametrize("budget", [np.int64, np.float64, torch.tensor, lambda v: torch.tensor(float(v)), np.array])
 def test_numpy_and_tensor_budgets_are_numbers(tiers, tmp_path, budget):
-    save_tiers(tiers, tmp_path / "tiers", base_model="x/y", dataset_name="d")
+    save_tiers(tiers, tmp_path / "tiers", base_model="x/y", dataset_name="d", export_onnx=False)
     small = tiers["small"].config.bitops
     assert parse_budget(budget(small)) == small
     assert load_subnet(tmp_path / "tiers", max_bitops=budget(small)).config.bitops == small
@@ -207,7 +208,7 @@ def _damage_manifest(folder, change):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda m: m.update(format_version=2), r"has format_version 2, newer than this mpsupernet reads \(1\); upgrade"),
+        (lambda m: m.update(format_version=3), r"has format_version 3, newer than this mpsupernet reads \(2\); upgrade"),
         (lambda m: m.update(format_version=0), r"field `format_version`: 0 is not a format version"),
         (lambda m: m.pop("full_precision_bitops"), r"field `full_precision_bitops`: Field required"),
         (lambda m: m["tiers"]["tiny"].update(bitops="many"), r"field `tiers.tiny.bitops`: Input should be a valid integer"),
@@ -220,7 +221,7 @@ def _damage_manifest(folder, change):
 )
 def test_invalid_manifests_name_the_repo_file_and_field(tiers, tmp_path, change, message):
     folder = tmp_path / "tiers"
-    save_tiers({"tiny": tiers["tiny"]}, folder, base_model="x/y", dataset_name="d")
+    save_tiers({"tiny": tiers["tiny"]}, folder, base_model="x/y", dataset_name="d", export_onnx=False)
     _damage_manifest(folder, change)
     with pytest.raises(ValueError, match=r"tiers.json of '.*tiers' .*" + message):
         load_subnet(folder, max_bitops="100%")
@@ -228,7 +229,7 @@ def test_invalid_manifests_name_the_repo_file_and_field(tiers, tmp_path, change,
 
 def test_manifest_that_is_not_json_or_an_object_is_named(tiers, tmp_path):
     folder = tmp_path / "tiers"
-    save_tiers({"tiny": tiers["tiny"]}, folder, base_model="x/y", dataset_name="d")
+    save_tiers({"tiny": tiers["tiny"]}, folder, base_model="x/y", dataset_name="d", export_onnx=False)
     (folder / "tiers.json").write_text('{"tiers": ')
     with pytest.raises(ValueError, match=r"tiers.json of '.*tiers' is not valid JSON: Expecting value: line 1"):
         load_subnet(folder, max_bitops="100%")
@@ -239,14 +240,33 @@ def test_manifest_that_is_not_json_or_an_object_is_named(tiers, tmp_path):
 
 def test_a_manifest_without_a_format_version_is_the_first_format(tiers, tmp_path):
     folder = tmp_path / "tiers"
-    save_tiers({"tiny": tiers["tiny"]}, folder, base_model="x/y", dataset_name="d")
+    save_tiers({"tiny": tiers["tiny"]}, folder, base_model="x/y", dataset_name="d", export_onnx=False)
     _damage_manifest(folder, lambda m: m.pop("format_version"))
     assert load_subnet(folder, max_bitops="100%").config.bitops == tiers["tiny"].config.bitops
 
 
+def test_a_format_1_manifest_without_bytes_or_latency_is_read(tiers, tmp_path):
+    from mpsupernet.hub import read_tiers_manifest
+
+    def to_format_1(manifest):
+        manifest["format_version"] = 1
+        for entry in manifest["tiers"].values():
+            for key in ("file_bytes", "latency_ms", "latency_measurement"):
+                del entry[key]
+
+    folder = tmp_path / "tiers"
+    save_tiers({"tiny": tiers["tiny"]}, folder, base_model="x/y", dataset_name="d", export_onnx=False)
+    _damage_manifest(folder, to_format_1)
+    manifest = read_tiers_manifest(folder)
+    assert manifest["format_version"] == 1 and manifest["tiers"]["tiny"]["latency_ms"] is None
+    assert load_subnet(folder, max_bitops="100%").config.bitops == tiers["tiny"].config.bitops
+    with pytest.raises(ValueError, match=r"No tier has a published latency"):
+        load_subnet(folder, max_latency_ms=5)
+
+
 def test_a_tier_linked_outside_the_folder_or_missing_is_refused(tiers, tmp_path):
     folder = tmp_path / "tiers"
-    save_tiers({"tiny": tiers["tiny"]}, folder, base_model="x/y", dataset_name="d")
+    save_tiers({"tiny": tiers["tiny"]}, folder, base_model="x/y", dataset_name="d", export_onnx=False)
     tiers["small"].save_pretrained(tmp_path / "elsewhere")
     (folder / "link").symlink_to(tmp_path / "elsewhere")
     _damage_manifest(folder, lambda m: m["tiers"]["tiny"].update(subfolder="link"))
@@ -259,7 +279,7 @@ def test_a_tier_linked_outside_the_folder_or_missing_is_refused(tiers, tmp_path)
 
 def test_a_tier_over_its_manifest_entry_is_refused(tiers, tmp_path):
     folder = tmp_path / "tiers"
-    save_tiers({"x": tiers["medium"]}, folder, base_model="x/y", dataset_name="d")
+    save_tiers({"x": tiers["medium"]}, folder, base_model="x/y", dataset_name="d", export_onnx=False)
     tiny = tiers["tiny"].config.bitops
     _damage_manifest(folder, lambda m: m["tiers"]["x"].update(bitops=tiny))
     with pytest.raises(ValueError, match=rf"Tier 'x' of '.*tiers' loaded as a subnet of {tiers['medium'].config.bitops} BitOPs, over the budget {tiny} \({tiny} BitOPs\), although tiers.json lists it at {tiny}"):
@@ -274,12 +294,12 @@ def _repo_state(repo_id):
 
 def test_push_over_earlier_tiers_removes_their_files_in_the_same_commit(tiers, local_hub, tmp_path):
     repo_id = "local-user/replaced-tiers"
-    push_tiers({"a": tiers["tiny"], "b": tiers["small"]}, repo_id, base_model="x/y", dataset_name="d")
+    push_tiers({"a": tiers["tiny"], "b": tiers["small"]}, repo_id, base_model="x/y", dataset_name="d", export_onnx=False)
     HfApi().upload_file(path_or_fileobj=b"mine", path_in_repo="notes/keep.txt", repo_id=repo_id)
     # a file of tier "b" that its next version no longer has (as a sharded save's shard would be)
     HfApi().upload_file(path_or_fileobj=b"old shard", path_in_repo="b/model-00001-of-00002.safetensors", repo_id=repo_id)
     before = len(HfApi().list_repo_commits(repo_id))
-    push_tiers({"b": tiers["medium"], "c": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d")
+    push_tiers({"b": tiers["medium"], "c": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d", export_onnx=False)
     files = HfApi().list_repo_files(repo_id)
     assert not any(path.startswith("a/") for path in files) and "b/model-00001-of-00002.safetensors" not in files
     assert {"b/config.json", "c/config.json", "notes/keep.txt", "tiers.json"} <= set(files)
@@ -294,7 +314,7 @@ def _push_failing_mid_commit(local_hub, action, tiers, repo_id):
     local_hub.inject_fault(Fault(r"/commit/", action, method="POST", times=5))
     try:
         with pytest.raises(error, match=message):
-            push_tiers(tiers, repo_id, base_model="x/y", dataset_name="d")
+            push_tiers(tiers, repo_id, base_model="x/y", dataset_name="d", export_onnx=False)
     finally:
         local_hub.clear_faults()
 
@@ -306,7 +326,7 @@ def test_a_push_failing_mid_commit_leaves_the_repo_as_it_was(tiers, local_hub, a
     assert not HfApi().repo_exists(repo_id)  # the repository this push created is gone again
 
     repo_id = f"local-user/failing-second-push-{action}"
-    push_tiers({"a": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d")
+    push_tiers({"a": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d", export_onnx=False)
     before = _repo_state(repo_id)
     _push_failing_mid_commit(local_hub, action, {"b": tiers["small"]}, repo_id)
     assert _repo_state(repo_id) == before
@@ -314,9 +334,9 @@ def test_a_push_failing_mid_commit_leaves_the_repo_as_it_was(tiers, local_hub, a
 
 def test_load_subnet_reads_manifest_and_weights_at_one_commit(tiers, local_hub, tmp_path, monkeypatch):
     repo_id = "local-user/moving-tiers"
-    push_tiers({"x": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d")
+    push_tiers({"x": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d", export_onnx=False)
     old = HfApi().repo_info(repo_id).sha
-    push_tiers({"x": tiers["medium"]}, repo_id, base_model="x/y", dataset_name="d")
+    push_tiers({"x": tiers["medium"]}, repo_id, base_model="x/y", dataset_name="d", export_onnx=False)
     new = HfApi().repo_info(repo_id).sha
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
 
@@ -351,7 +371,7 @@ def test_load_subnet_reads_manifest_and_weights_at_one_commit(tiers, local_hub, 
 )
 def test_load_subnet_under_downloads_breaking_off_is_right_or_refused(tiers, local_hub, tmp_path, monkeypatch, path, error):
     repo_id = "local-user/broken-downloads-" + path.split("\\")[0].replace("/", "-")
-    push_tiers({"small": tiers["small"]}, repo_id, base_model="x/y", dataset_name="d")
+    push_tiers({"small": tiers["small"]}, repo_id, base_model="x/y", dataset_name="d", export_onnx=False)
     budget = tiers["small"].config.bitops
     for times in (1, 50):  # once: the client resumes the download; every time: it gives up
         monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / f"cache-{times}"))
@@ -372,7 +392,7 @@ def test_load_subnet_under_downloads_breaking_off_is_right_or_refused(tiers, loc
 def test_a_missing_tier_folder_on_the_hub_names_the_tier(tiers, local_hub, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
     repo_id = "local-user/missing-tier-folder"
-    push_tiers({"x": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d")
+    push_tiers({"x": tiers["tiny"]}, repo_id, base_model="x/y", dataset_name="d", export_onnx=False)
     HfApi().delete_folder("x", repo_id=repo_id)
     with pytest.raises(OSError, match=r"Could not load tier 'x' \(subfolder 'x'\) of 'local-user/missing-tier-folder' at commit [0-9a-f]{40}: "):
         load_subnet(repo_id, max_bitops="100%", cache_dir=tmp_path / "cache")
@@ -397,7 +417,7 @@ def test_a_hub_model_whose_config_and_weights_come_from_two_saves_is_refused(tie
 
 def test_root_card_of_pushed_tiers_parses_with_every_tier_and_its_provenance(tiers, local_hub, tmp_path):
     repo_id = "local-user/sam-tiers-card"
-    push_tiers(tiers, repo_id, base_model="facebook/sam-vit-base", dataset_name="synthetic", mean_ious=MEAN_IOUS)
+    push_tiers(tiers, repo_id, base_model="facebook/sam-vit-base", dataset_name="synthetic", mean_ious=MEAN_IOUS, export_onnx=False)
     card = ModelCard.load(repo_id)
     assert card.data.license == "apache-2.0" and card.data.library_name == "mpsupernet"
     assert card.data.base_model == "facebook/sam-vit-base" and card.data.base_model_relation == "quantized"
@@ -422,10 +442,251 @@ def test_root_card_of_pushed_tiers_parses_with_every_tier_and_its_provenance(tie
 
 def test_root_card_has_a_latency_column_only_with_measured_latencies(tiers, tmp_path):
     folder = tmp_path / "tiers"
-    manifest = save_tiers(tiers, folder, base_model="facebook/sam-vit-base", dataset_name="synthetic")
+    manifest = save_tiers(tiers, folder, base_model="facebook/sam-vit-base", dataset_name="synthetic", export_onnx=False)
     assert "latency" not in render_tiers_card(manifest, folder).text
     manifest["tiers"]["small"]["latency_ms"] = 12.34
+    manifest["tiers"]["small"]["latency_measurement"] = {
+        "runs_ms": [12.34], "warmup_runs": 2, "batch_size": 1, "threads": 4, "cpu": "Test CPU", "runtime": "onnxruntime",
+        "runtime_version": "1.0", "provider": "CPUExecutionProvider", "date": "2026-01-02T03:04:05+00:00",
+    }
     text = render_tiers_card(manifest, folder).text
+    assert "measured on Test CPU (4 threads, batch 1, onnxruntime 1.0, 2026-01-02T03:04:05+00:00)" in " ".join(text.split())
     assert "| mean IoU | latency |" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| [`")}
     assert "| 12.3 ms |" in rows["[`small`](small/README.md)"] and "| – |" in rows["[`tiny`](tiny/README.md)"]
+
+
+# --- ONNX exports and published latency -------------------------------------------------------------------------------
+# Binary fractions of a second, so that the clock's differences are exact.
+FAKE_LATENCIES_MS = {"tiny": 1000 / 512, "small": 1000 / 256, "medium": 1000 / 128}
+
+
+def measure_with_fake_latencies(monkeypatch, measured: dict, tiers: dict):
+    """Makes `save_tiers` time each tier's encoder with a clock on which every run takes `FAKE_LATENCIES_MS[tier]`;
+    the measurements it got are recorded in `measured` (tier name → `LatencyMeasurement`). The tier is recognised by
+    its BitOPs (it is measured in a staging folder)."""
+    import mpsupernet.runtime
+    from test_runtime import SteppingClock
+
+    real = mpsupernet.runtime.measure_latency
+
+    names = {subnet.config.bitops: name for name, subnet in tiers.items()}
+
+    def measure(model, **kwargs):
+        name = names[model.config["bitops"]]
+        measurement = real(model, clock=SteppingClock([FAKE_LATENCIES_MS[name] / 1000]), **kwargs)
+        measured[name] = measurement
+        return measurement
+
+    monkeypatch.setattr(mpsupernet.runtime, "measure_latency", measure)
+
+
+@pytest.fixture(scope="module")
+def onnx_tiers(tiers, tmp_path_factory):
+    """The three tiers saved with their ONNX exports: `(folder, manifest, measurements)`."""
+    pytest.importorskip("onnxruntime")
+    folder = tmp_path_factory.mktemp("onnx-tiers") / "sam-tiers"
+    measured = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        measure_with_fake_latencies(monkeypatch, measured, tiers)
+        manifest = save_tiers(
+            tiers, folder, base_model="facebook/sam-vit-base", dataset_name="synthetic", mean_ious=MEAN_IOUS,
+            latency_threads=1, latency_runs=3,
+        )
+    return folder, manifest, measured
+
+
+def test_tiers_carry_their_onnx_files_bytes_and_measured_latency(onnx_tiers):
+    folder, manifest, measured = onnx_tiers
+    assert json.loads((folder / "tiers.json").read_text()) == manifest
+    for name, tier in manifest["tiers"].items():
+        tier_folder = folder / tier["subfolder"]
+        files = {"config.json", "model.safetensors", "vision_encoder.onnx", "prompt_encoder_mask_decoder.onnx"}
+        assert files <= set(tier["file_bytes"])
+        assert tier["file_bytes"] == {path.name: path.stat().st_size for path in tier_folder.iterdir() if path.name != "README.md"}
+        measurement = measured[name].to_dict()
+        assert tier["latency_ms"] == measurement.pop("ms_per_image") == FAKE_LATENCIES_MS[name]
+        assert tier["latency_measurement"] == measurement
+        assert measurement["threads"] == 1 and measurement["batch_size"] == 1 and len(measurement["runs_ms"]) == 3
+        card = ModelCard.load(tier_folder / "README.md")
+        assert card.data.latency_ms == round(tier["latency_ms"], 3)
+        assert f"**{tier['latency_ms']:.2f} ms per image** (batch 1, median of\n3 runs" in card.text
+        assert f"measured on {measurement['cpu']} with 1 thread on\n{measurement['date']}" in card.text
+        for file_name, size in tier["file_bytes"].items():
+            assert f"| `{file_name}` | {size:,} |" in card.text
+        # the folder loads as the PyTorch subnet and as the ONNX model
+        assert mpsupernet.SamSubnetForMaskGeneration.from_pretrained(tier_folder).config.bitops == tier["bitops"]
+        assert json.loads((tier_folder / "config.json").read_text())["export"]["target"] == "onnxruntime"
+    root_card = (folder / "README.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in root_card.splitlines() if line.startswith("| [`")}
+    for name in manifest["tiers"]:
+        assert f"| {MEAN_IOUS[name]:.4f} | {FAKE_LATENCIES_MS[name]:.1f} ms |" in rows[f"[`{name}`]({name}/README.md)"]
+    machine = describe_latency_measurement(manifest["tiers"]["tiny"])
+    assert f"measured on {machine}" in " ".join(root_card.split())
+
+
+def test_select_tier_by_published_latency():
+    def tier(bitops, mean_iou, latency_ms):
+        measurement = {"cpu": "Test CPU 9000", "threads": 2, "batch_size": 1, "runtime": "onnxruntime",
+                       "runtime_version": "1.0", "date": "2026-01-02T03:04:05+00:00"}
+        return {"bitops": bitops, "mean_iou": mean_iou, "latency_ms": latency_ms, "latency_measurement": measurement}
+
+    manifest = {
+        "full_precision_bitops": 1000,
+        "tiers": {"a": tier(10, 0.50, 2.0), "b": tier(20, 0.70, 4.0), "c": tier(40, 0.65, 6.0), "d": tier(80, 0.80, 9.0)},
+    }
+    assert select_tier(manifest, max_latency_ms=4.0) == "b"  # a latency exactly at the limit fits
+    assert select_tier(manifest, max_latency_ms=3.99) == "a"
+    assert select_tier(manifest, max_latency_ms=8.0) == "b"  # c fits but b measured better
+    assert select_tier(manifest, max_latency_ms=100) == "d"
+    assert select_tier(manifest, max_bitops=40, max_latency_ms=100) == "b"  # both limits hold
+    assert select_tier(manifest, max_bitops=1000, max_latency_ms=3) == "a"
+    with pytest.raises(
+        ValueError,
+        match=r"No tier runs within 1.5 ms per image; the fastest, 'a', measured 2.00 ms per image on Test CPU 9000 "
+        r"\(2 threads, batch 1, onnxruntime 1.0, 2026-01-02T03:04:05\+00:00\)\. Measured tiers: a=2.00 ms, b=4.00 ms",
+    ):
+        select_tier(manifest, max_latency_ms=1.5)
+    with pytest.raises(ValueError, match=r"No tier under max_bitops=80 runs within 1 ms per image; the fastest, 'a'"):
+        select_tier(manifest, max_bitops=80, max_latency_ms=1)
+    with pytest.raises(ValueError, match=r"Give `max_bitops`, `max_latency_ms` or both"):
+        select_tier(manifest)
+    with pytest.raises(ValueError, match=r"`max_latency_ms` got -3; give a positive number of milliseconds"):
+        select_tier(manifest, max_latency_ms=-3)
+    unmeasured = {"full_precision_bitops": 1000, "tiers": {"a": {**tier(10, 0.5, None), "latency_measurement": None}}}
+    with pytest.raises(ValueError, match=r"No tier has a published latency \(the tiers were saved with `export_onnx=False`\)"):
+        select_tier(unmeasured, max_latency_ms=5)
+
+
+def box_masks_agree(onnx_model, subnet, seed=0):
+    """Mask IoU between an `OnnxSamModel` and a PyTorch subnet on a random image with a box and a point prompt."""
+    import numpy as np
+
+    from mpsupernet.metrics import mask_iou
+
+    pixel_values = np.random.default_rng(seed).standard_normal((1, 3, 128, 128)).astype(np.float32)
+    boxes = np.array([[[20.0, 30.0, 100.0, 110.0]]], np.float32)
+    outputs = onnx_model(pixel_values=pixel_values, input_boxes=boxes)
+    with torch.no_grad():
+        reference = subnet(pixel_values=torch.from_numpy(pixel_values), input_boxes=torch.from_numpy(boxes)).pred_masks
+    assert 0.02 < (reference > 0).float().mean() < 0.98
+    return float(mask_iou(torch.from_numpy(outputs.pred_masks), reference > 0).mean())
+
+
+def test_load_subnet_on_onnxruntime_by_latency_locally(onnx_tiers, tiers):
+    from mpsupernet.runtime import OnnxSamModel
+
+    folder, _, _ = onnx_tiers
+    for limit, expected in {100.0: "small", 3.90625: "small", 3.9: "tiny", 1.953125: "tiny"}.items():
+        model = load_subnet(folder, max_latency_ms=limit, runtime="onnxruntime")
+        assert isinstance(model, OnnxSamModel) and model.directory == folder / expected
+        assert box_masks_agree(model, tiers[expected]) >= 0.99
+    subnet = load_subnet(folder, max_bitops="100%", max_latency_ms=100)
+    assert subnet.config.bitops == tiers["small"].config.bitops
+    with pytest.raises(ValueError, match=r"No tier runs within 1.9 ms per image; the fastest, 'tiny', measured 1.95 ms"):
+        load_subnet(folder, max_latency_ms=1.9, runtime="onnxruntime")
+    with pytest.raises(ValueError, match=r"Unknown runtime 'tensorrt'; allowed: \['pytorch', 'onnxruntime', 'openvino'\]"):
+        load_subnet(folder, max_bitops="100%", runtime="tensorrt")
+
+
+def test_tiers_without_onnx_export(tiers, tmp_path):
+    manifest = save_tiers(
+        {"tiny": tiers["tiny"]}, tmp_path / "tiers", base_model="x/y", dataset_name="d", export_onnx=False
+    )
+    entry = manifest["tiers"]["tiny"]
+    assert entry["latency_ms"] is None and entry["latency_measurement"] is None
+    assert set(entry["file_bytes"]) == {"config.json", "model.safetensors", "preprocessor_config.json"}
+    card = (tmp_path / "tiers" / "tiny" / "README.md").read_text()
+    assert "OnnxSamModel" not in card and "ms per image" not in card and "vision_encoder.onnx" not in card
+    with pytest.raises(ValueError, match=r"Tier 'tiny' of .* has no ONNX export \(it was saved with `export_onnx=False`\)"):
+        load_subnet(tmp_path / "tiers", max_bitops="100%", runtime="onnxruntime")
+    with pytest.raises(ValueError, match=r"No tier has a published latency"):
+        load_subnet(tmp_path / "tiers", max_latency_ms=10)
+    with pytest.raises(ValueError, match=r"Unknown export target 'tensorrt'"):
+        save_tiers({"tiny": tiers["tiny"]}, tmp_path / "other", base_model="x/y", dataset_name="d", onnx_target="tensorrt")
+    with pytest.raises(ValueError, match=r"`latency_runs` must be a positive integer; got 0"):
+        save_tiers({"tiny": tiers["tiny"]}, tmp_path / "other", base_model="x/y", dataset_name="d", latency_runs=0)
+    assert not (tmp_path / "other").exists()
+    from mpsupernet.export import add_onnx_export
+
+    with pytest.raises(ValueError, match=r"Cannot add an ONNX export to '.*/other': it holds no config.json of a saved"):
+        add_onnx_export(tiers["tiny"], tmp_path / "other")
+
+
+def python_blocks(card_text: str, containing: str) -> list[str]:
+    """The ```python blocks of a card (dedented, as in list items) that contain `containing`."""
+    from test_documentation import python_blocks as all_blocks
+
+    return [code for code, _ in all_blocks(card_text) if containing in code]
+
+
+def run_snippet_without_torch(snippet: str, cwd, tmp_path) -> dict:
+    """Runs a card snippet as written in a process where `import torch` fails; returns its `masks` and `model`'s
+    directory."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from PIL import Image
+
+    Image.fromarray((torch.rand(180, 240, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(
+        cwd / "image.jpg"
+    )
+    script = "import sys\nsys.modules['torch'] = None\n" + snippet + textwrap.dedent(
+        """
+        import json
+        print(json.dumps({"shape": list(masks[0].shape), "dtype": str(masks[0].dtype), "directory": str(model.directory)}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_cards_onnx_snippet_runs_as_written_locally(onnx_tiers):
+    folder, _, _ = onnx_tiers
+    (snippet,) = python_blocks((folder / "small" / "README.md").read_text(), "OnnxSamModel")
+    assert 'OnnxSamModel.from_pretrained("sam-tiers", subfolder="small")' in snippet
+    result = run_snippet_without_torch(snippet, folder.parent, folder.parent)
+    assert result["shape"] == [1, 3, 180, 240] and result["dtype"] == "bool"
+    assert result["directory"].endswith("sam-tiers/small")
+
+
+def test_push_tiers_with_onnx_and_load_by_latency_from_the_hub(tiers, local_hub, tmp_path, monkeypatch):
+    from mpsupernet.runtime import OnnxSamModel
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    measure_with_fake_latencies(monkeypatch, {}, tiers)
+    repo_id = "local-user/sam-onnx-tiers"
+    two_tiers = {name: tiers[name] for name in ("tiny", "small")}  # each export takes seconds
+    push_tiers(
+        two_tiers, repo_id, base_model="facebook/sam-vit-base", dataset_name="synthetic", mean_ious={"tiny": 0.61, "small": 0.70},
+        latency_threads=1, latency_runs=1,
+    )
+    files = set(HfApi().list_repo_files(repo_id))
+    for name in two_tiers:
+        assert {f"{name}/vision_encoder.onnx", f"{name}/prompt_encoder_mask_decoder.onnx"} <= files
+    model = load_subnet(repo_id, max_latency_ms=3.9, runtime="onnxruntime")
+    assert isinstance(model, OnnxSamModel) and model.directory.name == "tiny"
+    assert box_masks_agree(model, tiers["tiny"]) >= 0.99
+    card = HfApi().hf_hub_download(repo_id, "small/README.md", cache_dir=tmp_path / "cache")
+    (snippet,) = python_blocks(open(card).read(), "OnnxSamModel")
+    assert f'OnnxSamModel.from_pretrained("{repo_id}", subfolder="small")' in snippet
+    result = run_snippet_without_torch(snippet, tmp_path, tmp_path)
+    assert result["shape"] == [1, 3, 180, 240] and result["directory"].endswith("small")
+
+
+def test_the_demo_prints_each_tiers_onnxruntime_latency(onnx_tiers, capsys):
+    from mpsupernet.demo import print_summary, summary_rows
+
+    _, manifest, measured = onnx_tiers
+    rows = summary_rows(manifest["full_precision_bitops"], 0.8, manifest)
+    assert [row["latency_ms"] for row in rows] == [None] + [measured[name].ms_per_image for name in manifest["tiers"]]
+    print_summary(rows, machine=describe_latency_measurement(manifest["tiers"]["tiny"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-1] == "ms" and "ORT" in lines[0]
+    assert lines[1].split()[-1] == "n/a"  # the PyTorch SAM has no onnxruntime latency
+    for line, name in zip(lines[2:5], manifest["tiers"]):
+        assert line.startswith(f"tier {name}") and line.split()[-1] == f"{FAKE_LATENCIES_MS[name]:.1f}"
+    assert lines[5] == f"ORT ms: image encoder on onnxruntime, measured on {describe_latency_measurement(manifest['tiers']['tiny'])}"
+    assert f"{measured['tiny'].cpu} (1 thread, batch 1, onnxruntime {measured['tiny'].runtime_version}" in lines[5]

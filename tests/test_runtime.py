@@ -138,3 +138,59 @@ def test_runtime_refuses_bad_input(exported_w8a8, tmp_path):
         model.get_image_embeddings(np.zeros((1, 3, 64, 64), np.float32))
     with pytest.raises(ValueError, match="multimask_output=False is not available"):
         model(pixel_values=np.zeros((1, 3, 128, 128), np.float32), input_boxes=np.zeros((1, 1, 4)), multimask_output=False)
+
+
+class SteppingClock:
+    """A clock whose consecutive start/stop readings are `durations` seconds apart (then it repeats the last)."""
+
+    def __init__(self, durations):
+        self.durations, self.now, self.readings = list(durations), 100.0, 0
+
+    def __call__(self) -> float:
+        if self.readings % 2:
+            self.now += self.durations[min(self.readings // 2, len(self.durations) - 1)]
+        else:
+            self.now += 1.0  # time outside the timed calls must not count
+        self.readings += 1
+        return self.now
+
+
+def test_measure_latency_times_the_encoder_with_the_given_clock(exported_w8a8):
+    import datetime
+
+    import onnxruntime as ort
+
+    from mpsupernet.runtime import cpu_model, measure_latency
+
+    _, folder, _ = exported_w8a8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    model = OnnxSamModel.from_pretrained(folder, session_options=options)
+    calls = []
+    encoder = model.vision_encoder
+    model.vision_encoder = lambda feeds: calls.append(feeds["pixel_values"].shape) or encoder(feeds)
+    model.vision_encoder.session = encoder.session
+    measurement = measure_latency(model, runs=3, warmup=2, clock=SteppingClock([0.010, 0.030, 0.020]))
+    assert calls == [(1, 3, 128, 128)] * 5  # 2 warm-up + 3 timed calls, batch 1
+    assert measurement.runs_ms == pytest.approx([10.0, 30.0, 20.0])
+    assert measurement.ms_per_image == pytest.approx(20.0)  # the median
+    assert (measurement.batch_size, measurement.warmup_runs, measurement.threads) == (1, 2, 1)
+    assert measurement.cpu == cpu_model() and measurement.cpu
+    assert (measurement.runtime, measurement.runtime_version) == ("onnxruntime", ort.__version__)
+    assert measurement.provider == "CPUExecutionProvider"
+    measured_at = datetime.datetime.fromisoformat(measurement.date)
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - measured_at).total_seconds()) < 3600
+    assert "20.0 ms per image (batch 1, median of 3 runs)" in str(measurement)
+
+
+def test_measure_latency_refuses_bad_settings(exported_w8a8):
+    from mpsupernet.runtime import measure_latency
+
+    _, folder, _ = exported_w8a8
+    model = OnnxSamModel.from_pretrained(folder)
+    with pytest.raises(ValueError, match=r"`runs` must be an integer of at least 1; got 0"):
+        measure_latency(model, runs=0)
+    with pytest.raises(ValueError, match=r"`warmup` must be an integer of at least 0; got -1"):
+        measure_latency(model, warmup=-1)
+    with pytest.raises(ValueError, match=r"measures onnxruntime models; got runtime 'openvino'"):
+        measure_latency(type("Model", (), {"runtime": "openvino"})())

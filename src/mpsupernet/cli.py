@@ -188,7 +188,8 @@ def cmd_push(args) -> None:
     mean_ious = dict((k, float(v)) for k, _, v in (item.partition("=") for item in args.mean_iou))
     url = push_tiers(
         tiers, args.repo_id, base_model=args.base_model, dataset_name=args.dataset_name, mean_ious=mean_ious,
-        private=args.private,
+        private=args.private, export_onnx=not args.no_onnx, onnx_target=args.target,
+        onnx_weight_container=args.weight_container,
     )
     print(url)
 
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--base-model", default=None, help="for the cards; default: the tiers' recorded base model")
     push.add_argument("--dataset-name", default=None, help="for the cards; default: the tiers' training data")
     push.add_argument("--private", action="store_true")
+    push.add_argument("--no-onnx", action="store_true", help="publish the PyTorch subnets without ONNX exports")
+    push.add_argument("--target", default="onnxruntime", help="ONNX export target: onnxruntime or openvino")
+    push.add_argument("--weight-container", default="int8", help="ONNX weight storage: int8, or int4")
     push.set_defaults(func=cmd_push)
 
     demo = commands.add_parser("demo", help="the whole method end to end on the embedded default, offline")

@@ -1,7 +1,7 @@
 """The whole method end to end on the embedded default, offline, on CPUs: `mpsupernet demo`.
 
 embedded pretrained SAM → supernet → sandwich training → evolutionary search → three extracted tiers with model
-cards → the Pareto plot and a summary table.
+cards, ONNX exports and their measured onnxruntime latency → the Pareto plot and a summary table.
 """
 
 import json
@@ -14,7 +14,7 @@ from transformers.utils import logging
 from .bitops import format_bitops
 from .data import REAL3_INSTALL, is_real3_available, load_real3_dataset, make_synthetic_segmentation_dataset_dict
 from .evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
-from .hub import save_tiers
+from .hub import describe_latency_measurement, save_tiers
 from .modeling_sam_supernet import SamSupernetForMaskGeneration
 from .pretrained import EMBEDDED_SAM_PATH, load_embedded_sam
 from .search import run_search
@@ -44,7 +44,8 @@ def pick_tier_budgets(front) -> dict[str, int]:
 def summary_rows(
     full_precision_bitops: int, sam_mean_iou: float, manifest: dict, real3_mean_ious: dict | None = None
 ) -> list[dict]:
-    """The demo's result table: the pretrained SAM, then each tier of the manifest (BitOPs, share, mean IoU).
+    """The demo's result table: the pretrained SAM, then each tier of the manifest (BitOPs, share, mean IoU and the
+    measured onnxruntime latency of its encoder, `latency_ms`; None for the PyTorch SAM and unexported tiers).
 
     `real3_mean_ious` maps `"pretrained"` and tier names to `evaluate_real3_mean_iou` results; each row's
     `real3_mean_iou` is its entry, or None without real-3.
@@ -56,6 +57,7 @@ def summary_rows(
             "gbitops": full_precision_bitops / 1e9,
             "share_of_full_precision": 1.0,
             "mean_iou": sam_mean_iou,
+            "latency_ms": None,
             "real3_mean_iou": real3_mean_ious.get("pretrained"),
         }
     ]
@@ -66,22 +68,29 @@ def summary_rows(
                 "gbitops": tier["bitops"] / 1e9,
                 "share_of_full_precision": tier["share_of_full_precision"],
                 "mean_iou": tier["mean_iou"],
+                "latency_ms": tier.get("latency_ms"),
                 "real3_mean_iou": real3_mean_ious.get(name),
             }
         )
     return rows
 
 
-def print_summary(rows: list[dict]) -> None:
-    """mIoU: the synthetic validation split; real-3: over its 152 real instances (per domain in `summary.json`)."""
-    print(f"{'model':<28} {'GBitOPs':>9} {'% of FP':>8} {'mIoU':>7} {'real-3':>7}")
+def print_summary(rows: list[dict], machine: str | None = None) -> None:
+    """mIoU: the synthetic validation split; real-3: over its 152 real instances (per domain in `summary.json`);
+    ORT ms: the tier's image encoder on onnxruntime, CPU, batch 1, as `tiers.json` publishes it (`machine` says
+    where it was measured)."""
+    print(f"{'model':<28} {'GBitOPs':>9} {'% of FP':>8} {'mIoU':>7} {'real-3':>7} {'ORT ms':>8}")
     for row in rows:
         real3 = row.get("real3_mean_iou")
         real3_column = "n/a" if real3 is None else f"{real3['instances']:.4f}"
+        latency = row.get("latency_ms")
+        latency_column = "n/a" if latency is None else f"{latency:.1f}"
         print(
             f"{row['model']:<28} {row['gbitops']:>9.3f} {100 * row['share_of_full_precision']:>7.2f}% "
-            f"{row['mean_iou']:>7.4f} {real3_column:>7}"
+            f"{row['mean_iou']:>7.4f} {real3_column:>7} {latency_column:>8}"
         )
+    if machine:
+        print(f"ORT ms: image encoder on onnxruntime, measured on {machine}")
 
 
 def write_summary(output: Path, rows: list[dict], training: dict, started: float) -> dict:
@@ -172,5 +181,6 @@ def run_demo(
 
     print("[5/5] Summary")
     rows = summary_rows(front.full_precision_bitops, sam_miou, manifest, real3_mious)
-    print_summary(rows)
+    measured = [tier for tier in manifest["tiers"].values() if tier.get("latency_ms") is not None]
+    print_summary(rows, machine=describe_latency_measurement(measured[0]) if measured else None)
     return write_summary(output, rows, training, started)

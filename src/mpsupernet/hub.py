@@ -1,9 +1,10 @@
 """Model cards for extracted subnets, and tiers of subnets on the Hugging Face Hub.
 
 A *tier* is one extracted subnet, stored in a subfolder of one Hub repository; `tiers.json` at the root of that
-repository lists every tier with its BitOPs and quality, so `load_subnet` can pick the best tier under a budget after
-downloading one small file. `tiers.json` carries a `format_version` and is validated against its schema
-([`TiersManifest`]); it is the pointer readers follow, so writers replace it last and atomically.
+repository lists every tier with its BitOPs, quality, file bytes and measured onnxruntime latency, so `load_subnet` can
+pick the best tier under a budget or a latency limit after downloading one small file. `tiers.json` carries a
+`format_version` and is validated against its schema ([`TiersManifest`]); it is the pointer readers follow, so writers
+replace it last and atomically.
 """
 
 import json
@@ -38,8 +39,9 @@ from .checkpoints import save_model_folder
 logger = logging.get_logger(__name__)
 
 MANIFEST_NAME = "tiers.json"
-MANIFEST_FORMAT_VERSION = 1
-"""The `format_version` of the `tiers.json` this mpsupernet writes; newer ones are refused."""
+MANIFEST_FORMAT_VERSION = 2
+"""The `format_version` of the `tiers.json` this mpsupernet writes; newer ones are refused, older ones read (version
+2 added each tier's file bytes and measured latency)."""
 TIER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_TIER_NAME_LENGTH = 96
 RESERVED_NAMES = frozenset({MANIFEST_NAME, "readme.md", ".gitattributes"})
@@ -96,6 +98,8 @@ def render_subnet_card(
     subfolder: str | None = None,
     license: str = "apache-2.0",
     has_onnx: bool = False,
+    file_bytes: Mapping[str, int] | None = None,
+    latency: Mapping | None = None,
 ) -> ModelCard:
     """Renders the model card of an extracted subnet.
 
@@ -111,6 +115,10 @@ def render_subnet_card(
             snippets; without `repo_id` they name a local folder.
         license (`str`, *optional*, defaults to `"apache-2.0"`): the card's license; SAM's weights are Apache-2.0.
         has_onnx (`bool`, *optional*): whether the folder holds `vision_encoder.onnx`; adds the ONNX paragraph.
+        file_bytes (`Mapping[str, int]`, *optional*): bytes of each file of the folder (weights, ONNX files).
+        latency (`Mapping`, *optional*): the tier's published latency, as in `tiers.json`: `latency_ms` and
+            `latency_measurement` (a `mpsupernet.runtime.LatencyMeasurement` as a dict); also adds the snippet that
+            runs the folder's ONNX export with onnxruntime.
 
     Returns:
         `huggingface_hub.ModelCard`: metadata (base model with `base_model_relation: quantized`, `mask-generation`,
@@ -150,6 +158,8 @@ def render_subnet_card(
     card_data.bitops = summary["bitops"]
     card_data.bitops_share_of_full_precision = round(summary["share_of_full_precision"], 6)
     card_data.bitops_share_of_w8a8 = round(summary["share_of_w8a8"], 6)
+    if latency is not None:
+        card_data.latency_ms = round(float(latency["latency_ms"]), 3)
     subfolder = subfolder if repo_id else None
     return _render_card(
         "subnet_card.md",
@@ -172,6 +182,8 @@ def render_subnet_card(
         quantized_activations=len(subnet.quantized_input_layers()),
         float_bits=subnet.config.float_bits,
         image_size=subnet.config.vision_config.image_size,
+        file_bytes=dict(file_bytes or {}),
+        latency=latency,
     )
 
 
@@ -285,17 +297,32 @@ def save_subnet_with_card(subnet, save_directory: str | os.PathLike, **card_kwar
     The three files are written as one model folder (`mpsupernet.checkpoints.save_model_folder`): after a kill at
     any moment the folder loads as the old subnet or the new one, with its own card, or is refused.
     """
+    return _save_tier(subnet, save_directory, None, **card_kwargs)["card"]
+
+
+def _save_tier(subnet, save_directory: str | os.PathLike, onnx_options: Mapping | None, **card_kwargs) -> dict:
+    """Saves a subnet, with `onnx_options` its ONNX export and measured latency too, and its card, as one model
+    folder (see [`save_subnet_with_card`]); returns the `card` and the manifest fields `file_bytes`, `latency_ms`
+    and `latency_measurement`."""
     _check_mean_iou("the subnet", card_kwargs.get("mean_iou"))
     card_kwargs.setdefault("has_onnx", (Path(save_directory) / ONNX_FILE_NAME).is_file())
-    card = render_subnet_card(subnet, **card_kwargs)
+    saved = {}
 
     def write(folder: Path) -> None:
         # The subnet's own save goes through save_model_folder too; an empty staging folder is simply replaced.
         subnet.save_pretrained(folder)
-        card.save(folder / "README.md")
+        latency = None if onnx_options is None else export_and_measure_tier(subnet, folder, onnx_options)
+        # save_model_folder rewrites config.json with the same digests and layout, so these sizes stay true.
+        file_bytes = {path.name: path.stat().st_size for path in sorted(folder.iterdir()) if path.is_file()}
+        has_onnx = card_kwargs.pop("has_onnx") or latency is not None
+        saved["card"] = render_subnet_card(
+            subnet, file_bytes=file_bytes, latency=latency, has_onnx=has_onnx, **card_kwargs
+        )
+        saved["card"].save(folder / "README.md")
+        saved.update(file_bytes=file_bytes, **(latency or {"latency_ms": None, "latency_measurement": None}))
 
     save_model_folder(save_directory, write)
-    return card
+    return saved
 
 
 def save_tiers(
@@ -306,8 +333,20 @@ def save_tiers(
     dataset_name: str | None = None,
     mean_ious: Mapping[str, float] | None = None,
     repo_id: str | None = None,
+    export_onnx: bool = True,
+    onnx_target: str = "onnxruntime",
+    onnx_weight_container: str = "int8",
+    latency_threads: int | None = None,
+    latency_runs: int = 5,
 ) -> dict:
     """Writes several subnets as tiers into a folder laid out as a tiers repository (see [`push_tiers`]).
+
+    Each tier's folder holds its safetensors, `config.json` and model card and, with `export_onnx`, its ONNX export
+    (`SamSubnetForMaskGeneration.export_onnx`: `vision_encoder.onnx`, `prompt_encoder_mask_decoder.onnx`,
+    `preprocessor_config.json` and the `export` section of `config.json`). The image encoder of each export is then
+    timed on this machine with onnxruntime on the CPU (`mpsupernet.runtime.measure_latency`: batch 1, median of
+    `latency_runs` runs after warm-up), and `tiers.json` and the cards publish that latency with the machine, beside
+    the BitOPs and every file's bytes.
 
     A new folder gets one subfolder per tier, named after it, and is renamed into place once complete. Over earlier
     tiers (a folder holding a `tiers.json`) or into an empty folder, the new tiers go into a new generation
@@ -324,17 +363,25 @@ def save_tiers(
             what the subnets' configs record (see [`card_provenance`]).
         mean_ious (`Mapping[str, float]`, *optional*): measured mean IoU per tier, each in [0, 1].
         repo_id (`str`, *optional*): the Hub repository the folder is meant for, named in the cards.
+        export_onnx (`bool`, *optional*, defaults to `True`): export each tier to ONNX and measure its latency
+            (needs `pip install mpsupernet[onnx]`); `False` writes the PyTorch subnets only.
+        onnx_target (`str`, *optional*, defaults to `"onnxruntime"`), onnx_weight_container (`str`, *optional*,
+            defaults to `"int8"`): the export's `target` and `weight_container`.
+        latency_threads (`int`, *optional*): onnxruntime intra-op threads for the measurement; all CPUs if unset.
+        latency_runs (`int`, *optional*, defaults to 5): timed runs per tier.
 
     Returns:
         `dict`: the manifest written to `tiers.json`.
 
     Raises:
-        `ValueError`: for a bad tier name, subnet or mean IoU, or a folder that is not empty and holds no tiers (it
-        is named; nothing is written).
+        `ValueError`: for a bad tier name, subnet, mean IoU or export option, or a folder that is not empty and holds
+        no tiers (it is named; nothing is written). `ImportError`: if `export_onnx` is set and the `onnx` extra is
+        not installed.
     """
     mean_ious = dict(mean_ious or {})
     _check_tiers(tiers, mean_ious)
     base_model, dataset_name = card_provenance(tiers.values(), base_model, dataset_name)
+    onnx_options = _check_onnx_options(export_onnx, onnx_target, onnx_weight_container, latency_threads, latency_runs)
     target = Path(save_directory)
     card_repo_id = repo_id or target.resolve().name
     previous = _previous_manifest(target)
@@ -342,7 +389,9 @@ def save_tiers(
         remove_stale_staging(target)
         staging = make_staging_directory(target)
         try:
-            manifest = _write_tiers(tiers, staging, "", base_model, dataset_name, mean_ious, card_repo_id)
+            manifest = _write_tiers(
+                tiers, staging, "", base_model, dataset_name, mean_ious, card_repo_id, onnx_options
+            )
             _write_manifest_and_overview(staging, manifest, card_repo_id)
             move_into_place(staging, target)
         finally:
@@ -356,12 +405,64 @@ def save_tiers(
         if f"_v{number}" not in referenced:
             shutil.rmtree(target / f"_v{number}", ignore_errors=True)
     generation = f"_v{max(generations, default=0) + 1}"
-    manifest = _write_tiers(tiers, target, generation, base_model, dataset_name, mean_ious, card_repo_id)
+    manifest = _write_tiers(
+        tiers, target, generation, base_model, dataset_name, mean_ious, card_repo_id, onnx_options
+    )
     fsync_tree(target / generation)
     _write_manifest_and_overview(target, manifest, card_repo_id)
     for folder in sorted(referenced - _top_folders(manifest)):
         shutil.rmtree(target / folder, ignore_errors=True)
     return manifest
+
+
+def _check_onnx_options(export_onnx, target, weight_container, threads, runs) -> dict | None:
+    """The ONNX export and latency options of `save_tiers`, checked before anything is written (`None`: no export)."""
+    if not isinstance(export_onnx, bool):
+        raise ValueError(f"`export_onnx` must be True or False; got {export_onnx!r}.")
+    if not export_onnx:
+        return None
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"Tiers are exported to ONNX by default, which needs the onnx extra ({error}): `pip install "
+            "mpsupernet[onnx]`, or pass `export_onnx=False` to write the PyTorch subnets only."
+        ) from error
+    from .export.writer import check_export_arguments
+
+    check_export_arguments(target, weight_container, None)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"`latency_threads` must be a positive integer or None; got {threads!r}.")
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"`latency_runs` must be a positive integer; got {runs!r}.")
+    return {"target": target, "weight_container": weight_container, "threads": threads or os.cpu_count(), "runs": runs}
+
+
+def export_and_measure_tier(subnet, folder: str | os.PathLike, onnx_options: Mapping) -> dict:
+    """Adds the ONNX export of `subnet` to its saved `folder` and measures its encoder on onnxruntime.
+
+    Args:
+        subnet (`SamSubnetForMaskGeneration`): the tier, saved in `folder`.
+        folder (`str` or `os.PathLike`): the tier's folder.
+        onnx_options (`Mapping`): `target`, `weight_container` (of the export), `threads` and `runs` (of the
+            measurement).
+
+    Returns:
+        `dict`: the tier's manifest fields `latency_ms` (median milliseconds per image) and `latency_measurement`
+        (the rest of the `mpsupernet.runtime.LatencyMeasurement`: runs, batch, threads, CPU, runtime, date).
+    """
+    import onnxruntime as ort
+
+    from .export import add_onnx_export
+    from .runtime import OnnxSamModel, measure_latency
+
+    add_onnx_export(subnet, folder, target=onnx_options["target"], weight_container=onnx_options["weight_container"])
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = onnx_options["threads"]
+    model = OnnxSamModel.from_pretrained(folder, session_options=session_options)
+    measurement = measure_latency(model, runs=onnx_options["runs"]).to_dict()
+    return {"latency_ms": measurement.pop("ms_per_image"), "latency_measurement": measurement}
 
 
 def _previous_manifest(target: Path) -> dict | None:
@@ -389,15 +490,18 @@ def _top_folders(manifest: dict) -> set[str]:
     return {tier["subfolder"].split("/")[0] for tier in manifest["tiers"].values()}
 
 
-def _write_tiers(tiers, root: Path, generation: str, base_model, dataset_name, mean_ious, repo_id) -> dict:
+def _write_tiers(
+    tiers, root: Path, generation: str, base_model, dataset_name, mean_ious, repo_id, onnx_options
+) -> dict:
     """Writes each tier into `root/<generation>/<name>` and returns the manifest naming them."""
     manifest = {"format_version": MANIFEST_FORMAT_VERSION, "base_model": base_model, "dataset": dataset_name}
     manifest["tiers"] = {}
     for name, subnet in sorted(tiers.items(), key=lambda item: item[1].config.bitops):
         subfolder = f"{generation}/{name}" if generation else name
-        save_subnet_with_card(
+        saved = _save_tier(
             subnet,
             root / subfolder,
+            onnx_options,
             base_model=base_model,
             dataset_name=dataset_name,
             mean_iou=mean_ious.get(name),
@@ -413,6 +517,9 @@ def _write_tiers(tiers, root: Path, generation: str, base_model, dataset_name, m
             "share_of_w8a8": summary["share_of_w8a8"],
             "mean_iou": mean_ious.get(name),
             "architecture": subnet.config.architecture,
+            "file_bytes": saved["file_bytes"],
+            "latency_ms": saved["latency_ms"],
+            "latency_measurement": saved["latency_measurement"],
         }
     TiersManifest.model_validate(manifest)
     return manifest
@@ -468,6 +575,7 @@ def push_tiers(
     token: str | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
+    **save_kwargs,
 ) -> str:
     """Publishes several subnets as tiers of one Hub repository, in one commit.
 
@@ -485,6 +593,8 @@ def push_tiers(
             subnets' configs record (see [`card_provenance`]).
         mean_ious (`Mapping[str, float]`, *optional*): measured mean IoU per tier.
         private (`bool`), token (`str`), revision (`str`), commit_message (`str`): as in `huggingface_hub`.
+        save_kwargs: the ONNX export and latency options of [`save_tiers`] (`export_onnx=True` by default,
+            `onnx_target`, `onnx_weight_container`, `latency_threads`, `latency_runs`).
 
     Returns:
         `str`: the commit's URL.
@@ -492,7 +602,10 @@ def push_tiers(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="mpsupernet-tiers-") as staging:
         folder = Path(staging) / "repo"
-        save_tiers(tiers, folder, base_model=base_model, dataset_name=dataset_name, mean_ious=mean_ious, repo_id=repo_id)
+        save_tiers(
+            tiers, folder, base_model=base_model, dataset_name=dataset_name, mean_ious=mean_ious, repo_id=repo_id,
+            **save_kwargs,
+        )
         operations = [
             CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
             for path in sorted(folder.rglob("*"))
@@ -545,7 +658,8 @@ def render_tiers_card(
 
     Args:
         manifest (`dict`): the repository's `tiers.json` (see [`save_tiers`]). A tier entry's optional
-            `latency_ms` (a measured latency in milliseconds) adds a latency column.
+            `latency_ms` (a measured latency in milliseconds) adds a latency column, with the machine of its
+            `latency_measurement`.
         save_directory (`str` or `os.PathLike`): the tiers folder; each tier's weight bytes (its `*.safetensors`
             files) are read there, and a tier holding `vision_encoder.onnx` adds the ONNX paragraph.
         repo_id (`str`, *optional*): the Hub repository, for the snippets; without it they name a local folder.
@@ -595,6 +709,7 @@ def render_tiers_card(
     title = f"{name}: mixed-precision SAM subnets by BitOPs tier"
     card_data = _card_data(base_model, dataset_name, license, title, eval_results or None)
     onnx_tiers = [row["subfolder"] for row in rows if row["has_onnx"]]
+    measured = [tier for tier in manifest["tiers"].values() if tier.get("latency_ms") is not None]
     return _render_card(
         "tiers_card.md",
         card_data,
@@ -604,7 +719,8 @@ def render_tiers_card(
         dataset_name=dataset_name,
         manifest_name=MANIFEST_NAME,
         tiers=rows,
-        has_latency=any(row["latency_ms"] is not None for row in rows),
+        has_latency=bool(measured),
+        latency_machine=describe_latency_measurement(measured[0]) if measured else None,
         full_precision_gbitops=manifest["full_precision_bitops"] / 1e9,
         example=next((row for row in rows if row["budget"]), rows[0]),
         source=_snippet_source(repo_id),
@@ -613,8 +729,29 @@ def render_tiers_card(
     )
 
 
+class LatencyMeasurementEntry(BaseModel):
+    """How a tier's published latency was measured (`mpsupernet.runtime.LatencyMeasurement` without its median)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    runs_ms: list[float] = Field(min_length=1)
+    warmup_runs: int = Field(ge=0)
+    batch_size: int = Field(ge=1)
+    threads: int = Field(ge=1)
+    cpu: str
+    runtime: str
+    runtime_version: str
+    provider: str
+    date: str
+
+
 class TierEntry(BaseModel):
-    """One tier of `tiers.json`: where its subnet is, what it costs and how good it is."""
+    """One tier of `tiers.json`: where its subnet is, what it costs, how good and how fast it is.
+
+    Format version 2 added `file_bytes` (bytes of each file of the tier's folder but its card), `latency_ms` (the
+    median onnxruntime CPU latency of its image encoder, one image) and `latency_measurement` (how and where it was
+    measured); they are absent (`None`) in version 1, and the latency is `None` for tiers saved without ONNX export.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -624,6 +761,9 @@ class TierEntry(BaseModel):
     share_of_w8a8: float = Field(ge=0, allow_inf_nan=False)
     mean_iou: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     architecture: dict
+    file_bytes: dict[str, int] | None = None
+    latency_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    latency_measurement: LatencyMeasurementEntry | None = None
 
     @field_validator("subfolder")
     @classmethod
@@ -642,7 +782,7 @@ class TiersManifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    format_version: int = MANIFEST_FORMAT_VERSION
+    format_version: int = 1  # a manifest without one predates versioning
     base_model: str
     dataset: str | None = None
     full_precision_bitops: int = Field(gt=0)
@@ -652,7 +792,8 @@ class TiersManifest(BaseModel):
 def validate_tiers_manifest(data, source: str) -> dict:
     """Checks a parsed `tiers.json` against its schema; `source` names the repository and file in every error.
 
-    A manifest without `format_version` is of the format before versioning, which is version 1.
+    A manifest without `format_version` is of the format before versioning, which is version 1; versions 1 to
+    `MANIFEST_FORMAT_VERSION` are read.
 
     Raises:
         `ValueError`: naming `source` and each offending field; also for a format version newer than this
@@ -660,7 +801,7 @@ def validate_tiers_manifest(data, source: str) -> dict:
     """
     if not isinstance(data, dict):
         raise ValueError(f"{source} is not a valid tiers manifest: it holds a {type(data).__name__}, not an object.")
-    version = data.get("format_version", MANIFEST_FORMAT_VERSION)
+    version = data.get("format_version", 1)
     if isinstance(version, int) and not isinstance(version, bool) and version > MANIFEST_FORMAT_VERSION:
         raise ValueError(
             f"{source} has format_version {version}, newer than this mpsupernet reads ({MANIFEST_FORMAT_VERSION}); "
@@ -674,10 +815,10 @@ def validate_tiers_manifest(data, source: str) -> dict:
             for problem in error.errors()
         )
         raise ValueError(f"{source} is not a valid tiers manifest: {problems}.") from None
-    if manifest.format_version != MANIFEST_FORMAT_VERSION:
+    if not 1 <= manifest.format_version <= MANIFEST_FORMAT_VERSION:
         raise ValueError(
             f"{source} is not a valid tiers manifest: field `format_version`: {manifest.format_version} is not a "
-            f"format version (this mpsupernet reads {MANIFEST_FORMAT_VERSION})."
+            f"format version (this mpsupernet reads 1 to {MANIFEST_FORMAT_VERSION})."
         )
     return manifest.model_dump()
 
@@ -705,12 +846,38 @@ def read_tiers_manifest(repo_id: str | os.PathLike, revision: str | None = None,
     return validate_tiers_manifest(data, where)
 
 
-def select_tier(manifest: dict, max_bitops) -> str:
-    """The tier to use under `max_bitops`: the best measured mean IoU among those that fit, else the costliest.
+def select_tier(manifest: dict, max_bitops=None, *, max_latency_ms: float | None = None) -> str:
+    """The tier to use under a BitOPs budget, a latency limit or both: the best measured mean IoU among the tiers that
+    fit, else the costliest of them.
 
-    `max_bitops` takes what `mpsupernet.bitops.parse_budget` takes ("40G", "5%", a number). A mean IoU that is not a
-    finite number counts as unmeasured.
+    Args:
+        manifest (`dict`): a `tiers.json` (see [`read_tiers_manifest`]). A mean IoU that is not a finite number
+            counts as unmeasured.
+        max_bitops (*optional*): what `mpsupernet.bitops.parse_budget` takes ("40G", "5%", a number).
+        max_latency_ms (`float`, *optional*): milliseconds per image of the image encoder on onnxruntime, as published
+            in the manifest (`latency_ms`, measured by `save_tiers` on the machine named in `latency_measurement`).
+
+    Raises:
+        `ValueError`: if neither limit is given, a limit is not understood, or no tier fits (naming the cheapest tier,
+        or the fastest measured latency and the machine it was measured on).
     """
+    if max_bitops is None and max_latency_ms is None:
+        raise ValueError("Give `max_bitops`, `max_latency_ms` or both to select a tier.")
+    fitting = dict(manifest["tiers"])
+    if max_bitops is not None:
+        fitting = _tiers_within_bitops(manifest, max_bitops)
+    if max_latency_ms is not None:
+        fitting = _tiers_within_latency(fitting, max_latency_ms, under=None if max_bitops is None else max_bitops)
+
+    def rank(name):
+        tier = fitting[name]
+        measured = tier["mean_iou"] is not None and math.isfinite(tier["mean_iou"])
+        return (measured, tier["mean_iou"] if measured else 0.0, tier["bitops"])
+
+    return max(fitting, key=rank)
+
+
+def _tiers_within_bitops(manifest: dict, max_bitops) -> dict:
     budget = parse_budget(max_bitops, manifest["full_precision_bitops"])
     tiers = manifest["tiers"]
     fitting = {name: tier for name, tier in tiers.items() if tier["bitops"] <= budget}
@@ -721,19 +888,60 @@ def select_tier(manifest: dict, max_bitops) -> str:
             f"{tiers[cheapest]['bitops']} BitOPs ({tiers[cheapest]['bitops'] / 1e9:.3f} G). Available tiers: "
             + ", ".join(f"{name}={tier['bitops'] / 1e9:.3f}G" for name, tier in tiers.items())
         )
+    return fitting
 
-    def rank(name):
-        tier = fitting[name]
-        measured = tier["mean_iou"] is not None and math.isfinite(tier["mean_iou"])
-        return (measured, tier["mean_iou"] if measured else 0.0, tier["bitops"])
 
-    return max(fitting, key=rank)
+def _tiers_within_latency(tiers: dict, max_latency_ms, under=None) -> dict:
+    """The tiers of `tiers` whose published latency is at most `max_latency_ms`; `under` names the BitOPs budget
+    that already narrowed `tiers`, for the error."""
+    if isinstance(max_latency_ms, bool) or not isinstance(max_latency_ms, numbers.Real) or not (
+        math.isfinite(max_latency_ms) and max_latency_ms > 0
+    ):
+        raise ValueError(f"`max_latency_ms` got {max_latency_ms!r}; give a positive number of milliseconds per image.")
+    measured = {name: tier for name, tier in tiers.items() if tier.get("latency_ms") is not None}
+    scope = "" if under is None else f" under max_bitops={under!r}"
+    if not measured:
+        raise ValueError(
+            f"No tier{scope} has a published latency (the tiers were saved with `export_onnx=False`); select them with "
+            "`max_bitops`."
+        )
+    fitting = {name: tier for name, tier in measured.items() if tier["latency_ms"] <= max_latency_ms}
+    if not fitting:
+        fastest = min(measured, key=lambda name: measured[name]["latency_ms"])
+        raise ValueError(
+            f"No tier{scope} runs within {max_latency_ms} ms per image; the fastest, {fastest!r}, measured "
+            f"{measured[fastest]['latency_ms']:.2f} ms per image on {describe_latency_measurement(measured[fastest])}. "
+            "Measured tiers: "
+            + ", ".join(f"{name}={tier['latency_ms']:.2f} ms" for name, tier in measured.items())
+        )
+    return fitting
+
+
+def describe_latency_measurement(tier: dict) -> str:
+    """The machine and settings of a tier's published latency, in words."""
+    machine = tier["latency_measurement"]
+    return (
+        f"{machine['cpu']} ({machine['threads']} thread{'s' if machine['threads'] != 1 else ''}, batch "
+        f"{machine['batch_size']}, {machine['runtime']} "
+        f"{machine['runtime_version']}, {machine['date']})"
+    )
+
+
+LOAD_RUNTIMES = ("pytorch", "onnxruntime", "openvino")
+"""What `load_subnet` can return a tier for: the PyTorch subnet, or its ONNX export on onnxruntime or OpenVINO."""
 
 
 def load_subnet(
-    repo_id: str | os.PathLike, max_bitops, revision: str | None = None, token: str | None = None, **kwargs
+    repo_id: str | os.PathLike,
+    max_bitops=None,
+    revision: str | None = None,
+    token: str | None = None,
+    *,
+    max_latency_ms: float | None = None,
+    runtime: str = "pytorch",
+    **kwargs,
 ):
-    """Downloads and loads the best ready-made subnet under a BitOPs budget.
+    """Downloads and loads the best ready-made tier under a BitOPs budget, a latency limit or both.
 
     On the Hub, `revision` is resolved to a commit once, and the manifest and the weights are both read at that
     commit, so a push in between cannot pair one tier's entry with another's weights. In a local folder that is
@@ -742,18 +950,28 @@ def load_subnet(
 
     Args:
         repo_id (`str` or `os.PathLike`): a Hub repository written by [`push_tiers`], or a local copy of one.
-        max_bitops (`int`, `float` or `str`): the budget: a number of BitOPs, `"40G"`, `"1.5T"`, or `"5%"` of the
-            full-precision model.
+        max_bitops (`int`, `float` or `str`, *optional*): the budget: a number of BitOPs, `"40G"`, `"1.5T"`, or
+            `"5%"` of the full-precision model.
         revision (`str`), token (`str`): as in `huggingface_hub`.
-        kwargs: passed to `SamSubnetForMaskGeneration.from_pretrained`.
+        max_latency_ms (`float`, *optional*): the published onnxruntime CPU latency of the image encoder, in
+            milliseconds per image, that the tier must not exceed (see [`select_tier`]; measured on the machine the
+            manifest and the tier's card name, so scale it to yours).
+        runtime (`str`, *optional*, defaults to `"pytorch"`): `"pytorch"` returns the `SamSubnetForMaskGeneration`;
+            `"onnxruntime"` (or `"openvino"`) returns the tier's ONNX export as a `mpsupernet.runtime.OnnxSamModel`.
+        kwargs: passed to `SamSubnetForMaskGeneration.from_pretrained` or `OnnxSamModel.from_pretrained`
+            (e.g. `provider`, `session_options`).
 
     Returns:
-        `SamSubnetForMaskGeneration`: the chosen tier's subnet; its BitOPs are within the budget.
+        `SamSubnetForMaskGeneration` or `OnnxSamModel`: the chosen tier; its BitOPs are within the budget.
 
     Raises:
-        `ValueError`: if no tier fits, the manifest is invalid, or the loaded subnet is over the budget.
+        `ValueError`: if no tier fits, the manifest is invalid, the loaded tier is over the budget, `runtime` is
+            unknown, or the tier holds no ONNX export for an ONNX runtime.
         `OSError`: if the tier's folder is missing or its files cannot be read (the tier is named).
     """
+    if runtime not in LOAD_RUNTIMES:
+        raise ValueError(f"Unknown runtime {runtime!r}; allowed: {list(LOAD_RUNTIMES)}.")
+    kwargs.update(max_latency_ms=max_latency_ms, runtime=runtime)
     if not Path(repo_id).is_dir():
         commit = HfApi(token=token).repo_info(str(repo_id), revision=revision, token=token).sha
         manifest = read_tiers_manifest(repo_id, revision=commit, token=token)
@@ -775,12 +993,20 @@ def load_subnet(
     ) from interrupted
 
 
-def _load_tier(manifest: dict, max_bitops, where: str, source, **kwargs):
+def _load_tier(manifest: dict, max_bitops, where: str, source, *, max_latency_ms, runtime, **kwargs):
     from .modeling_sam_subnet import SamSubnetForMaskGeneration
 
-    tier = select_tier(manifest, max_bitops)
+    tier = select_tier(manifest, max_bitops, max_latency_ms=max_latency_ms)
     entry = manifest["tiers"][tier]
     subfolder = entry["subfolder"]
+    if runtime != "pytorch":
+        from .runtime import VISION_ENCODER_FILE, OnnxSamModel
+
+        if VISION_ENCODER_FILE not in (entry["file_bytes"] or {}):
+            raise ValueError(
+                f"Tier {tier!r} of {where} has no ONNX export (it was saved with `export_onnx=False`); load it with "
+                "runtime='pytorch', or save the tiers again with their ONNX files."
+            )
     logger.info(f"Loading tier {tier!r} ({entry['bitops'] / 1e9:.3f} GBitOPs) from {where}")
     try:
         if isinstance(source, Path):
@@ -792,19 +1018,27 @@ def _load_tier(manifest: dict, max_bitops, where: str, source, **kwargs):
                     f"Tier {tier!r} of {MANIFEST_NAME} in {where} names the subfolder {subfolder!r}, which holds no "
                     "subnet (no config.json)."
                 )
-            subnet = SamSubnetForMaskGeneration.from_pretrained(folder, **kwargs)
+        if runtime != "pytorch":
+            model = OnnxSamModel.from_pretrained(source, subfolder=subfolder, runtime=runtime, **kwargs)
+        elif isinstance(source, Path):
+            model = SamSubnetForMaskGeneration.from_pretrained(source / subfolder, **kwargs)
         else:
-            subnet = SamSubnetForMaskGeneration.from_pretrained(source, subfolder=subfolder, **kwargs)
+            model = SamSubnetForMaskGeneration.from_pretrained(source, subfolder=subfolder, **kwargs)
     except FileNotFoundError:
         raise
     except (OSError, EntryNotFoundError) as error:
         raise OSError(f"Could not load tier {tier!r} (subfolder {subfolder!r}) of {where}: {error}") from error
+    if max_bitops is None:
+        return model
     budget = parse_budget(max_bitops, manifest["full_precision_bitops"])
-    bitops = max(subnet.config.bitops, subnet.bitops_report().total_bitops)
+    if runtime != "pytorch":
+        bitops = model.config["bitops"]
+    else:
+        bitops = max(model.config.bitops, model.bitops_report().total_bitops)
     if bitops > budget:
         raise ValueError(
             f"Tier {tier!r} of {where} loaded as a subnet of {bitops} BitOPs, over the budget {max_bitops!r} "
             f"({budget} BitOPs), although {MANIFEST_NAME} lists it at {entry['bitops']}: the manifest and the tier do "
             "not match. Refusing it."
         )
-    return subnet
+    return model

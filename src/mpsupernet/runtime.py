@@ -18,9 +18,15 @@ This module must not import torch (nor anything that does): `mpsupernet`'s packa
 parts only when torch is importable.
 """
 
+import contextlib
+import datetime
 import json
 import os
-from dataclasses import dataclass
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -341,4 +347,111 @@ def resize_bilinear(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return rows[..., low] * (1 - fraction) + rows[..., high] * fraction
 
 
-__all__ = ["OnnxSamModel", "OnnxSamOutput", "resize_bilinear"]
+@dataclass
+class LatencyMeasurement:
+    """The image encoder's latency as [`measure_latency`] measured it, and the machine it was measured on.
+
+    Attributes:
+        ms_per_image (`float`): median milliseconds of one encoder call on one image (batch 1).
+        runs_ms (`list[float]`): every timed call, in milliseconds, in order.
+        warmup_runs (`int`): untimed calls before them.
+        batch_size (`int`): images per call (1).
+        threads (`int`): intra-op threads of the session (onnxruntime's default, 0, is recorded as the CPU count).
+        cpu (`str`): the CPU model (`/proc/cpuinfo`'s `model name`, else `platform.processor()`).
+        runtime (`str`), runtime_version (`str`), provider (`str`): what ran the encoder.
+        date (`str`): UTC date and time of the measurement, ISO 8601.
+    """
+
+    ms_per_image: float
+    runs_ms: list[float]
+    warmup_runs: int
+    batch_size: int
+    threads: int
+    cpu: str
+    runtime: str
+    runtime_version: str
+    provider: str
+    date: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.ms_per_image:.1f} ms per image (batch {self.batch_size}, median of {len(self.runs_ms)} runs) on "
+            f"{self.cpu}, {self.threads} threads, {self.runtime} {self.runtime_version}, {self.date}"
+        )
+
+
+def cpu_model() -> str:
+    """The CPU's model name (`/proc/cpuinfo` on Linux; elsewhere `platform.processor()` or the architecture)."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    return cpu
+
+
+def measure_latency(
+    model: OnnxSamModel,
+    *,
+    runs: int = 5,
+    warmup: int = 2,
+    seed: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> LatencyMeasurement:
+    """Measures the image encoder of `model` on one image: the median of `runs` timed calls after `warmup` calls.
+
+    The input is a random `(1, 3, image_size, image_size)` image (the encoder's cost does not depend on the
+    values). Only the encoder is timed: the prompt encoder and mask decoder run once per prompt and are small.
+    Threads are those of the model's session: build the model with `session_options` whose
+    `intra_op_num_threads` is set to measure at a given count.
+
+    Args:
+        model (`OnnxSamModel`): an onnxruntime model (`runtime="onnxruntime"`).
+        runs (`int`, *optional*, defaults to 5): timed calls (at least 1).
+        warmup (`int`, *optional*, defaults to 2): untimed calls before them (at least 0; the first call of a session
+            allocates its buffers).
+        seed (`int`, *optional*): seeds the random image.
+        clock (`Callable[[], float]`, *optional*, defaults to `time.perf_counter`): seconds, monotonic.
+
+    Returns:
+        `LatencyMeasurement`: the median in milliseconds, every run, and the machine.
+
+    Raises:
+        `ValueError`: for a model on another runtime, or `runs < 1` or `warmup < 0`.
+    """
+    if getattr(model, "runtime", None) != "onnxruntime":
+        raise ValueError(
+            f"measure_latency measures onnxruntime models; got runtime {getattr(model, 'runtime', None)!r}."
+        )
+    for name, value, low in (("runs", runs, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"`{name}` must be an integer of at least {low}; got {value!r}.")
+    import onnxruntime as ort
+
+    size = model.image_size
+    pixel_values = np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
+    for _ in range(warmup):
+        model.get_image_embeddings(pixel_values)
+    runs_ms = []
+    for _ in range(runs):
+        start = clock()
+        model.get_image_embeddings(pixel_values)
+        runs_ms.append(1000.0 * (clock() - start))
+    session = model.vision_encoder.session
+    threads = session.get_session_options().intra_op_num_threads or os.cpu_count() or 1
+    return LatencyMeasurement(
+        ms_per_image=statistics.median(runs_ms),
+        runs_ms=runs_ms,
+        warmup_runs=warmup,
+        batch_size=1,
+        threads=threads,
+        cpu=cpu_model(),
+        runtime="onnxruntime",
+        runtime_version=ort.__version__,
+        provider=session.get_providers()[0],
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+__all__ = ["LatencyMeasurement", "OnnxSamModel", "OnnxSamOutput", "cpu_model", "measure_latency", "resize_bilinear"]

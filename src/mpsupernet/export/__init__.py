@@ -10,6 +10,7 @@ from .writer import (
     INTEGER_MATMUL_OPS,
     WEIGHT_CONTAINERS,
     OnnxExportReport,
+    add_onnx_export,
     count_integer_matmuls,
     export_onnx,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "INTEGER_MATMUL_OPS",
     "WEIGHT_CONTAINERS",
     "OnnxExportReport",
+    "add_onnx_export",
     "count_integer_matmuls",
     "export_onnx",
 ]

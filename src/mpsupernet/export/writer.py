@@ -267,6 +267,53 @@ def export_onnx(
     return report
 
 
+def add_onnx_export(
+    subnet: SamSubnetForMaskGeneration,
+    model_directory: str | os.PathLike,
+    *,
+    target: str = "onnxruntime",
+    weight_container: str = "int8",
+    opset: int | None = None,
+    verify: bool = True,
+) -> OnnxExportReport:
+    """Exports `subnet` into the folder its `save_pretrained` wrote, beside its safetensors.
+
+    The ONNX files and `preprocessor_config.json` are added, and the folder's `config.json` gains the `export`
+    section (the rest of it stays as saved), so that the folder loads both as the PyTorch subnet and with
+    `mpsupernet.runtime.OnnxSamModel`. The export is made in a scratch folder beside it and moved in once complete.
+
+    Args:
+        subnet (`SamSubnetForMaskGeneration`): the subnet saved in `model_directory`.
+        model_directory (`str` or `os.PathLike`): a folder holding its `config.json`.
+        target, weight_container, opset, verify: as for [`export_onnx`].
+
+    Returns:
+        `OnnxExportReport`: as `export_onnx`'s, for `model_directory` (`file_bytes` lists the files it added and the
+        updated `config.json`).
+
+    Raises:
+        `ValueError`: for a folder without `config.json`, and everything `export_onnx` refuses.
+    """
+    directory = Path(model_directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(
+            f"Cannot add an ONNX export to {str(directory)!r}: it holds no {CONFIG_FILE} of a saved subnet."
+        )
+    with tempfile.TemporaryDirectory(prefix=f".{directory.name}.onnx-", dir=directory.parent) as scratch:
+        exported = Path(scratch) / "export"
+        report = export_onnx(
+            subnet, exported, target=target, weight_container=weight_container, opset=opset, verify=verify
+        )
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["export"] = json.loads((exported / CONFIG_FILE).read_text(encoding="utf-8"))["export"]
+        (exported / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _move_into_place(exported, directory)
+    report.directory = str(directory)
+    report.file_bytes = {name: (directory / name).stat().st_size for name in config["export"]["files"]}
+    return report
+
+
 def _write(subnet, staging: Path, destination: Path, target, weight_container, opset, verify) -> OnnxExportReport:
     config = subnet.config
     image_size = config.vision_config.image_size
