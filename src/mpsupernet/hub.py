@@ -87,6 +87,33 @@ def _hub_url(model_id: str) -> str | None:
     return f"https://huggingface.co/{model_id}" if "/" in model_id and not Path(model_id).is_absolute() else None
 
 
+def _subnet_card_data(
+    summary: dict, base_model: str, dataset_name, dataset_split, license: str, title: str, mean_iou, latency
+) -> ModelCardData:
+    """The metadata of a subnet card: provenance, the mIoU as an eval result, BitOPs and the published latency."""
+    eval_results = None
+    if mean_iou is not None:
+        eval_results = [
+            EvalResult(
+                task_type="mask-generation",
+                dataset_type=dataset_name,
+                dataset_name=dataset_name,
+                dataset_split=dataset_split,
+                metric_type="mean_iou",
+                metric_name="Mean IoU",
+                metric_value=round(float(mean_iou), 6),
+            )
+        ]
+    card_data = _card_data(base_model, dataset_name, license, title, eval_results)
+    # BitOPs in the metadata let the Hub's search and `load_subnet` read the cost without parsing the body.
+    card_data.bitops = summary["bitops"]
+    card_data.bitops_share_of_full_precision = round(summary["share_of_full_precision"], 6)
+    card_data.bitops_share_of_w8a8 = round(summary["share_of_w8a8"], 6)
+    if latency is not None:
+        card_data.latency_ms = round(float(latency["latency_ms"]), 3)
+    return card_data
+
+
 def render_subnet_card(
     subnet,
     *,
@@ -139,27 +166,8 @@ def render_subnet_card(
     report = subnet.bitops_report()
     summary = report.summary()
     gbitops = summary["gbitops"]
-    eval_results = None
-    if mean_iou is not None:
-        eval_results = [
-            EvalResult(
-                task_type="mask-generation",
-                dataset_type=dataset_name,
-                dataset_name=dataset_name,
-                dataset_split=dataset_split,
-                metric_type="mean_iou",
-                metric_name="Mean IoU",
-                metric_value=round(float(mean_iou), 6),
-            )
-        ]
     title = f"{base_model.split('/')[-1]} mixed-precision subnet, {gbitops:.3g} GBitOPs"
-    card_data = _card_data(base_model, dataset_name, license, title, eval_results)
-    # BitOPs in the metadata let the Hub's search and `load_subnet` read the cost without parsing the body.
-    card_data.bitops = summary["bitops"]
-    card_data.bitops_share_of_full_precision = round(summary["share_of_full_precision"], 6)
-    card_data.bitops_share_of_w8a8 = round(summary["share_of_w8a8"], 6)
-    if latency is not None:
-        card_data.latency_ms = round(float(latency["latency_ms"]), 3)
+    card_data = _subnet_card_data(summary, base_model, dataset_name, dataset_split, license, title, mean_iou, latency)
     subfolder = subfolder if repo_id else None
     return _render_card(
         "subnet_card.md",
