@@ -350,18 +350,15 @@ def save_tiers(
     """Writes several subnets as tiers into a folder laid out as a tiers repository (see [`push_tiers`]).
 
     Each tier's folder holds its safetensors, `config.json` and model card and, with `export_onnx`, its ONNX export
-    (`SamSubnetForMaskGeneration.export_onnx`: `vision_encoder.onnx`, `prompt_encoder_mask_decoder.onnx`,
-    `preprocessor_config.json` and the `export` section of `config.json`). The image encoder of each export is then
-    timed on this machine with onnxruntime on the CPU (`mpsupernet.runtime.measure_latency`: batch 1, median of
-    `latency_runs` runs after warm-up), and `tiers.json` and the cards publish that latency with the machine, beside
-    the BitOPs and every file's bytes.
+    (see `SamSubnetForMaskGeneration.export_onnx`), whose image encoder is timed here with onnxruntime on the CPU
+    (`mpsupernet.runtime.measure_latency`: batch 1, median of `latency_runs` runs after warm-up); `tiers.json` and
+    the cards publish that latency with the machine, beside the BitOPs and every file's bytes.
 
     A new folder gets one subfolder per tier, named after it, and is renamed into place once complete. Over earlier
     tiers (a folder holding a `tiers.json`) or into an empty folder, the new tiers go into a new generation
     subfolder (`_v<n>/<tier>`); `tiers.json` is replaced last, atomically, and only then are the tier folders of the
-    previous manifest removed. So after a kill at any moment the folder holds the complete old tiers or the complete
-    new ones, and `load_subnet` reading it meanwhile gets one or the other. Generation folders that no manifest
-    names (left by a killed write) are ignored and removed by the next write. Nothing else is ever deleted.
+    previous manifest removed: after a kill at any moment the folder holds the complete old or new tiers (a concurrent
+    `load_subnet` gets one or the other). Leftovers of a killed write go with the next one; nothing else is deleted.
 
     Args:
         tiers (`Mapping[str, SamSubnetForMaskGeneration]`): tier name (letters, digits, `.`, `_`, `-`; at most
@@ -393,34 +390,40 @@ def save_tiers(
     target = Path(save_directory)
     card_repo_id = repo_id or target.resolve().name
     previous = _previous_manifest(target)
+
+    def write(root: Path, generation: str) -> dict:
+        return _write_tiers(tiers, root, generation, base_model, dataset_name, mean_ious, card_repo_id, onnx_options)
+
     if previous is None:
         remove_stale_staging(target)
         staging = make_staging_directory(target)
         try:
-            manifest = _write_tiers(
-                tiers, staging, "", base_model, dataset_name, mean_ious, card_repo_id, onnx_options
-            )
+            manifest = write(staging, "")
             _write_manifest_and_overview(staging, manifest, card_repo_id)
             move_into_place(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return manifest
     referenced = _top_folders(previous)
+    generation = _next_generation(target, referenced)
+    manifest = write(target, generation)
+    fsync_tree(target / generation)
+    _write_manifest_and_overview(target, manifest, card_repo_id)
+    for folder in sorted(referenced - _top_folders(manifest)):
+        shutil.rmtree(target / folder, ignore_errors=True)
+    return manifest
+
+
+def _next_generation(target: Path, referenced: set[str]) -> str:
+    """The name of the next generation folder of a tiers folder, after removing what killed writes left behind:
+    staging files of the manifest and card, and generation folders that the current manifest does not name."""
     for name in (MANIFEST_NAME, "README.md"):
         remove_stale_staging(target / name)
     generations = [int(match[1]) for p in target.iterdir() if (match := GENERATION_PATTERN.fullmatch(p.name))]
     for number in generations:
         if f"_v{number}" not in referenced:
             shutil.rmtree(target / f"_v{number}", ignore_errors=True)
-    generation = f"_v{max(generations, default=0) + 1}"
-    manifest = _write_tiers(
-        tiers, target, generation, base_model, dataset_name, mean_ious, card_repo_id, onnx_options
-    )
-    fsync_tree(target / generation)
-    _write_manifest_and_overview(target, manifest, card_repo_id)
-    for folder in sorted(referenced - _top_folders(manifest)):
-        shutil.rmtree(target / folder, ignore_errors=True)
-    return manifest
+    return f"_v{max(generations, default=0) + 1}"
 
 
 def _check_onnx_options(export_onnx, target, weight_container, threads, runs) -> dict | None:
