@@ -8,11 +8,15 @@ from another seed, which neither training nor the search has seen.
 
 import argparse
 import copy
+import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from transformers import SamModel
 
 import _common
 from mpsupernet import SamSupernetForMaskGeneration
@@ -43,12 +47,24 @@ def add_task_arguments(parser: argparse.ArgumentParser, name: str, train_steps: 
         help="Training seeds, from --seed on: each trains its own supernet on the same data splits; figures are "
         "reported as mean and standard deviation over them (default: 3).",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="Trainings run at once, each in its own process with an equal share of the CPU threads (and the one "
+        "GPU, where there is one); results do not depend on it (default: 1).",
+    )
     parser.set_defaults(train_seed=None)  # set per run by `seed_runs`; training uses --seed without it
     parser.add_argument(
         "--hidden-size-choices",
         type=int,
         nargs="+",
         help="Feature sizes of the supernets trained here (SamSupernetConfig.hidden_size_choices; default: full only).",
+    )
+    parser.add_argument(
+        "--sam",
+        type=Path,
+        help="A transformers SamModel folder to fine-tune instead of the embedded SAM (default: the embedded SAM).",
     )
     parser.add_argument(
         "--output-dir", type=Path, default=Path("outputs/benchmarks") / name, help="Where results and models go."
@@ -66,6 +82,8 @@ def check_seeds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ar
     """Refuses `--seeds` below 1, or above 1 with `--supernet` (one trained supernet is one seed)."""
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}.")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}.")
     if getattr(args, "supernet", None) is not None and args.seeds != 1:
         parser.error("--supernet measures one trained supernet, which is one seed: give --seeds 1 with it.")
     return args
@@ -90,14 +108,34 @@ def training_seed(args: argparse.Namespace) -> int:
     return args.seed if args.train_seed is None else args.train_seed
 
 
+def run_jobs(function, calls: list[tuple], jobs: int) -> list:
+    """`[function(*call) for call in calls]`, run by `jobs` processes at once when `jobs` > 1.
+
+    Each worker is a fresh (spawned) interpreter with `os.cpu_count() // jobs` torch threads, so that parallel
+    trainings do not oversubscribe the cores; `function` must be importable (a module-level function of a benchmark
+    script) and `calls` picklable. The results come back in the order of `calls`, and each is what the call computes
+    alone: training and evaluation are seeded per call, never by process state.
+    """
+    if jobs <= 1 or len(calls) <= 1:
+        return [function(*call) for call in calls]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(
+        max_workers=min(jobs, len(calls)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=torch.set_num_threads,
+        initargs=(threads,),
+    ) as pool:
+        futures = [pool.submit(function, *call) for call in calls]
+        return [future.result() for future in futures]
+
+
 def measure_per_seed(args: argparse.Namespace, splits: dict, measure) -> dict:
-    """`measure(run_args, splits)` for each training seed of `seed_runs(args)`, keyed by the seed as a string (a JSON
-    key)."""
-    measured = {}
-    for run in seed_runs(args):
-        print(f"Training seed {run.train_seed}")
-        measured[str(run.train_seed)] = measure(run, splits)
-    return measured
+    """`measure(run_args, splits)` for each training seed of `seed_runs(args)` (`--jobs` of them at once), keyed by
+    the seed as a string (a JSON key)."""
+    runs = seed_runs(args)
+    print(f"Training seeds {[run.train_seed for run in runs]}, {args.jobs} at a time")
+    measured = run_jobs(measure, [(run, splits) for run in runs], args.jobs)
+    return {str(run.train_seed): result for run, result in zip(runs, measured)}
 
 
 def mean_and_std(values: list[float]) -> dict:
@@ -114,11 +152,18 @@ def format_mean_std(summary: dict, digits: int = 4) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
 
 
+def pretrained_sam(args: argparse.Namespace) -> SamModel:
+    """The SAM the benchmark fine-tunes: `--sam` when given, else the embedded SAM."""
+    if getattr(args, "sam", None) is not None:
+        return SamModel.from_pretrained(args.sam)
+    return load_embedded_sam()
+
+
 def embedded_supernet(args: argparse.Namespace, **overrides) -> SamSupernetForMaskGeneration:
-    """A supernet of the embedded SAM with the benchmark's search-space options (`--hidden-size-choices`)."""
+    """A supernet of the benchmark's SAM (`pretrained_sam`) with its search-space options (`--hidden-size-choices`)."""
     if getattr(args, "hidden_size_choices", None):
         overrides.setdefault("hidden_size_choices", args.hidden_size_choices)
-    return SamSupernetForMaskGeneration.from_sam(load_embedded_sam(), **overrides)
+    return SamSupernetForMaskGeneration.from_sam(pretrained_sam(args), **overrides)
 
 
 def train_embedded_supernet(

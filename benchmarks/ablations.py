@@ -14,6 +14,7 @@ Every figure is the mean ± standard deviation over `--seeds` training seeds (de
 
     python benchmarks/ablations.py                               # 4 variants x 3 seeds: about 60 min on 2 cores
     python benchmarks/ablations.py --variants shared multiplex   # a subset
+    python benchmarks/ablations.py --jobs 12                     # all 12 trainings at once (16 cores, or a GPU)
 """
 
 import argparse
@@ -69,36 +70,43 @@ def probe_subnets(supernet) -> dict:
     }
 
 
+def measure_variant(variant: str, run_args: argparse.Namespace, splits: dict) -> dict:
+    """Trains `variant` with one training seed and measures its probe subnets on the test split."""
+    supernet = build_variant(variant, run_args)
+    schedule = supernet.config.progressive_bits_schedule
+    print(f"{variant}, seed {run_args.train_seed}: bit-width schedule {schedule}, {run_args.train_steps} steps")
+    output_dir = run_args.output_dir / variant
+    supernet, training_seconds = _embedded.train_embedded_supernet(run_args, splits, output_dir, supernet)
+    return {
+        "lora_mode": supernet.config.lora_mode,
+        "progressive_bits_schedule": schedule,
+        "training_seconds": training_seconds,
+        "trainable_parameters": sum(p.numel() for p in supernet.parameters() if p.requires_grad),
+        "test_mean_iou": {
+            name: _embedded.subnet_mean_iou(supernet, arch, splits["test"], run_args.seed)
+            for name, arch in probe_subnets(supernet).items()
+        },
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     splits = _embedded.make_splits(args)
     runs = _embedded.seed_runs(args)
+    calls = [(variant, run_args, splits) for variant in args.variants for run_args in runs]
+    print(f"{len(args.variants)} variants x {len(runs)} seeds, {args.jobs} trainings at a time")
+    measured = _embedded.run_jobs(measure_variant, calls, args.jobs)
     results = {}
-    for number, variant in enumerate(args.variants, 1):
-        measured, seconds = [], []
-        for run_args in runs:
-            supernet = build_variant(variant, run_args)
-            schedule = supernet.config.progressive_bits_schedule
-            print(
-                f"[{number}/{len(args.variants)}] {variant}, seed {run_args.train_seed}: "
-                f"bit-width schedule {schedule}, {args.train_steps} steps"
-            )
-            output_dir = run_args.output_dir / variant
-            supernet, training_seconds = _embedded.train_embedded_supernet(run_args, splits, output_dir, supernet)
-            seconds.append(training_seconds)
-            measured.append(
-                {
-                    name: _embedded.subnet_mean_iou(supernet, arch, splits["test"], args.seed)
-                    for name, arch in probe_subnets(supernet).items()
-                }
-            )
+    for number, variant in enumerate(args.variants):
+        seeds = measured[number * len(runs) : (number + 1) * len(runs)]
         results[variant] = {
-            "lora_mode": supernet.config.lora_mode,
-            "progressive_bits_schedule": schedule,
-            "training_seconds": _embedded.mean_and_std(seconds),
-            "trainable_parameters": sum(p.numel() for p in supernet.parameters() if p.requires_grad),
+            "lora_mode": seeds[0]["lora_mode"],
+            "progressive_bits_schedule": seeds[0]["progressive_bits_schedule"],
+            "training_seconds": _embedded.mean_and_std([seed["training_seconds"] for seed in seeds]),
+            "trainable_parameters": seeds[0]["trainable_parameters"],
             "test_mean_iou": {
-                name: _embedded.mean_and_std([seed_result[name] for seed_result in measured]) for name in measured[0]
+                name: _embedded.mean_and_std([seed["test_mean_iou"][name] for seed in seeds])
+                for name in seeds[0]["test_mean_iou"]
             },
         }
     return {

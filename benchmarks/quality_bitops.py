@@ -23,7 +23,6 @@ from mpsupernet import SamSupernetConfig
 from mpsupernet.architecture import QUANTIZABLE_LAYERS
 from mpsupernet.bitops import count_bitops, format_bitops
 from mpsupernet.evaluation import evaluate_dataset_mean_iou
-from mpsupernet.pretrained import load_embedded_sam
 from mpsupernet.search_space import SearchSpace
 
 NAME = "quality_bitops"
@@ -109,7 +108,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     splits = _embedded.make_splits(args)
     per_seed = _embedded.measure_per_seed(args, splits, measure_seed)
-    pretrained = evaluate_dataset_mean_iou(load_embedded_sam(), splits["test"], seed=args.seed)
+    pretrained = evaluate_dataset_mean_iou(_embedded.pretrained_sam(args), splits["test"], seed=args.seed)
     first = next(iter(per_seed.values()))
     seeds = list(per_seed.values())
     return {

@@ -199,7 +199,8 @@ def test_search_space_study_over_seeds_with_the_feature_size(tmp_path):
 
 def test_ablations_train_each_variant_as_configured(tmp_path):
     ablations.main(
-        TOY_TASK + ["--seeds", "2", "--variants", "shared", "multiplex-all-bits", "--output-dir", str(tmp_path)]
+        TOY_TASK
+        + ["--seeds", "2", "--variants", "shared", "multiplex-all-bits", "--jobs", "2", "--output-dir", str(tmp_path)]
     )
     results = json.loads((tmp_path / "ablations.json").read_text())["variants"]
     assert list(results) == ["shared", "multiplex-all-bits"]
@@ -212,7 +213,7 @@ def test_ablations_train_each_variant_as_configured(tmp_path):
         for summary in variant["test_mean_iou"].values():
             assert len(summary["values"]) == 2 and all(0 <= value <= 1 for value in summary["values"])
             assert summary["mean"] == pytest.approx(statistics.fmean(summary["values"]))
-    # The second seed's figure is that seed's supernet, measured again.
+    # The second seed's figure is that seed's supernet (trained in a worker process), measured again here.
     test = _embedded.make_splits(ablations.parse_args(TOY_TASK))["test"]
     shared.set_subnet(shared.smallest_subnet())
     assert results["shared"]["test_mean_iou"]["smallest W2A4"]["values"][1] == pytest.approx(
