@@ -16,9 +16,10 @@ Variants, all timed on the image encoder alone (batch 1; only the encoder differ
 - torch float eager / torch float SDPA: transformers' `SamModel.get_image_embeddings`, eager or SDPA attention;
 - onnxruntime float: that encoder exported by `torch.onnx.export` (eager attention), default session options;
 - per tier: `PyTorch (fake-quant)`, the subnet itself (dequantized weights, fake-quantized activations; context);
-  `onnxruntime`, the tier exported by `export_onnx` and run by `mpsupernet.runtime.OnnxSamModel` with the settings
-  the export records (integer kernels); `OpenVINO`, the same file compiled with the export's OpenVINO settings
-  (f32 precision hint: exact mode), where openvino is installed.
+  `onnxruntime`, the tier's ONNX export run by `mpsupernet.runtime.OnnxSamModel` with the settings the export
+  records (integer kernels); `OpenVINO`, the same file compiled with the export's OpenVINO settings (f32 precision
+  hint: exact mode), where openvino is installed. The export is the file `save_tiers` shipped in the tier's folder
+  (what users download) when there is one, else one made here by `export_onnx`; the table's `ONNX` column says which.
 
 Before any timing, every variant's embeddings are checked once against its reference (float variants against torch
 float eager, a tier's runtimes against its PyTorch subnet): a float variant that disagrees stops the benchmark, a
@@ -30,7 +31,6 @@ alike) after one warm-up round, and each variant's figure is the median of its p
 
 import argparse
 import contextlib
-import json
 import sys
 import tempfile
 from collections.abc import Callable
@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration  # noqa: E402
+from mpsupernet.checkpoints import exported_file_names  # noqa: E402
 from mpsupernet.hub import read_tiers_manifest  # noqa: E402
 from mpsupernet.pretrained import EMBEDDED_SAM_PATH, load_embedded_sam  # noqa: E402
 from mpsupernet.runtime import OnnxSamModel  # noqa: E402
@@ -84,6 +85,7 @@ class Variant:
         name: the row name. run: pixel values `(1, 3, size, size)` float32 -> embeddings (numpy).
         reference: the variant whose embeddings this one must reproduce (None: itself a reference).
         tier: the tier it runs (None for the float model). subnet: that tier's PyTorch subnet.
+        onnx: for a tier's ONNX runtimes, `"shipped"` (the export in the tier's folder) or `"exported here"`.
     """
 
     name: str
@@ -91,6 +93,7 @@ class Variant:
     reference: str | None = None
     tier: str | None = None
     subnet: SamSubnetForMaskGeneration | None = field(default=None, repr=False)
+    onnx: str | None = None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -131,33 +134,38 @@ def with_attention(sam: SamModel, implementation: str) -> SamModel:
     return model.eval()
 
 
-def embedded_tiers(budgets: list[str], seed: int) -> tuple[SamModel, dict[str, SamSubnetForMaskGeneration]]:
-    """The embedded SAM and its supernet's cost-only subnets at `budgets` (calibrated on 4 random images)."""
+Tiers = dict[str, SamSubnetForMaskGeneration]
+"""Tier name -> subnet."""
+
+
+def embedded_tiers(budgets: list[str], seed: int) -> tuple[SamModel, Tiers, dict[str, Path]]:
+    """The embedded SAM and its supernet's cost-only subnets at `budgets` (calibrated on 4 random images); no
+    shipped exports."""
     sam = load_embedded_sam().eval()
     supernet = SamSupernetForMaskGeneration.from_sam(sam).eval()
     supernet.calibrate_quantizers(random_images(4, sam.config.vision_config.image_size, seed))
-    return sam, {budget: supernet.extract_subnet(budget) for budget in budgets}
+    return sam, {budget: supernet.extract_subnet(budget) for budget in budgets}, {}
 
 
-def saved_tiers(folder: Path) -> tuple[SamModel, dict[str, SamSubnetForMaskGeneration]]:
-    """The tiers of a tiers folder and the float SamModel named as their `base_model`."""
+def saved_tiers(folder: Path) -> tuple[SamModel, Tiers, dict[str, Path]]:
+    """The tiers of a tiers folder, the float SamModel named as their `base_model`, and the folders of the tiers
+    that ship their ONNX export (their `config.json` lists `vision_encoder.onnx`)."""
     manifest = read_tiers_manifest(folder)
     base = manifest["base_model"]
     sam = load_embedded_sam() if base == EMBEDDED_BASE_MODEL else SamModel.from_pretrained(base)
-    tiers = {
-        name: SamSubnetForMaskGeneration.from_pretrained(folder / tier["subfolder"]).eval()
-        for name, tier in manifest["tiers"].items()
-    }
-    return sam.eval(), tiers
+    folders = {name: folder / tier["subfolder"] for name, tier in manifest["tiers"].items()}
+    tiers = {name: SamSubnetForMaskGeneration.from_pretrained(path).eval() for name, path in folders.items()}
+    shipped = {name: path for name, path in folders.items() if "vision_encoder.onnx" in exported_file_names(path)}
+    return sam.eval(), tiers, shipped
 
 
-def vit_b_tier(args: argparse.Namespace) -> tuple[SamModel, dict[str, SamSubnetForMaskGeneration]]:
-    """A random-weight SAM of ViT-B size (test size with `--tiny`) and its W8A8 subnet."""
+def vit_b_tier(args: argparse.Namespace) -> tuple[SamModel, Tiers, dict[str, Path]]:
+    """A random-weight SAM of ViT-B size (test size with `--tiny`) and its W8A8 subnet; no shipped export."""
     sam = _common.build_sam(args.image_size, args.tiny, args.seed).eval()
     supernet = SamSupernetForMaskGeneration.from_sam(sam).eval()
     calibration = random_images(args.calibration_images, args.image_size, args.seed + 1)
     supernet.calibrate_quantizers(calibration, activation_bits=(8,), weight_bits=8)
-    return sam, {"W8A8": supernet.extract_subnet(supernet.search_space.largest(weight_bits=8, activation_bits=8))}
+    return sam, {"W8A8": supernet.extract_subnet(supernet.search_space.largest(weight_bits=8, activation_bits=8))}, {}
 
 
 # --- the variants ------------------------------------------------------------------------------------------------
@@ -209,38 +217,25 @@ def float_variants(sam: SamModel, pixel_values: np.ndarray, folder: Path, thread
     ]
 
 
-def openvino_runner(export_directory: Path, threads: int) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The exported encoder compiled by OpenVINO with the export's settings and `threads`; None without openvino.
+def tier_variants(
+    name: str, subnet: SamSubnetForMaskGeneration, export_directory: Path, threads: int, shipped: Path | None = None
+) -> list[Variant]:
+    """The tier in PyTorch, and its ONNX export run by `OnnxSamModel` on onnxruntime and, where installed, OpenVINO.
 
-    `OnnxSamModel(runtime="openvino")` compiles with the same settings but takes no thread count, hence this.
+    The export is the one in `shipped` (the tier's folder) when given, else one written into `export_directory`.
     """
-    try:
-        import openvino
-    except ImportError:
-        return None
-    settings = json.loads((export_directory / "config.json").read_text())["export"]["runtime"]["openvino"]
-    core = openvino.Core()
-    compiled = core.compile_model(
-        core.read_model(str(export_directory / "vision_encoder.onnx")),
-        "CPU",
-        {**settings, "INFERENCE_NUM_THREADS": threads},
-    )
-    return lambda x: compiled({"pixel_values": x})[compiled.outputs[0]]
-
-
-def tier_variants(name: str, subnet: SamSubnetForMaskGeneration, export_directory: Path, threads: int) -> list[Variant]:
-    """The tier in PyTorch, exported into `export_directory` and run by `OnnxSamModel` (onnxruntime), and by
-    OpenVINO where installed."""
-    subnet.export_onnx(export_directory, verify=False)
-    model = OnnxSamModel.from_pretrained(export_directory, session_options=session_options(threads))
+    if shipped is None:
+        subnet.export_onnx(export_directory, verify=False)
+    directory, source = (export_directory, "exported here") if shipped is None else (shipped, "shipped")
+    model = OnnxSamModel.from_pretrained(directory, session_options=session_options(threads))
     in_torch = f"{name}: PyTorch (fake-quant)"
     variants = [
         Variant(in_torch, torch_runner(subnet), tier=name, subnet=subnet),
-        Variant(f"{name}: onnxruntime", model.get_image_embeddings, in_torch, name, subnet),
+        Variant(f"{name}: onnxruntime", model.get_image_embeddings, in_torch, name, subnet, source),
     ]
-    openvino = openvino_runner(export_directory, threads)
-    if openvino is not None:
-        variants.append(Variant(f"{name}: OpenVINO", openvino, in_torch, name, subnet))
+    with contextlib.suppress(ImportError):  # OpenVINO is optional
+        openvino = OnnxSamModel.from_pretrained(directory, runtime="openvino", num_threads=threads)
+        variants.append(Variant(f"{name}: OpenVINO", openvino.get_image_embeddings, in_torch, name, subnet, source))
     return variants
 
 
@@ -296,13 +291,14 @@ def median_ratio(seconds: dict[str, list[float]], name: str, baseline: str) -> f
 
 
 def measure_group(
-    sam: SamModel, tiers: dict[str, SamSubnetForMaskGeneration], args: argparse.Namespace, folder: Path
+    sam: SamModel, tiers: Tiers, args: argparse.Namespace, folder: Path, shipped: dict[str, Path] | None = None
 ) -> list[dict]:
-    """Builds, checks and times every variant of one group; returns one result per variant."""
+    """Builds, checks and times every variant of one group (the tiers in `shipped` on their own ONNX files); returns
+    one result per variant."""
     pixel_values = random_images(1, sam.config.vision_config.image_size, args.seed + 2).numpy()
     variants = float_variants(sam, pixel_values, folder, args.threads)
     for index, (name, subnet) in enumerate(tiers.items()):
-        variants += tier_variants(name, subnet, folder / f"tier-{index}", args.threads)
+        variants += tier_variants(name, subnet, folder / f"tier-{index}", args.threads, (shipped or {}).get(name))
     errors = check_outputs(variants, pixel_values)
     timed = [variant for variant in variants if errors.get(variant.name, {}).get("agrees", True)]
     seconds = _common.interleaved_rounds(
@@ -316,6 +312,7 @@ def measure_group(
         result = {
             "variant": variant.name,
             "tier": variant.tier,
+            "onnx": variant.onnx,
             "median_ms": 1000 * _common.median(seconds[variant.name]) if measured else None,
             **{
                 key: median_ratio(seconds, variant.name, baseline) if measured else None
@@ -341,7 +338,7 @@ def measure_group(
 # --- reporting ---------------------------------------------------------------------------------------------------
 def print_group(title: str, results: list[dict]) -> None:
     print(f"\n-- {title}")
-    header = ["variant", "median ms", f"x {EAGER}", f"x {ORT_FLOAT}", "MACs ratio", "BitOPs share", "check"]
+    header = ["variant", "ONNX", "median ms", f"x {EAGER}", f"x {ORT_FLOAT}", "MACs ratio", "BitOPs share", "check"]
     rows = []
     for result in results:
         check = result["check"]
@@ -359,6 +356,7 @@ def print_group(title: str, results: list[dict]) -> None:
         rows.append(
             [
                 result["variant"],
+                result["onnx"] or "-",
                 round(result["median_ms"], 2) if measured else "-",
                 result[RATIO_KEYS[EAGER]] if measured else "-",
                 result[RATIO_KEYS[ORT_FLOAT]] if measured else "-",
@@ -466,9 +464,9 @@ def main(argv=None) -> dict:
         sources["vit_b"] = lambda: vit_b_tier(args)
     groups = {}
     for group, load in sources.items():
-        sam, tiers = load()
+        sam, tiers, shipped = load()
         with tempfile.TemporaryDirectory(prefix=f"latency-{group}-") as folder:
-            groups[group] = measure_group(sam, tiers, args, Path(folder))
+            groups[group] = measure_group(sam, tiers, args, Path(folder), shipped)
         print_group(f"{group}: {_common.describe_model(sam.config)}", groups[group])
     outcome = verdicts(groups)
     plot(groups, args.plot)

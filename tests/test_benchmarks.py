@@ -7,6 +7,7 @@ scripts runnable and check that their tables mean what they say.
 import dataclasses
 import importlib.util
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -16,12 +17,13 @@ import pytest
 import torch
 from scipy.stats import kendalltau
 
-from mpsupernet import SamSupernetForMaskGeneration, extract_subnet
+from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration, extract_subnet
 from mpsupernet.bitops import count_bitops
 from mpsupernet.data import REAL3_INSTALL, is_real3_available
 from mpsupernet.evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
 from mpsupernet.hub import save_tiers
 from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.runtime import OnnxSamModel
 from mpsupernet.search_space import SubnetArchitecture
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -296,6 +298,9 @@ def test_latency_times_every_variant_and_prices_each_tier(tmp_path, embedded_sup
             assert check["agrees"] == (check["relative_mean_error"] <= latency.RUNTIME_TOLERANCE)
             assert (rows[f"{tier}: {runtime}"]["median_ms"] is not None) == check["agrees"]
         assert rows[f"{tier}: onnxruntime"]["check"]["agrees"]
+        # no tier folder ships an export here: each was exported for the run
+        onnx_sources = [rows[f"{tier}: {runtime}"]["onnx"] for runtime in runtimes]
+        assert onnx_sources == [None] + ["exported here"] * len(runtimes[1:])
         measured = {name: row for name, row in rows.items() if row["median_ms"] is not None}
         # One round: each ratio is that round's quotient, so ratios to two baselines differ by their own ratio.
         eager, ort_float = rows[latency.EAGER], rows[latency.ORT_FLOAT]
@@ -348,8 +353,9 @@ def test_latency_reads_saved_tiers_with_their_base_model(tmp_path, embedded_supe
         {"quarter": subnet}, tmp_path / "tiers", base_model=latency.EMBEDDED_BASE_MODEL, dataset_name="shapes",
         export_onnx=False,
     )
-    sam, tiers = latency.saved_tiers(tmp_path / "tiers")
+    sam, tiers, shipped = latency.saved_tiers(tmp_path / "tiers")
     assert list(tiers) == ["quarter"] and tiers["quarter"].config.architecture == subnet.config.architecture
+    assert shipped == {}  # saved without ONNX: the run exports it
     pixel_values = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(
@@ -359,3 +365,33 @@ def test_latency_reads_saved_tiers_with_their_base_model(tmp_path, embedded_supe
     embedded = load_embedded_sam().state_dict()
     assert sam.state_dict().keys() == embedded.keys()
     assert all(torch.equal(value, embedded[key]) for key, value in sam.state_dict().items())
+
+
+def test_latency_times_the_onnx_file_a_tier_ships(tmp_path, embedded_supernet, monkeypatch, capsys):
+    subnet = embedded_supernet.extract_subnet("25%")
+    save_tiers(
+        {"quarter": subnet}, tmp_path / "tiers", base_model=latency.EMBEDDED_BASE_MODEL, dataset_name="shapes",
+        latency_threads=1, latency_runs=1,
+    )
+    folder = tmp_path / "tiers" / "quarter"
+    _, tiers, shipped = latency.saved_tiers(tmp_path / "tiers")
+    assert shipped == {"quarter": folder}
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the tier ships its ONNX export; nothing should be exported again")
+
+    monkeypatch.setattr(SamSubnetForMaskGeneration, "export_onnx", no_export)
+    variants = latency.tier_variants("quarter", tiers["quarter"], tmp_path / "unused", 1, shipped["quarter"])
+    assert not (tmp_path / "unused").exists()
+    onnx_variants = [variant for variant in variants if variant.reference is not None]
+    assert onnx_variants and {variant.onnx for variant in onnx_variants} == {"shipped"}
+    pixel_values = np.random.default_rng(0).standard_normal((1, 3, 128, 128)).astype(np.float32)
+    np.testing.assert_array_equal(
+        onnx_variants[0].run(pixel_values), OnnxSamModel.from_pretrained(folder).get_image_embeddings(pixel_values)
+    )
+    row = {"variant": "quarter: onnxruntime", "onnx": "shipped", "median_ms": None, "macs_ratio": 0.5,
+           "bitops_share": 0.25, "check": {"relative_mean_error": 0.001, "agrees": True}}
+    latency.print_group("demo", [row])
+    lines = capsys.readouterr().out.splitlines()
+    header, printed = (re.split(r"\s{2,}", line.strip()) for line in (lines[2], lines[4]))
+    assert header[:2] == ["variant", "ONNX"] and printed[:2] == ["quarter: onnxruntime", "shipped"]

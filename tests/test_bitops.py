@@ -91,7 +91,7 @@ def test_every_feature_size_matches_flop_counter(feature_size_supernet):
 
 def test_bitops_follow_from_macs_and_bits(eager_supernet):
     arch = eager_supernet.sample_subnet(seed=7)
-    report = eager_supernet.bitops(arch)
+    report = eager_supernet.bitops_report(arch)
     assert report.total_bitops == sum(row.macs * row.weight_bits * row.activation_bits for row in report.rows)
     qkv_bits = dict(zip(arch.layer_names, arch.activation_bits))
     for row in report.rows:
@@ -105,12 +105,12 @@ def test_bitops_follow_from_macs_and_bits(eager_supernet):
 
 def test_references_and_reductions(eager_supernet):
     space = eager_supernet.search_space
-    full = eager_supernet.bitops(space.full_precision())
+    full = eager_supernet.bitops_report(space.full_precision())
     assert full.total_bitops == full.full_precision_bitops == full.total_macs * 32 * 32
     assert full.reduction_vs_full_precision == 0.0
-    w8a8 = eager_supernet.bitops(space.largest(8, 8))
+    w8a8 = eager_supernet.bitops_report(space.largest(8, 8))
     assert w8a8.total_bitops == w8a8.w8a8_bitops
-    small = eager_supernet.bitops(space.smallest())
+    small = eager_supernet.bitops_report(space.smallest())
     assert 0 < small.total_bitops < w8a8.total_bitops < full.total_bitops
     assert small.reduction_vs_w8a8 == pytest.approx(1 - small.total_bitops / w8a8.total_bitops)
     summary = small.to_dict()
@@ -119,7 +119,7 @@ def test_references_and_reductions(eager_supernet):
 
 def test_float_bits_setting_changes_how_float_counts(tiny_sam):
     fp16 = SamSupernetForMaskGeneration.from_sam(tiny_sam, float_bits=16)
-    report = fp16.bitops(fp16.full_precision_subnet())
+    report = fp16.bitops_report(fp16.full_precision_subnet())
     assert report.total_bitops == report.total_macs * 16 * 16
 
 
@@ -146,7 +146,7 @@ def test_a_config_without_the_convolutions_keeps_them_float(tiny_sam):
 
 def test_unquantized_attention_products_count_in_float(tiny_sam):
     model = SamSupernetForMaskGeneration.from_sam(tiny_sam, quantize_attention_products=False)
-    report = model.bitops(model.smallest_subnet())
+    report = model.bitops_report(model.smallest_subnet())
     products = [row for row in report.rows if row.name.endswith("query_key")]
     assert products and all(row.weight_bits == row.activation_bits == 32 for row in products)
 

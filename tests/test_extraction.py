@@ -137,15 +137,15 @@ def bitops_counted_by_torch(subnet: SamSubnetForMaskGeneration, pixel_values: to
 @pytest.mark.parametrize("budget", ["5%", "20%", 30_000_000_000, "12.5G"])
 def test_budget_gives_a_subnet_within_it_whose_bitops_torch_confirms(wide_supernet, budget):
     supernet = wide_supernet
-    full_precision = supernet.bitops(supernet.full_precision_subnet()).total_bitops
+    full_precision = supernet.bitops_report(supernet.full_precision_subnet()).total_bitops
     max_bitops = parse_budget(budget, full_precision)
     subnet = supernet.extract_subnet(budget)
     assert isinstance(subnet.config.bitops, int) and subnet.config.bitops <= max_bitops
     pixel_values = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
     assert bitops_counted_by_torch(subnet, pixel_values) == subnet.config.bitops
     arch = subnet.architecture
-    assert subnet.bitops_report().to_dict() == supernet.bitops(arch).to_dict()
-    assert subnet.config.bitops_report == supernet.bitops(arch).summary()
+    assert subnet.bitops_report().to_dict() == supernet.bitops_report(arch).to_dict()
+    assert subnet.config.bitops_report == supernet.bitops_report(arch).summary()
 
     inputs = {
         "pixel_values": torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(3)),
@@ -158,7 +158,7 @@ def test_budget_gives_a_subnet_within_it_whose_bitops_torch_confirms(wide_supern
 def test_budgets_pick_deterministic_descending_architectures(wide_supernet):
     space = wide_supernet.search_space
     path = list(descent_path(space))
-    costs = [wide_supernet.bitops(arch).total_bitops for arch in path]
+    costs = [wide_supernet.bitops_report(arch).total_bitops for arch in path]
     assert path[0] == space.full_precision() and path[-1] == space.smallest()
     assert costs == sorted(costs, reverse=True)
     # bits go down before any width
@@ -186,7 +186,7 @@ class FakeEntry:
 
 def test_pareto_front_choice_is_extracted(supernet):
     arch = supernet.sample_subnet(seed=4)
-    bitops = supernet.bitops(arch).total_bitops
+    bitops = supernet.bitops_report(arch).total_bitops
     front = FakeParetoFront(FakeEntry(arch.to_dict(), bitops))
     subnet = supernet.extract_subnet(bitops + 10, pareto_front=front)
     assert subnet.architecture == arch and front.budgets == [bitops + 10]
@@ -282,7 +282,7 @@ def test_sampled_subnets_reproduce_the_supernet(supernet, prompt_inputs):
                     assert torch.equal(target.dequantized_weight(), linear.quantized_weight())
         supernet.set_subnet(arch)
         assert_same_output(run(supernet, prompt_inputs), run(subnet, prompt_inputs))
-        assert subnet.bitops_report().to_dict() == supernet.bitops(arch).to_dict()
+        assert subnet.bitops_report().to_dict() == supernet.bitops_report(arch).to_dict()
 
 
 def test_quantized_convolutions_are_stored_as_packed_codes(supernet, prompt_inputs):
@@ -375,8 +375,8 @@ def test_save_and_load_round_trip(supernet, prompt_inputs, tmp_path):
         assert torch.equal(output.pred_masks, expected.pred_masks) and torch.equal(
             output.iou_scores, expected.iou_scores
         )
-    assert loaded.config.bitops == supernet.bitops(arch).total_bitops
-    assert loaded.bitops_report().to_dict() == supernet.bitops(arch).to_dict()
+    assert loaded.config.bitops == supernet.bitops_report(arch).total_bitops
+    assert loaded.bitops_report().to_dict() == supernet.bitops_report(arch).to_dict()
 
 
 def test_low_bit_subnet_file_is_a_third_of_float(wide_supernet, tmp_path):

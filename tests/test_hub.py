@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -611,6 +612,40 @@ def test_tiers_without_onnx_export(tiers, tmp_path):
 
     with pytest.raises(ValueError, match=r"Cannot add an ONNX export to '.*/other': it holds no config.json of a saved"):
         add_onnx_export(tiers["tiny"], tmp_path / "other")
+
+
+def test_a_resaved_tier_describes_only_the_onnx_export_beside_it(onnx_tiers, tiers, tmp_path, monkeypatch):
+    from mpsupernet.runtime import OnnxSamModel
+
+    folder, _, _ = onnx_tiers
+    shipped = json.loads((folder / "tiny" / "config.json").read_text())["export"]
+    loaded = SamSubnetForMaskGeneration.from_pretrained(folder / "tiny")
+    assert not hasattr(loaded.config, "export")
+    # saved without ONNX: no export section (it described files that are not there)
+    save_tiers({"tiny": loaded}, tmp_path / "plain", base_model="x/y", dataset_name="d", export_onnx=False)
+    assert "export" not in json.loads((tmp_path / "plain" / "tiny" / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"holds no ONNX export \(its config.json has no `export` section\)"):
+        OnnxSamModel.from_pretrained(tmp_path / "plain" / "tiny")
+    # saved over a folder holding an export: the export's files go with its section, other files stay
+    over = tmp_path / "over"
+    shutil.copytree(folder / "tiny", over)
+    (over / "notes.txt").write_text("mine")
+    save_subnet_with_card(loaded, over, base_model="x/y", dataset_name="d")
+    assert sorted(path.name for path in over.iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "notes.txt", "preprocessor_config.json"
+    ]
+    assert "export" not in json.loads((over / "config.json").read_text())
+    assert "vision_encoder.onnx" not in (over / "README.md").read_text()
+    # saved with another export: the section describes that one
+    measure_with_fake_latencies(monkeypatch, {}, tiers)
+    save_tiers(
+        {"tiny": loaded}, tmp_path / "int4", base_model="x/y", dataset_name="d", onnx_weight_container="int4",
+        latency_threads=1, latency_runs=1,
+    )
+    export = json.loads((tmp_path / "int4" / "tiny" / "config.json").read_text())["export"]
+    assert shipped["weight_container"] == "int8" and export["weight_container"] == "int4"
+    assert set(export["files"]) <= {path.name for path in (tmp_path / "int4" / "tiny").iterdir()}
+    assert {layer["weight_storage"] for layer in export["layers"].values()} == {"int4"}
 
 
 def python_blocks(card_text: str, containing: str) -> list[str]:

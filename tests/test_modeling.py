@@ -83,7 +83,7 @@ def record_shapes(model):
 def test_each_elastic_dimension_changes_shapes_and_cost(tiny_supernet, prompt_inputs):
     space = tiny_supernet.search_space
     largest = tiny_supernet.largest_subnet()
-    base_cost = tiny_supernet.bitops(largest)
+    base_cost = tiny_supernet.bitops_report(largest)
     head_dim = 64 // 4
     four_bits = (4,) * len(largest.layer_names)  # 16 Linears and 3 convolutions
     variants = {
@@ -100,7 +100,7 @@ def test_each_elastic_dimension_changes_shapes_and_cost(tiny_supernet, prompt_in
         for handle in handles:
             handle.remove()
         assert output.pred_masks.shape == (2, 1, 3, 32, 32)
-        assert tiny_supernet.bitops(arch).total_bitops < base_cost.total_bitops, name
+        assert tiny_supernet.bitops_report(arch).total_bitops < base_cost.total_bitops, name
         if name == "resolution":
             assert shapes["layers.0"][0][0] == (2, 4, 4, 64)  # 64 px / patch 16
         if name == "depth":

@@ -149,6 +149,28 @@ def test_a_step_at_its_floor_keeps_a_gradient_and_is_warned_about(caplog):
     assert collapsed_step_sizes(torch.nn.ModuleDict({"q": quantizer})) == ["q (4-bit)"]
 
 
+@pytest.mark.parametrize("value", [-0.5, -1.0, -3e4, 0.0])
+def test_a_step_far_below_its_floor_quantizes_with_the_floor(value):
+    # A step loaded from a checkpoint or driven below zero by the optimizer: the forward must use exactly the floor
+    # (a step that cancels to 0 makes `(x - offset) / step` 0 / 0, NaN losses for the rest of training).
+    x = torch.linspace(-2.0, 2.0, 9, requires_grad=True)
+    quantizer = LsqQuantizer([4], signed=False, learn_offset=True)
+    quantizer.set_bits(4)
+    quantizer(x.detach())
+    floor = quantizer.step_floor(torch.float32)
+    with torch.no_grad():
+        quantizer.offset.fill_(-2.0)  # x[0] sits on the offset: 0 / 0 if the step cancels to 0
+        quantizer.step_size.fill_(value)
+    out = quantizer(x)
+    out.sum().backward()
+    q_max = integer_range(4, False)[1]
+    expected = (((x.detach() + 2.0) / floor).clamp(0, q_max).round() * floor) - 2.0
+    assert torch.equal(out.detach(), expected)
+    # The step's gradient is that of a step at the floor (straight-through): x[0] is inside the range at code 0 and
+    # adds nothing; the 8 others are clipped at q_max; LSQ scales by 1 / sqrt(numel * q_max).
+    assert quantizer.step_size.grad.item() == pytest.approx(8 * q_max / math.sqrt(9 * q_max))
+
+
 def _calibrated_supernet(tiny_sam):
     supernet = SamSupernetForMaskGeneration.from_sam(tiny_sam).eval()
     supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))

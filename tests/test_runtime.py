@@ -114,6 +114,25 @@ def test_openvino_runs_the_same_files_exactly(exported_w8a8):
     assert mask_iou(torch.from_numpy(openvino_outputs.pred_masks), reference).mean() >= 0.99
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_num_threads_sets_each_runtimes_thread_count(exported_w8a8, runtime):
+    if runtime == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is an optional extra (`pip install mpsupernet[openvino]`)")
+    _, folder, _ = exported_w8a8
+    model = OnnxSamModel.from_pretrained(folder, runtime=runtime, num_threads=2)
+    for graph in (model.vision_encoder, model.prompt_decoder):
+        if runtime == "openvino":
+            import openvino
+
+            assert graph.model.get_property("INFERENCE_NUM_THREADS") == 2
+            assert graph.model.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.f32  # the export's, kept
+        else:
+            assert graph.session.get_session_options().intra_op_num_threads == 2
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=rf"`num_threads` must be a positive integer .*; got {bad!r}\."):
+            OnnxSamModel.from_pretrained(folder, runtime=runtime, num_threads=bad)
+
+
 def test_loads_an_export_from_a_hub_subfolder(exported_w8a8, local_hub):
     _, folder, _ = exported_w8a8
     api = HfApi()

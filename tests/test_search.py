@@ -193,7 +193,7 @@ def test_pareto_front_load_names_a_bad_file(tmp_path):
 # --- the search, with a synthetic mIoU -----------------------------------------------------------------------------
 def test_search_finds_a_constrained_front_and_saves_it(tiny_supernet, tmp_path):
     space = tiny_supernet.search_space
-    full_precision_bitops = tiny_supernet.bitops(tiny_supernet.full_precision_subnet()).total_bitops
+    full_precision_bitops = tiny_supernet.bitops_report(tiny_supernet.full_precision_subnet()).total_bitops
     max_bitops = full_precision_bitops // 20  # 5%: below uniform W8A8 (about 6% with quantized convolutions)
     evaluator = CountingEvaluator()
     front = evolutionary_search(
@@ -205,13 +205,13 @@ def test_search_finds_a_constrained_front_and_saves_it(tiny_supernet, tmp_path):
     assert all(e.bitops <= max_bitops for e in front.evaluated)
     assert [e.bitops for e in front.entries] == sorted(e.bitops for e in front.entries)
     # The smallest subnet is seeded and no architecture is cheaper, so it is on the front.
-    assert front.entries[0].bitops == tiny_supernet.bitops(space.smallest()).total_bitops
+    assert front.entries[0].bitops == tiny_supernet.bitops_report(space.smallest()).total_bitops
     # Every architecture is evaluated once; the extra call is the full-precision model.
     assert len(evaluator.calls) == len(set(evaluator.calls)) == len(front.evaluated) + 1 <= 12 * 5 + 1
     assert evaluator.calls[0] == tiny_supernet.full_precision_subnet()
     for e in front.evaluated:
         assert e.mean_iou == synthetic_miou(e.to_architecture())
-        assert e.bitops == tiny_supernet.bitops(e.architecture).total_bitops
+        assert e.bitops == tiny_supernet.bitops_report(e.architecture).total_bitops
     # The search does better than its initial population.
     initial_best = max(synthetic_miou(arch) for arch in evaluator.calls[1:13])
     assert front.entries[-1].mean_iou > initial_best
@@ -219,10 +219,10 @@ def test_search_finds_a_constrained_front_and_saves_it(tiny_supernet, tmp_path):
     metadata = front.metadata
     assert metadata["full_precision"] == {
         "bitops": full_precision_bitops,
-        "macs": tiny_supernet.bitops(tiny_supernet.full_precision_subnet()).total_macs,
+        "macs": tiny_supernet.bitops_report(tiny_supernet.full_precision_subnet()).total_macs,
         "mean_iou": synthetic_miou(tiny_supernet.full_precision_subnet()),
     }
-    assert metadata["w8a8_bitops"] == tiny_supernet.bitops(space.largest()).w8a8_bitops
+    assert metadata["w8a8_bitops"] == tiny_supernet.bitops_report(space.largest()).w8a8_bitops
     assert metadata["search"]["max_bitops"] == max_bitops and metadata["search"]["num_evaluations"] == len(
         front.evaluated
     )
@@ -252,7 +252,7 @@ def test_search_with_block_bits_min_bitops_and_sms_emoa(tiny_sam, tmp_path):
     from mpsupernet import SamSupernetForMaskGeneration
 
     supernet = SamSupernetForMaskGeneration.from_sam(tiny_sam, bit_granularity="block").eval()
-    smallest = supernet.bitops(supernet.smallest_subnet()).total_bitops
+    smallest = supernet.bitops_report(supernet.smallest_subnet()).total_bitops
     front = evolutionary_search(
         supernet,
         synthetic_miou,
@@ -264,7 +264,7 @@ def test_search_with_block_bits_min_bitops_and_sms_emoa(tiny_sam, tmp_path):
         evaluate_full_precision=False,
         progress=False,
     )
-    max_bitops = supernet.bitops(supernet.full_precision_subnet()).total_bitops // 2
+    max_bitops = supernet.bitops_report(supernet.full_precision_subnet()).total_bitops // 2
     assert front.metadata["search"]["max_bitops"] == max_bitops
     assert front.evaluated and all(2 * smallest <= e.bitops <= max_bitops for e in front.evaluated)
     for e in front.evaluated:
@@ -275,7 +275,7 @@ def test_search_with_block_bits_min_bitops_and_sms_emoa(tiny_sam, tmp_path):
 
 
 def test_search_rejects_impossible_settings(tiny_supernet):
-    smallest = tiny_supernet.bitops(tiny_supernet.smallest_subnet()).total_bitops
+    smallest = tiny_supernet.bitops_report(tiny_supernet.smallest_subnet()).total_bitops
     with pytest.raises(ValueError, match=f"smallest subnet costs {smallest:,}"):
         evolutionary_search(tiny_supernet, synthetic_miou, max_bitops=smallest - 1, progress=False)
     with pytest.raises(ValueError, match="Unknown search algorithm 'ga'; allowed: \\['nsga2', 'smsemoa'\\]"):
@@ -307,7 +307,7 @@ def test_miou_evaluator_and_run_search_on_synthetic_data(tiny_supernet, tmp_path
 
     # run_search wires a saved supernet, the preprocessor, make_miou_evaluator and evolutionary_search together.
     tiny_supernet.save_pretrained(tmp_path / "supernet")
-    max_bitops = tiny_supernet.bitops(tiny_supernet.largest_subnet()).total_bitops
+    max_bitops = tiny_supernet.bitops_report(tiny_supernet.largest_subnet()).total_bitops
     front = run_search(
         str(tmp_path / "supernet"),
         dataset,

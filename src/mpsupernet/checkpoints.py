@@ -30,6 +30,8 @@ from .atomic import (
 
 CONFIG_NAME = "config.json"
 WEIGHTS_DIGEST_KEY = "weights_sha256"
+EXPORT_KEY = "export"
+"""The `config.json` section an ONNX export adds (`mpsupernet.export`), listing the files it wrote beside the weights."""
 WEIGHTS_NAME_PATTERN = re.compile(r"^(model|pytorch_model|adapter_model)[.-]")
 
 
@@ -77,6 +79,16 @@ def weights_digests(folder: str | os.PathLike) -> dict[str, str]:
     }
 
 
+def exported_file_names(directory: str | os.PathLike) -> set[str]:
+    """The names an ONNX export wrote into `directory`, `config.json` included (empty if its `config.json` has no
+    `export` section or cannot be read)."""
+    try:
+        export = json.loads((Path(directory) / CONFIG_NAME).read_text(encoding="utf-8"))[EXPORT_KEY]
+        return {CONFIG_NAME, *export["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
 def _recorded_digests(config_path: Path) -> dict:
     """The digests an existing `config.json` records, or `{}` when it records none or cannot be read."""
     try:
@@ -93,8 +105,10 @@ def save_model_folder(save_directory: str | os.PathLike, write: Callable[[Path],
     go into its `config.json`. A missing or empty `save_directory` is then replaced by the staging folder in one
     rename. Otherwise the files move in one by one: `config.json` first, then the other small files, the weights
     last, so that until the last weights file is in place the config's digests do not match and the folder is
-    refused on load; weights files of the previous save that the new one does not have are removed at the end (only
-    those the previous `config.json` recorded, i.e. that a save wrote). Other files in the folder are left alone.
+    refused on load; weights files and ONNX export files of the previous save that the new one does not have are
+    removed at the end (only those the previous `config.json` recorded, i.e. that a save or an export wrote: an
+    export of the old weights would no longer match, and the new `config.json` does not describe it). Other files in
+    the folder are left alone.
 
     Raises:
         `ValueError`: if `save_directory` is a file.
@@ -115,6 +129,7 @@ def save_model_folder(save_directory: str | os.PathLike, write: Callable[[Path],
             move_into_place(staging, target)
             return
         previous = _recorded_digests(target / CONFIG_NAME)
+        previous_export = exported_file_names(target)
         fsync_tree(staging)
         names = sorted(path.name for path in staging.iterdir())
         order = sorted(names, key=lambda name: (name != CONFIG_NAME, is_weights_file(name), name))
@@ -122,6 +137,9 @@ def save_model_folder(save_directory: str | os.PathLike, write: Callable[[Path],
             os.replace(staging / name, target / name)
         for name in previous:
             if name not in names and is_weights_file(name) and "/" not in name:
+                (target / name).unlink(missing_ok=True)
+        for name in sorted(previous_export - set(names)):
+            if "/" not in name and (target / name).is_file():
                 (target / name).unlink(missing_ok=True)
         fsync_directory(target)
     finally:
@@ -238,6 +256,8 @@ class CrashSafeSaveMixin:
         folder = None if local else loaded_folder(source, kwargs)
         if folder is not None:
             check_weights_digests(folder, name)
-        # The digests describe the files just read, not the model in memory; a later save records its own.
+        # The digests and an ONNX export's section describe the files just read, not the model in memory; a later
+        # save records its own (and `add_onnx_export` a fresh export section), never a stale copy of these.
         model.config.__dict__.pop(WEIGHTS_DIGEST_KEY, None)
+        model.config.__dict__.pop(EXPORT_KEY, None)
         return loaded

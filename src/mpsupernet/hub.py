@@ -313,7 +313,6 @@ def _save_tier(subnet, save_directory: str | os.PathLike, onnx_options: Mapping 
     folder (see [`save_subnet_with_card`]); returns the `card` and the manifest fields `file_bytes`, `latency_ms`
     and `latency_measurement`."""
     _check_mean_iou("the subnet", card_kwargs.get("mean_iou"))
-    card_kwargs.setdefault("has_onnx", (Path(save_directory) / ONNX_FILE_NAME).is_file())
     saved = {}
 
     def write(folder: Path) -> None:
@@ -322,7 +321,9 @@ def _save_tier(subnet, save_directory: str | os.PathLike, onnx_options: Mapping 
         latency = None if onnx_options is None else export_and_measure_tier(subnet, folder, onnx_options)
         # save_model_folder rewrites config.json with the same digests and layout, so these sizes stay true.
         file_bytes = {path.name: path.stat().st_size for path in sorted(folder.iterdir()) if path.is_file()}
-        has_onnx = card_kwargs.pop("has_onnx") or latency is not None
+        # A save removes the ONNX files of an earlier export (they describe the old weights): the folder has one
+        # only if this save writes it.
+        has_onnx = card_kwargs.pop("has_onnx", False) or latency is not None
         saved["card"] = render_subnet_card(
             subnet, file_bytes=file_bytes, latency=latency, has_onnx=has_onnx, **card_kwargs
         )

@@ -120,9 +120,12 @@ class LsqQuantizer(nn.Module):
     def bounded_step(self, step: torch.Tensor) -> torch.Tensor:
         """`step` clamped to its floor in the forward pass, with the gradient of the unclamped step (straight-through).
 
-        With a plain clamp a step at its floor would get no gradient and could never grow again.
+        With a plain clamp a step at its floor would get no gradient and could never grow again. The forward value is
+        the clamped step exactly: written as `step + (clamped - step).detach()`, a step far below the floor (-0.5
+        from a checkpoint or a large optimizer step) would cancel to 0 or below in float32 and turn `x / step` into
+        NaN.
         """
-        return step + (step.clamp_min(self.step_floor(step.dtype)) - step).detach()
+        return step.clamp_min(self.step_floor(step.dtype)).detach() + (step - step.detach())
 
     @torch.no_grad()
     def collapsed_channels(self, bits: int) -> torch.Tensor:

@@ -56,10 +56,12 @@ class OnnxSamOutput:
 
 
 class _OnnxRuntimeGraph:
-    def __init__(self, path: Path, settings: dict, provider: str, session_options=None):
+    def __init__(self, path: Path, settings: dict, provider: str, session_options=None, num_threads: int | None = None):
         import onnxruntime as ort
 
         options = session_options or ort.SessionOptions()
+        if num_threads is not None:
+            options.intra_op_num_threads = num_threads
         for key, value in settings.get("session_config_entries", {}).items():
             options.add_session_config_entry(key, str(value))
         self.session = ort.InferenceSession(
@@ -71,7 +73,7 @@ class _OnnxRuntimeGraph:
 
 
 class _OpenVinoGraph:
-    def __init__(self, path: Path, settings: dict, device: str):
+    def __init__(self, path: Path, settings: dict, device: str, num_threads: int | None = None):
         try:
             import openvino as ov
         except ImportError as error:
@@ -79,7 +81,8 @@ class _OpenVinoGraph:
                 "runtime='openvino' needs OpenVINO: `pip install mpsupernet[openvino]` (or `pip install openvino`)."
             ) from error
         core = ov.Core()
-        self.model = core.compile_model(core.read_model(str(path)), device, dict(settings))
+        properties = dict(settings) if num_threads is None else {**settings, "INFERENCE_NUM_THREADS": num_threads}
+        self.model = core.compile_model(core.read_model(str(path)), device, properties)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         results = self.model(feeds)
@@ -98,9 +101,20 @@ class OnnxSamModel:
         processor_config (`dict`): the exported `preprocessor_config.json` (mean, std, sizes).
     """
 
-    def __init__(self, directory: Path, runtime: str = "onnxruntime", provider: str = "CPUExecutionProvider", session_options=None):
+    def __init__(
+        self,
+        directory: Path,
+        runtime: str = "onnxruntime",
+        provider: str = "CPUExecutionProvider",
+        session_options=None,
+        num_threads: int | None = None,
+    ):
         if runtime not in RUNTIMES:
             raise ValueError(f"Unknown runtime {runtime!r}; allowed: {list(RUNTIMES)}.")
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(
+                f"`num_threads` must be a positive integer (or None for the runtime's default); got {num_threads!r}."
+            )
         self.directory = Path(directory)
         self.config = json.loads((self.directory / "config.json").read_text(encoding="utf-8"))
         if "export" not in self.config:
@@ -113,12 +127,13 @@ class OnnxSamModel:
         self.runtime = runtime
         settings = self.config["export"]["runtime"][runtime]
         if runtime == "onnxruntime":
-            self.vision_encoder = _OnnxRuntimeGraph(self.directory / VISION_ENCODER_FILE, settings, provider, session_options)
-            self.prompt_decoder = _OnnxRuntimeGraph(self.directory / PROMPT_DECODER_FILE, {}, provider, session_options)
+            options = (provider, session_options, num_threads)
+            self.vision_encoder = _OnnxRuntimeGraph(self.directory / VISION_ENCODER_FILE, settings, *options)
+            self.prompt_decoder = _OnnxRuntimeGraph(self.directory / PROMPT_DECODER_FILE, {}, *options)
         else:
             device = "CPU" if provider == "CPUExecutionProvider" else provider
-            self.vision_encoder = _OpenVinoGraph(self.directory / VISION_ENCODER_FILE, settings, device)
-            self.prompt_decoder = _OpenVinoGraph(self.directory / PROMPT_DECODER_FILE, settings, device)
+            self.vision_encoder = _OpenVinoGraph(self.directory / VISION_ENCODER_FILE, settings, device, num_threads)
+            self.prompt_decoder = _OpenVinoGraph(self.directory / PROMPT_DECODER_FILE, settings, device, num_threads)
 
     @classmethod
     def from_pretrained(
@@ -129,6 +144,7 @@ class OnnxSamModel:
         revision: str | None = None,
         runtime: str = "onnxruntime",
         session_options=None,
+        num_threads: int | None = None,
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
@@ -146,9 +162,13 @@ class OnnxSamModel:
                 f32 precision hint; needs the `openvino` extra).
             session_options (`onnxruntime.SessionOptions`, *optional*): base session options (threads...); the
                 export's settings are added to them.
+            num_threads (`int`, *optional*): CPU threads of each graph, on either runtime: onnxruntime's
+                `intra_op_num_threads` (set on `session_options` when given) or OpenVINO's `INFERENCE_NUM_THREADS`.
+                Defaults to the runtime's own choice (all cores for both).
 
         Raises:
-            `ValueError`: if the folder holds no export, or `runtime` is unknown.
+            `ValueError`: if the folder holds no export, `runtime` is unknown or `num_threads` is not a positive
+            integer.
         """
         path = Path(pretrained_model_name_or_path)
         if path.is_dir():
@@ -168,7 +188,7 @@ class OnnxSamModel:
             directory = Path(root) / subfolder if subfolder else Path(root)
         if not (directory / "config.json").is_file():
             raise ValueError(f"No config.json in {str(directory)!r}: not an ONNX export of mpsupernet.")
-        return cls(directory, runtime=runtime, provider=provider, session_options=session_options)
+        return cls(directory, runtime=runtime, provider=provider, session_options=session_options, num_threads=num_threads)
 
     # --- model --------------------------------------------------------------------------------------------------------
     def get_image_embeddings(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -403,8 +423,8 @@ def measure_latency(
 
     The input is a random `(1, 3, image_size, image_size)` image (the encoder's cost does not depend on the
     values). Only the encoder is timed: the prompt encoder and mask decoder run once per prompt and are small.
-    Threads are those of the model's session: build the model with `session_options` whose
-    `intra_op_num_threads` is set to measure at a given count.
+    Threads are those of the model's session: build the model with `num_threads` (or `session_options` whose
+    `intra_op_num_threads` is set) to measure at a given count.
 
     Args:
         model (`OnnxSamModel`): an onnxruntime model (`runtime="onnxruntime"`).

@@ -24,6 +24,7 @@ import onnxscript.optimizer
 import torch
 
 from ..architecture import is_float_bits
+from ..checkpoints import exported_file_names
 from ..image_processing import PillowSamImageProcessor, sam_image_processor
 from ..metrics import mask_iou
 from ..modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration
@@ -165,16 +166,6 @@ def check_destination(save_directory: Path) -> None:
             f"Cannot export into {str(save_directory)!r}: it holds files that an ONNX export did not write "
             f"({', '.join(foreign[:5])}); choose an empty or new folder."
         )
-
-
-def exported_file_names(directory: Path) -> set[str]:
-    """The names an earlier export wrote into `directory` (empty if its `config.json` is not an export's)."""
-    config_path = directory / CONFIG_FILE
-    try:
-        export = json.loads(config_path.read_text(encoding="utf-8"))["export"]
-        return {CONFIG_FILE, *export["files"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
 
 
 def _sample_inputs(image_size: int, num_images: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
