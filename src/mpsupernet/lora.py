@@ -13,7 +13,7 @@ from torch import nn
 
 from .architecture import FLOAT_BITS, is_float_bits
 from .quantization import LsqQuantizer, tensors_state_key
-from .recompute import autocast_state, detached_leaves, gradients_of
+from .recompute import autocast_state, detached_leaves, gradient_edge, gradients_of
 
 
 def num_adapters(lora_mode: str, num_weight_bits: int) -> int:
@@ -140,7 +140,9 @@ class QuantizedLoraLinear(nn.Linear):
             rows = rows.to(weight.device)
             weight, lora_B = weight.index_select(0, rows), lora_B.index_select(1, rows)
         for index in self.adapter_indices(weight_bits):
-            weight = weight + self.lora_scaling * (lora_B[index] @ lora_A[index])
+            # Scaled in place: the product is a temporary the size of the weight, and the matmul keeps its operands
+            # (not its result) for backward; `s * (B @ A)` would make a second one.
+            weight = weight + (lora_B[index] @ lora_A[index]).mul_(self.lora_scaling)
         return weight
 
     def weight_function(self):
@@ -270,9 +272,11 @@ class RecomputedWeightLinear(torch.autograd.Function):
                 x_grads[0] = grad_quantized_x
             else:
                 x_grads = gradients_of(quantized_x, x_leaves, grad_quantized_x.to(quantized_x.dtype))
+        # The quantized weight is not needed any more, only its place in the graph: freed before its gradient is made.
+        weight_dtype, weight = weight.dtype, gradient_edge(weight)
         weight_grads = [None] * len(weight_leaves)
         if any(needs_weight_inputs):
             columns = quantized_x.detach().flatten(0, -2).to(grad_output.dtype)
             grad_weight = grad_output.flatten(0, -2).transpose(0, 1) @ columns
-            weight_grads = gradients_of(weight, weight_leaves, grad_weight.to(weight.dtype))
+            weight_grads = gradients_of(weight, weight_leaves, grad_weight.to(weight_dtype))
         return x_grads[0], grad_bias, None, None, None, *x_grads[1:], *weight_grads

@@ -30,9 +30,10 @@ class LsqFakeQuantize(torch.autograd.Function):
     def forward(ctx, x, step, offset, q_min: int, q_max: int, grad_scale: float):
         ctx.q_range, ctx.grad_scale = (q_min, q_max), grad_scale
         ctx.save_for_backward(x, step, offset)
-        scaled = (x if offset is None else x - offset) / step
-        quantized = scaled.clamp(q_min, q_max).round_() * step
-        return quantized if offset is None else quantized + offset
+        # The first op promotes to the result's dtype; the others run in place on that temporary, so that the
+        # quantizer never holds more than one copy of `x` besides `x` itself (same values as out-of-place ops).
+        quantized = ((x if offset is None else x - offset) / step).clamp_(q_min, q_max).round_().mul_(step)
+        return quantized if offset is None else quantized.add_(offset)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -41,14 +42,26 @@ class LsqFakeQuantize(torch.autograd.Function):
         scaled = (x if offset is None else x - offset) / step
         inside = (scaled >= q_min) & (scaled <= q_max)
         grad_x = grad_step = grad_offset = None
+        if ctx.needs_input_grad[1]:
+            grad_step = LsqFakeQuantize.step_gradient(scaled, inside, grad_output, q_min, q_max)
+            grad_step = grad_step.sum_to_size(step.shape) * ctx.grad_scale
+        del scaled  # before grad_x is made: never more than two temporaries the size of x at a time
         if ctx.needs_input_grad[0]:
             grad_x = grad_output * inside
-        if ctx.needs_input_grad[1]:
-            step_gradient = scaled.clamp(q_min, q_max).round() - torch.where(inside, scaled, 0)
-            grad_step = (grad_output * step_gradient).sum_to_size(step.shape) * ctx.grad_scale
         if offset is not None and ctx.needs_input_grad[2]:
             grad_offset = grad_output.masked_fill(inside, 0).sum_to_size(offset.shape)
         return grad_x, grad_step, grad_offset, None, None, None
+
+    @staticmethod
+    def step_gradient(scaled, inside, grad_output, q_min: int, q_max: int) -> torch.Tensor:
+        """`grad_output * (round(v) - v)` inside the grid and `grad_output * bound` outside it, per element.
+
+        Computed as `(round(clamp(v)) - where(inside, v, 0)) * grad_output` in place on `scaled` (which it clamps:
+        inside the grid that leaves `v`) and on one more temporary the size of `x`, rather than four; the values are
+        those of the out-of-place formula (`grad_output` has the output's dtype, which `scaled` has).
+        """
+        clamped = scaled.clamp_(q_min, q_max)
+        return clamped.round().sub_(clamped.masked_fill_(~inside, 0)).mul_(grad_output)
 
 
 def tensors_state_key(*tensors: torch.Tensor) -> tuple:

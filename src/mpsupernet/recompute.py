@@ -6,6 +6,7 @@ run it again under autograd in the backward pass, where the gradients come out e
 """
 
 import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 
 def detached_leaves(tensors, needs_grad) -> list:
@@ -15,11 +16,25 @@ def detached_leaves(tensors, needs_grad) -> list:
     ]
 
 
-def gradients_of(output: torch.Tensor, leaves: list, grad_output: torch.Tensor) -> list:
-    """Gradients of `output` (given `grad_output`) for the `leaves` that require grad, `None` for the others."""
+def gradient_edge(tensor: torch.Tensor) -> torch.Tensor | GradientEdge | None:
+    """Where `tensor` sits in the autograd graph, without its values: what `gradients_of` needs of an output, so that
+    a caller can free a large output before its backward runs. `None` if nothing requires grad; a leaf (which has no
+    node of its own to start from) is returned as it is."""
+    if not tensor.requires_grad:
+        return None
+    return tensor if tensor.grad_fn is None else get_gradient_edge(tensor)
+
+
+def gradients_of(output: torch.Tensor | GradientEdge | None, leaves: list, grad_output: torch.Tensor) -> list:
+    """Gradients of `output` (given `grad_output`) for the `leaves` that require grad, `None` for the others.
+
+    `output` is a tensor or its `gradient_edge` (`None`: it requires no grad, so every gradient is `None`).
+    """
     wanted = [index for index, leaf in enumerate(leaves) if leaf is not None and leaf.requires_grad]
     grads = [None] * len(leaves)
-    if wanted and output.requires_grad:
+    if isinstance(output, torch.Tensor) and not output.requires_grad:
+        output = None
+    if wanted and output is not None:
         found = torch.autograd.grad(output, [leaves[index] for index in wanted], grad_output, allow_unused=True)
         for index, grad in zip(wanted, found):
             grads[index] = grad
@@ -58,4 +73,4 @@ class RecomputedFunction(torch.autograd.Function):
         return None, *gradients_of(output, leaves, grad_output.to(output.dtype))
 
 
-__all__ = ["RecomputedFunction", "autocast_state", "detached_leaves", "gradients_of"]
+__all__ = ["RecomputedFunction", "autocast_state", "detached_leaves", "gradient_edge", "gradients_of"]
