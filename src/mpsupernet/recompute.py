@@ -25,17 +25,24 @@ def gradient_edge(tensor: torch.Tensor) -> torch.Tensor | GradientEdge | None:
     return tensor if tensor.grad_fn is None else get_gradient_edge(tensor)
 
 
-def gradients_of(output: torch.Tensor | GradientEdge | None, leaves: list, grad_output: torch.Tensor) -> list:
-    """Gradients of `output` (given `grad_output`) for the `leaves` that require grad, `None` for the others.
+def gradients_of(outputs, leaves: list, grad_outputs) -> list:
+    """Gradients of `outputs` (given `grad_outputs`) for the `leaves` that require grad, `None` for the others.
 
-    `output` is a tensor or its `gradient_edge` (`None`: it requires no grad, so every gradient is `None`).
+    `outputs` is a tensor, a `gradient_edge` or a sequence of them (with as many `grad_outputs`); an output that is
+    `None`, requires no grad or has no gradient given is left out.
     """
+    if outputs is None or isinstance(outputs, (torch.Tensor, GradientEdge)):
+        outputs, grad_outputs = [outputs], [grad_outputs]
+    given = [
+        (output, grad)
+        for output, grad in zip(outputs, grad_outputs)
+        if output is not None and grad is not None and (not isinstance(output, torch.Tensor) or output.requires_grad)
+    ]
     wanted = [index for index, leaf in enumerate(leaves) if leaf is not None and leaf.requires_grad]
     grads = [None] * len(leaves)
-    if isinstance(output, torch.Tensor) and not output.requires_grad:
-        output = None
-    if wanted and output is not None:
-        found = torch.autograd.grad(output, [leaves[index] for index in wanted], grad_output, allow_unused=True)
+    if wanted and given:
+        roots, root_grads = zip(*given)
+        found = torch.autograd.grad(roots, [leaves[index] for index in wanted], root_grads, allow_unused=True)
         for index, grad in zip(wanted, found):
             grads[index] = grad
     return grads
