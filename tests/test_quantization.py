@@ -80,7 +80,10 @@ def test_in_place_kernels_give_the_values_of_the_out_of_place_formula(per_channe
     inside = (scaled >= q_min) & (scaled <= q_max)
     grad_output = upstream.to(output.dtype)
     step_gradient = scaled.clamp(q_min, q_max).round() - torch.where(inside, scaled, 0)
-    expected_grads = [(grad_output * inside).to(dtype), (grad_output * step_gradient).sum_to_size(step.shape) * grad_scale]
+    expected_grads = [
+        (grad_output * inside).to(dtype),
+        (grad_output * step_gradient).sum_to_size(step.shape) * grad_scale,
+    ]
     if learn_offset:
         expected_grads.append(grad_output.masked_fill(inside, 0).sum_to_size(offset.shape))
     assert 0 < inside.float().mean() < 1  # both branches of every gradient are exercised

@@ -306,16 +306,11 @@ class LsqQuantizer(nn.Module):
         return LsqFakeQuantize.apply(x, *self.fake_quantize_arguments(x, bits, step_size, offset, channel_index))
 
     def fake_quantize_arguments(
-        self,
-        x: torch.Tensor,
-        bits: int,
-        step_size: torch.Tensor,
-        offset: torch.Tensor | None = None,
-        channel_index: torch.Tensor | None = None,
+        self, x: torch.Tensor, bits: int, step_size: torch.Tensor, offset=None, channel_index=None
     ) -> LsqArguments:
         """The step (bounded, per channel of `x` or per tensor), offset, integer range and step-gradient scale with
-        which [`fake_quantize`] quantizes `x` at `bits` (not a float bit-width); the step and offset keep their
-        autograd graph back to the tables."""
+        which [`fake_quantize`] quantizes `x` at `bits` (not a float bit-width), from the same arguments; the step
+        and offset keep their autograd graph back to the tables."""
         index = self.bit_index(bits)
         q_min, q_max = integer_range(bits, self.signed)
         step = self.bounded_step(step_size[index])
