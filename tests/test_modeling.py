@@ -1,8 +1,12 @@
 """SamSupernetForMaskGeneration: equivalence with SAM, elastic dimensions, gradients, saving and bad input."""
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import AutoModel, AutoModelForMaskGeneration, SamModel
 
 from mpsupernet import SamSupernetConfig, SamSupernetForMaskGeneration
@@ -191,12 +195,15 @@ def make_trainable_lora_linear(lora_mode: str) -> QuantizedLoraLinear:
 @pytest.mark.parametrize("lora_mode", ["shared", "multiplex", "multipath"])
 @pytest.mark.parametrize("weight_bits", [2, 4, 32])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_recomputed_weight_gives_the_gradients_of_plain_autograd(lora_mode, weight_bits, autocast):
+@pytest.mark.parametrize("base_trains", [True, False])
+def test_recomputed_weight_gives_the_gradients_of_plain_autograd(lora_mode, weight_bits, autocast, base_trains):
     layer = make_trainable_lora_linear(lora_mode)
+    layer.weight.requires_grad_(base_trains)  # frozen: the LoRA training case, the merged weight's only leaves adapters
     layer.set_active(weight_bits, 8, output_index=torch.tensor([0, 5, 9, 17, 33, 39]), in_features=30)
     weight_function = layer.weight_function()
     x = torch.randn(2, 7, 30, requires_grad=True)
-    tensors = [x, *(p for p in layer.parameters())]
+    named = [("x", x), *((name, p) for name, p in layer.named_parameters() if p.requires_grad)]
+    tensors = [tensor for _, tensor in named]
 
     def gradients(forward):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -210,12 +217,12 @@ def test_recomputed_weight_gives_the_gradients_of_plain_autograd(lora_mode, weig
         lambda: F.linear(layer.input_quantizer(x), weight_function(*weight_inputs), layer.active_bias())
     )
     assert torch.equal(output, expected_output)
-    for (name, _), grad, expected in zip([("x", x), *layer.named_parameters()], grads, expected_grads):
+    for (name, _), grad, expected in zip(named, grads, expected_grads):
         if expected is None:  # the weight step sizes when the weight is float
             assert grad is None and weight_bits == 32, name
         else:
             torch.testing.assert_close(grad, expected, rtol=0, atol=0, msg=name)
-    assert all(grad.abs().sum() > 0 for grad in grads[:5])  # x, weight, bias and both adapters
+    assert all(grad.abs().sum() > 0 for grad in grads[: 5 if base_trains else 4])  # x, weight, bias, both adapters
 
 
 def test_backward_uses_the_sub_layer_of_its_forward_pass():
@@ -246,6 +253,58 @@ def test_forward_keeps_no_weight_sized_tensor_for_backward():
     # Only the raw input: the input is quantized inside the operation, its quantized copy is recomputed in backward.
     assert kept == [x.numel()], kept
     assert layer.lora_B.grad.abs().sum() > 0 and layer.input_quantizer.step_size.grad.abs().sum() > 0
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The bytes of the tensors made under this mode that are still alive (`bytes`), and their high-water mark
+    (`peak`). Storages of the tensors in `existing` (parameters, inputs) are not counted when an op returns a view of
+    them."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live = {tensor.untyped_storage().data_ptr() for tensor in existing}
+        self.bytes = self.peak = 0
+
+    def _freed(self, key: int, size: int) -> None:
+        self.live.discard(key)
+        self.bytes -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(result):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size and key not in self.live:
+                self.live.add(key)
+                self.bytes += size
+                self.peak = max(self.peak, self.bytes)
+                weakref.finalize(storage, self._freed, key, size)
+        return result
+
+
+def test_lora_weight_makes_at_most_two_weight_sized_tensors_forward_and_three_backward():
+    # A layer whose weight (256 x 512) is 32 times its input (4 x 512); base frozen, as LoRA trains it.
+    torch.manual_seed(0)
+    layer = QuantizedLoraLinear(512, 256, True, [4, 8], [8], lora_rank=4, lora_alpha=8, lora_mode="multiplex")
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    layer.set_active(4, 8)
+    x = torch.randn(4, 512)
+    layer(x)  # initialises the input quantizer's step
+    weight_bytes = layer.weight.nbytes
+    existing = [x, *layer.parameters()]
+    with LiveTensorBytes(existing) as forward:
+        output = layer(x)
+    # The merged weight and its quantized copy (the clamped and rounded ones are made in place), then the output.
+    assert forward.peak <= 2.1 * weight_bytes, forward.peak / weight_bytes
+    with LiveTensorBytes(existing) as backward:
+        output.square().sum().backward()
+    # The merged weight on the quantizer's scale, the weight's gradient, the step's gradient term and two masks (each
+    # a quarter of the weight): the merged weight and the quantized one are freed before the gradient is made.
+    assert backward.peak <= 3.6 * weight_bytes, backward.peak / weight_bytes
+    assert layer.lora_B.grad.abs().sum() > 0 and layer.weight_quantizer.step_size.grad.abs().sum() > 0
 
 
 def make_attention(window_size: int = 0) -> "ElasticSamVisionAttention":

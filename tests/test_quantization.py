@@ -8,7 +8,7 @@ import torch
 
 from mpsupernet import SamSupernetForMaskGeneration
 from mpsupernet.extraction import extract_subnet
-from mpsupernet.quantization import LsqQuantizer, collapsed_step_sizes, integer_range
+from mpsupernet.quantization import LsqFakeQuantize, LsqQuantizer, collapsed_step_sizes, integer_range
 
 
 def reference_fake_quantize(x, step, offset, q_min, q_max, grad_scale):
@@ -54,6 +54,42 @@ def test_gradients_match_the_straight_through_formula(per_channel, signed, learn
     assert 0 < inside.float().mean() < 1  # both branches of every gradient are exercised
     for grad, expected in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("per_channel, learn_offset", [(True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_kernels_give_the_values_of_the_out_of_place_formula(per_channel, learn_offset, dtype):
+    # The quantizer computes in place on its temporaries to save memory; values and gradients must be those of the
+    # formula written with out-of-place ops, bit for bit, also when `x` is bf16 and the tables float32.
+    torch.manual_seed(1)
+    x = (torch.randn(6, 50) * 2).to(dtype).requires_grad_(True)
+    step = (torch.linspace(0.2, 0.4, 6).reshape(6, 1) if per_channel else torch.tensor([0.3])).requires_grad_(True)
+    offset = torch.tensor([-1.0], requires_grad=True) if learn_offset else None
+    q_min, q_max = integer_range(4, signed=not learn_offset)
+    grad_scale = 0.125
+    upstream = torch.randn(6, 50)
+    tensors = [x, step] + ([offset] if learn_offset else [])
+
+    output = LsqFakeQuantize.apply(x, step, offset, q_min, q_max, grad_scale)
+    grads = torch.autograd.grad(output, tensors, upstream.to(output.dtype))
+
+    scaled = (x if offset is None else x - offset).detach() / step.detach()
+    expected_output = scaled.clamp(q_min, q_max).round() * step.detach()
+    if offset is not None:
+        expected_output = expected_output + offset.detach()
+    inside = (scaled >= q_min) & (scaled <= q_max)
+    grad_output = upstream.to(output.dtype)
+    step_gradient = scaled.clamp(q_min, q_max).round() - torch.where(inside, scaled, 0)
+    expected_grads = [
+        (grad_output * inside).to(dtype),
+        (grad_output * step_gradient).sum_to_size(step.shape) * grad_scale,
+    ]
+    if learn_offset:
+        expected_grads.append(grad_output.masked_fill(inside, 0).sum_to_size(offset.shape))
+    assert 0 < inside.float().mean() < 1  # both branches of every gradient are exercised
+    assert output.dtype == torch.float32 and torch.equal(output, expected_output)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        assert grad.dtype == expected.dtype and torch.equal(grad, expected)
 
 
 def test_forward_keeps_only_its_input_for_backward():

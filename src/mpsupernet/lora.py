@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architecture import FLOAT_BITS, is_float_bits
-from .quantization import LsqQuantizer, tensors_state_key
-from .recompute import autocast_state, detached_leaves, gradients_of
+from .quantization import LsqFakeQuantize, LsqQuantizer, tensors_state_key
+from .recompute import autocast_state, detached_leaves, gradient_edge, gradients_of
 
 
 def num_adapters(lora_mode: str, num_weight_bits: int) -> int:
@@ -140,7 +140,9 @@ class QuantizedLoraLinear(nn.Linear):
             rows = rows.to(weight.device)
             weight, lora_B = weight.index_select(0, rows), lora_B.index_select(1, rows)
         for index in self.adapter_indices(weight_bits):
-            weight = weight + self.lora_scaling * (lora_B[index] @ lora_A[index])
+            # Scaled in place: the product is a temporary the size of the weight, and the matmul keeps its operands
+            # (not its result) for backward; `s * (B @ A)` would make a second one.
+            weight = weight + (lora_B[index] @ lora_A[index]).mul_(self.lora_scaling)
         return weight
 
     def weight_function(self):
@@ -149,14 +151,31 @@ class QuantizedLoraLinear(nn.Linear):
         The active rows, columns and bit-width are frozen when it is made, so that the weight recomputed in the
         backward pass is the one the forward pass used even if another subnet was activated in between.
         """
-        rows, columns = self.output_index, self.active_in_features
-        bits = self.weight_quantizer.active_bits
+        weight_parts = self.weight_parts_function()
 
-        def quantized_weight(weight, lora_A, lora_B, step_size):
-            merged = self._merge(weight, lora_A, lora_B, bits, rows, columns)
-            return self.weight_quantizer.fake_quantize(merged, bits, step_size, channel_index=rows)
+        def quantized_weight(*weight_inputs):
+            merged, quantization = weight_parts(*weight_inputs)
+            return merged if quantization is None else LsqFakeQuantize.apply(merged, *quantization)
 
         return quantized_weight
+
+    def weight_parts_function(self):
+        """[`weight_function`] in two parts: a function of the same inputs that returns the merged weight (before
+        quantization) and the [`LsqArguments`] of its fake quantization (`None` at a float bit-width).
+
+        `RecomputedWeightLinear` takes this form, to run the quantization's backward itself.
+        """
+        rows, columns = self.output_index, self.active_in_features
+        bits = self.weight_quantizer.active_bits
+        quantizer = self.weight_quantizer
+
+        def weight_parts(weight, lora_A, lora_B, step_size):
+            merged = self._merge(weight, lora_A, lora_B, bits, rows, columns)
+            if is_float_bits(bits):
+                return merged, None
+            return merged, quantizer.fake_quantize_arguments(merged, bits, step_size, channel_index=rows)
+
+        return weight_parts
 
     def _ensure_weight_steps(self) -> None:
         quantizer = self.weight_quantizer
@@ -209,7 +228,7 @@ class QuantizedLoraLinear(nn.Linear):
             x,
             self.active_bias(),
             self.input_quantizer.quantize_function(),
-            self.weight_function(),
+            self.weight_parts_function(),
             len(input_tables),
             *input_tables,
             *self._weight_inputs(),
@@ -217,20 +236,24 @@ class QuantizedLoraLinear(nn.Linear):
 
 
 class RecomputedWeightLinear(torch.autograd.Function):
-    """`F.linear(input_fn(x, *input_tables), weight_fn(*weight_inputs), bias)` that keeps only the raw `x` and its
-    arguments (parameters and step-size tables) for the backward pass.
+    """`F.linear(input_fn(x, *input_tables), Q(merged), bias)`, where `merged, Q = weight_fn(*weight_inputs)`, that
+    keeps only the raw `x` and its arguments (parameters and step-size tables) for the backward pass.
 
     Autograd would keep every weight-sized tensor on the way from the frozen weight to its quantized copy (the merged
     weight, the scaled one, the clamp's input, the rounded one) until backward, in every layer: for ViT-B several
     times the model's own size, more than the activations at moderate resolutions. It would also keep the input
     twice, raw for the quantizer's backward and fake-quantized for the matmul's. Here the input is quantized inside
     the operation and both the quantized input and the quantized weight are computed without autograd in the forward
-    pass and recomputed, one layer at a time, in the backward pass, where autograd differentiates `input_fn` and
-    `weight_fn` as usual. `input_fn=None` means a float input, which is kept as the matmul saw it. Under autocast both
+    pass and recomputed, one layer at a time, in the backward pass, where autograd differentiates `input_fn` and the
+    merge as usual. The weight's fake quantization is differentiated here ([`LsqArguments.gradients`]), so that the
+    merged weight's values can be freed before the weight's gradient is made: at most three weight-sized tensors
+    live at a time. `input_fn=None` means a float input, which is kept as the matmul saw it. Under autocast both
     passes run at the autocast dtype, as `F.linear` would.
 
-    Args (of `apply`): `x`, `bias`, `input_fn` (`LsqQuantizer.quantize_function()` or `None`), `weight_fn`, the number
-    of step-size and offset tables `input_fn` takes besides `x`, then those tables, then the `weight_inputs`.
+    Args (of `apply`): `x`, `bias`, `input_fn` (`LsqQuantizer.quantize_function()` or `None`), `weight_fn`
+    (`QuantizedLoraLinear.weight_parts_function()`: the merged weight and its `LsqArguments`, or `None` for a float
+    weight), the number of step-size and offset tables `input_fn` takes besides `x`, then those tables, then the
+    `weight_inputs`.
     """
 
     @staticmethod
@@ -240,7 +263,7 @@ class RecomputedWeightLinear(torch.autograd.Function):
         ctx.input_dtype = x.dtype
         input_tables, weight_inputs = tensors[:num_input_tables], tensors[num_input_tables:]
         quantized_x = x if input_fn is None else input_fn(x, *input_tables)
-        output = F.linear(quantized_x, weight_fn(*weight_inputs), bias)
+        output = F.linear(quantized_x, quantize_weight(*weight_fn(*weight_inputs)), bias)
         # A float input is kept at the dtype the matmul saw (bf16 under autocast), as F.linear's own backward would;
         # a quantized one raw, which is all its recomputation needs.
         ctx.save_for_backward(x.to(output.dtype) if input_fn is None else x, bias, *tensors)
@@ -257,7 +280,7 @@ class RecomputedWeightLinear(torch.autograd.Function):
         device_type, autocast_dtype, autocast_enabled = ctx.autocast
         with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
             weight_leaves = detached_leaves(weight_inputs, needs_weight_inputs)
-            weight = ctx.weight_fn(*weight_leaves)
+            merged, quantization = ctx.weight_fn(*weight_leaves)
             x_leaves = detached_leaves((x, *input_tables), (needs_x, *needs_input_tables))
             quantized_x = x_leaves[0] if ctx.input_fn is None else ctx.input_fn(*x_leaves)
         grad_bias = None
@@ -265,7 +288,9 @@ class RecomputedWeightLinear(torch.autograd.Function):
             grad_bias = grad_output.flatten(0, -2).sum(0).to(bias.dtype)
         x_grads = [None] * len(x_leaves)
         if needs_x or any(needs_input_tables):
-            grad_quantized_x = (grad_output @ weight.detach().to(grad_output.dtype)).to(ctx.input_dtype)
+            weight = quantize_weight(merged.detach(), quantization)
+            grad_quantized_x = (grad_output @ weight.to(grad_output.dtype)).to(ctx.input_dtype)
+            del weight
             if ctx.input_fn is None:
                 x_grads[0] = grad_quantized_x
             else:
@@ -273,6 +298,31 @@ class RecomputedWeightLinear(torch.autograd.Function):
         weight_grads = [None] * len(weight_leaves)
         if any(needs_weight_inputs):
             columns = quantized_x.detach().flatten(0, -2).to(grad_output.dtype)
+            merged_dtype = merged.dtype
+            if quantization is not None:
+                step, offset = quantization.step, quantization.offset
+                needs = (merged.requires_grad, step.requires_grad, offset is not None and offset.requires_grad)
+                # Only the quantizer's view of the merged weight is needed now: its values are freed (its place in
+                # the graph kept) before the weight's gradient is made.
+                with torch.no_grad():
+                    scaled = quantization.scale(merged)
+                merged = gradient_edge(merged)
             grad_weight = grad_output.flatten(0, -2).transpose(0, 1) @ columns
-            weight_grads = gradients_of(weight, weight_leaves, grad_weight.to(weight.dtype))
+            if quantization is None:
+                weight_grads = gradients_of(merged, weight_leaves, grad_weight.to(merged_dtype))
+            else:
+                # At the quantized weight's dtype (`scaled`'s), as autograd would hand it to the quantizer's backward;
+                # the merged weight's gradient back at its own dtype, as autograd would pass it on.
+                grad_merged, *grad_tables = quantization.gradients(scaled, grad_weight.to(scaled.dtype), needs)
+                del scaled, grad_weight
+                grad_merged = None if grad_merged is None else grad_merged.to(merged_dtype)
+                weight_grads = gradients_of((merged, step, offset), weight_leaves, (grad_merged, *grad_tables))
         return x_grads[0], grad_bias, None, None, None, *x_grads[1:], *weight_grads
+
+
+def quantize_weight(merged: torch.Tensor, quantization) -> torch.Tensor:
+    """`merged` fake-quantized with its `LsqArguments` (`None`: a float weight, returned as it is), without autograd."""
+    if quantization is None:
+        return merged
+    with torch.no_grad():
+        return quantization.quantize(merged)

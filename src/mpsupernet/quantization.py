@@ -5,6 +5,7 @@ A supernet switches a layer between 2 and 8 bits from one step to the next; one 
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -16,39 +17,81 @@ from .architecture import FLOAT_BITS, is_float_bits
 logger = logging.get_logger(__name__)
 
 
+class LsqArguments(NamedTuple):
+    """What one fake quantization of a tensor `x` takes besides `x` (see [`LsqQuantizer.fake_quantize_arguments`]).
+
+    `step` and `offset` broadcast against `x` (per channel: `(channels, 1, ...)`; per tensor: `(1,)`); `offset` is
+    `None` on a signed grid without one. `grad_scale` scales the step's (not the offset's) gradient, as LSQ does.
+    """
+
+    step: torch.Tensor
+    offset: torch.Tensor | None
+    q_min: int
+    q_max: int
+    grad_scale: float
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """`(x - offset) / step`: `x` on the integer grid's scale, before clamping and rounding."""
+        return (x if self.offset is None else x - self.offset) / self.step
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized `x`, computed without keeping anything for backward."""
+        # The first op promotes to the result's dtype; the others run in place on that temporary, so that the
+        # quantizer never holds more than one copy of `x` besides `x` itself (same values as out-of-place ops).
+        quantized = self.scale(x).clamp_(self.q_min, self.q_max).round_().mul_(self.step)
+        return quantized if self.offset is None else quantized.add_(self.offset)
+
+    def gradients(
+        self, scaled: torch.Tensor, grad_output: torch.Tensor, needs_grad: tuple[bool, bool, bool]
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The gradients `(x, step, offset)` of the fake quantization, given `scaled = self.scale(x)` (which this
+        overwrites) and the gradient of its output; `None` where `needs_grad` says it is not needed.
+
+        LSQ's gradients (Esser et al.; Bhalgat et al. for the offset): the straight-through estimator for `x` inside
+        the grid, `round(v) - v` inside and the bound outside for the step (times `grad_scale`), and 1 outside the
+        grid for the offset.
+        """
+        q_min, q_max = self.q_min, self.q_max
+        inside = (scaled >= q_min) & (scaled <= q_max)
+        grad_x = grad_step = grad_offset = None
+        if needs_grad[1]:
+            # `(round(clamp(v)) - where(inside, v, 0)) * grad_output`, in place on `scaled` (clamping leaves `v`
+            # inside the grid) and one more temporary rather than four; `grad_output` has the output's dtype, which
+            # `scaled` has, so the values are those of the out-of-place formula.
+            clamped = scaled.clamp_(q_min, q_max)
+            step_gradient = clamped.round().sub_(clamped.masked_fill_(~inside, 0)).mul_(grad_output)
+            grad_step = step_gradient.sum_to_size(self.step.shape) * self.grad_scale
+            del step_gradient, clamped
+        if self.offset is not None and needs_grad[2]:
+            grad_offset = grad_output.masked_fill(inside, 0).sum_to_size(self.offset.shape)
+        if needs_grad[0]:
+            # `grad_output * inside` would convert the mask to a new float tensor first: it is written into `scaled`.
+            grad_x = grad_output * scaled.copy_(inside)
+        return grad_x, grad_step, grad_offset
+
+
 class LsqFakeQuantize(torch.autograd.Function):
     """`round(clamp((x - offset) / step, q_min, q_max)) * step + offset` with LSQ's gradients, keeping only `x`.
 
     Written as ordinary ops, autograd would keep three tensors the size of `x` per quantizer (the scaled input, the
     clamp's mask, the rounded codes) until backward; for the attention probabilities of every block that is most of
-    a supernet's training memory. Here backward recomputes them from `x`. Gradients (Esser et al., LSQ; Bhalgat et
-    al., LSQ+): the straight-through estimator for `x` inside the clamp range, `(round(v) - v)` inside and the clamp
-    bound outside for the step, scaled by `grad_scale`, and 1 outside the range for the offset.
+    a supernet's training memory. Here backward recomputes them from `x` (see [`LsqArguments.gradients`]).
+
+    Call as `LsqFakeQuantize.apply(x, *arguments)` with an [`LsqArguments`].
     """
 
     @staticmethod
     def forward(ctx, x, step, offset, q_min: int, q_max: int, grad_scale: float):
-        ctx.q_range, ctx.grad_scale = (q_min, q_max), grad_scale
+        ctx.arguments = LsqArguments(None, None, q_min, q_max, grad_scale)
         ctx.save_for_backward(x, step, offset)
-        scaled = (x if offset is None else x - offset) / step
-        quantized = scaled.clamp(q_min, q_max).round_() * step
-        return quantized if offset is None else quantized + offset
+        return LsqArguments(step, offset, q_min, q_max, grad_scale).quantize(x)
 
     @staticmethod
     def backward(ctx, grad_output):
         x, step, offset = ctx.saved_tensors
-        q_min, q_max = ctx.q_range
-        scaled = (x if offset is None else x - offset) / step
-        inside = (scaled >= q_min) & (scaled <= q_max)
-        grad_x = grad_step = grad_offset = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_output * inside
-        if ctx.needs_input_grad[1]:
-            step_gradient = scaled.clamp(q_min, q_max).round() - torch.where(inside, scaled, 0)
-            grad_step = (grad_output * step_gradient).sum_to_size(step.shape) * ctx.grad_scale
-        if offset is not None and ctx.needs_input_grad[2]:
-            grad_offset = grad_output.masked_fill(inside, 0).sum_to_size(offset.shape)
-        return grad_x, grad_step, grad_offset, None, None, None
+        arguments = ctx.arguments._replace(step=step, offset=offset)
+        grads = arguments.gradients(arguments.scale(x), grad_output, ctx.needs_input_grad[:3])
+        return *grads, None, None, None
 
 
 def tensors_state_key(*tensors: torch.Tensor) -> tuple:
@@ -263,6 +306,14 @@ class LsqQuantizer(nn.Module):
         """
         if is_float_bits(bits):
             return x
+        return LsqFakeQuantize.apply(x, *self.fake_quantize_arguments(x, bits, step_size, offset, channel_index))
+
+    def fake_quantize_arguments(
+        self, x: torch.Tensor, bits: int, step_size: torch.Tensor, offset=None, channel_index=None
+    ) -> LsqArguments:
+        """The step (bounded, per channel of `x` or per tensor), offset, integer range and step-gradient scale with
+        which [`fake_quantize`] quantizes `x` at `bits` (not a float bit-width), from the same arguments; the step
+        and offset keep their autograd graph back to the tables."""
         index = self.bit_index(bits)
         q_min, q_max = integer_range(bits, self.signed)
         step = self.bounded_step(step_size[index])
@@ -275,7 +326,7 @@ class LsqQuantizer(nn.Module):
             elements_per_step = x.numel()
         offset = offset[index] if offset is not None else None
         grad_scale = 1.0 / math.sqrt(elements_per_step * q_max)
-        return LsqFakeQuantize.apply(x, step, offset, q_min, q_max, grad_scale)
+        return LsqArguments(step, offset, q_min, q_max, grad_scale)
 
     @torch.no_grad()
     def quantize_to_integers(self, x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ run it again under autograd in the backward pass, where the gradients come out e
 """
 
 import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 
 def detached_leaves(tensors, needs_grad) -> list:
@@ -15,12 +16,33 @@ def detached_leaves(tensors, needs_grad) -> list:
     ]
 
 
-def gradients_of(output: torch.Tensor, leaves: list, grad_output: torch.Tensor) -> list:
-    """Gradients of `output` (given `grad_output`) for the `leaves` that require grad, `None` for the others."""
+def gradient_edge(tensor: torch.Tensor) -> torch.Tensor | GradientEdge | None:
+    """Where `tensor` sits in the autograd graph, without its values: what `gradients_of` needs of an output, so that
+    a caller can free a large output before its backward runs. `None` if nothing requires grad; a leaf (which has no
+    node of its own to start from) is returned as it is."""
+    if not tensor.requires_grad:
+        return None
+    return tensor if tensor.grad_fn is None else get_gradient_edge(tensor)
+
+
+def gradients_of(outputs, leaves: list, grad_outputs) -> list:
+    """Gradients of `outputs` (given `grad_outputs`) for the `leaves` that require grad, `None` for the others.
+
+    `outputs` is a tensor, a `gradient_edge` or a sequence of them (with as many `grad_outputs`); an output that is
+    `None`, requires no grad or has no gradient given is left out.
+    """
+    if outputs is None or isinstance(outputs, (torch.Tensor, GradientEdge)):
+        outputs, grad_outputs = [outputs], [grad_outputs]
+    given = [
+        (output, grad)
+        for output, grad in zip(outputs, grad_outputs)
+        if output is not None and grad is not None and (not isinstance(output, torch.Tensor) or output.requires_grad)
+    ]
     wanted = [index for index, leaf in enumerate(leaves) if leaf is not None and leaf.requires_grad]
     grads = [None] * len(leaves)
-    if wanted and output.requires_grad:
-        found = torch.autograd.grad(output, [leaves[index] for index in wanted], grad_output, allow_unused=True)
+    if wanted and given:
+        roots, root_grads = zip(*given)
+        found = torch.autograd.grad(roots, [leaves[index] for index in wanted], root_grads, allow_unused=True)
         for index, grad in zip(wanted, found):
             grads[index] = grad
     return grads
@@ -58,4 +80,4 @@ class RecomputedFunction(torch.autograd.Function):
         return None, *gradients_of(output, leaves, grad_output.to(output.dtype))
 
 
-__all__ = ["RecomputedFunction", "autocast_state", "detached_leaves", "gradients_of"]
+__all__ = ["RecomputedFunction", "autocast_state", "detached_leaves", "gradient_edge", "gradients_of"]
