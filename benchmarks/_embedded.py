@@ -51,8 +51,8 @@ def add_task_arguments(parser: argparse.ArgumentParser, name: str, train_steps: 
         "--jobs",
         type=int,
         default=1,
-        help="Trainings run at once, each in its own process with an equal share of the CPU threads; results do not "
-        "depend on it. Meant for many-core CPUs: processes sharing one GPU time-slice it (default: 1).",
+        help="Trainings run at once, each in its own process with an equal share of the CPU threads; seeds and data do "
+        "not depend on it. Meant for many-core CPUs: processes sharing one GPU time-slice it (default: 1).",
     )
     parser.set_defaults(train_seed=None)  # set per run by `seed_runs`; training uses --seed without it
     parser.add_argument(
