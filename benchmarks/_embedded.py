@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from transformers import SamModel
+from transformers import SamModel, set_seed
 
 import _common
 from mpsupernet import SamSupernetForMaskGeneration
@@ -163,7 +163,11 @@ def embedded_supernet(args: argparse.Namespace, **overrides) -> SamSupernetForMa
     """A supernet of the benchmark's SAM (`pretrained_sam`) with its search-space options (`--hidden-size-choices`)."""
     if getattr(args, "hidden_size_choices", None):
         overrides.setdefault("hidden_size_choices", args.hidden_size_choices)
-    return SamSupernetForMaskGeneration.from_sam(pretrained_sam(args), **overrides)
+    sam = pretrained_sam(args)
+    # The adapters start from torch's global generator, which torch seeds at random in every process: seeding it
+    # makes a training seed one supernet, whichever benchmark and process trains it.
+    set_seed(training_seed(args))
+    return SamSupernetForMaskGeneration.from_sam(sam, **overrides)
 
 
 def train_embedded_supernet(

@@ -199,6 +199,21 @@ def test_search_space_study_over_seeds_with_the_feature_size(tmp_path):
         assert row["test_mean_iou"]["std"] == pytest.approx(statistics.stdev(measured), abs=1e-6)
 
 
+def test_a_training_seed_builds_one_supernet_whatever_the_global_generator():
+    # torch seeds its global generator at random in every process; the adapters must not depend on it.
+    args = quality_bitops.parse_args(TOY_TASK)
+    built = {}
+    for train_seed, global_seed in ((1, 123), (1, 456), (2, 123)):
+        args.train_seed = train_seed
+        torch.manual_seed(global_seed)
+        built[train_seed, global_seed] = _embedded.embedded_supernet(args).state_dict()
+    same, other = built[1, 456], built[2, 123]
+    for name, tensor in built[1, 123].items():
+        assert torch.equal(tensor, same[name]), name
+    adapter = "sam.vision_encoder.layers.0.mlp.lin1.lora_A"
+    assert not torch.equal(built[1, 123][adapter], other[adapter])
+
+
 def test_ablations_train_each_variant_as_configured(tmp_path):
     ablations.main(
         TOY_TASK

@@ -106,3 +106,13 @@ def test_extract_and_push_cards_state_the_recorded_base_model_and_data(calibrate
     assert main([*push, "--dataset-name", "org/val-shapes"]) == 0
     root = ModelCard.load("local-user/cli-provenance")
     assert root.data.base_model == "embedded-sam" and "facebook/sam-vit-base" not in root.text
+
+
+def test_the_embedded_supernet_of_a_seed_does_not_depend_on_the_global_generator():
+    from mpsupernet.cli import _load_supernet
+
+    torch.manual_seed(123)
+    first = _load_supernet("embedded", seed=3).state_dict()
+    torch.manual_seed(456)
+    second = _load_supernet("embedded", seed=3).state_dict()
+    assert all(torch.equal(tensor, second[name]) for name, tensor in first.items())

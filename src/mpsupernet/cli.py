@@ -92,11 +92,14 @@ def cmd_convert(args) -> None:
     print(f"Supernet saved to {args.output_dir}")
 
 
-def _load_supernet(path: str):
+def _load_supernet(path: str, seed: int = 0):
+    from transformers import set_seed
+
     from .modeling_sam_supernet import SamSupernetForMaskGeneration
     from .pretrained import load_embedded_sam
 
     if path == "embedded":
+        set_seed(seed)  # the adapters are initialised from torch's global generator, seeded per process at random
         return SamSupernetForMaskGeneration.from_sam(load_embedded_sam())
     with loading("--supernet", path):
         return SamSupernetForMaskGeneration.from_pretrained(path)
@@ -107,7 +110,7 @@ def cmd_train(args) -> None:
 
     train, validation = load_dataset_splits(args.dataset, args.schema, args.num_train, args.num_validation, args.seed)
     summary = train_supernet(
-        _load_supernet(args.supernet),
+        _load_supernet(args.supernet, args.seed),
         train,
         validation,
         output_dir=args.output_dir,
@@ -131,7 +134,7 @@ def cmd_search(args) -> None:
 
     _, validation = load_dataset_splits(args.dataset, args.schema, args.num_train, args.num_validation, args.seed)
     front = run_search(
-        _load_supernet(args.supernet),
+        _load_supernet(args.supernet, args.seed),
         validation,
         output_dir=args.output_dir,
         population_size=args.population_size,
