@@ -182,6 +182,24 @@ def test_a_mean_iou_that_is_not_in_0_1_is_never_written(tiers, tmp_path, value):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_mean_iou_without_a_dataset_is_refused_before_any_export(tiers, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("a tier was exported before the arguments were checked")
+
+    monkeypatch.setattr(mpsupernet.hub, "export_and_measure_tier", never)
+    message = r"`mean_ious` gives tiers \['small', 'tiny'\] a mean IoU but no dataset it was measured on: give `dataset_name`"
+    with pytest.raises(ValueError, match=message):
+        save_tiers(tiers, tmp_path / "tiers", base_model="x/y", mean_ious={"tiny": 0.5, "small": 0.6, "medium": None})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("not_a_mapping", [[], ("tiny",)])
+def test_tiers_that_are_not_a_mapping_are_refused_by_type(tiers, tmp_path, not_a_mapping):
+    with pytest.raises(TypeError, match=r"`tiers` must map tier names to subnets, such as \{'s': subnet\}; got a (list|tuple)\."):
+        save_tiers(not_a_mapping, tmp_path / "tiers", base_model="x/y", dataset_name="d", export_onnx=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_nan_mean_iou_is_never_preferred():
     manifest = {
         "full_precision_bitops": 100,

@@ -380,13 +380,20 @@ def save_tiers(
         `dict`: the manifest written to `tiers.json`.
 
     Raises:
-        `ValueError`: for a bad tier name, subnet, mean IoU or export option, or a folder that is not empty and holds
-        no tiers (it is named; nothing is written). `ImportError`: if `export_onnx` is set and the `onnx` extra is
-        not installed.
+        `ValueError`: for a bad tier name, subnet, mean IoU or export option, a mean IoU without a dataset name, or
+        a folder that is not empty and holds no tiers (it is named); nothing is written. `TypeError`: if `tiers` is
+        not a mapping. `ImportError`: if `export_onnx` is set and the `onnx` extra is not installed.
     """
     mean_ious = dict(mean_ious or {})
     _check_tiers(tiers, mean_ious)
     base_model, dataset_name = card_provenance(tiers.values(), base_model, dataset_name)
+    measured = sorted(name for name, value in mean_ious.items() if value is not None)
+    if measured and not dataset_name:
+        # Checked here, not when the cards are rendered: by then the first tiers have been exported and timed.
+        raise ValueError(
+            f"`mean_ious` gives tiers {measured} a mean IoU but no dataset it was measured on: give `dataset_name` "
+            "(the subnets' configs record no single `training_dataset`)."
+        )
     onnx_options = _check_onnx_options(export_onnx, onnx_target, onnx_weight_container, latency_threads, latency_runs)
     target = Path(save_directory)
     card_repo_id = repo_id or target.resolve().name
@@ -551,6 +558,10 @@ def _check_mean_iou(name: str, value) -> None:
 
 
 def _check_tiers(tiers: Mapping[str, object], mean_ious: Mapping[str, float]) -> None:
+    if not isinstance(tiers, Mapping):
+        raise TypeError(
+            f"`tiers` must map tier names to subnets, such as {{'s': subnet}}; got a {type(tiers).__name__}."
+        )
     if not tiers:
         raise ValueError("`tiers` is empty; give at least one tier name → subnet.")
     for name, subnet in tiers.items():
