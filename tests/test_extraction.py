@@ -3,6 +3,7 @@
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -248,6 +249,14 @@ def test_bad_budget_is_rejected_and_writes_nothing(wide_supernet, tmp_path, budg
     with pytest.raises(ValueError, match=message):
         wide_supernet.extract_subnet(budget, save_directory=target)
     assert not target.exists()
+
+
+@pytest.mark.parametrize("as_budget", [np.int64, np.float64, torch.tensor, np.array], ids=["int64", "float64", "tensor", "array"])
+def test_numpy_and_tensor_budgets_extract_as_numbers(wide_supernet, as_budget):
+    budget = parse_budget("20%", wide_supernet.bitops_report(wide_supernet.full_precision_subnet()).total_bitops)
+    subnet = wide_supernet.extract_subnet(as_budget(budget))
+    assert subnet.architecture == wide_supernet.extract_subnet(budget).architecture
+    assert subnet.config.bitops <= budget
 
 
 def test_format_bitops():
