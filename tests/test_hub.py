@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import stat
 
@@ -198,6 +199,22 @@ def test_tiers_that_are_not_a_mapping_are_refused_by_type(tiers, tmp_path, not_a
     with pytest.raises(TypeError, match=r"`tiers` must map tier names to subnets, such as \{'s': subnet\}; got a (list|tuple)\."):
         save_tiers(not_a_mapping, tmp_path / "tiers", base_model="x/y", dataset_name="d", export_onnx=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_subnet_names_a_path_that_is_no_tiers_folder(tiers, tmp_path, monkeypatch):
+    save_tiers(tiers, tmp_path / "tiers", base_model="x/y", dataset_name="d", export_onnx=False)
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        ("./no-such-folder", r"'\./no-such-folder' is no folder here, nor a Hub repository id \('namespace/name'\); give "
+         r"the folder written by `save_tiers` or the Hub repository written by `push_tiers`\."),
+        (tmp_path / "missing", rf"'{re.escape(str(tmp_path / 'missing'))}' is no folder here; give the folder"),
+        ("tiers/tiers.json", r"'tiers/tiers.json' is a file, not a folder; give the folder written by `save_tiers`"),
+        ("tiers/tiny", r"'tiers/tiny' has no tiers.json, so it is not a tiers folder written by `save_tiers` or "
+         r"`push_tiers` \(the folder of one subnet loads with `SamSubnetForMaskGeneration.from_pretrained`\)\."),
+    ]
+    for path, message in cases:
+        with pytest.raises(FileNotFoundError, match=message):
+            load_subnet(path, max_bitops="100%")
 
 
 def test_a_nan_mean_iou_is_never_preferred():

@@ -28,7 +28,8 @@ from huggingface_hub import (
     ModelCardData,
     hf_hub_download,
 )
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from transformers.utils import logging
 
@@ -846,11 +847,30 @@ def validate_tiers_manifest(data, source: str) -> dict:
     return manifest.model_dump()
 
 
+def _check_hub_id(repo_id: str | os.PathLike) -> None:
+    """Refuses what is neither a local folder nor a Hub repository id before huggingface_hub sees it: a mistyped
+    folder otherwise fails there as an invalid repository id."""
+    if Path(repo_id).exists():
+        problem = "is a file, not a folder"
+    elif isinstance(repo_id, os.PathLike):
+        problem = "is no folder here"
+    else:
+        try:
+            validate_repo_id(repo_id)
+            return
+        except HFValidationError:
+            problem = "is no folder here, nor a Hub repository id ('namespace/name')"
+    raise FileNotFoundError(
+        f"{str(repo_id)!r} {problem}; give the folder written by `save_tiers` or the Hub repository written by "
+        "`push_tiers`."
+    )
+
+
 def read_tiers_manifest(repo_id: str | os.PathLike, revision: str | None = None, token: str | None = None) -> dict:
     """The validated `tiers.json` of a Hub repository (at `revision`) or of a local folder.
 
     Raises:
-        `FileNotFoundError`: for a local folder without `tiers.json`.
+        `FileNotFoundError`: for a local folder without `tiers.json`, or what is neither a folder nor a Hub id.
         `ValueError`: for a manifest that is not JSON or does not follow the schema, naming the repository, the
             file and the field (see [`validate_tiers_manifest`]).
     """
@@ -858,8 +878,12 @@ def read_tiers_manifest(repo_id: str | os.PathLike, revision: str | None = None,
     if local:
         path = Path(repo_id) / MANIFEST_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{str(repo_id)!r} has no {MANIFEST_NAME}; it was not written by `push_tiers`.")
+            raise FileNotFoundError(
+                f"{str(repo_id)!r} has no {MANIFEST_NAME}, so it is not a tiers folder written by `save_tiers` or "
+                "`push_tiers` (the folder of one subnet loads with `SamSubnetForMaskGeneration.from_pretrained`)."
+            )
     else:
+        _check_hub_id(repo_id)
         path = hf_hub_download(str(repo_id), MANIFEST_NAME, revision=revision, token=token)
     where = f"{MANIFEST_NAME} of {str(repo_id)!r}" + (f" at revision {revision!r}" if revision and not local else "")
     try:
@@ -990,12 +1014,14 @@ def load_subnet(
     Raises:
         `ValueError`: if no tier fits, the manifest is invalid, the loaded tier is over the budget, `runtime` is
             unknown, or the tier holds no ONNX export for an ONNX runtime.
-        `OSError`: if the tier's folder is missing or its files cannot be read (the tier is named).
+        `OSError`: if the tier's folder is missing or its files cannot be read (the tier is named), or `repo_id` is
+            neither a folder nor a Hub repository id (`FileNotFoundError`, naming it).
     """
     if runtime not in LOAD_RUNTIMES:
         raise ValueError(f"Unknown runtime {runtime!r}; allowed: {list(LOAD_RUNTIMES)}.")
     kwargs.update(max_latency_ms=max_latency_ms, runtime=runtime)
     if not Path(repo_id).is_dir():
+        _check_hub_id(repo_id)
         commit = HfApi(token=token).repo_info(str(repo_id), revision=revision, token=token).sha
         manifest = read_tiers_manifest(repo_id, revision=commit, token=token)
         where = f"{repo_id!r} at commit {commit}"
