@@ -44,7 +44,11 @@ def _check_choices(name, values, allowed=None, minimum=None):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"`{name}` must hold integers, got {value!r} in {values!r}.")
         if allowed is not None and value not in allowed:
-            raise ValueError(f"`{name}` has {value}, which is not allowed; allowed values are {list(allowed)}.")
+            # A range of widths can hold thousands of values (ViT-B's MLP: 1 to 3072): name its bounds.
+            described = (
+                f"integers from {allowed.start} to {allowed.stop - 1}" if isinstance(allowed, range) else list(allowed)
+            )
+            raise ValueError(f"`{name}` has {value}, which is not allowed; allowed values are {described}.")
         if minimum is not None and value < minimum:
             raise ValueError(f"`{name}` has {value}, which is below the minimum {minimum}.")
 
