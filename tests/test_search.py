@@ -1,5 +1,6 @@
 import json
 import random
+import re
 import subprocess
 import sys
 import zlib
@@ -188,6 +189,10 @@ def test_pareto_front_load_names_a_bad_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not a JSON file"):
         ParetoFront.load(path)
+    image = tmp_path / "pareto_front.png"  # the plot beside the front, given by mistake
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ValueError, match=rf"^'{re.escape(str(image))}' is not a JSON file written by ParetoFront.save: 'utf-8' codec"):
+        ParetoFront.load(image)
 
 
 # --- the search, with a synthetic mIoU -----------------------------------------------------------------------------
