@@ -217,6 +217,23 @@ def test_load_subnet_names_a_path_that_is_no_tiers_folder(tiers, tmp_path, monke
             load_subnet(path, max_bitops="100%")
 
 
+@pytest.mark.parametrize(
+    "repo_id, error, message",
+    [
+        ("bad repo id!", ValueError, r"^`repo_id` 'bad repo id!' is not a Hub repository id \('namespace/name'\): "),
+        ("a/b/c", ValueError, r"^`repo_id` 'a/b/c' is not a Hub repository id"),
+        (None, TypeError, r"^`repo_id` must be a Hub repository id such as 'my-org/sam-mp'; got None\.$"),
+    ],
+)
+def test_push_tiers_refuses_a_bad_repo_id_before_exporting(tiers, monkeypatch, repo_id, error, message):
+    def never(*args, **kwargs):
+        raise AssertionError("a tier was exported before the repository id was checked")
+
+    monkeypatch.setattr(mpsupernet.hub, "export_and_measure_tier", never)
+    with pytest.raises(error, match=message):
+        push_tiers(tiers, repo_id, base_model="x/y", dataset_name="d")
+
+
 def test_a_nan_mean_iou_is_never_preferred():
     manifest = {
         "full_precision_bitops": 100,

@@ -622,7 +622,18 @@ def push_tiers(
 
     Returns:
         `str`: the commit's URL.
+
+    Raises:
+        `TypeError`, `ValueError`: for a `repo_id` that is not a Hub repository id, and what [`save_tiers`] raises;
+        both before anything is exported or sent.
     """
+    # Checked before save_tiers exports and times every tier, which huggingface_hub would only refuse afterwards.
+    if not isinstance(repo_id, str):
+        raise TypeError(f"`repo_id` must be a Hub repository id such as 'my-org/sam-mp'; got {repo_id!r}.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"`repo_id` {repo_id!r} is not a Hub repository id ('namespace/name'): {error}") from None
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="mpsupernet-tiers-") as staging:
         folder = Path(staging) / "repo"
