@@ -299,6 +299,15 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.mark.parametrize("max_eval_batches", [0, -1, 1.5, True])
+def test_run_search_refuses_a_batch_limit_that_evaluates_nothing(tmp_path, max_eval_batches):
+    dataset = make_synthetic_segmentation_dataset(2, image_size=128, seed=0)
+    message = rf"^`max_eval_batches` must be a positive integer or None, got {max_eval_batches!r}\.$"
+    with pytest.raises(ValueError, match=message):
+        run_search(str(tmp_path / "no-supernet"), dataset, output_dir=tmp_path / "search", max_eval_batches=max_eval_batches)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_miou_evaluator_and_run_search_on_synthetic_data(tiny_supernet, tmp_path, fresh_accelerate_state):
     dataset = make_synthetic_segmentation_dataset(2, image_size=128, seed=0)
     dataloader = torch.utils.data.DataLoader(
