@@ -75,6 +75,7 @@ def test_push_publishes_tiers_to_the_hub(calibrated_supernet_dir, tmp_path, loca
          "./no/such/data"),
         (["convert", "--sam", "./no-such-sam", "--output-dir", "{tmp}/o"], "--sam", "./no-such-sam"),
         (["push", "--repo-id", "local-user/never", "--tier", "s={tmp}/no-tier"], "--tier", "{tmp}/no-tier"),
+        (["export", "--subnet", "{tmp}/no-subnet", "--output-dir", "{tmp}/o"], "--subnet", "{tmp}/no-subnet"),
     ],
 )
 def test_mistyped_paths_give_one_line_naming_them_and_exit_2(argv, option, path, tmp_path, capsys, local_hub):
@@ -85,6 +86,32 @@ def test_mistyped_paths_give_one_line_naming_them_and_exit_2(argv, option, path,
     assert "Traceback" not in error and error.count("error:") == 1  # (progress bars may precede it)
     assert error.strip().splitlines()[-1].startswith(f"mpsupernet {argv[0]}: error: {option} {path!r} is no folder")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "pair, message",
+    [
+        (["--tier", "s"], "argument --tier: 's' is not NAME=FOLDER"),
+        (["--tier", "=folder"], "argument --tier: '=folder' is not NAME=FOLDER"),
+        (["--tier", "s=x", "--mean-iou", "s=abc"], "argument --mean-iou: 's=abc': 'abc' is not a number"),
+        (["--tier", "s=x", "--mean-iou", "s"], "argument --mean-iou: 's' is not NAME=NUMBER"),
+    ],
+)
+def test_push_names_a_malformed_pair_and_exits_2(tmp_path, capsys, pair, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["push", "--repo-id", "local-user/never", *pair])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"mpsupernet push: error: {message}"
+
+
+def test_push_refuses_a_tier_named_twice(calibrated_supernet_dir, tmp_path, capsys):
+    tier = tmp_path / "tier"
+    assert main(["extract", "--supernet", str(calibrated_supernet_dir), "--budget", "5%", "--output-dir", str(tier)]) == 0
+    capsys.readouterr()
+    assert main(["push", "--repo-id", "local-user/never", "--tier", f"s={tier}", "--tier", f"s={tier}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "mpsupernet push: error: --tier names ['s'] more than once; give each name once."
+    )
 
 
 def test_extract_and_push_cards_state_the_recorded_base_model_and_data(calibrated_supernet_dir, tmp_path, local_hub):

@@ -59,9 +59,13 @@ def tier_folders(supernet, tmp_path_factory):
 
 # --- item 1: the documented names ----------------------------------------------------------------------------------
 def test_documented_names_are_exported_and_import_mpsupernet_stays_light():
-    for name in ("load_subnet", "push_tiers", "save_tiers", "SupernetTrainer", "train_supernet", "run_search"):
+    for name in (
+        "load_subnet", "push_tiers", "save_tiers", "SupernetTrainer", "SupernetTrainingArguments", "train_supernet",
+        "run_search",
+    ):
         assert name in mpsupernet.__all__ and callable(getattr(mpsupernet, name))
     assert mpsupernet.SupernetTrainer is mpsupernet.training.SupernetTrainer
+    assert mpsupernet.SupernetTrainingArguments is mpsupernet.training.SupernetTrainingArguments
     process = run_python(
         """
         import sys

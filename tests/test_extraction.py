@@ -2,7 +2,9 @@
 
 import math
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -250,6 +252,14 @@ def test_bad_budget_is_rejected_and_writes_nothing(wide_supernet, tmp_path, budg
     assert not target.exists()
 
 
+@pytest.mark.parametrize("as_budget", [np.int64, np.float64, torch.tensor, np.array], ids=["int64", "float64", "tensor", "array"])
+def test_numpy_and_tensor_budgets_extract_as_numbers(wide_supernet, as_budget):
+    budget = parse_budget("20%", wide_supernet.bitops_report(wide_supernet.full_precision_subnet()).total_bitops)
+    subnet = wide_supernet.extract_subnet(as_budget(budget))
+    assert subnet.architecture == wide_supernet.extract_subnet(budget).architecture
+    assert subnet.config.bitops <= budget
+
+
 def test_format_bitops():
     assert format_bitops(1794100690944, exact=True) == '1.79 TBitOPs ("1794100690944")'
     assert format_bitops(1794100690944) == "1.79 TBitOPs"
@@ -377,6 +387,26 @@ def test_save_and_load_round_trip(supernet, prompt_inputs, tmp_path):
         )
     assert loaded.config.bitops == supernet.bitops_report(arch).total_bitops
     assert loaded.bitops_report().to_dict() == supernet.bitops_report(arch).to_dict()
+
+
+def test_a_checkpoint_of_another_model_type_is_refused_by_name(supernet, tmp_path):
+    supernet.save_pretrained(tmp_path / "supernet")
+    extract_subnet(supernet, supernet.smallest_subnet()).save_pretrained(tmp_path / "subnet")
+    make_tiny_sam().save_pretrained(tmp_path / "sam")
+    refused = [
+        (SamSubnetForMaskGeneration, "supernet", "`sam_supernet` checkpoint, not a `sam_subnet` one: load the supernet "
+         "with `SamSupernetForMaskGeneration.from_pretrained` and extract a subnet with its `extract_subnet\\(budget\\)`"),
+        (SamSupernetForMaskGeneration, "subnet", "`sam_subnet` checkpoint, not a `sam_supernet` one: load an extracted "
+         "subnet with `SamSubnetForMaskGeneration.from_pretrained`, or a tiers folder with `mpsupernet.load_subnet`"),
+        (SamSupernetForMaskGeneration, "sam", "`sam` checkpoint, not a `sam_supernet` one: a plain SAM becomes a "
+         "supernet with `SamSupernetForMaskGeneration.from_sam`"),
+        (SamSubnetForMaskGeneration, "sam", "`sam` checkpoint, not a `sam_subnet` one"),
+    ]
+    for loader, folder, message in refused:
+        with pytest.raises(ValueError, match=f"^'{re.escape(str(tmp_path / folder))}' holds a {message}"):
+            loader.from_pretrained(tmp_path / folder)
+    assert isinstance(AutoModel.from_pretrained(tmp_path / "supernet"), SamSupernetForMaskGeneration)
+    assert isinstance(AutoModel.from_pretrained(tmp_path / "subnet"), SamSubnetForMaskGeneration)
 
 
 def test_low_bit_subnet_file_is_a_third_of_float(wide_supernet, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import stat
 
@@ -180,6 +181,57 @@ def test_a_mean_iou_that_is_not_in_0_1_is_never_written(tiers, tmp_path, value):
     with pytest.raises(ValueError, match=r"The mean IoU of the subnet is .*; give a finite number in \[0, 1\]"):
         save_subnet_with_card(tiers["tiny"], tmp_path / "one", base_model="x/y", dataset_name="d", mean_iou=value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mean_iou_without_a_dataset_is_refused_before_any_export(tiers, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("a tier was exported before the arguments were checked")
+
+    monkeypatch.setattr(mpsupernet.hub, "export_and_measure_tier", never)
+    message = r"`mean_ious` gives tiers \['small', 'tiny'\] a mean IoU but no dataset it was measured on: give `dataset_name`"
+    with pytest.raises(ValueError, match=message):
+        save_tiers(tiers, tmp_path / "tiers", base_model="x/y", mean_ious={"tiny": 0.5, "small": 0.6, "medium": None})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("not_a_mapping", [[], ("tiny",)])
+def test_tiers_that_are_not_a_mapping_are_refused_by_type(tiers, tmp_path, not_a_mapping):
+    with pytest.raises(TypeError, match=r"`tiers` must map tier names to subnets, such as \{'s': subnet\}; got a (list|tuple)\."):
+        save_tiers(not_a_mapping, tmp_path / "tiers", base_model="x/y", dataset_name="d", export_onnx=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_subnet_names_a_path_that_is_no_tiers_folder(tiers, tmp_path, monkeypatch):
+    save_tiers(tiers, tmp_path / "tiers", base_model="x/y", dataset_name="d", export_onnx=False)
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        ("./no-such-folder", r"'\./no-such-folder' is no folder here, nor a Hub repository id \('namespace/name'\); give "
+         r"the folder written by `save_tiers` or the Hub repository written by `push_tiers`\."),
+        (tmp_path / "missing", rf"'{re.escape(str(tmp_path / 'missing'))}' is no folder here; give the folder"),
+        ("tiers/tiers.json", r"'tiers/tiers.json' is a file, not a folder; give the folder written by `save_tiers`"),
+        ("tiers/tiny", r"'tiers/tiny' has no tiers.json, so it is not a tiers folder written by `save_tiers` or "
+         r"`push_tiers` \(the folder of one subnet loads with `SamSubnetForMaskGeneration.from_pretrained`\)\."),
+    ]
+    for path, message in cases:
+        with pytest.raises(FileNotFoundError, match=message):
+            load_subnet(path, max_bitops="100%")
+
+
+@pytest.mark.parametrize(
+    "repo_id, error, message",
+    [
+        ("bad repo id!", ValueError, r"^`repo_id` 'bad repo id!' is not a Hub repository id \('namespace/name'\): "),
+        ("a/b/c", ValueError, r"^`repo_id` 'a/b/c' is not a Hub repository id"),
+        (None, TypeError, r"^`repo_id` must be a Hub repository id such as 'my-org/sam-mp'; got None\.$"),
+    ],
+)
+def test_push_tiers_refuses_a_bad_repo_id_before_exporting(tiers, monkeypatch, repo_id, error, message):
+    def never(*args, **kwargs):
+        raise AssertionError("a tier was exported before the repository id was checked")
+
+    monkeypatch.setattr(mpsupernet.hub, "export_and_measure_tier", never)
+    with pytest.raises(error, match=message):
+        push_tiers(tiers, repo_id, base_model="x/y", dataset_name="d")
 
 
 def test_a_nan_mean_iou_is_never_preferred():

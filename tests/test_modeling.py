@@ -517,6 +517,28 @@ def test_from_sam_rejects_a_checkpoint_that_is_not_sam(tmp_path):
         SamSupernetForMaskGeneration.from_sam(str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"weight_bits_choices": [8]}, r"`from_sam` got \['weight_bits_choices'\], which are not `SamSupernetConfig` "
+         r"arguments \('weight_bits_choices': did you mean 'weight_bit_choices'\?\); allowed: the `SamSupernetConfig` "
+         r"fields \[.*'lora_rank'.*\] and `attn_implementation`\."),
+        ({"colour": "red", "lorarank": 2}, r"got \['colour', 'lorarank'\], .* \('lorarank': did you mean 'lora_rank'\?\);"),
+    ],
+)
+def test_from_sam_refuses_an_unknown_option_instead_of_ignoring_it(tiny_sam, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        SamSupernetForMaskGeneration.from_sam(tiny_sam, **overrides)
+    supernet = SamSupernetForMaskGeneration.from_sam(tiny_sam, weight_bit_choices=[4, 8], attn_implementation="eager")
+    assert supernet.config.weight_bit_choices == [4, 8] and supernet.config._attn_implementation == "eager"
+
+
+def test_a_width_outside_the_base_model_names_the_allowed_range(tiny_sam):
+    with pytest.raises(ValueError, match=r"^`mlp_dim_choices` has 10000, which is not allowed; allowed values are integers "
+                       r"from 1 to 256\.$"):
+        SamSupernetForMaskGeneration.from_sam(tiny_sam, mlp_dim_choices=[10000])
+
+
 def test_isinstance_of_sam_inside(tiny_supernet):
     assert isinstance(tiny_supernet.sam, SamModel)
 

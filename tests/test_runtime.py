@@ -39,6 +39,29 @@ def test_preprocess_matches_the_sam_image_processor(exported_w8a8):
     np.testing.assert_allclose(ours["input_boxes"], theirs["input_boxes"], atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "boxes, problem",
+    [
+        ([10, 20, 120, 80], "got 4 entries for 2 images"),
+        ([[[10, 20, 120, 80]]], "got 1 entry for 2 images"),
+        ([[10, 20, 120, 80], [5, 5, 60, 140]], r"an image's entry is of shape \(4,\)"),
+        ([[[10, 20, 120]], [[5, 5, 60]]], r"an image's entry is of shape \(1, 3\)"),
+        ([[["a", 20, 120, 80]], [[5, 5, 60, 140]]], "an image's entry is not numbers of equal lengths"),
+        ("10,20,120,80", "got str '10,20,120,80'"),
+    ],
+)
+def test_preprocess_names_prompts_in_another_layout(exported_w8a8, boxes, problem):
+    model = OnnxSamModel.from_pretrained(exported_w8a8[1])
+    layout = r"`input_boxes` must hold one entry per image, laid out \[\[\[x1, y1, x2, y2\], \.\.\.\], \.\.\.\] \(as for SamProcessor\)"
+    with pytest.raises(ValueError, match=rf"^{layout}, in image pixels; {problem}\.$"):
+        model.preprocess([photo(), photo(seed=1)], input_boxes=boxes)
+    with pytest.raises(ValueError, match=r"^`input_points` must hold one entry per image, laid out \[\[\[\[x, y\].*an image's entry is of shape \(1, 2\)"):
+        model.preprocess(photo(), input_points=[[[40, 30]]])
+    inputs = model.preprocess(photo(), input_points=[[[[40, 30], [60, 50]]]])
+    assert inputs["input_points"].shape == (1, 1, 2, 2)
+    np.testing.assert_allclose(inputs["input_points"][0, 0, 1], [60 * 128 / 150, 50 * 77 / 90], rtol=1e-6)  # 90 x 150 -> 77 x 128
+
+
 def test_post_process_and_resize_match_transformers(exported_w8a8):
     _, folder, _ = exported_w8a8
     model = OnnxSamModel.from_pretrained(folder)

@@ -1,5 +1,6 @@
 import json
 import random
+import re
 import subprocess
 import sys
 import zlib
@@ -188,6 +189,10 @@ def test_pareto_front_load_names_a_bad_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not a JSON file"):
         ParetoFront.load(path)
+    image = tmp_path / "pareto_front.png"  # the plot beside the front, given by mistake
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ValueError, match=rf"^'{re.escape(str(image))}' is not a JSON file written by ParetoFront.save: 'utf-8' codec"):
+        ParetoFront.load(image)
 
 
 # --- the search, with a synthetic mIoU -----------------------------------------------------------------------------
@@ -292,6 +297,15 @@ def fresh_accelerate_state():
     yield
     # Accelerate keeps its state per process; reset it so that later tests may configure their own.
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("max_eval_batches", [0, -1, 1.5, True])
+def test_run_search_refuses_a_batch_limit_that_evaluates_nothing(tmp_path, max_eval_batches):
+    dataset = make_synthetic_segmentation_dataset(2, image_size=128, seed=0)
+    message = rf"^`max_eval_batches` must be a positive integer or None, got {max_eval_batches!r}\.$"
+    with pytest.raises(ValueError, match=message):
+        run_search(str(tmp_path / "no-supernet"), dataset, output_dir=tmp_path / "search", max_eval_batches=max_eval_batches)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_miou_evaluator_and_run_search_on_synthetic_data(tiny_supernet, tmp_path, fresh_accelerate_state):

@@ -42,6 +42,7 @@ _LAZY_NAMES = {
     "SearchSpace": "search_space",
     "SubnetArchitecture": "architecture",
     "SupernetTrainer": "training",
+    "SupernetTrainingArguments": "training",
     "train_supernet": "training",
 }
 
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from .modeling_sam_supernet import SamSupernetForMaskGeneration
     from .search import ParetoFront, run_search
     from .search_space import SearchSpace
-    from .training import SupernetTrainer, train_supernet
+    from .training import SupernetTrainer, SupernetTrainingArguments, train_supernet
 
 
 def __getattr__(name: str):

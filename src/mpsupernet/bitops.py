@@ -202,10 +202,21 @@ def parse_budget(
         raise ValueError(f"`{name}` got {budget!r}: {error}") from None
 
 
+def _scalar(value):
+    """A 0-d tensor or array as the one number it holds; anything else as it is."""
+    return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
+
+
+def is_budget(value) -> bool:
+    """Whether `value` is of a type [`parse_budget`] reads: a real number but not a bool (`numpy.int64` included), a
+    string, or a 0-d tensor or array; its value is not checked."""
+    value = _scalar(value)
+    return isinstance(value, (numbers.Real, str)) and not isinstance(value, bool)
+
+
 def _parse_budget(budget: int | float | str, full_precision_bitops: int | None) -> int:
-    if getattr(budget, "ndim", None) == 0 and hasattr(budget, "item"):
-        budget = budget.item()  # a 0-d tensor or array holds one number
-    if isinstance(budget, bool) or not isinstance(budget, (numbers.Real, str)):
+    budget = _scalar(budget)
+    if not is_budget(budget):
         raise ValueError(f"Budget {budget!r} is not understood; give {BUDGET_FORMS}.")
     if isinstance(budget, str):
         match = _BUDGET_PATTERN.fullmatch(budget.strip().lower())

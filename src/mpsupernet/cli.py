@@ -173,7 +173,8 @@ def cmd_extract(args) -> None:
 def cmd_export(args) -> None:
     from .modeling_sam_subnet import SamSubnetForMaskGeneration
 
-    subnet = SamSubnetForMaskGeneration.from_pretrained(args.subnet)
+    with loading("--subnet", args.subnet):
+        subnet = SamSubnetForMaskGeneration.from_pretrained(args.subnet)
     print(subnet.export_onnx(args.output_dir, target=args.target, weight_container=args.weight_container))
 
 
@@ -182,19 +183,39 @@ def cmd_push(args) -> None:
     from .modeling_sam_subnet import SamSubnetForMaskGeneration
 
     tiers = {}
-    for item in args.tier:
-        name, _, folder = item.partition("=")
-        if not folder:
-            raise SystemExit(f"--tier {item!r}: expected NAME=FOLDER.")
+    for name, folder in _unique_names("--tier", args.tier).items():
         with loading("--tier", folder):
             tiers[name] = SamSubnetForMaskGeneration.from_pretrained(folder)
-    mean_ious = dict((k, float(v)) for k, _, v in (item.partition("=") for item in args.mean_iou))
+    mean_ious = _unique_names("--mean-iou", args.mean_iou)
     url = push_tiers(
         tiers, args.repo_id, base_model=args.base_model, dataset_name=args.dataset_name, mean_ious=mean_ious,
         private=args.private, export_onnx=not args.no_onnx, onnx_target=args.target,
         onnx_weight_container=args.weight_container,
     )
     print(url)
+
+
+def _name_and_value(kind: str, convert=str):
+    """An argparse `type` that reads `NAME=VALUE` into `(name, convert(value))`; `kind` names the value in errors."""
+
+    def parse(text: str) -> tuple[str, object]:
+        name, separator, value = text.partition("=")
+        if not (name and separator and value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not NAME={kind}")
+        try:
+            return name, convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a {kind.lower()}") from None
+
+    return parse
+
+
+def _unique_names(option: str, pairs: list[tuple[str, object]]) -> dict:
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{option} names {repeated} more than once; give each name once.")
+    return dict(pairs)
 
 
 def cmd_demo(args) -> None:
@@ -269,8 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     push = commands.add_parser("push", help="publish extracted subnets as tiers of one Hub repository")
     push.add_argument("--repo-id", required=True)
-    push.add_argument("--tier", action="append", required=True, help="NAME=FOLDER of an extracted subnet (repeat)")
-    push.add_argument("--mean-iou", action="append", default=[], help="NAME=VALUE (repeat)")
+    push.add_argument(
+        "--tier", action="append", required=True, type=_name_and_value("FOLDER"),
+        help="NAME=FOLDER of an extracted subnet (repeat)",
+    )
+    push.add_argument(
+        "--mean-iou", action="append", default=[], type=_name_and_value("NUMBER", float),
+        help="NAME=NUMBER: a tier's measured mean IoU, in [0, 1] (repeat)",
+    )
     push.add_argument("--base-model", default=None, help="for the cards; default: the tiers' recorded base model")
     push.add_argument("--dataset-name", default=None, help="for the cards; default: the tiers' training data")
     push.add_argument("--private", action="store_true")

@@ -20,6 +20,18 @@ from .architecture import (
 LORA_MODES = ("shared", "multiplex", "multipath")
 BIT_GRANULARITIES = ("layer", "block")
 MASK_DECODER_TRAINING = ("full", "frozen")
+_LOAD_HINTS = {
+    "sam": "a plain SAM becomes a supernet with `SamSupernetForMaskGeneration.from_sam`",
+    "sam_supernet": (
+        "load the supernet with `SamSupernetForMaskGeneration.from_pretrained` and extract a subnet with its "
+        "`extract_subnet(budget)`"
+    ),
+    "sam_subnet": (
+        "load an extracted subnet with `SamSubnetForMaskGeneration.from_pretrained`, or a tiers folder with "
+        "`mpsupernet.load_subnet`"
+    ),
+}
+"""How to load a checkpoint of each model type, for the error of a class given another type."""
 
 
 def _check_choices(name, values, allowed=None, minimum=None):
@@ -32,7 +44,11 @@ def _check_choices(name, values, allowed=None, minimum=None):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"`{name}` must hold integers, got {value!r} in {values!r}.")
         if allowed is not None and value not in allowed:
-            raise ValueError(f"`{name}` has {value}, which is not allowed; allowed values are {list(allowed)}.")
+            # A range of widths can hold thousands of values (ViT-B's MLP: 1 to 3072): name its bounds.
+            described = (
+                f"integers from {allowed.start} to {allowed.stop - 1}" if isinstance(allowed, range) else list(allowed)
+            )
+            raise ValueError(f"`{name}` has {value}, which is not allowed; allowed values are {described}.")
         if minimum is not None and value < minimum:
             raise ValueError(f"`{name}` has {value}, which is below the minimum {minimum}.")
 
@@ -89,6 +105,28 @@ class SamQuantizedConfigBase(SamConfig):
             raise ValueError(f"`float_bits` is {self.float_bits}; allowed: {list(FLOAT_BIT_CHOICES)}.")
         if not self.step_size_min > 0:
             raise ValueError(f"`step_size_min` must be positive, got {self.step_size_min}.")
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As `PreTrainedConfig.get_config_dict`, refusing a checkpoint of another model type.
+
+        transformers only warns about another `model_type`, then fails on the weights with a long load report; a
+        supernet, a subnet and a plain SAM are told apart by their `model_type` before any weight is read.
+
+        Raises:
+            `ValueError`: if the checkpoint's `model_type` is not this class's, naming the checkpoint, its type and
+            the way to load it.
+        """
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        found = config_dict.get("model_type")
+        if found is not None and found != cls.model_type:
+            subfolder = kwargs.get("subfolder") or ""
+            where = f"{pretrained_model_name_or_path}/{subfolder}" if subfolder else str(pretrained_model_name_or_path)
+            how = _LOAD_HINTS.get(found, "it is not a checkpoint of mpsupernet")
+            raise ValueError(
+                f"{where!r} holds a `{found}` checkpoint, not a `{cls.model_type}` one: {how}."
+            )
+        return config_dict, kwargs
 
     def save_pretrained(self, save_directory, **kwargs):
         """As `PreTrainedConfig.save_pretrained`, after checking the settings again (they may have been edited)."""

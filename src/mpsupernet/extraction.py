@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .bitops import format_bitops, parse_budget
+from .bitops import format_bitops, is_budget, parse_budget
 from .architecture import CONV_PATHS, FLOAT_BITS, SubnetArchitecture, is_float_bits
 from .configuration_sam_supernet import SamSubnetConfig
 from .elastic import ElasticQuantizedConv2d
@@ -57,11 +57,11 @@ def extract_subnet(
     arch = arch_or_budget
     if isinstance(arch, dict):
         arch = SubnetArchitecture.from_dict(arch)
-    elif isinstance(arch, (int, float, str)) and not isinstance(arch, bool):
+    elif is_budget(arch):
         arch = select_architecture(supernet, arch, pareto_front)
     elif not isinstance(arch, SubnetArchitecture):
         raise TypeError(
-            f"`extract_subnet` takes an architecture (SubnetArchitecture or dict) or a BitOPs budget (int, float or "
+            f"`extract_subnet` takes an architecture (SubnetArchitecture or dict) or a BitOPs budget (a number or a "
             f"str such as '120G' or '5%'), got {type(arch).__name__}: {arch!r}."
         )
     with supernet.using_subnet(arch):

@@ -28,7 +28,8 @@ from huggingface_hub import (
     ModelCardData,
     hf_hub_download,
 )
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from transformers.utils import logging
 
@@ -380,13 +381,20 @@ def save_tiers(
         `dict`: the manifest written to `tiers.json`.
 
     Raises:
-        `ValueError`: for a bad tier name, subnet, mean IoU or export option, or a folder that is not empty and holds
-        no tiers (it is named; nothing is written). `ImportError`: if `export_onnx` is set and the `onnx` extra is
-        not installed.
+        `ValueError`: for a bad tier name, subnet, mean IoU or export option, a mean IoU without a dataset name, or
+        a folder that is not empty and holds no tiers (it is named); nothing is written. `TypeError`: if `tiers` is
+        not a mapping. `ImportError`: if `export_onnx` is set and the `onnx` extra is not installed.
     """
     mean_ious = dict(mean_ious or {})
     _check_tiers(tiers, mean_ious)
     base_model, dataset_name = card_provenance(tiers.values(), base_model, dataset_name)
+    measured = sorted(name for name, value in mean_ious.items() if value is not None)
+    if measured and not dataset_name:
+        # Checked here, not when the cards are rendered: by then the first tiers have been exported and timed.
+        raise ValueError(
+            f"`mean_ious` gives tiers {measured} a mean IoU but no dataset it was measured on: give `dataset_name` "
+            "(the subnets' configs record no single `training_dataset`)."
+        )
     onnx_options = _check_onnx_options(export_onnx, onnx_target, onnx_weight_container, latency_threads, latency_runs)
     target = Path(save_directory)
     card_repo_id = repo_id or target.resolve().name
@@ -551,6 +559,10 @@ def _check_mean_iou(name: str, value) -> None:
 
 
 def _check_tiers(tiers: Mapping[str, object], mean_ious: Mapping[str, float]) -> None:
+    if not isinstance(tiers, Mapping):
+        raise TypeError(
+            f"`tiers` must map tier names to subnets, such as {{'s': subnet}}; got a {type(tiers).__name__}."
+        )
     if not tiers:
         raise ValueError("`tiers` is empty; give at least one tier name → subnet.")
     for name, subnet in tiers.items():
@@ -610,7 +622,18 @@ def push_tiers(
 
     Returns:
         `str`: the commit's URL.
+
+    Raises:
+        `TypeError`, `ValueError`: for a `repo_id` that is not a Hub repository id, and what [`save_tiers`] raises;
+        both before anything is exported or sent.
     """
+    # Checked before save_tiers exports and times every tier, which huggingface_hub would only refuse afterwards.
+    if not isinstance(repo_id, str):
+        raise TypeError(f"`repo_id` must be a Hub repository id such as 'my-org/sam-mp'; got {repo_id!r}.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"`repo_id` {repo_id!r} is not a Hub repository id ('namespace/name'): {error}") from None
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="mpsupernet-tiers-") as staging:
         folder = Path(staging) / "repo"
@@ -835,11 +858,30 @@ def validate_tiers_manifest(data, source: str) -> dict:
     return manifest.model_dump()
 
 
+def _check_hub_id(repo_id: str | os.PathLike) -> None:
+    """Refuses what is neither a local folder nor a Hub repository id before huggingface_hub sees it: a mistyped
+    folder otherwise fails there as an invalid repository id."""
+    if Path(repo_id).exists():
+        problem = "is a file, not a folder"
+    elif isinstance(repo_id, os.PathLike):
+        problem = "is no folder here"
+    else:
+        try:
+            validate_repo_id(repo_id)
+            return
+        except HFValidationError:
+            problem = "is no folder here, nor a Hub repository id ('namespace/name')"
+    raise FileNotFoundError(
+        f"{str(repo_id)!r} {problem}; give the folder written by `save_tiers` or the Hub repository written by "
+        "`push_tiers`."
+    )
+
+
 def read_tiers_manifest(repo_id: str | os.PathLike, revision: str | None = None, token: str | None = None) -> dict:
     """The validated `tiers.json` of a Hub repository (at `revision`) or of a local folder.
 
     Raises:
-        `FileNotFoundError`: for a local folder without `tiers.json`.
+        `FileNotFoundError`: for a local folder without `tiers.json`, or what is neither a folder nor a Hub id.
         `ValueError`: for a manifest that is not JSON or does not follow the schema, naming the repository, the
             file and the field (see [`validate_tiers_manifest`]).
     """
@@ -847,8 +889,12 @@ def read_tiers_manifest(repo_id: str | os.PathLike, revision: str | None = None,
     if local:
         path = Path(repo_id) / MANIFEST_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{str(repo_id)!r} has no {MANIFEST_NAME}; it was not written by `push_tiers`.")
+            raise FileNotFoundError(
+                f"{str(repo_id)!r} has no {MANIFEST_NAME}, so it is not a tiers folder written by `save_tiers` or "
+                "`push_tiers` (the folder of one subnet loads with `SamSubnetForMaskGeneration.from_pretrained`)."
+            )
     else:
+        _check_hub_id(repo_id)
         path = hf_hub_download(str(repo_id), MANIFEST_NAME, revision=revision, token=token)
     where = f"{MANIFEST_NAME} of {str(repo_id)!r}" + (f" at revision {revision!r}" if revision and not local else "")
     try:
@@ -979,12 +1025,14 @@ def load_subnet(
     Raises:
         `ValueError`: if no tier fits, the manifest is invalid, the loaded tier is over the budget, `runtime` is
             unknown, or the tier holds no ONNX export for an ONNX runtime.
-        `OSError`: if the tier's folder is missing or its files cannot be read (the tier is named).
+        `OSError`: if the tier's folder is missing or its files cannot be read (the tier is named), or `repo_id` is
+            neither a folder nor a Hub repository id (`FileNotFoundError`, naming it).
     """
     if runtime not in LOAD_RUNTIMES:
         raise ValueError(f"Unknown runtime {runtime!r}; allowed: {list(LOAD_RUNTIMES)}.")
     kwargs.update(max_latency_ms=max_latency_ms, runtime=runtime)
     if not Path(repo_id).is_dir():
+        _check_hub_id(repo_id)
         commit = HfApi(token=token).repo_info(str(repo_id), revision=revision, token=token).sha
         manifest = read_tiers_manifest(repo_id, revision=commit, token=token)
         where = f"{repo_id!r} at commit {commit}"

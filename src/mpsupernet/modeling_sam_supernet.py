@@ -1,5 +1,7 @@
 """`SamSupernetForMaskGeneration`: a transformers SAM turned into an elastic, mixed-precision quantized supernet."""
 
+import dataclasses
+import difflib
 import os
 import random
 import warnings
@@ -80,9 +82,11 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         sizes are initialised from the weights. `config.base_model_name_or_path` records where the checkpoint came
         from (see [`sam_source_name`]), for model cards.
         """
+        attn_implementation = config_overrides.pop("attn_implementation", None)
+        _check_config_overrides(config_overrides)
         if not isinstance(sam, SamModel):
             sam = SamModel.from_pretrained(sam, **(sam_kwargs or {}))
-        attn_implementation = config_overrides.pop("attn_implementation", sam.config._attn_implementation)
+        attn_implementation = attn_implementation or sam.config._attn_implementation
         base = {k: v for k, v in sam.config.to_dict().items() if k not in SAM_CONFIG_KEYS_NOT_COPIED}
         config_overrides.setdefault("base_model_name_or_path", sam_source_name(sam))
         config = SamSupernetConfig(**{**base, **config_overrides})
@@ -264,6 +268,21 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         if save_directory is not None:
             subnet.save_pretrained(save_directory)
         return subnet
+
+
+def _check_config_overrides(overrides: dict) -> None:
+    """Refuses `from_sam` overrides that are not `SamSupernetConfig` fields: a config keeps unknown arguments as
+    attributes, so a misspelled option (`weight_bits_choices`) would otherwise change nothing, silently."""
+    fields = [field.name for field in dataclasses.fields(SamSupernetConfig)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        hints = "".join(
+            f" ({name!r}: did you mean {match[0]!r}?)" for name in unknown if (match := difflib.get_close_matches(name, fields, 1))
+        )
+        raise ValueError(
+            f"`from_sam` got {unknown}, which are not `SamSupernetConfig` arguments{hints}; allowed: the "
+            f"`SamSupernetConfig` fields {fields} and `attn_implementation`."
+        )
 
 
 def sam_source_name(sam: SamModel) -> str | None:

@@ -89,6 +89,39 @@ class _OpenVinoGraph:
         return [results[output] for output in self.model.outputs]
 
 
+def _prompts_per_image(name: str, prompts, num_images: int, nesting: int, layout: str) -> list[np.ndarray]:
+    """One float32 array per image from a processor-style prompt list, refusing another layout by name: zipped with
+    the images, a list one level too flat would otherwise be read as other coordinates, without an error.
+
+    `nesting` is the number of list levels between an image's entry and a coordinate pair or box (1 for boxes: per
+    box; 2 for points: per point batch, per point); the last axis holds 4 (boxes) or 2 (points) numbers.
+    """
+    width = 2 if nesting == 2 else 4
+    problem = None
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        problem = f"got {type(prompts).__name__} {prompts!r}"
+    elif len(prompts) != num_images:
+        entries = "entry" if len(prompts) == 1 else "entries"
+        problem = f"got {len(prompts)} {entries} for {num_images} image{'s' if num_images != 1 else ''}"
+    else:
+        arrays = []
+        for entry in prompts:
+            try:
+                array = np.asarray(entry, np.float32)
+            except (TypeError, ValueError):
+                array = None
+            if array is None or array.ndim != nesting + 1 or array.shape[-1] != width:
+                shape = "not numbers of equal lengths" if array is None else f"of shape {array.shape}"
+                problem = f"an image's entry is {shape}"
+                break
+            arrays.append(array)
+        else:
+            return arrays
+    raise ValueError(
+        f"`{name}` must hold one entry per image, laid out {layout} (as for SamProcessor), in image pixels; {problem}."
+    )
+
+
 class OnnxSamModel:
     """An exported SAM subnet run by onnxruntime or OpenVINO, without PyTorch.
 
@@ -322,11 +355,13 @@ class OnnxSamModel:
             np.asarray([new[1] / old[1], new[0] / old[0]], np.float32) for old, new in zip(original_sizes, reshaped_sizes)
         ]
         if input_points is not None:
-            inputs["input_points"] = np.stack([np.asarray(p, np.float32) * r for p, r in zip(input_points, ratios)])
+            points = _prompts_per_image("input_points", input_points, len(images), 2, "[[[[x, y], ...], ...], ...]")
+            inputs["input_points"] = np.stack([p * r for p, r in zip(points, ratios)])
             if input_labels is not None:
                 inputs["input_labels"] = np.asarray(input_labels, np.int64)
         if input_boxes is not None:
-            inputs["input_boxes"] = np.stack([np.asarray(b, np.float32) * np.tile(r, 2) for b, r in zip(input_boxes, ratios)])
+            boxes = _prompts_per_image("input_boxes", input_boxes, len(images), 1, "[[[x1, y1, x2, y2], ...], ...]")
+            inputs["input_boxes"] = np.stack([b * np.tile(r, 2) for b, r in zip(boxes, ratios)])
         return inputs
 
     def post_process_masks(

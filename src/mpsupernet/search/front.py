@@ -191,8 +191,8 @@ class ParetoFront:
     def load(cls, path: str | os.PathLike) -> "ParetoFront":
         """Reads a front written by `save`; raises a `ValueError` naming the file and what is wrong with it."""
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{str(path)!r} is not a JSON file written by ParetoFront.save: {error}.") from error
         if not isinstance(data, dict) or "entries" not in data:
             raise ValueError(

@@ -319,9 +319,14 @@ def run_search(
     from ..data import SamSegmentationPreprocessor, collate_fn
     from ..data import dataset_name as name_of_dataset
 
-    supernet = _load_supernet(supernet_path_or_model)
     if eval_batch_size < 1:
         raise ValueError(f"`eval_batch_size` must be at least 1, got {eval_batch_size}.")
+    if max_eval_batches is not None and (
+        isinstance(max_eval_batches, bool) or not isinstance(max_eval_batches, int) or max_eval_batches < 1
+    ):
+        # 0 would evaluate nothing: every architecture's mean IoU would be NaN, refused only at the first one.
+        raise ValueError(f"`max_eval_batches` must be a positive integer or None, got {max_eval_batches!r}.")
+    supernet = _load_supernet(supernet_path_or_model)
     if accelerator is None:
         from accelerate import Accelerator
 
