@@ -143,3 +143,30 @@ def test_the_embedded_supernet_of_a_seed_does_not_depend_on_the_global_generator
     torch.manual_seed(456)
     second = _load_supernet("embedded", seed=3).state_dict()
     assert all(torch.equal(tensor, second[name]) for name, tensor in first.items())
+
+
+def test_extract_writes_a_front_mean_iou_only_for_the_weights_it_was_searched_on(
+    calibrated_supernet_dir, tmp_path, capsys
+):
+    from mpsupernet.checkpoints import state_dict_sha256
+
+    supernet = SamSupernetForMaskGeneration.from_pretrained(calibrated_supernet_dir)
+    arch = supernet.smallest_subnet()
+    bitops = supernet.bitops_report(arch).total_bitops
+    these_weights = state_dict_sha256(supernet)
+    with torch.no_grad():  # the weights before some more training: one adapter elsewhere
+        supernet.sam.vision_encoder.layers[0].mlp.lin1.lora_B.add_(1e-3)
+    other_weights = state_dict_sha256(supernet)
+    assert other_weights != these_weights
+    for weights, expected in ((these_weights, 0.42), (other_weights, None)):
+        metadata = {"dataset": {"name": "org/val-shapes", "size": 4}, "supernet_weights_sha256": weights}
+        ParetoFront([ParetoEntry(arch.to_dict(), bitops, 0.42)], metadata=metadata).save(tmp_path / "front.json")
+        output = tmp_path / f"tier-{expected}"
+        argv = ["extract", "--supernet", str(calibrated_supernet_dir), "--pareto-front", str(tmp_path / "front.json")]
+        assert main([*argv, "--budget", str(bitops), "--output-dir", str(output)]) == 0
+        card = ModelCard.load(output / "README.md")
+        if expected is None:
+            assert not card.data.eval_results
+            assert "was searched on other weights than" in capsys.readouterr().err
+        else:
+            assert card.data.eval_results[0].metric_value == expected

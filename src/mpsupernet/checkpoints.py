@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 
 from .atomic import (
@@ -50,6 +51,18 @@ def readable_safetensors(source, what: str):
             f"The weights of {str(source)!r} are not a readable safetensors file (corrupted or truncated: {error}). "
             f"Save the {what} again, or download it again with `force_download=True`."
         ) from error
+
+
+def state_dict_sha256(model) -> str:
+    """sha256 (hex) of a model's state dict as it is in memory: every tensor's name, dtype, shape and bytes, in name
+    order. It identifies the weights a figure was measured with (a search's front records it), whatever folder, if
+    any, they were loaded from or will be saved to. Reads every tensor once (about a second for ViT-B)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def is_weights_file(name: str) -> bool:

@@ -148,6 +148,7 @@ def cmd_search(args) -> None:
 
 
 def cmd_extract(args) -> None:
+    from .checkpoints import state_dict_sha256
     from .hub import save_subnet_with_card
     from .search.front import ParetoFront
 
@@ -158,8 +159,18 @@ def cmd_extract(args) -> None:
             front = ParetoFront.load(args.pareto_front)
     subnet = supernet.extract_subnet(args.budget, pareto_front=front)
     entry = front.best_under(subnet.config.bitops) if front else None
+    searched_weights = front.metadata.get("supernet_weights_sha256") if front else None
+    if entry is not None and searched_weights not in (None, state_dict_sha256(supernet)):
+        # The front's mean IoUs belong to the weights it was searched with (e.g. before more training): the card
+        # must not claim them for these.
+        print(
+            f"mpsupernet extract: warning: --pareto-front was searched on other weights than {args.supernet}'s; its "
+            "architecture is used, its mean IoU is not written into the card (search this supernet to measure it).",
+            file=sys.stderr,
+        )
+        entry = None
     # The mean IoU comes from the front: the card names the data the search measured it on.
-    measured_on = (front.metadata.get("dataset") or {}).get("name") if front else None
+    measured_on = (front.metadata.get("dataset") or {}).get("name") if entry else None
     save_subnet_with_card(
         subnet,
         args.output_dir,

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..bitops import format_bitops, parse_budget
+from ..checkpoints import state_dict_sha256
 from ..search_space import SearchSpace, SubnetArchitecture
 from .encoding import ArchitectureEncoding
 from .front import ParetoFront
@@ -156,6 +157,7 @@ def _front_metadata(
     """The metadata `evolutionary_search` gives its front (see `ParetoFront`)."""
     return {
         "supernet": getattr(supernet, "name_or_path", None) or None,
+        "supernet_weights_sha256": state_dict_sha256(supernet),
         "base_model": supernet.config.base_model_name_or_path,
         "training_dataset": supernet.config.training_dataset,
         "dataset": {"name": None, "size": None},
