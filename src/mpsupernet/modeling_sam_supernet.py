@@ -276,9 +276,8 @@ def _check_config_overrides(overrides: dict) -> None:
     fields = [field.name for field in dataclasses.fields(SamSupernetConfig)]
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        hints = "".join(
-            f" ({name!r}: did you mean {match[0]!r}?)" for name in unknown if (match := difflib.get_close_matches(name, fields, 1))
-        )
+        matches = {name: difflib.get_close_matches(name, fields, 1) for name in unknown}
+        hints = "".join(f" ({name!r}: did you mean {match[0]!r}?)" for name, match in matches.items() if match)
         raise ValueError(
             f"`from_sam` got {unknown}, which are not `SamSupernetConfig` arguments{hints}; allowed: the "
             f"`SamSupernetConfig` fields {fields} and `attn_implementation`."
