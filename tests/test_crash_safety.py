@@ -241,6 +241,36 @@ def _bitops(manifest):
     return {name: tier["bitops"] for name, tier in manifest["tiers"].items()}
 
 
+def test_load_subnet_retries_when_the_weights_vanish_under_a_rewrite(supernets, tmp_path, monkeypatch):
+    # transformers memory-maps the weights: a file that save_tiers removes between the config check and the mapping
+    # surfaces as a RuntimeError, not an OSError. With the manifest rewritten meanwhile, the read starts again.
+    space = supernets[0].search_space
+    old, new = extract_subnet(supernets[0], space.largest(2, 4)), extract_subnet(supernets[0], space.largest(4, 8))
+    folder = tmp_path / "tiers"
+    kwargs = {"base_model": "x/y", "dataset_name": "d", "export_onnx": False}
+    save_tiers({"x": old}, folder, **kwargs)
+    from_pretrained = SamSubnetForMaskGeneration.from_pretrained
+    calls = []
+
+    def rewritten_while_loading(path, **options):
+        calls.append(path)
+        if len(calls) == 1:
+            save_tiers({"x": new}, folder, **kwargs)
+            raise RuntimeError(f"unable to open file <{path}/model.safetensors> in read-only mode: No such file")
+        return from_pretrained(path, **options)
+
+    monkeypatch.setattr(SamSubnetForMaskGeneration, "from_pretrained", rewritten_while_loading)
+    assert _same_state(load_subnet(folder, max_bitops="100%"), new.state_dict()) and len(calls) == 2
+
+    # The same error with the manifest unchanged is the reader's own: it is raised, not retried.
+    def broken(path, **options):
+        raise RuntimeError("unable to open file: corrupt")
+
+    monkeypatch.setattr(SamSubnetForMaskGeneration, "from_pretrained", broken)
+    with pytest.raises(RuntimeError, match="corrupt"):
+        load_subnet(folder, max_bitops="100%")
+
+
 def test_readers_polling_load_subnet_during_rewrites_get_a_whole_tier(supernets, tmp_path):
     supernet = supernets[0]
     space = supernet.search_space

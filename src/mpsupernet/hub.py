@@ -1042,8 +1042,9 @@ def load_subnet(
         manifest = read_tiers_manifest(root)
         try:
             return _load_tier(manifest, max_bitops, repr(str(root)), root, **kwargs)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:
             # A concurrent save_tiers removes the old tiers only after replacing the manifest: if it changed, retry.
+            # (transformers memory-maps safetensors files, and reports one removed under it as a RuntimeError.)
             if read_tiers_manifest(root) == manifest:
                 raise
             interrupted = error
