@@ -57,7 +57,7 @@ setup(
     package_dir={"": "src", "mpsupernet.model_cards": "model_cards"},
     packages=find_packages("src") + ["mpsupernet.model_cards"],
     package_data={
-        "mpsupernet.pretrained": ["*/*.safetensors", "*/*.json"],
+        "mpsupernet.pretrained": ["*/*.safetensors", "*/*.json", "*/*.md"],
         "mpsupernet.model_cards": ["*.md"],
     },
     include_package_data=True,

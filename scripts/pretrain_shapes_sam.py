@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrains the project's embedded SAM on synthetic data, on the CPU, in a few minutes.
+"""Pretrains the package's tiny `shapes-sam` on synthetic data, on the CPU, in a few minutes.
 
 The supernet method fine-tunes a pretrained SAM, and no SAM checkpoint can be downloaded where the project runs, so
 the project ships a small SAM that it trains itself: a plain transformers `SamModel` (config from
@@ -13,7 +13,7 @@ timed, and the total is then fixed for the cosine schedule and written to `train
 timing; the same seed and steps give the same weights (on the same machine and thread count).
 
 Usage:
-    python scripts/pretrain_embedded_sam.py [--minutes N] [--steps N] [--output-dir DIR] [--seed S]
+    python scripts/pretrain_shapes_sam.py [--minutes N] [--steps N] [--output-dir DIR] [--seed S]
 """
 
 import argparse
@@ -37,12 +37,12 @@ from mpsupernet.data import (
     make_synthetic_segmentation_dataset_dict,
 )
 from mpsupernet.evaluation import evaluate_mean_iou
-from mpsupernet.pretrained import EMBEDDED_SAM_PATH
+from mpsupernet.pretrained import PRETRAINED_DIR
 from mpsupernet.testing_utils import make_sam_config
 from mpsupernet.training import sam_loss
 
 
-logger = logging.getLogger("pretrain_embedded_sam")
+logger = logging.getLogger("pretrain_shapes_sam")
 
 # 3.8 MB of float32 weights. The 16x16 embedding grid is split into 4x4 windows; blocks 2 and 5 attend globally.
 ARCHITECTURE = {
@@ -71,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="Time budget of the training loop, in minutes.")
     parser.add_argument("--steps", type=int, default=None, help="Number of steps; overrides the time budget.")
-    parser.add_argument("--output-dir", type=Path, default=EMBEDDED_SAM_PATH, help="Where to save the model.")
+    parser.add_argument(
+        "--output-dir", type=Path, default=PRETRAINED_DIR / "shapes-sam", help="Where to save the model."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-images", type=int, default=3000)
     parser.add_argument("--validation-images", type=int, default=200)
@@ -270,7 +272,7 @@ def main(argv=None) -> dict:
     model.save_pretrained(args.output_dir, safe_serialization=True)
     recent = history[-LOSS_WINDOW:]
     record = {
-        "command": " ".join(["python", "scripts/pretrain_embedded_sam.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", "scripts/pretrain_shapes_sam.py", *(sys.argv[1:] if argv is None else argv)]),
         "seed": args.seed,
         "architecture": {**ARCHITECTURE, "global_attn_indexes": list(ARCHITECTURE["global_attn_indexes"])},
         "num_parameters": num_parameters,

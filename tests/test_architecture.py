@@ -178,6 +178,7 @@ def test_embedded_weights_sit_in_the_pretrained_package():
 
     package_dir = Path(pretrained.__file__).parent
     assert pretrained.EMBEDDED_SAM_PATH.parent == package_dir
-    # The globs of setup.py's package_data for `mpsupernet.pretrained`.
-    assert [p.name for p in package_dir.glob("*/*.safetensors")] == ["model.safetensors"]
-    assert {p.name for p in package_dir.glob("*/*.json")} >= {"config.json"}
+    # The globs of setup.py's package_data for `mpsupernet.pretrained` reach every shipped SAM's files.
+    shipped = set(pretrained.EMBEDDED_SAM_NAMES)
+    for pattern, name in (("*/*.safetensors", "model.safetensors"), ("*/*.json", "config.json"), ("*/*.md", "README.md")):
+        assert {path.parent.name for path in package_dir.glob(pattern) if path.name == name} == shipped

@@ -1,9 +1,17 @@
-"""The embedded default: a small SAM that the project pretrains itself on its synthetic data and ships in the package.
+"""The SAMs that ship inside the package, for work without network access: the embedded default and a tiny one.
 
-No SAM checkpoint can be downloaded where the project is built and tested, yet the method fine-tunes a *pretrained*
-SAM. `scripts/pretrain_embedded_sam.py` trains a plain transformers `SamModel` on
-`mpsupernet.data.make_synthetic_segmentation_dataset` and saves it here; its `training_log.json` records how. Real
-checkpoints (e.g. `facebook/sam-vit-base`) load the usual way, with `SamModel.from_pretrained`.
+The method fine-tunes a *pretrained* SAM, and no SAM checkpoint can be downloaded where the project is built and
+tested. Two plain transformers `SamModel` folders ship here, each with its model card (`README.md`) and the
+`training_log.json` of the script that made it:
+
+- `"embedded-sam"`, the default (5.9M parameters, 128 px): LiteMedSAM's prompt encoder and mask decoder (Apache-2.0)
+  with a ViT image encoder distilled from LiteMedSAM's TinyViT by `scripts/distill_embedded_sam.py`. It segments real
+  images as well as its 16 × 16 embedding grid allows; `mpsupernet demo` and the CLI's `"embedded"` use it.
+- `"shapes-sam"` (0.95M parameters, 128 px): trained from scratch on the package's synthetic shapes by
+  `scripts/pretrain_shapes_sam.py`; the embedded default until 2026-11-30 (the README's quality figures of that time
+  were measured on it). It is several times cheaper to run, and the tests use it where any pretrained SAM will do.
+
+Real checkpoints (e.g. `facebook/sam-vit-base`) load the usual way, with `SamModel.from_pretrained`.
 """
 
 from pathlib import Path
@@ -11,37 +19,57 @@ from pathlib import Path
 from transformers import SamConfig, SamModel
 
 
-EMBEDDED_SAM_PATH = Path(__file__).resolve().parent / "embedded-sam"
+EMBEDDED_SAM_NAMES = ("embedded-sam", "shapes-sam")
+"""The names of the SAMs shipped in the package; the first is the default."""
+PRETRAINED_DIR = Path(__file__).resolve().parent
+EMBEDDED_SAM_PATH = PRETRAINED_DIR / EMBEDDED_SAM_NAMES[0]
+"""The folder of the embedded default."""
+
+_SCRIPTS = {"embedded-sam": "scripts/distill_embedded_sam.py", "shapes-sam": "scripts/pretrain_shapes_sam.py"}
 
 
-def _check_embedded_sam() -> None:
-    if not (EMBEDDED_SAM_PATH / "config.json").is_file():
-        raise FileNotFoundError(
-            f"The embedded SAM is missing from {EMBEDDED_SAM_PATH}; rebuild it with "
-            "`python scripts/pretrain_embedded_sam.py`."
-        )
-
-
-def embedded_sam_config() -> SamConfig:
-    """Returns the configuration of the embedded SAM.
-
-    Returns:
-        `SamConfig`: read from the package folder, without network access.
-    """
-    _check_embedded_sam()
-    return SamConfig.from_pretrained(EMBEDDED_SAM_PATH, local_files_only=True)
-
-
-def load_embedded_sam(**kwargs) -> SamModel:
-    """Loads the embedded SAM from the package folder, without network access.
+def embedded_sam_path(name: str = "embedded-sam") -> Path:
+    """The folder of a SAM shipped in the package.
 
     Args:
+        name (`str`, *optional*, defaults to `"embedded-sam"`): one of `EMBEDDED_SAM_NAMES`.
+
+    Returns:
+        `Path`: the folder, which `SamModel.from_pretrained` reads.
+
+    Raises:
+        `ValueError`: for another name. `FileNotFoundError`: when the folder lacks its config (a damaged install).
+    """
+    if name not in EMBEDDED_SAM_NAMES:
+        raise ValueError(f"No embedded SAM is called {name!r}; the package ships {list(EMBEDDED_SAM_NAMES)}.")
+    path = PRETRAINED_DIR / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"The embedded SAM {name!r} is missing from {path}; rebuild it with `python {_SCRIPTS[name]}`."
+        )
+    return path
+
+
+def embedded_sam_config(name: str = "embedded-sam") -> SamConfig:
+    """Returns the configuration of a SAM shipped in the package (see `embedded_sam_path`), without network access."""
+    return SamConfig.from_pretrained(embedded_sam_path(name), local_files_only=True)
+
+
+def load_embedded_sam(name: str = "embedded-sam", **kwargs) -> SamModel:
+    """Loads a SAM shipped in the package, without network access.
+
+    Args:
+        name (`str`, *optional*, defaults to `"embedded-sam"`): one of `EMBEDDED_SAM_NAMES`: the default distilled
+            from LiteMedSAM, or `"shapes-sam"`, the tiny one pretrained on synthetic shapes.
         **kwargs:
             Passed to `SamModel.from_pretrained` (e.g. `torch_dtype`, `attn_implementation`).
 
     Returns:
-        `SamModel`: the pretrained model, in evaluation mode.
+        `SamModel`: the pretrained model (float32), in evaluation mode.
+
+    Raises:
+        `ValueError`: for an unknown name.
     """
-    _check_embedded_sam()
+    path = embedded_sam_path(name)
     kwargs.setdefault("local_files_only", True)
-    return SamModel.from_pretrained(EMBEDDED_SAM_PATH, **kwargs)
+    return SamModel.from_pretrained(path, **kwargs)
