@@ -1,7 +1,8 @@
 """Helpers shared by the quality benchmarks on the embedded task: the data splits, a trained supernet, scoring.
 
-The embedded task is the one `mpsupernet demo` runs: the 0.95M-parameter SAM shipped with the package, fine-tuned
-into a supernet on the synthetic shapes dataset. Every quality benchmark trains the way the demo does
+The embedded task is the one `mpsupernet demo` runs: a SAM shipped with the package (the default `embedded-sam`, or
+`--sam shapes-sam`, on which the README's figures of 2026-11-30 were measured), fine-tuned into a supernet on the
+synthetic shapes dataset. Every quality benchmark trains the way the demo does
 (`mpsupernet.demo.LEARNING_RATE`, `BATCH_SIZE`), searches on the validation split, and reports on a test split drawn
 from another seed, which neither training nor the search has seen.
 """
@@ -23,7 +24,7 @@ from mpsupernet import SamSupernetForMaskGeneration
 from mpsupernet.data import make_synthetic_segmentation_dataset, make_synthetic_segmentation_dataset_dict
 from mpsupernet.demo import BATCH_SIZE, LEARNING_RATE
 from mpsupernet.evaluation import evaluate_dataset_mean_iou
-from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, load_embedded_sam
 from mpsupernet.search import ParetoFront, run_search
 from mpsupernet.training import train_supernet
 
@@ -63,8 +64,8 @@ def add_task_arguments(parser: argparse.ArgumentParser, name: str, train_steps: 
     )
     parser.add_argument(
         "--sam",
-        type=Path,
-        help="A transformers SamModel folder to fine-tune instead of the embedded SAM (default: the embedded SAM).",
+        help=f"The SAM to fine-tune: one shipped in the package ({', '.join(EMBEDDED_SAM_NAMES)}) or a transformers "
+        "SamModel folder (default: embedded-sam).",
     )
     parser.add_argument(
         "--output-dir", type=Path, default=Path("outputs/benchmarks") / name, help="Where results and models go."
@@ -153,10 +154,11 @@ def format_mean_std(summary: dict, digits: int = 4) -> str:
 
 
 def pretrained_sam(args: argparse.Namespace) -> SamModel:
-    """The SAM the benchmark fine-tunes: `--sam` when given, else the embedded SAM."""
-    if getattr(args, "sam", None) is not None:
-        return SamModel.from_pretrained(args.sam)
-    return load_embedded_sam()
+    """The SAM the benchmark fine-tunes: `--sam` (a shipped SAM's name or a folder), else the embedded SAM."""
+    sam = getattr(args, "sam", None)
+    if sam is None or sam in EMBEDDED_SAM_NAMES:
+        return load_embedded_sam(sam or EMBEDDED_SAM_NAMES[0])
+    return SamModel.from_pretrained(sam)
 
 
 def embedded_supernet(args: argparse.Namespace, **overrides) -> SamSupernetForMaskGeneration:

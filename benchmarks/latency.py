@@ -6,8 +6,8 @@ Two groups of models, each with its float SamModel:
 
 - demo: the tiers of `--tiers` (a folder written by `mpsupernet.save_tiers`, such as the demo's `outputs/demo/tiers`)
   against the SamModel they were extracted from (`base_model` of its `tiers.json`); without `--tiers`, subnets of the
-  embedded SAM's supernet, calibrated on random images and chosen along the cost-only descent at `--budgets`, so
-  that the script runs alone.
+  supernet of a SAM shipped in the package (`--sam`, default the embedded SAM), calibrated on random images and
+  chosen along the cost-only descent at `--budgets`, so that the script runs alone.
 - vit_b: a random-weight SAM of ViT-B size at `--image-size` (512 px) against its W8A8 subnet, extracted from a
   supernet calibrated on `--calibration-images` random images (random weights cost the same time as trained ones).
 
@@ -54,11 +54,9 @@ import _common  # noqa: E402
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration  # noqa: E402
 from mpsupernet.checkpoints import exported_file_names  # noqa: E402
 from mpsupernet.hub import read_tiers_manifest  # noqa: E402
-from mpsupernet.pretrained import EMBEDDED_SAM_PATH, load_embedded_sam  # noqa: E402
+from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, load_embedded_sam  # noqa: E402
 from mpsupernet.runtime import OnnxSamModel  # noqa: E402
 
-EMBEDDED_BASE_MODEL = EMBEDDED_SAM_PATH.name
-"""The `base_model` that `mpsupernet demo` writes into `tiers.json` (what `from_sam` records for the embedded SAM)."""
 EAGER, SDPA, ORT_FLOAT = "torch float eager", "torch float SDPA", "onnxruntime float"
 RATIO_KEYS = {EAGER: "ratio_to_torch_eager", SDPA: "ratio_to_torch_sdpa", ORT_FLOAT: "ratio_to_onnxruntime_float"}
 """The float baselines every variant is divided by, and the result keys of those ratios."""
@@ -102,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--budgets", nargs="+", default=["5%", "10%", "25%", "50%"], help="Without --tiers: BitOPs budgets to extract."
     )
+    parser.add_argument(
+        "--sam", choices=EMBEDDED_SAM_NAMES, default=EMBEDDED_SAM_NAMES[0], help="Without --tiers: the shipped SAM."
+    )
     parser.add_argument("--vit-b", action=argparse.BooleanOptionalAction, default=True, help="Also the ViT-B group.")
     parser.add_argument("--image-size", type=int, default=512, help="ViT-B input resolution (default: 512).")
     parser.add_argument("--calibration-images", type=int, default=2, help="Random images calibrating ViT-B (2).")
@@ -138,10 +139,10 @@ Tiers = dict[str, SamSubnetForMaskGeneration]
 """Tier name -> subnet."""
 
 
-def embedded_tiers(budgets: list[str], seed: int) -> tuple[SamModel, Tiers, dict[str, Path]]:
-    """The embedded SAM and its supernet's cost-only subnets at `budgets` (calibrated on 4 random images); no
-    shipped exports."""
-    sam = load_embedded_sam().eval()
+def embedded_tiers(name: str, budgets: list[str], seed: int) -> tuple[SamModel, Tiers, dict[str, Path]]:
+    """A SAM shipped in the package (`name`) and its supernet's cost-only subnets at `budgets` (calibrated on 4
+    random images); no shipped exports."""
+    sam = load_embedded_sam(name).eval()
     supernet = SamSupernetForMaskGeneration.from_sam(sam).eval()
     supernet.calibrate_quantizers(random_images(4, sam.config.vision_config.image_size, seed))
     return sam, {budget: supernet.extract_subnet(budget) for budget in budgets}, {}
@@ -152,7 +153,8 @@ def saved_tiers(folder: Path) -> tuple[SamModel, Tiers, dict[str, Path]]:
     that ship their ONNX export (their `config.json` lists `vision_encoder.onnx`)."""
     manifest = read_tiers_manifest(folder)
     base = manifest["base_model"]
-    sam = load_embedded_sam() if base == EMBEDDED_BASE_MODEL else SamModel.from_pretrained(base)
+    # `from_sam` records a shipped SAM by its folder's name, which `mpsupernet demo` writes into `tiers.json`.
+    sam = load_embedded_sam(base) if base in EMBEDDED_SAM_NAMES else SamModel.from_pretrained(base)
     folders = {name: folder / tier["subfolder"] for name, tier in manifest["tiers"].items()}
     tiers = {name: SamSubnetForMaskGeneration.from_pretrained(path).eval() for name, path in folders.items()}
     shipped = {name: path for name, path in folders.items() if "vision_encoder.onnx" in exported_file_names(path)}
@@ -459,7 +461,7 @@ def main(argv=None) -> dict:
     if args.tiers:
         sources = {"demo": lambda: saved_tiers(args.tiers)}
     else:
-        sources = {"demo": lambda: embedded_tiers(args.budgets, args.seed)}
+        sources = {"demo": lambda: embedded_tiers(args.sam, args.budgets, args.seed)}
     if args.vit_b:
         sources["vit_b"] = lambda: vit_b_tier(args)
     groups = {}

