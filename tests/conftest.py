@@ -73,11 +73,17 @@ def prompt_inputs():
     }
 
 
+TEST_SAM = "shapes-sam"
+"""The shipped SAM of the tests that need a pretrained one but not the default: the tiny one pretrained on synthetic
+shapes runs several times faster than the default distilled from LiteMedSAM (whose own tests name it)."""
+
+
 def calibrated_embedded_supernet() -> SamSupernetForMaskGeneration:
-    """The embedded SAM's supernet, its activation steps calibrated at every bit-width on one batch."""
+    """The supernet of the tests' shipped SAM (`TEST_SAM`), its activation steps calibrated at every bit-width on one
+    batch."""
     from mpsupernet.pretrained import load_embedded_sam
 
-    supernet = SamSupernetForMaskGeneration.from_sam(load_embedded_sam()).eval()
+    supernet = SamSupernetForMaskGeneration.from_sam(load_embedded_sam(TEST_SAM)).eval()
     supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
     return supernet
 

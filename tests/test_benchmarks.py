@@ -17,6 +17,7 @@ import pytest
 import torch
 from scipy.stats import kendalltau
 
+from conftest import TEST_SAM
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration, extract_subnet
 from mpsupernet.bitops import count_bitops
 from mpsupernet.data import REAL3_INSTALL, is_real3_available
@@ -39,7 +40,7 @@ import ranking  # noqa: E402
 import search_space_study  # noqa: E402
 import training_memory  # noqa: E402
 
-TOY_TASK = ["--train-steps", "2", "--num-train", "8", "--num-validation", "6", "--num-test", "6"]
+TOY_TASK = ["--train-steps", "2", "--num-train", "8", "--num-validation", "6", "--num-test", "6", "--sam", TEST_SAM]
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +277,7 @@ def test_real_images_rows_agree_with_the_evaluation(tmp_path):
 def test_latency_times_every_variant_and_prices_each_tier(tmp_path, embedded_supernet):
     output, plot = tmp_path / "latency.json", tmp_path / "latency_vs_bitops.png"
     latency.main(
-        ["--tiny", "--image-size", "64", "--budgets", "10%", "--rounds", "1", "--threads", "1"]
+        ["--tiny", "--sam", TEST_SAM, "--image-size", "64", "--budgets", "10%", "--rounds", "1", "--threads", "1"]
         + ["--output", str(output), "--plot", str(plot)]
     )
     results = json.loads(output.read_text())
@@ -365,7 +366,10 @@ def test_latency_check_stops_on_a_wrong_baseline_and_marks_a_wrong_runtime():
 def test_latency_reads_saved_tiers_with_their_base_model(tmp_path, embedded_supernet):
     subnet = embedded_supernet.extract_subnet("25%")
     save_tiers(
-        {"quarter": subnet}, tmp_path / "tiers", base_model=latency.EMBEDDED_BASE_MODEL, dataset_name="shapes",
+        {"quarter": subnet},
+        tmp_path / "tiers",
+        base_model=embedded_supernet.config.base_model_name_or_path,
+        dataset_name="shapes",
         export_onnx=False,
     )
     sam, tiers, shipped = latency.saved_tiers(tmp_path / "tiers")
@@ -376,8 +380,9 @@ def test_latency_reads_saved_tiers_with_their_base_model(tmp_path, embedded_supe
         torch.testing.assert_close(
             tiers["quarter"].get_image_embeddings(pixel_values), subnet.get_image_embeddings(pixel_values)
         )
-    # The float model timed against the tiers is the SAM their `base_model` names: here the embedded one.
-    embedded = load_embedded_sam().state_dict()
+    # The float model timed against the tiers is the SAM their `base_model` names: here the shipped one the fixture's
+    # supernet was made from, recorded by `from_sam` under its folder's name.
+    embedded = load_embedded_sam(embedded_supernet.config.base_model_name_or_path).state_dict()
     assert sam.state_dict().keys() == embedded.keys()
     assert all(torch.equal(value, embedded[key]) for key, value in sam.state_dict().items())
 
@@ -385,8 +390,12 @@ def test_latency_reads_saved_tiers_with_their_base_model(tmp_path, embedded_supe
 def test_latency_times_the_onnx_file_a_tier_ships(tmp_path, embedded_supernet, monkeypatch, capsys):
     subnet = embedded_supernet.extract_subnet("25%")
     save_tiers(
-        {"quarter": subnet}, tmp_path / "tiers", base_model=latency.EMBEDDED_BASE_MODEL, dataset_name="shapes",
-        latency_threads=1, latency_runs=1,
+        {"quarter": subnet},
+        tmp_path / "tiers",
+        base_model=embedded_supernet.config.base_model_name_or_path,
+        dataset_name="shapes",
+        latency_threads=1,
+        latency_runs=1,
     )
     folder = tmp_path / "tiers" / "quarter"
     _, tiers, shipped = latency.saved_tiers(tmp_path / "tiers")

@@ -4,8 +4,8 @@ A document's ```python blocks run in order, in one namespace, in a fresh interpr
 one after another, each in a new namespace): `import mpsupernet` must be a first import there, and `HF_ENDPOINT` (the local Hub of `conftest.py`, inherited through the environment) must be
 set before huggingface_hub is imported. What the snippets name but cannot be reached here is replaced, and nothing
 else: the quoted strings of `readme_id_map` (Hub ids of a SAM checkpoint, a dataset and a tiers repository, and the
-folder of an ONNX export) become the embedded SAM's folder, a local COCO-style dataset, a repository of the local Hub
-and an export of an embedded-SAM subnet; cards are rendered for a repository of the local Hub, so their ids are
+folder of an ONNX export) become a shipped SAM's folder (`TEST_SAM`), a local COCO-style dataset, a repository of
+the local Hub and an export of that SAM's subnet; cards are rendered for a repository of the local Hub, so their ids are
 real; `image.jpg` and `photo.jpg` are images in the working directory.
 
 A block preceded by `<!-- doc-test: not run, REASON -->` (one needing a GPU) does not run: the mpsupernet names it
@@ -31,9 +31,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import mpsupernet
+from conftest import TEST_SAM
 from mpsupernet.data import make_synthetic_segmentation_dataset
 from mpsupernet.hub import render_supernet_card, save_subnet_with_card
-from mpsupernet.pretrained import EMBEDDED_SAM_PATH, load_embedded_sam
+from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, embedded_sam_path, load_embedded_sam
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(
@@ -112,17 +113,18 @@ def write_coco_split(path: Path, num_images: int, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def readme_id_map(tmp_path_factory):
-    """What the README's Hub ids and folders stand for here: the embedded SAM's folder, a COCO-style folder that
-    `datasets.load_dataset` reads, a repository of the local Hub, and an ONNX export of an embedded-SAM subnet."""
+    """What the README's Hub ids and folders stand for here: the folder of a SAM shipped in the package (`TEST_SAM`), a
+    COCO-style folder that `datasets.load_dataset` reads, a repository of the local Hub, and an ONNX export of one of
+    that SAM's subnets."""
     data = tmp_path_factory.mktemp("data")
     coco = data / "coco"
     write_coco_split(coco / "data" / "train-00000-of-00001.parquet", num_images=8, seed=0)
     write_coco_split(coco / "data" / "val-00000-of-00001.parquet", num_images=4, seed=1)
-    supernet = mpsupernet.SamSupernetForMaskGeneration.from_sam(load_embedded_sam())
+    supernet = mpsupernet.SamSupernetForMaskGeneration.from_sam(load_embedded_sam(TEST_SAM))
     supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
     supernet.extract_subnet("5%").export_onnx(data / "onnx-tier", verify=False)
     return {
-        "facebook/sam-vit-base": str(EMBEDDED_SAM_PATH),
+        "facebook/sam-vit-base": str(embedded_sam_path(TEST_SAM)),
         "detection-datasets/coco": str(coco),
         "my-org/sam-vit-base-mp": "local-user/readme-sam-vit-base-mp",
         "tier-5pct-onnx": str(data / "onnx-tier"),
@@ -138,8 +140,8 @@ def test_readme_python_blocks_run_as_written(local_hub, readme_id_map, tmp_path)
     pixels = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "photo.jpg")  # the image the ONNX snippet opens
     output = run_documents([runnable], tmp_path, readme_id_map)
-    # Provenance: the supernet records the checkpoint it was made from (here the embedded SAM's folder name).
-    assert "embedded-sam" in output
+    # Provenance: the supernet records the checkpoint it was made from (here the shipped SAM's folder name).
+    assert TEST_SAM in output
     assert (tmp_path / "search" / "pareto_front.json").is_file()
 
 
@@ -200,3 +202,17 @@ def test_card_snippets_run_as_written(published_tiers, tmp_path):
     Image.fromarray(pixels).save(tmp_path / "image.jpg")
     output = run_documents(documents, tmp_path, {"path/to/this/folder": str(folder)})
     assert "document 4, block 0" in output and "'bitops': " in output.split("document 4, block 0")[1]
+
+
+def test_shipped_sam_card_snippets_run_as_written(tmp_path):
+    """The cards of the SAMs in `mpsupernet.pretrained`: each loads its model as written."""
+    documents = []
+    for name in EMBEDDED_SAM_NAMES:
+        blocks = python_blocks((embedded_sam_path(name) / "README.md").read_text(encoding="utf-8"))
+        assert blocks and all(reason is None for _, reason in blocks)
+        check = "print(type(sam).__name__, sam.config.vision_config.hidden_size)"
+        documents.append([code for code, _ in blocks] + [check])
+    output = run_documents(documents, tmp_path)
+    for number, name in enumerate(EMBEDDED_SAM_NAMES):
+        hidden_size = load_embedded_sam(name).config.vision_config.hidden_size
+        assert f"SamModel {hidden_size}" in output.split(f"document {number}, block")[-1]

@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard
 from transformers import TrainingArguments
 
 import kill_points
-from conftest import make_tiny_sam
+from conftest import TEST_SAM, make_tiny_sam
 from kill_points import every_kill_point
 from mpsupernet import SamSupernetConfig, SamSupernetForMaskGeneration
 from mpsupernet.data import (
@@ -55,10 +55,10 @@ SCHEDULE = [[0.0, [8, 6, 4]], [0.25, [3]], [0.5, [2]]]
 
 @pytest.fixture(scope="module")
 def pretrained_sam():
-    """The embedded pretrained SAM when the package ships it, a tiny random one otherwise: the tests that training
-    lowers the loss run on it. The mechanics (resuming, accumulation, the sandwich) run on the tiny one."""
+    """The tests' shipped pretrained SAM (`TEST_SAM`) when the package ships it, a tiny random one otherwise: the tests
+    that training lowers the loss run on it. The mechanics (resuming, accumulation, the sandwich) run on the tiny one."""
     try:
-        return load_embedded_sam()
+        return load_embedded_sam(TEST_SAM)
     except FileNotFoundError:
         return make_tiny_sam()
 
@@ -409,9 +409,9 @@ def test_accelerate_loop_lowers_the_loss_and_saves_the_supernet(pretrained_sam, 
 
     reloaded = SamSupernetForMaskGeneration.from_pretrained(tmp_path)
     torch.testing.assert_close(trainable_state(reloaded), trainable_state(model), rtol=0, atol=0)
-    # Provenance for the cards: the data's name, and the base model's (the embedded SAM's folder).
+    # Provenance for the cards: the data's name, and the base model's (the shipped SAM's folder).
     assert reloaded.config.training_dataset == SYNTHETIC_DATASET_NAME
-    assert reloaded.config.base_model_name_or_path == "embedded-sam"
+    assert reloaded.config.base_model_name_or_path == TEST_SAM
 
 
 def test_fixed_architecture_trains_that_architecture_alone(sam, train_data, tmp_path):
@@ -839,7 +839,7 @@ def test_trainer_refuses_raw_datasets_metrics_it_would_ignore_and_torch_compile(
 
 def test_trainer_records_the_data_and_pushes_mpsupernets_card(pretrained_sam, train_data, tmp_path, local_hub):
     model = make_supernet(pretrained_sam)
-    assert model.config.base_model_name_or_path == "embedded-sam" and model.config.training_dataset is None
+    assert model.config.base_model_name_or_path == TEST_SAM and model.config.training_dataset is None
     trainer = SupernetTrainer(
         model=model,
         args=trainer_arguments(
@@ -852,7 +852,7 @@ def test_trainer_records_the_data_and_pushes_mpsupernets_card(pretrained_sam, tr
     assert model.config.training_dataset == SYNTHETIC_DATASET_NAME
     trainer.push_to_hub()
     card = ModelCard.load("local-user/trained-supernet")
-    assert card.data.library_name == "mpsupernet" and card.data.base_model == "embedded-sam"
+    assert card.data.library_name == "mpsupernet" and card.data.base_model == TEST_SAM
     assert card.data.base_model_relation == "finetune"
     full_precision = model.bitops_report(model.full_precision_subnet())
     assert card.data.bitops_full_precision == full_precision.total_bitops
