@@ -157,6 +157,29 @@ def test_demo_help_states_run_demos_defaults(capsys):
         assert default == str(defaults[option.replace("-", "_")].default), option
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--train-steps", "0", "`train_steps` must be a positive integer, got 0."),
+        ("--train-steps", "-5", "`train_steps` must be a positive integer, got -5."),
+        ("--population-size", "1", "`population_size` must be an integer of at least 2, got 1."),
+        ("--generations", "-1", "`generations` must be a non-negative integer, got -1."),
+        ("--seed", "-1", "`seed` must be a non-negative integer, got -1."),
+    ],
+)
+def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys, option, value, message):
+    output_dir = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(output_dir), option, value]) == 2
+    assert capsys.readouterr().err.strip() == f"mpsupernet demo: error: {message}"
+    assert not output_dir.exists()
+
+
+def test_run_demo_refuses_empty_synthetic_splits(tmp_path):
+    with pytest.raises(ValueError, match=r"^`num_validation` must be a positive integer, got 0\.$"):
+        run_demo(output_dir=str(tmp_path / "demo"), num_validation=0)
+    assert not (tmp_path / "demo").exists()
+
+
 def test_the_embedded_supernet_of_a_seed_does_not_depend_on_the_global_generator():
     from mpsupernet.cli import _load_supernet
 
