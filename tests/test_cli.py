@@ -146,6 +146,26 @@ def test_convert_reads_the_shipped_sams_by_name(tmp_path):
     assert supernet.config.vision_config.hidden_size == load_embedded_sam("shapes-sam").config.vision_config.hidden_size
 
 
+def test_a_saved_supernet_named_like_a_shipped_sam_is_read_from_its_folder(tmp_path, monkeypatch):
+    from mpsupernet.cli import _load_supernet
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("shapes-sam", "embedded"):
+        assert main(["convert", "--sam", "shapes-sam", "--lora-rank", "2", "--output-dir", name]) == 0
+        assert _load_supernet(name).config.lora_rank == 2, name
+    # Without such a folder the name stands for the shipped SAM (a new supernet, the default rank).
+    monkeypatch.chdir(tmp_path / "embedded")
+    assert _load_supernet("shapes-sam").config.lora_rank == 8
+
+
+def test_convert_reads_a_sam_folder_named_like_a_shipped_sam(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    load_embedded_sam("shapes-sam").save_pretrained("embedded-sam")
+    assert main(["convert", "--sam", "embedded-sam", "--output-dir", "supernet"]) == 0
+    supernet = SamSupernetForMaskGeneration.from_pretrained("supernet")
+    assert supernet.config.vision_config.hidden_size == load_embedded_sam("shapes-sam").config.vision_config.hidden_size
+
+
 def test_demo_help_states_run_demos_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
