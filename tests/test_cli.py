@@ -92,6 +92,15 @@ def test_mistyped_paths_give_one_line_naming_them_and_exit_2(argv, option, path,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv", [["convert", "--sam"], ["train", "--supernet"]])
+def test_a_mistyped_shipped_sam_name_is_told_the_shipped_names(argv, tmp_path, capsys, local_hub):
+    assert main([*argv, "shape-sam", "--output-dir", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"mpsupernet {argv[0]}: error: {argv[1]} 'shape-sam' is no folder or file here")
+    assert error.endswith(". The SAMs shipped in the package: embedded, embedded-sam, shapes-sam.")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     "pair, message",
     [

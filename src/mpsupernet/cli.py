@@ -17,12 +17,13 @@ class SourceError(Exception):
 
 
 @contextmanager
-def loading(option: str, value: str, hub: bool = True):
+def loading(option: str, value: str, hub: bool = True, shipped_sams: bool = False):
     """Turns the failure to find or load `value` into a one-line `SourceError` naming the option and the path.
 
     A mistyped folder is taken for a Hub id by transformers and datasets, and fails deep inside them (an `OSError`:
     "Repo id must be in the form ...", a failed download, a missing file); the user needs to know which argument.
-    `hub` says whether the option also takes a Hub id.
+    `hub` says whether the option also takes a Hub id, `shipped_sams` whether it also takes a shipped SAM's name (the
+    message then lists them: a mistyped name is otherwise only reported as a missing Hub repository).
     """
     try:
         yield
@@ -31,7 +32,12 @@ def loading(option: str, value: str, hub: bool = True):
         found = "exists but could not be read" if Path(value).exists() else "is no folder or file here"
         tried_hub = ", and could not be loaded as a Hub repository" if hub else ""
         detail = f" ({lines[0]})" if lines else ""
-        raise SourceError(f"{option} {value!r} {found}{tried_hub}{detail}.") from None
+        names = ""
+        if shipped_sams:
+            from .pretrained import EMBEDDED_SAM_NAMES
+
+            names = f" The SAMs shipped in the package: {', '.join(['embedded', *EMBEDDED_SAM_NAMES])}."
+        raise SourceError(f"{option} {value!r} {found}{tried_hub}{detail}.{names}") from None
 
 
 def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64, num_validation: int = 32, seed: int = 0):
@@ -83,7 +89,7 @@ def cmd_convert(args) -> None:
     from .pretrained import load_sam
 
     overrides = {"lora_mode": args.lora_mode, "lora_rank": args.lora_rank}
-    with loading("--sam", args.sam):
+    with loading("--sam", args.sam, shipped_sams=True):
         sam = load_sam(_embedded_sam_alias(args.sam))
     supernet = SamSupernetForMaskGeneration.from_sam(sam, **overrides)
     supernet.save_pretrained(args.output_dir)
@@ -106,7 +112,7 @@ def _load_supernet(path: str, seed: int = 0):
     if name is not None:
         set_seed(seed)  # the adapters are initialised from torch's global generator, seeded per process at random
         return SamSupernetForMaskGeneration.from_sam(load_embedded_sam(name))
-    with loading("--supernet", path):
+    with loading("--supernet", path, shipped_sams=True):
         return SamSupernetForMaskGeneration.from_pretrained(path)
 
 
