@@ -24,7 +24,7 @@ from mpsupernet import SamSupernetForMaskGeneration
 from mpsupernet.data import make_synthetic_segmentation_dataset, make_synthetic_segmentation_dataset_dict
 from mpsupernet.demo import BATCH_SIZE, LEARNING_RATE
 from mpsupernet.evaluation import evaluate_dataset_mean_iou
-from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, load_embedded_sam
+from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, load_sam
 from mpsupernet.search import ParetoFront, run_search
 from mpsupernet.training import train_supernet
 
@@ -155,10 +155,7 @@ def format_mean_std(summary: dict, digits: int = 4) -> str:
 
 def pretrained_sam(args: argparse.Namespace) -> SamModel:
     """The SAM the benchmark fine-tunes: `--sam` (a shipped SAM's name or a folder), else the embedded SAM."""
-    sam = getattr(args, "sam", None)
-    if sam is None or sam in EMBEDDED_SAM_NAMES:
-        return load_embedded_sam(sam or EMBEDDED_SAM_NAMES[0])
-    return SamModel.from_pretrained(sam)
+    return load_sam(getattr(args, "sam", None) or EMBEDDED_SAM_NAMES[0])
 
 
 def embedded_supernet(args: argparse.Namespace, **overrides) -> SamSupernetForMaskGeneration:

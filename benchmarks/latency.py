@@ -54,7 +54,7 @@ import _common  # noqa: E402
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration  # noqa: E402
 from mpsupernet.checkpoints import exported_file_names  # noqa: E402
 from mpsupernet.hub import read_tiers_manifest  # noqa: E402
-from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, load_embedded_sam  # noqa: E402
+from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, load_embedded_sam, load_sam  # noqa: E402
 from mpsupernet.runtime import OnnxSamModel  # noqa: E402
 
 EAGER, SDPA, ORT_FLOAT = "torch float eager", "torch float SDPA", "onnxruntime float"
@@ -154,7 +154,7 @@ def saved_tiers(folder: Path) -> tuple[SamModel, Tiers, dict[str, Path]]:
     manifest = read_tiers_manifest(folder)
     base = manifest["base_model"]
     # `from_sam` records a shipped SAM by its folder's name, which `mpsupernet demo` writes into `tiers.json`.
-    sam = load_embedded_sam(base) if base in EMBEDDED_SAM_NAMES else SamModel.from_pretrained(base)
+    sam = load_sam(base)
     folders = {name: folder / tier["subfolder"] for name, tier in manifest["tiers"].items()}
     tiers = {name: SamSubnetForMaskGeneration.from_pretrained(path).eval() for name, path in folders.items()}
     shipped = {name: path for name, path in folders.items() if "vision_encoder.onnx" in exported_file_names(path)}

@@ -34,13 +34,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import SamModel
 
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration
 from mpsupernet.convert import sam_from_lite_medsam
 from mpsupernet.data import REAL3_DOMAINS, load_real3_dataset, make_synthetic_segmentation_dataset_dict
 from mpsupernet.evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
-from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, load_embedded_sam
+from mpsupernet.pretrained import load_embedded_sam, load_sam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _litemedsam import TinyViTForSam, load_lite_medsam  # noqa: E402
@@ -72,8 +71,7 @@ def models_from_arguments(args: argparse.Namespace):
         yield f"LiteMedSAM pooled to {grid}x{grid}", PooledTinyViTForSam(lite_medsam, grid)
     yield "embedded SAM (package default)", load_embedded_sam().eval()
     for name in args.sam:
-        sam = load_embedded_sam(name) if name in EMBEDDED_SAM_NAMES else SamModel.from_pretrained(name)
-        yield f"SAM {Path(name).name}", sam.eval()
+        yield f"SAM {Path(name).name}", load_sam(name).eval()
     if args.supernet is not None:
         supernet = SamSupernetForMaskGeneration.from_pretrained(args.supernet).eval()
         supernet.set_subnet(supernet.full_precision_subnet())

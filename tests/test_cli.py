@@ -92,6 +92,15 @@ def test_mistyped_paths_give_one_line_naming_them_and_exit_2(argv, option, path,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv", [["convert", "--sam"], ["train", "--supernet"]])
+def test_a_mistyped_shipped_sam_name_is_told_the_shipped_names(argv, tmp_path, capsys, local_hub):
+    assert main([*argv, "shape-sam", "--output-dir", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"mpsupernet {argv[0]}: error: {argv[1]} 'shape-sam' is no folder or file here")
+    assert error.endswith(". The SAMs shipped in the package: embedded, embedded-sam, shapes-sam.")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     "pair, message",
     [
@@ -146,6 +155,26 @@ def test_convert_reads_the_shipped_sams_by_name(tmp_path):
     assert supernet.config.vision_config.hidden_size == load_embedded_sam("shapes-sam").config.vision_config.hidden_size
 
 
+def test_a_saved_supernet_named_like_a_shipped_sam_is_read_from_its_folder(tmp_path, monkeypatch):
+    from mpsupernet.cli import _load_supernet
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("shapes-sam", "embedded"):
+        assert main(["convert", "--sam", "shapes-sam", "--lora-rank", "2", "--output-dir", name]) == 0
+        assert _load_supernet(name).config.lora_rank == 2, name
+    # Without such a folder the name stands for the shipped SAM (a new supernet, the default rank).
+    monkeypatch.chdir(tmp_path / "embedded")
+    assert _load_supernet("shapes-sam").config.lora_rank == 8
+
+
+def test_convert_reads_a_sam_folder_named_like_a_shipped_sam(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    load_embedded_sam("shapes-sam").save_pretrained("embedded-sam")
+    assert main(["convert", "--sam", "embedded-sam", "--output-dir", "supernet"]) == 0
+    supernet = SamSupernetForMaskGeneration.from_pretrained("supernet")
+    assert supernet.config.vision_config.hidden_size == load_embedded_sam("shapes-sam").config.vision_config.hidden_size
+
+
 def test_demo_help_states_run_demos_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
@@ -155,6 +184,29 @@ def test_demo_help_states_run_demos_defaults(capsys):
     assert set(stated) == {"output-dir", "train-steps", "population-size", "generations", "seed"}
     for option, default in stated.items():
         assert default == str(defaults[option.replace("-", "_")].default), option
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--train-steps", "0", "`train_steps` must be a positive integer, got 0."),
+        ("--train-steps", "-5", "`train_steps` must be a positive integer, got -5."),
+        ("--population-size", "1", "`population_size` must be an integer of at least 2, got 1."),
+        ("--generations", "-1", "`generations` must be a non-negative integer, got -1."),
+        ("--seed", "-1", "`seed` must be a non-negative integer, got -1."),
+    ],
+)
+def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys, option, value, message):
+    output_dir = tmp_path / "demo"
+    assert main(["demo", "--output-dir", str(output_dir), option, value]) == 2
+    assert capsys.readouterr().err.strip() == f"mpsupernet demo: error: {message}"
+    assert not output_dir.exists()
+
+
+def test_run_demo_refuses_empty_synthetic_splits(tmp_path):
+    with pytest.raises(ValueError, match=r"^`num_validation` must be a positive integer, got 0\.$"):
+        run_demo(output_dir=str(tmp_path / "demo"), num_validation=0)
+    assert not (tmp_path / "demo").exists()
 
 
 def test_the_embedded_supernet_of_a_seed_does_not_depend_on_the_global_generator():

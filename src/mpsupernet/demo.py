@@ -18,7 +18,8 @@ from .hub import describe_latency_measurement, save_tiers
 from .modeling_sam_supernet import SamSupernetForMaskGeneration
 from .pretrained import EMBEDDED_SAM_PATH, load_embedded_sam
 from .search import run_search
-from .training.loop import train_supernet
+from .search.run import _check_search_settings
+from .training.loop import _check_positive_int, train_supernet
 
 logger = logging.get_logger(__name__)
 
@@ -133,7 +134,17 @@ def run_demo(
 
     Returns:
         `dict`: the summary also written to `summary.json`.
+
+    Raises:
+        `ValueError`: for a `train_steps`, `num_train` or `num_validation` below 1, a `population_size` below 2, a
+            negative `generations` or `seed`, or a value that is not an integer; raised before anything is loaded or
+            written, not minutes later by the training or the search.
     """
+    for name, value in (("train_steps", train_steps), ("num_train", num_train), ("num_validation", num_validation)):
+        _check_positive_int(name, value)
+    _check_search_settings("nsga2", population_size, generations)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
     started = time.perf_counter()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,11 @@ tested. Two plain transformers `SamModel` folders ship here, each with its model
   `scripts/pretrain_shapes_sam.py`; the embedded default until 2026-11-30 (the README's quality figures of that time
   were measured on it). It is several times cheaper to run, and the tests use it where any pretrained SAM will do.
 
-Real checkpoints (e.g. `facebook/sam-vit-base`) load the usual way, with `SamModel.from_pretrained`.
+Real checkpoints (e.g. `facebook/sam-vit-base`) load the usual way, with `SamModel.from_pretrained`; `load_sam` takes
+either, as the CLI's `--sam` and the benchmarks' do.
 """
 
+import os
 from pathlib import Path
 
 from transformers import SamConfig, SamModel
@@ -73,3 +75,41 @@ def load_embedded_sam(name: str = "embedded-sam", **kwargs) -> SamModel:
     path = embedded_sam_path(name)
     kwargs.setdefault("local_files_only", True)
     return SamModel.from_pretrained(path, **kwargs)
+
+
+def shipped_sam_name(name_or_path: str | os.PathLike) -> str | None:
+    """The name of the shipped SAM that `name_or_path` stands for, or None for a folder or a Hub id.
+
+    A path that exists is never read as a shipped SAM's name: a folder `shapes-sam` in the working directory (say, a
+    supernet saved there with `mpsupernet convert --output-dir shapes-sam`) is that folder, as transformers'
+    `from_pretrained` prefers a local folder to a Hub repository of the same name.
+
+    Args:
+        name_or_path (`str` or `os.PathLike`): one of `EMBEDDED_SAM_NAMES`, a folder, or a Hub id.
+
+    Returns:
+        `str` or `None`: the shipped SAM's name, or None.
+    """
+    if isinstance(name_or_path, str) and name_or_path in EMBEDDED_SAM_NAMES and not Path(name_or_path).exists():
+        return name_or_path
+    return None
+
+
+def load_sam(name_or_path: str | os.PathLike = "embedded-sam", **kwargs) -> SamModel:
+    """Loads a SAM shipped in the package by name (see `shipped_sam_name`), else a `SamModel` folder or Hub id.
+
+    Args:
+        name_or_path (`str` or `os.PathLike`, *optional*, defaults to `"embedded-sam"`): one of `EMBEDDED_SAM_NAMES`,
+            a `SamModel` folder, or a Hub id like `facebook/sam-vit-base`.
+        **kwargs: passed to `SamModel.from_pretrained`.
+
+    Returns:
+        `SamModel`: the pretrained model, in evaluation mode.
+
+    Raises:
+        `OSError`: from `SamModel.from_pretrained`, for a folder or Hub id that cannot be found or read.
+    """
+    name = shipped_sam_name(name_or_path)
+    if name is not None:
+        return load_embedded_sam(name, **kwargs)
+    return SamModel.from_pretrained(name_or_path, **kwargs)
