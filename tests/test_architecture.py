@@ -2,6 +2,7 @@
 
 import ast
 import importlib.util
+import re
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -158,13 +159,18 @@ def test_one_base_for_the_two_wrappers_and_the_two_configs():
 
 
 def test_dataset_schema_map_is_shared_with_the_cli(tmp_path, capsys):
-    from mpsupernet.cli import main
+    from mpsupernet.choices import DATASET_SCHEMA_NAMES
+    from mpsupernet.cli import load_dataset_splits, main
 
-    # The CLI checks --schema against the map when the command runs (argparse `choices` would import the data
-    # package, and so torch, for every `--help`).
-    assert main(["train", "--schema", "masks", "--output-dir", str(tmp_path / "out")]) == 2
-    assert f"Unknown dataset schema 'masks'; allowed: {list(DATASET_SCHEMAS)}" in capsys.readouterr().err
+    # The CLI's `--schema` choices come from `mpsupernet.choices`, which imports nothing; the map must name the same.
+    assert tuple(DATASET_SCHEMAS) == DATASET_SCHEMA_NAMES
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--schema", "masks", "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "argument --schema: invalid choice: 'masks' (choose from 'standard', 'coco', 'semantic')" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=rf"^Unknown dataset schema 'masks'; allowed: {re.escape(str(list(DATASET_SCHEMAS)))}\.$"):
+        load_dataset_splits("synthetic", "masks")
     dataset = make_synthetic_segmentation_dataset(2, image_size=32)
     converted = to_standard_schema(dataset, "standard")
     assert converted.num_rows == 2 and set(converted.column_names) == {"image", "masks", "image_id"}

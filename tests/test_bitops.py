@@ -117,6 +117,14 @@ def test_references_and_reductions(eager_supernet):
     assert summary["bitops"] == small.total_bitops and len(summary["rows"]) == len(small.rows)
 
 
+def test_the_w8a8_reference_does_not_need_8_bits_in_the_space(tiny_sam, eager_supernet):
+    space = eager_supernet.search_space
+    w8a8 = eager_supernet.bitops_report(space.largest(8, 8))
+    low = SamSupernetForMaskGeneration.from_sam(tiny_sam, weight_bit_choices=[2, 4], activation_bit_choices=[4, 6])
+    report = low.bitops_report(low.largest_subnet())
+    assert report.w8a8_bitops == w8a8.total_bitops
+
+
 def test_float_bits_setting_changes_how_float_counts(tiny_sam):
     fp16 = SamSupernetForMaskGeneration.from_sam(tiny_sam, float_bits=16)
     report = fp16.bitops_report(fp16.full_precision_subnet())

@@ -117,6 +117,21 @@ def test_push_names_a_malformed_pair_and_exits_2(tmp_path, capsys, pair, message
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"mpsupernet push: error: {message}"
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["export", "--subnet", "s", "--output-dir", "o", "--target", "tensorrt"], "argument --target: invalid choice: 'tensorrt' (choose from 'onnxruntime', 'openvino')"),
+        (["push", "--repo-id", "u/r", "--tier", "s=x", "--weight-container", "int2"], "argument --weight-container: invalid choice: 'int2' (choose from 'int8', 'int4')"),
+        (["search", "--supernet", "s", "--output-dir", "o", "--schema", "voc"], "argument --schema: invalid choice: 'voc' (choose from 'standard', 'coco', 'semantic')"),
+    ],
+)
+def test_options_with_named_values_refuse_others_and_exit_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"mpsupernet {argv[0]}: error: {message}"
+
+
 def test_push_refuses_a_tier_named_twice(calibrated_supernet_dir, tmp_path, capsys):
     tier = tmp_path / "tier"
     assert main(["extract", "--supernet", str(calibrated_supernet_dir), "--budget", "5%", "--output-dir", str(tier)]) == 0

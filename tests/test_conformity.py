@@ -312,7 +312,7 @@ def test_help_and_version_answer_without_torch_or_transformers():
     process = run_python(
         """
         import runpy, sys
-        for argv in (["--help"], ["extract", "--help"], ["--version"]):
+        for argv in (["--help"], ["extract", "--help"], ["export", "--help"], ["--version"]):
             sys.argv = ["mpsupernet", *argv]
             try:
                 runpy.run_module("mpsupernet", run_name="__main__")
@@ -323,6 +323,7 @@ def test_help_and_version_answer_without_torch_or_transformers():
     )
     assert process.returncode == 0, process.stderr
     assert "usage: mpsupernet" in process.stdout and "--pareto-front" in process.stdout
+    assert "--target {onnxruntime,openvino}" in process.stdout and "--weight-container {int8,int4}" in process.stdout
     assert f"mpsupernet {mpsupernet.__version__}" in process.stdout
     assert process.stdout.strip().endswith("heavy: []")
     script = Path(sys.executable).with_name("mpsupernet")

@@ -463,6 +463,26 @@ def test_unknown_bit_width_is_rejected(tiny_supernet):
         tiny_supernet.set_subnet(arch)
 
 
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda space: space.largest(5, 8), r"^`weight_bits` 5 is not in the search space; allowed: \[2, 3, 4, 6, 8, 32\]\.$"),
+        (lambda space: space.largest(0), r"^`weight_bits` 0 is not in the search space"),
+        (lambda space: space.smallest(4, 3), r"^`activation_bits` 3 is not in the search space; allowed: \[4, 6, 8, 32\]\.$"),
+        (lambda space: space.uniform(80, 4, 4, 256, 8, 8), r"^`resolution` 80 is not in the search space; allowed: \[64, 96, 128\]\.$"),
+        (lambda space: space.uniform(128, 1, 4, 256, 8, 8), r"^`depth` 1 is not in the search space"),
+        (lambda space: space.uniform(128, 4, 5, 256, 8, 8), r"^`num_heads` 5 is not in the search space"),
+    ],
+)
+def test_architecture_constructors_refuse_values_outside_the_space(tiny_supernet, make, message):
+    with pytest.raises(ValueError, match=message):
+        make(tiny_supernet.search_space)
+    space = tiny_supernet.search_space
+    assert space.largest(32, 32) == space.full_precision()
+    largest = space.largest(4, 6)
+    assert set(largest.weight_bits) == {4} and set(largest.activation_bits) == {6}
+
+
 def test_resolution_not_in_space_is_rejected(tiny_supernet):
     arch = tiny_supernet.largest_subnet().to_dict()
     arch["resolution"] = 80

@@ -112,6 +112,15 @@ def test_forward_keeps_only_its_input_for_backward():
 
 
 # --- poisoned statistics, low-precision dtypes, collapsed steps ---------------------------------------------------------
+def test_calibration_refuses_what_is_not_a_tensor_and_bits_outside_the_space(tiny_supernet):
+    images = torch.randn(2, 3, 128, 128)
+    with pytest.raises(TypeError, match=r"^`pixel_values` must be a torch\.Tensor .*; got numpy\.ndarray\.$"):
+        tiny_supernet.calibrate_quantizers(images.numpy())
+    with pytest.raises(ValueError, match=r"^`activation_bits` 5 is not in the search space; allowed: \[4, 6, 8, 32\]\.$"):
+        tiny_supernet.calibrate_quantizers(images, activation_bits=(5,))
+    assert not any(bool(m.initialized.any()) for n, m in tiny_supernet.named_modules() if n.endswith("input_quantizer"))
+
+
 def test_non_finite_statistics_never_become_step_sizes(tiny_supernet):
     images = torch.randn(2, 3, 128, 128)
     images[1, 0, 5, 7] = float("nan")  # one NaN pixel

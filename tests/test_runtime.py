@@ -1,6 +1,7 @@
 """The PyTorch-free runtime: pre/post-processing against transformers, a process without torch, OpenVINO, the Hub."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -60,6 +61,23 @@ def test_preprocess_names_prompts_in_another_layout(exported_w8a8, boxes, proble
     inputs = model.preprocess(photo(), input_points=[[[[40, 30], [60, 50]]]])
     assert inputs["input_points"].shape == (1, 1, 2, 2)
     np.testing.assert_allclose(inputs["input_points"][0, 0, 1], [60 * 128 / 150, 50 * 77 / 90], rtol=1e-6)  # 90 x 150 -> 77 x 128
+
+
+def test_preprocess_names_an_image_it_cannot_read(exported_w8a8, tmp_path):
+    model = OnnxSamModel.from_pretrained(exported_w8a8[1])
+    allowed = r"^Each image must be a PIL\.Image\.Image or a uint8 numpy array of shape \(height, width\) or \(height, width, 3 or 4\); got "
+    path = tmp_path / "image.png"
+    photo().save(path)
+    for given in (str(path), path):
+        with pytest.raises(TypeError, match=rf"{allowed}the path '{re.escape(str(path))}' \(open it with PIL\.Image\.open\)\.$"):
+            model.preprocess(given)
+    with pytest.raises(TypeError, match=rf"{allowed}a numpy\.ndarray of shape \(90, 150, 3\) and dtype float32\.$"):
+        model.preprocess([photo(), np.asarray(photo(), np.float32)])
+    with pytest.raises(TypeError, match=rf"{allowed}a builtins\.NoneType\.$"):
+        model.preprocess(None)
+    with Image.open(path) as image:  # the model cards' way
+        opened = model.preprocess(image)["pixel_values"]
+    np.testing.assert_array_equal(opened, model.preprocess(np.asarray(photo()))["pixel_values"])
 
 
 def test_post_process_and_resize_match_transformers(exported_w8a8):
@@ -166,6 +184,18 @@ def test_loads_an_export_from_a_hub_subfolder(exported_w8a8, local_hub):
     pixel_values = np.random.default_rng(1).standard_normal((1, 3, 128, 128)).astype(np.float32)
     np.testing.assert_array_equal(model.get_image_embeddings(pixel_values), local.get_image_embeddings(pixel_values))
     assert model.config["export"] == json.loads((folder / "config.json").read_text())["export"]
+
+
+def test_from_pretrained_names_what_is_neither_a_folder_nor_a_hub_repository(local_hub, tmp_path):
+    expected = r"; give the folder written by `export_onnx` or a Hub repository holding one\.$"
+    with pytest.raises(FileNotFoundError, match=rf"^'no/such/folder' is no folder here, nor a Hub repository id \('namespace/name'\){expected}"):
+        OnnxSamModel.from_pretrained("no/such/folder")
+    with pytest.raises(FileNotFoundError, match=rf"^'missing' is no folder here, nor a Hub repository that exists or that your token can read \(.*\){expected}"):
+        OnnxSamModel.from_pretrained("missing")
+    with pytest.raises(FileNotFoundError, match=rf"^'user/missing' is no folder here, and the local cache does not hold it .*`local_files_only`\) \(.*\){expected}"):
+        OnnxSamModel.from_pretrained("user/missing", local_files_only=True, cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"^'{re.escape(str(tmp_path / 'gone'))}' is no folder here{expected}"):
+        OnnxSamModel.from_pretrained(tmp_path / "gone")
 
 
 def test_runtime_refuses_bad_input(exported_w8a8, tmp_path):

@@ -16,7 +16,7 @@ architecture; they are not part of these counts.
 import math
 import numbers
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 
 from .architecture import CONV_PATHS, FLOAT_BITS, SubnetArchitecture, is_float_bits
@@ -156,8 +156,11 @@ def count_bitops(config: SamSupernetConfig, arch: SubnetArchitecture) -> BitOpsR
     """
     space = SearchSpace(config)
     space.validate(arch)
-    full_precision = count_operations(config, space.full_precision())
-    w8a8 = count_operations(config, space.largest(weight_bits=8, activation_bits=8))
+    full_precision_arch = space.full_precision()
+    full_precision = count_operations(config, full_precision_arch)
+    # The W8A8 reference is priced whether or not 8 bits are among the space's choices.
+    eight_bits = (8,) * len(full_precision_arch.layer_names)
+    w8a8 = count_operations(config, replace(full_precision_arch, weight_bits=eight_bits, activation_bits=eight_bits))
     return BitOpsReport(
         rows=count_operations(config, arch),
         full_precision_bitops=sum(row.bitops for row in full_precision),

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
+from .choices import DATASET_SCHEMA_NAMES, EXPORT_TARGETS, WEIGHT_CONTAINERS
 
 
 class SourceError(Exception):
@@ -75,10 +76,8 @@ def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64
 
 def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="synthetic", help="'synthetic', a save_to_disk folder, or a Hub id")
-    # No `choices=`: the schemas live in mpsupernet.data, whose import would slow `--help` down; an unknown schema is
-    # refused with the list of known ones when the command runs.
     parser.add_argument(
-        "--schema", default="standard", help="how the dataset stores masks: standard, coco or semantic (see README)"
+        "--schema", default="standard", choices=DATASET_SCHEMA_NAMES, help="how the dataset stores masks (see README)"
     )
     parser.add_argument("--num-train", type=int, default=64, help="training images of the synthetic dataset")
     parser.add_argument("--num-validation", type=int, default=32, help="validation images")
@@ -312,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export an extracted subnet to ONNX (integer kernels, no PyTorch)")
     export.add_argument("--subnet", required=True, help="folder or Hub id of an extracted subnet")
     export.add_argument("--output-dir", required=True)
-    export.add_argument("--target", default="onnxruntime", help="onnxruntime or openvino")
-    export.add_argument("--weight-container", default="int8", help="int8, or int4 for codes of at most 4 bits")
+    export.add_argument("--target", default="onnxruntime", choices=EXPORT_TARGETS, help="the runtime to export for")
+    export.add_argument(
+        "--weight-container", default="int8", choices=WEIGHT_CONTAINERS, help="int4 stores codes of at most 4 bits"
+    )
     export.set_defaults(func=cmd_export)
 
     push = commands.add_parser("push", help="publish extracted subnets as tiers of one Hub repository")
@@ -330,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dataset-name", default=None, help="for the cards; default: the tiers' training data")
     push.add_argument("--private", action="store_true")
     push.add_argument("--no-onnx", action="store_true", help="publish the PyTorch subnets without ONNX exports")
-    push.add_argument("--target", default="onnxruntime", help="ONNX export target: onnxruntime or openvino")
-    push.add_argument("--weight-container", default="int8", help="ONNX weight storage: int8, or int4")
+    push.add_argument("--target", default="onnxruntime", choices=EXPORT_TARGETS, help="ONNX export target")
+    push.add_argument("--weight-container", default="int8", choices=WEIGHT_CONTAINERS, help="ONNX weight storage")
     push.set_defaults(func=cmd_push)
 
     demo = commands.add_parser("demo", help="the whole method end to end on the embedded default, offline")

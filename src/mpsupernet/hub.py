@@ -33,6 +33,7 @@ from huggingface_hub.utils import validate_repo_id
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from transformers.utils import logging
 
+from ._hub_ids import check_hub_id
 from .atomic import fsync_tree, make_staging_directory, move_into_place, remove_stale_staging, write_file_atomic
 from .bitops import format_budget, parse_budget
 from .checkpoints import save_model_folder
@@ -858,23 +859,8 @@ def validate_tiers_manifest(data, source: str) -> dict:
     return manifest.model_dump()
 
 
-def _check_hub_id(repo_id: str | os.PathLike) -> None:
-    """Refuses what is neither a local folder nor a Hub repository id before huggingface_hub sees it: a mistyped
-    folder otherwise fails there as an invalid repository id."""
-    if Path(repo_id).exists():
-        problem = "is a file, not a folder"
-    elif isinstance(repo_id, os.PathLike):
-        problem = "is no folder here"
-    else:
-        try:
-            validate_repo_id(repo_id)
-            return
-        except HFValidationError:
-            problem = "is no folder here, nor a Hub repository id ('namespace/name')"
-    raise FileNotFoundError(
-        f"{str(repo_id)!r} {problem}; give the folder written by `save_tiers` or the Hub repository written by "
-        "`push_tiers`."
-    )
+_TIERS_SOURCE = "the folder written by `save_tiers` or the Hub repository written by `push_tiers`"
+"""What `read_tiers_manifest` and `load_subnet` take, for the message naming a value that is neither."""
 
 
 def read_tiers_manifest(repo_id: str | os.PathLike, revision: str | None = None, token: str | None = None) -> dict:
@@ -894,7 +880,7 @@ def read_tiers_manifest(repo_id: str | os.PathLike, revision: str | None = None,
                 "`push_tiers` (the folder of one subnet loads with `SamSubnetForMaskGeneration.from_pretrained`)."
             )
     else:
-        _check_hub_id(repo_id)
+        check_hub_id(repo_id, _TIERS_SOURCE)
         path = hf_hub_download(str(repo_id), MANIFEST_NAME, revision=revision, token=token)
     where = f"{MANIFEST_NAME} of {str(repo_id)!r}" + (f" at revision {revision!r}" if revision and not local else "")
     try:
@@ -1032,7 +1018,7 @@ def load_subnet(
         raise ValueError(f"Unknown runtime {runtime!r}; allowed: {list(LOAD_RUNTIMES)}.")
     kwargs.update(max_latency_ms=max_latency_ms, runtime=runtime)
     if not Path(repo_id).is_dir():
-        _check_hub_id(repo_id)
+        check_hub_id(repo_id, _TIERS_SOURCE)
         commit = HfApi(token=token).repo_info(str(repo_id), revision=revision, token=token).sha
         manifest = read_tiers_manifest(repo_id, revision=commit, token=token)
         where = f"{repo_id!r} at commit {commit}"

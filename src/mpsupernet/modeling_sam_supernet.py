@@ -163,7 +163,17 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
             pixel_values (`torch.Tensor`): calibration images, as the processor makes them.
             activation_bits (`tuple[int]`, *optional*): the bit-widths to calibrate; defaults to all of them.
             weight_bits (`int`, *optional*): the weight bit-width the calibration runs at.
+
+        Raises:
+            `TypeError`: if `pixel_values` is not a `torch.Tensor` (as transformers models, this takes no numpy).
+            `ValueError`: if a bit-width is not among the search space's choices.
         """
+        if not isinstance(pixel_values, torch.Tensor):
+            kind = type(pixel_values)
+            raise TypeError(
+                f"`pixel_values` must be a torch.Tensor of shape (batch, 3, height, width), as "
+                f"`SamProcessor(images, return_tensors=\"pt\")` gives; got {kind.__module__}.{kind.__qualname__}."
+            )
         was_training = self.training
         self.eval()
         try:

@@ -202,6 +202,8 @@ class OnnxSamModel:
         Raises:
             `ValueError`: if the folder holds no export, `runtime` is unknown or `num_threads` is not a positive
             integer.
+            `FileNotFoundError`: naming `pretrained_model_name_or_path` if it is neither a local folder nor a Hub
+            repository that can be read (an invalid id, no such repository, the Hub unreachable and nothing cached).
         """
         path = Path(pretrained_model_name_or_path)
         if path.is_dir():
@@ -209,15 +211,20 @@ class OnnxSamModel:
         else:
             from huggingface_hub import snapshot_download
 
+            from ._hub_ids import check_hub_id, finding_on_the_hub
+
+            expected = "the folder written by `export_onnx` or a Hub repository holding one"
+            check_hub_id(pretrained_model_name_or_path, expected)
             pattern = f"{subfolder}/*" if subfolder else "*"
-            root = snapshot_download(
-                str(pretrained_model_name_or_path),
-                revision=revision,
-                allow_patterns=[pattern],
-                token=token,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-            )
+            with finding_on_the_hub(str(pretrained_model_name_or_path), expected):
+                root = snapshot_download(
+                    str(pretrained_model_name_or_path),
+                    revision=revision,
+                    allow_patterns=[pattern],
+                    token=token,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                )
             directory = Path(root) / subfolder if subfolder else Path(root)
         if not (directory / "config.json").is_file():
             raise ValueError(f"No config.json in {str(directory)!r}: not an ONNX export of mpsupernet.")
@@ -318,12 +325,18 @@ class OnnxSamModel:
         scaled to the resized frame.
 
         Args:
-            images (`PIL.Image.Image`, `np.ndarray` `(height, width, 3)` uint8, or a list of them).
+            images (`PIL.Image.Image`, `np.ndarray` `(height, width, 3)` uint8, or a list of them): as for
+                `SamProcessor`, not file paths (open those with `PIL.Image.open`).
             input_points (`list`, *optional*): per image, per point batch, per point `[x, y]` (same layout as
                 `SamProcessor`); `input_labels` per point; `input_boxes` per image, per box `[x1, y1, x2, y2]`.
 
         Returns:
             `dict` with `pixel_values`, `original_sizes`, `reshaped_input_sizes` and the scaled prompts.
+
+        Raises:
+            `TypeError`: for an image that is neither a PIL image nor a uint8 array of shape `(height, width)` or
+                `(height, width, 3 or 4)` (a path, a float array...), naming what it got.
+            `ValueError`: for prompts in another layout than `SamProcessor`'s.
         """
         from PIL import Image
 
@@ -334,8 +347,7 @@ class OnnxSamModel:
         std = np.asarray(self.processor_config["image_std"], np.float32)
         batch, original_sizes, reshaped_sizes = [], [], []
         for image in images:
-            image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-            image = image.convert("RGB")
+            image = _as_pil_image(image).convert("RGB")
             width, height = image.size
             scale = longest / max(height, width)
             new_height, new_width = int(height * scale + 0.5), int(width * scale + 0.5)
@@ -383,6 +395,23 @@ class OnnxSamModel:
             restored = resize_bilinear(cropped, (int(original[0]), int(original[1])))
             results.append(restored > mask_threshold if binarize else restored)
         return results
+
+
+def _as_pil_image(image):
+    """`image` as a PIL image; what `preprocess` cannot read as one (a path, a float array...) is named."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    allowed = "a PIL.Image.Image or a uint8 numpy array of shape (height, width) or (height, width, 3 or 4)"
+    if isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"Each image must be {allowed}; got the path {str(image)!r} (open it with PIL.Image.open).")
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        kind = f"{type(image).__module__}.{type(image).__qualname__}"
+        got = kind if array.dtype == object else f"{kind} of shape {array.shape} and dtype {array.dtype}"
+        raise TypeError(f"Each image must be {allowed}; got a {got}.")
+    return Image.fromarray(array)
 
 
 def resize_bilinear(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -80,9 +80,24 @@ class SearchSpace:
         """The architecture with the same heads, MLP width and bit-widths everywhere (in canonical form).
 
         `hidden_size` defaults to the largest feature size choice.
+
+        Raises:
+            `ValueError`: naming the first value that is not among the space's choices (bit-widths may also be 32,
+                float).
         """
         layers = len(self.layer_names)
         hidden_size = self.hidden_size_choices[0] if hidden_size is None else hidden_size
+        for name, value, allowed in (
+            ("resolution", resolution, self.resolution_choices),
+            ("depth", depth, self.depth_choices),
+            ("num_heads", num_heads, self.num_heads_choices),
+            ("mlp_dim", mlp_dim, self.mlp_dim_choices),
+            ("weight_bits", weight_bits, self.weight_bit_choices + (FLOAT_BITS,)),
+            ("activation_bits", activation_bits, self.activation_bit_choices + (FLOAT_BITS,)),
+            ("hidden_size", hidden_size, self.hidden_size_choices),
+        ):
+            if value not in allowed:
+                raise ValueError(f"`{name}` {value!r} is not in the search space; allowed: {sorted(allowed)}.")
         return self.canonical(
             SubnetArchitecture(
                 resolution=resolution,
@@ -97,14 +112,18 @@ class SearchSpace:
         )
 
     def largest(self, weight_bits: int | None = None, activation_bits: int | None = None) -> SubnetArchitecture:
-        """Full resolution, depth and width, at the highest bit-widths (or the ones given, 32 for float)."""
+        """Full resolution, depth and width, at the highest bit-widths (or the ones given, 32 for float).
+
+        Raises:
+            `ValueError`: if a bit-width given is not among the space's choices (nor 32).
+        """
         return self.uniform(
             self.resolution_choices[0],
             self.depth_choices[0],
             self.num_heads_choices[0],
             self.mlp_dim_choices[0],
-            weight_bits or self.weight_bit_choices[0],
-            activation_bits or self.activation_bit_choices[0],
+            self.weight_bit_choices[0] if weight_bits is None else weight_bits,
+            self.activation_bit_choices[0] if activation_bits is None else activation_bits,
         )
 
     def full_precision(self) -> SubnetArchitecture:
@@ -112,14 +131,18 @@ class SearchSpace:
         return self.largest(FLOAT_BITS, FLOAT_BITS)
 
     def smallest(self, weight_bits: int | None = None, activation_bits: int | None = None) -> SubnetArchitecture:
-        """Lowest resolution, depth, width and feature size, at the lowest bit-widths (or the ones given)."""
+        """Lowest resolution, depth, width and feature size, at the lowest bit-widths (or the ones given, 32 for float).
+
+        Raises:
+            `ValueError`: if a bit-width given is not among the space's choices (nor 32).
+        """
         return self.uniform(
             self.resolution_choices[-1],
             self.depth_choices[-1],
             self.num_heads_choices[-1],
             self.mlp_dim_choices[-1],
-            weight_bits or self.weight_bit_choices[-1],
-            activation_bits or self.activation_bit_choices[-1],
+            self.weight_bit_choices[-1] if weight_bits is None else weight_bits,
+            self.activation_bit_choices[-1] if activation_bits is None else activation_bits,
             self.hidden_size_choices[-1],
         )
 

@@ -25,6 +25,7 @@ import torch
 
 from ..architecture import is_float_bits
 from ..checkpoints import exported_file_names
+from ..choices import EXPORT_TARGETS, WEIGHT_CONTAINERS
 from ..image_processing import PillowSamImageProcessor, sam_image_processor
 from ..metrics import mask_iou
 from ..modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration
@@ -32,10 +33,6 @@ from ..quantization import LsqQuantizer
 from .graphs import PromptEncoderMaskDecoderGraph, VisionEncoderGraph
 from .ops import ONNX_TRANSLATIONS
 
-EXPORT_TARGETS = ("onnxruntime", "openvino")
-"""Runtimes an export is made for. Both read the same QDQ graph; the target decides the settings recorded for it."""
-WEIGHT_CONTAINERS = ("int8", "int4")
-"""How weight codes are stored: all in int8, or codes of at most 4 bits as INT4 (half the bytes, float compute)."""
 MIN_OPSET = 21
 """INT4 tensors and `QuantizeLinear`/`DequantizeLinear` with the types used here need ONNX opset 21."""
 VISION_ENCODER_FILE = "vision_encoder.onnx"
