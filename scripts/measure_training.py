@@ -1,8 +1,7 @@
-"""Measures what supernet training gives on the embedded default SAM: the mean mask IoU of the full-precision model
-and of the largest and smallest subnets, before and after a few CPU minutes of `train_supernet`.
+"""Measures what supernet training gives on a SAM (`--sam`, default the embedded one): the mean mask IoU of the
+full-precision model and of the largest and smallest subnets, before and after a few CPU minutes of `train_supernet`.
 
-The embedded SAM was pretrained on the synthetic dataset; the measurement trains and evaluates on images drawn with
-another seed (`--data-seed`), with box prompts. Results go to `<output-dir>/measurement.json` and stdout.
+The measurement trains and evaluates on synthetic images drawn with `--data-seed`, with box prompts. Results go to `<output-dir>/measurement.json` and stdout.
 
     python scripts/measure_training.py --max-steps 200 --output-dir outputs/measure_training
 
@@ -18,18 +17,19 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import SamModel
 from transformers.utils import logging
 
 from mpsupernet import SamSupernetForMaskGeneration
 from mpsupernet.data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset_dict
-from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.pretrained import load_sam
 from mpsupernet.training import QUANTIZER_LR_SCALE, evaluate_subnets, train_supernet
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sam", default="embedded", help="'embedded' or a SamModel folder")
+    parser.add_argument(
+        "--sam", default="embedded-sam", help="a shipped SAM's name (embedded-sam, shapes-sam) or a SamModel folder"
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/measure_training"))
     parser.add_argument("--num-train", type=int, default=512)
     parser.add_argument("--num-validation", type=int, default=128)
@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.set_verbosity_info()
-    sam = load_embedded_sam() if args.sam == "embedded" else SamModel.from_pretrained(args.sam)
+    sam = load_sam(args.sam)
     model = SamSupernetForMaskGeneration.from_sam(sam, lora_mode=args.lora_mode)
     splits = make_synthetic_segmentation_dataset_dict(
         args.num_train, args.num_validation, image_size=model.config.vision_config.image_size, seed=args.data_seed
