@@ -88,8 +88,10 @@ def test_push_three_tiers_and_download_by_budget(tiers, local_hub, tmp_path, mon
             assert torch.equal(value, reference[key]), key
     with pytest.raises(ValueError, match=r"No tier fits under .*the cheapest tier, 'tiny', needs"):
         load_subnet(repo_id, max_bitops=bitops["tiny"] - 1)
-    with pytest.raises(RepositoryNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"'local-user/no-such-repo' is no folder here, nor a Hub repository "
+                       r"that exists .*; give the folder written by `save_tiers` or the Hub repository") as caught:
         load_subnet("local-user/no-such-repo", max_bitops="5%")
+    assert isinstance(caught.value.__cause__, RepositoryNotFoundError)
 
 
 def test_save_tiers_locally_and_load_by_budget(tiers, tmp_path):

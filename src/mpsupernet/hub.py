@@ -33,7 +33,7 @@ from huggingface_hub.utils import validate_repo_id
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from transformers.utils import logging
 
-from ._hub_ids import check_hub_id
+from ._hub_ids import check_hub_id, finding_on_the_hub
 from .atomic import fsync_tree, make_staging_directory, move_into_place, remove_stale_staging, write_file_atomic
 from .bitops import format_budget, parse_budget
 from .checkpoints import save_model_folder
@@ -1012,14 +1012,15 @@ def load_subnet(
         `ValueError`: if no tier fits, the manifest is invalid, the loaded tier is over the budget, `runtime` is
             unknown, or the tier holds no ONNX export for an ONNX runtime.
         `OSError`: if the tier's folder is missing or its files cannot be read (the tier is named), or `repo_id` is
-            neither a folder nor a Hub repository id (`FileNotFoundError`, naming it).
+            neither a folder nor a Hub repository that exists and can be read (`FileNotFoundError`, naming it).
     """
     if runtime not in LOAD_RUNTIMES:
         raise ValueError(f"Unknown runtime {runtime!r}; allowed: {list(LOAD_RUNTIMES)}.")
     kwargs.update(max_latency_ms=max_latency_ms, runtime=runtime)
     if not Path(repo_id).is_dir():
         check_hub_id(repo_id, _TIERS_SOURCE)
-        commit = HfApi(token=token).repo_info(str(repo_id), revision=revision, token=token).sha
+        with finding_on_the_hub(str(repo_id), _TIERS_SOURCE):
+            commit = HfApi(token=token).repo_info(str(repo_id), revision=revision, token=token).sha
         manifest = read_tiers_manifest(repo_id, revision=commit, token=token)
         where = f"{repo_id!r} at commit {commit}"
         return _load_tier(manifest, max_bitops, where, str(repo_id), revision=commit, token=token, **kwargs)
