@@ -31,7 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-RUNTIMES = ("onnxruntime", "openvino")
+from .choices import EXPORT_TARGETS
+
+RUNTIMES = EXPORT_TARGETS
+"""The runtimes `OnnxSamModel` runs an export on: those it is exported for."""
 VISION_ENCODER_FILE = "vision_encoder.onnx"
 PROMPT_DECODER_FILE = "prompt_encoder_mask_decoder.onnx"
 
