@@ -52,13 +52,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    # The card templates live at the top of the repository, where people look for them, and ship inside the
-    # package as `mpsupernet.model_cards` so that installed code can render them.
-    package_dir={"": "src", "mpsupernet.model_cards": "model_cards"},
-    packages=find_packages("src") + ["mpsupernet.model_cards"],
+    package_dir={"": "src"},
+    packages=find_packages("src"),
     package_data={
         "mpsupernet.pretrained": ["*/*.safetensors", "*/*.json", "*/*.md"],
-        "mpsupernet.model_cards": ["*.md"],
+        # The card templates, rendered by `mpsupernet.hub.cards` (as huggingface_hub ships its own).
+        "mpsupernet.hub": ["templates/*.md"],
     },
     include_package_data=True,
     python_requires=">=3.10",

@@ -22,7 +22,7 @@ from transformers import SamProcessor, pipeline
 import mpsupernet
 from mpsupernet.bitops import format_budget, parse_budget
 from mpsupernet.hub import MISSING_PACKAGE_ERROR, load_subnet, render_subnet_card, save_tiers, select_tier
-from mpsupernet.modeling_sam_subnet import QuantizedConv2d, QuantizedLinear
+from mpsupernet.subnet_layers import QuantizedConv2d, QuantizedLinear
 
 from conftest import make_tiny_sam
 
@@ -303,7 +303,7 @@ def test_transformers_verbosity_shows_mpsupernet_info_lines(tier_folders, caplog
             load_subnet(folder, max_bitops="100%")
     finally:
         transformers.logging.set_verbosity_warning()
-    messages = [record.getMessage() for record in caplog.records if record.name == "mpsupernet.hub"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "mpsupernet.hub.load"]
     assert messages == [f"Loading tier 'full' ({tier_folders[1]['full'].config.bitops / 1e9:.3f} GBitOPs) from {str(folder)!r}"]
 
 

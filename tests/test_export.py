@@ -26,7 +26,7 @@ from mpsupernet.export.graphs import ActivationQuantizerGraph, AttentionGraph, C
 from mpsupernet.export.ops import ONNX_TRANSLATIONS  # noqa: E402
 from mpsupernet.extraction import extract_subnet  # noqa: E402
 from mpsupernet.metrics import mask_iou  # noqa: E402
-from mpsupernet.modeling_sam_subnet import QuantizedConv2d, QuantizedLinear  # noqa: E402
+from mpsupernet.subnet_layers import QuantizedConv2d, QuantizedLinear  # noqa: E402
 from mpsupernet.packing import pack_codes  # noqa: E402
 from mpsupernet.pretrained import load_embedded_sam  # noqa: E402
 from mpsupernet.quantization import LsqQuantizer, integer_range  # noqa: E402

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-STAGING_MARKER = ".mpsupernet-staging-"
+from .layout import STAGING_MARKER
 
 
 def _umask() -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .layout import CONFIG_NAME, EXPORT_KEY, WEIGHTS_DIGEST_KEY
 from .atomic import (
     apply_default_permissions,
     fsync_directory,
@@ -29,10 +30,6 @@ from .atomic import (
     remove_stale_staging,
 )
 
-CONFIG_NAME = "config.json"
-WEIGHTS_DIGEST_KEY = "weights_sha256"
-EXPORT_KEY = "export"
-"""The `config.json` section an ONNX export adds (`mpsupernet.export`), listing the files it wrote beside the weights."""
 WEIGHTS_NAME_PATTERN = re.compile(r"^(model|pytorch_model|adapter_model)[.-]")
 
 

@@ -15,7 +15,8 @@ from .architecture import CONV_PATHS, FLOAT_BITS, SubnetArchitecture, is_float_b
 from .configuration_sam_supernet import SamSubnetConfig
 from .elastic import ElasticQuantizedConv2d
 from .lora import QuantizedLoraLinear
-from .modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration
+from .modeling_sam_subnet import SamSubnetForMaskGeneration
+from .subnet_layers import QuantizedLinear
 from .packing import pack_codes
 from .quantization import LsqQuantizer
 from .search_space import SearchSpace

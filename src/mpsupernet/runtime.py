@@ -32,11 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from .choices import EXPORT_TARGETS
+from .layout import CONFIG_NAME, EXPORT_KEY, PREPROCESSOR_NAME, PROMPT_DECODER_NAME, VISION_ENCODER_NAME
 
 RUNTIMES = EXPORT_TARGETS
 """The runtimes `OnnxSamModel` runs an export on: those it is exported for."""
-VISION_ENCODER_FILE = "vision_encoder.onnx"
-PROMPT_DECODER_FILE = "prompt_encoder_mask_decoder.onnx"
 
 
 @dataclass
@@ -152,24 +151,24 @@ class OnnxSamModel:
                 f"`num_threads` must be a positive integer (or None for the runtime's default); got {num_threads!r}."
             )
         self.directory = Path(directory)
-        self.config = json.loads((self.directory / "config.json").read_text(encoding="utf-8"))
-        if "export" not in self.config:
+        self.config = json.loads((self.directory / CONFIG_NAME).read_text(encoding="utf-8"))
+        if EXPORT_KEY not in self.config:
             raise ValueError(
                 f"{str(self.directory)!r} holds no ONNX export (its config.json has no `export` section); write one "
                 "with `SamSubnetForMaskGeneration.export_onnx`."
             )
-        self.processor_config = json.loads((self.directory / "preprocessor_config.json").read_text(encoding="utf-8"))
-        self.image_size = int(self.config["export"]["image_size"])
+        self.processor_config = json.loads((self.directory / PREPROCESSOR_NAME).read_text(encoding="utf-8"))
+        self.image_size = int(self.config[EXPORT_KEY]["image_size"])
         self.runtime = runtime
-        settings = self.config["export"]["runtime"][runtime]
+        settings = self.config[EXPORT_KEY]["runtime"][runtime]
         if runtime == "onnxruntime":
             options = (provider, session_options, num_threads)
-            self.vision_encoder = _OnnxRuntimeGraph(self.directory / VISION_ENCODER_FILE, settings, *options)
-            self.prompt_decoder = _OnnxRuntimeGraph(self.directory / PROMPT_DECODER_FILE, {}, *options)
+            self.vision_encoder = _OnnxRuntimeGraph(self.directory / VISION_ENCODER_NAME, settings, *options)
+            self.prompt_decoder = _OnnxRuntimeGraph(self.directory / PROMPT_DECODER_NAME, {}, *options)
         else:
             device = "CPU" if provider == "CPUExecutionProvider" else provider
-            self.vision_encoder = _OpenVinoGraph(self.directory / VISION_ENCODER_FILE, settings, device, num_threads)
-            self.prompt_decoder = _OpenVinoGraph(self.directory / PROMPT_DECODER_FILE, settings, device, num_threads)
+            self.vision_encoder = _OpenVinoGraph(self.directory / VISION_ENCODER_NAME, settings, device, num_threads)
+            self.prompt_decoder = _OpenVinoGraph(self.directory / PROMPT_DECODER_NAME, settings, device, num_threads)
 
     @classmethod
     def from_pretrained(
@@ -229,7 +228,7 @@ class OnnxSamModel:
                     local_files_only=local_files_only,
                 )
             directory = Path(root) / subfolder if subfolder else Path(root)
-        if not (directory / "config.json").is_file():
+        if not (directory / CONFIG_NAME).is_file():
             raise ValueError(f"No config.json in {str(directory)!r}: not an ONNX export of mpsupernet.")
         return cls(directory, runtime=runtime, provider=provider, session_options=session_options, num_threads=num_threads)
 

@@ -24,14 +24,9 @@ from torch import nn
 from transformers.models.sam.modeling_sam import SamVisionAttention
 
 from ..architecture import is_float_bits
-from ..modeling_sam_subnet import (
-    QuantizedConv2d,
-    QuantizedLinear,
-    SamSubnetForMaskGeneration,
-    SamSubnetVisionAttention,
-)
-from ..quantization import LsqQuantizer, integer_range
 from ..packing import unpack_codes
+from ..quantization import LsqQuantizer, integer_range
+from ..subnet_layers import QuantizedConv2d, QuantizedLinear, SamSubnetVisionAttention
 from .ops import dequantize, quantize
 
 
@@ -189,7 +184,7 @@ class VisionEncoderGraph(nn.Module):
     back to the base grid.
     """
 
-    def __init__(self, subnet: SamSubnetForMaskGeneration):
+    def __init__(self, subnet: nn.Module):
         super().__init__()
         encoder = subnet.sam.vision_encoder
         self.image_size, self.resolution = encoder.image_size, encoder.resolution
@@ -239,7 +234,7 @@ class PromptEncoderMaskDecoderGraph(nn.Module):
     (multimask output). `mpsupernet.runtime.OnnxSamModel` builds these inputs from what `SamProcessor` gives.
     """
 
-    def __init__(self, subnet: SamSubnetForMaskGeneration):
+    def __init__(self, subnet: nn.Module):
         super().__init__()
         sam = copy.deepcopy(subnet.sam).float()
         self.prompt_encoder, self.mask_decoder = sam.prompt_encoder, sam.mask_decoder

@@ -26,19 +26,16 @@ import torch
 from ..architecture import is_float_bits
 from ..checkpoints import exported_file_names
 from ..choices import EXPORT_TARGETS, WEIGHT_CONTAINERS
+from ..layout import CONFIG_NAME, PROMPT_DECODER_NAME, VISION_ENCODER_NAME
 from ..image_processing import PillowSamImageProcessor, sam_image_processor
 from ..metrics import mask_iou
-from ..modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration
 from ..quantization import LsqQuantizer
+from ..subnet_layers import QuantizedLinear
 from .graphs import PromptEncoderMaskDecoderGraph, VisionEncoderGraph
 from .ops import ONNX_TRANSLATIONS
 
 MIN_OPSET = 21
 """INT4 tensors and `QuantizeLinear`/`DequantizeLinear` with the types used here need ONNX opset 21."""
-VISION_ENCODER_FILE = "vision_encoder.onnx"
-PROMPT_DECODER_FILE = "prompt_encoder_mask_decoder.onnx"
-CONFIG_FILE = "config.json"
-PREPROCESSOR_FILE = "preprocessor_config.json"
 INTEGER_MATMUL_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul")
 """onnxruntime nodes that multiply integer codes (what its QDQ fusions turn `DQ -> MatMul` pairs into)."""
 ONNXRUNTIME_SETTINGS = {
@@ -120,7 +117,7 @@ def check_export_arguments(target: str, weight_container: str, opset: int | None
     return opset
 
 
-def check_quantizers(subnet: SamSubnetForMaskGeneration) -> None:
+def check_quantizers(subnet: torch.nn.Module) -> None:
     """Refuses a subnet whose encoder holds steps, offsets or weight scales that are unset or not finite, or steps
     collapsed to their floor (`LsqQuantizer.collapsed_channels`: the layer would pass nearly nothing on)."""
     for name, module in subnet.sam.vision_encoder.named_modules():
@@ -231,7 +228,7 @@ def _store_int4_codes(model: ir.Model, encoder: VisionEncoderGraph) -> None:
 
 
 def export_onnx(
-    subnet: SamSubnetForMaskGeneration,
+    subnet: torch.nn.Module,
     save_directory: str | os.PathLike,
     *,
     target: str = "onnxruntime",
@@ -256,7 +253,7 @@ def export_onnx(
 
 
 def add_onnx_export(
-    subnet: SamSubnetForMaskGeneration,
+    subnet: torch.nn.Module,
     model_directory: str | os.PathLike,
     *,
     target: str = "onnxruntime",
@@ -283,10 +280,10 @@ def add_onnx_export(
         `ValueError`: for a folder without `config.json`, and everything `export_onnx` refuses.
     """
     directory = Path(model_directory)
-    config_path = directory / CONFIG_FILE
+    config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise ValueError(
-            f"Cannot add an ONNX export to {str(directory)!r}: it holds no {CONFIG_FILE} of a saved subnet."
+            f"Cannot add an ONNX export to {str(directory)!r}: it holds no {CONFIG_NAME} of a saved subnet."
         )
     with tempfile.TemporaryDirectory(prefix=f".{directory.name}.onnx-", dir=directory.parent) as scratch:
         exported = Path(scratch) / "export"
@@ -294,8 +291,8 @@ def add_onnx_export(
             subnet, exported, target=target, weight_container=weight_container, opset=opset, verify=verify
         )
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        config["export"] = json.loads((exported / CONFIG_FILE).read_text(encoding="utf-8"))["export"]
-        (exported / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        config["export"] = json.loads((exported / CONFIG_NAME).read_text(encoding="utf-8"))["export"]
+        (exported / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _move_into_place(exported, directory)
     report.directory = str(directory)
     report.file_bytes = {name: (directory / name).stat().st_size for name in config["export"]["files"]}
@@ -322,7 +319,7 @@ def _write(subnet, staging: Path, destination: Path, target, weight_container, o
         )
         if weight_container == "int4":
             _store_int4_codes(program.model, encoder)
-        _save(program.model, staging / VISION_ENCODER_FILE)
+        _save(program.model, staging / VISION_ENCODER_NAME)
         # One image per call (the runtime loops over a batch): with a dynamic image batch, the exported
         # `repeat_interleave` of SAM's mask decoder expands to a wrong shape for batches above 1. Traced with a
         # different size in every dynamic dimension, none 0 or 1: torch.export specializes sizes 0 and 1 and gives
@@ -339,7 +336,7 @@ def _write(subnet, staging: Path, destination: Path, target, weight_container, o
             ["image_embeddings", *prompts], ["iou_scores", "pred_masks"],
             (None, {1: point_batch, 2: num_points}, {1: point_batch, 2: num_points}, {1: point_batch, 2: num_boxes}),
         )
-        _save(program.model, staging / PROMPT_DECODER_FILE)
+        _save(program.model, staging / PROMPT_DECODER_NAME)
     finally:
         subnet.train(was_training)
 
@@ -366,8 +363,8 @@ def _write(subnet, staging: Path, destination: Path, target, weight_container, o
         },
         "runtime": {"onnxruntime": ONNXRUNTIME_SETTINGS, "openvino": OPENVINO_SETTINGS},
     }
-    config_dict["export"]["files"].append(CONFIG_FILE)
-    (staging / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    config_dict["export"]["files"].append(CONFIG_NAME)
+    (staging / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     report = OnnxExportReport(
         directory=str(destination),
@@ -419,7 +416,7 @@ def _verify(subnet, staging: Path, sample: dict, report: OnnxExportReport) -> No
     report.subnet_embedding_scale = float(np.abs(reference_embeddings).mean())
     report.mask_iou = float(mask_iou(torch.from_numpy(outputs.pred_masks), reference.pred_masks > 0).mean())
     report.num_sample_images = len(sample["pixel_values"])
-    report.integer_matmul_nodes = count_integer_matmuls(staging / VISION_ENCODER_FILE)
+    report.integer_matmul_nodes = count_integer_matmuls(staging / VISION_ENCODER_NAME)
 
 
 def _move_into_place(staging: Path, destination: Path) -> None:

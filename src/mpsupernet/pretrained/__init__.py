@@ -20,6 +20,8 @@ from pathlib import Path
 
 from transformers import SamConfig, SamModel
 
+from ..layout import CONFIG_NAME
+
 
 EMBEDDED_SAM_NAMES = ("embedded-sam", "shapes-sam")
 """The names of the SAMs shipped in the package; the first is the default."""
@@ -45,7 +47,7 @@ def embedded_sam_path(name: str = "embedded-sam") -> Path:
     if name not in EMBEDDED_SAM_NAMES:
         raise ValueError(f"No embedded SAM is called {name!r}; the package ships {list(EMBEDDED_SAM_NAMES)}.")
     path = PRETRAINED_DIR / name
-    if not (path / "config.json").is_file():
+    if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(
             f"The embedded SAM {name!r} is missing from {path}; rebuild it with `python {_SCRIPTS[name]}`."
         )

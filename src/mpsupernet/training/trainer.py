@@ -14,6 +14,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 from ..data.processing import SamSegmentationPreprocessor, collate_fn
+from ..layout import CARD_NAME
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from .arguments import SUPERNET_OPTIONS, SupernetTrainingArguments
 from .policies import (
@@ -204,7 +205,7 @@ class SupernetTrainer(Trainer):
             repo_id=self.hub_model_id,
             license=kwargs.get("license") or "apache-2.0",
         )
-        card.save(os.path.join(self.args.output_dir, "README.md"))
+        card.save(os.path.join(self.args.output_dir, CARD_NAME))
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The parent's choice (no biases, no norms) without the quantizers' step sizes and offsets."""
