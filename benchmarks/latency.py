@@ -52,8 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration  # noqa: E402
-from mpsupernet.checkpoints import exported_file_names  # noqa: E402
 from mpsupernet.hub import read_tiers_manifest  # noqa: E402
+from mpsupernet.integrity import described_files, read_config  # noqa: E402
+from mpsupernet.layout import VISION_ENCODER_NAME  # noqa: E402
 from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, load_embedded_sam, load_sam  # noqa: E402
 from mpsupernet.runtime import OnnxSamModel  # noqa: E402
 
@@ -157,7 +158,7 @@ def saved_tiers(folder: Path) -> tuple[SamModel, Tiers, dict[str, Path]]:
     sam = load_sam(base)
     folders = {name: folder / tier["subfolder"] for name, tier in manifest["tiers"].items()}
     tiers = {name: SamSubnetForMaskGeneration.from_pretrained(path).eval() for name, path in folders.items()}
-    shipped = {name: path for name, path in folders.items() if "vision_encoder.onnx" in exported_file_names(path)}
+    shipped = {name: path for name, path in folders.items() if VISION_ENCODER_NAME in described_files(read_config(path))}
     return sam.eval(), tiers, shipped
 
 

@@ -32,7 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from .choices import EXPORT_TARGETS
-from .layout import CONFIG_NAME, EXPORT_KEY, PREPROCESSOR_NAME, PROMPT_DECODER_NAME, VISION_ENCODER_NAME
+from .integrity import check_digests, read_config
+from .layout import (
+    CONFIG_NAME,
+    EXPORT_DIGEST_KEY,
+    EXPORT_KEY,
+    PREPROCESSOR_NAME,
+    PROMPT_DECODER_NAME,
+    VISION_ENCODER_NAME,
+)
 
 RUNTIMES = EXPORT_TARGETS
 """The runtimes `OnnxSamModel` runs an export on: those it is exported for."""
@@ -204,6 +212,8 @@ class OnnxSamModel:
         Raises:
             `ValueError`: if the folder holds no export, `runtime` is unknown or `num_threads` is not a positive
             integer.
+            `OSError`: if a file the export's `config.json` records a digest for is missing or is not that file (a
+            file of another export, or an export interrupted part-way), naming it.
             `FileNotFoundError`: naming `pretrained_model_name_or_path` if it is neither a local folder nor a Hub
             repository that can be read (an invalid id, no such repository, the Hub unreachable and nothing cached).
         """
@@ -229,7 +239,12 @@ class OnnxSamModel:
                 )
             directory = Path(root) / subfolder if subfolder else Path(root)
         if not (directory / CONFIG_NAME).is_file():
-            raise ValueError(f"No config.json in {str(directory)!r}: not an ONNX export of mpsupernet.")
+            raise ValueError(f"No {CONFIG_NAME} in {str(directory)!r}: not an ONNX export of mpsupernet.")
+        export = (read_config(directory) or {}).get(EXPORT_KEY)
+        if isinstance(export, dict) and EXPORT_DIGEST_KEY in export:
+            # Exports before digests were recorded load as before.
+            source = f"{pretrained_model_name_or_path}/{subfolder}" if subfolder else pretrained_model_name_or_path
+            check_digests(directory, export[EXPORT_DIGEST_KEY], EXPORT_KEY, source)
         return cls(directory, runtime=runtime, provider=provider, session_options=session_options, num_threads=num_threads)
 
     # --- model --------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Model cards: a subnet's, a supernet's, and the root card of a tiers repository, rendered from the Jinja templates
 in `templates/` (which share `how_to_run.md`), as huggingface_hub renders `ModelCard.from_template`."""
 
+import math
 import os
 from collections.abc import Mapping
 from importlib import resources
@@ -88,6 +89,7 @@ def render_subnet_card(
     has_onnx: bool = False,
     file_bytes: Mapping[str, int] | None = None,
     latency: Mapping | None = None,
+    manifest: Mapping | None = None,
 ) -> ModelCard:
     """Renders the model card of an extracted subnet.
 
@@ -105,8 +107,10 @@ def render_subnet_card(
         has_onnx (`bool`, *optional*): whether the folder holds `vision_encoder.onnx`; adds the ONNX paragraph.
         file_bytes (`Mapping[str, int]`, *optional*): bytes of each file of the folder (weights, ONNX files).
         latency (`Mapping`, *optional*): the tier's published latency, as in `tiers.json`: `latency_ms` and
-            `latency_measurement` (a `mpsupernet.runtime.LatencyMeasurement` as a dict); also adds the snippet that
-            runs the folder's ONNX export with onnxruntime.
+            `latency_measurement` (a `mpsupernet.runtime.LatencyMeasurement` as a dict).
+        manifest (`Mapping`, *optional*): the `tiers.json` of the repository the tier is published in (with
+            `repo_id` and `subfolder`); adds the snippet that picks the tier by its published latency, with limits
+            that select this tier from the manifest (none where no limits do).
 
     Returns:
         `huggingface_hub.ModelCard`: metadata (base model with `base_model_relation: quantized`, `mask-generation`,
@@ -116,8 +120,10 @@ def render_subnet_card(
         availability.
 
     Raises:
-        `ValueError`: if no base model is given or recorded, or a mean IoU comes without a dataset name.
+        `ValueError`: if no base model is given or recorded, a mean IoU is not a number in [0, 1] (NaN included) or
+            comes without a dataset name.
     """
+    check_mean_iou("the subnet", mean_iou)
     base_model, dataset_name = card_provenance([subnet], base_model, dataset_name)
     if mean_iou is not None and not dataset_name:
         raise ValueError(
@@ -153,7 +159,26 @@ def render_subnet_card(
         image_size=subnet.config.vision_config.image_size,
         file_bytes=dict(file_bytes or {}),
         latency=latency,
+        latency_limits=_latency_limits(manifest, subfolder, latency) if repo_id else None,
     )
+
+
+def _latency_limits(manifest: Mapping | None, subfolder: str | None, latency: Mapping | None) -> str | None:
+    """The `load_subnet` arguments that select the tier in `subfolder` of `manifest` by its published latency: the
+    latency rounded up to whole milliseconds, with the tier's BitOPs budget where the latency alone selects another
+    tier (published latencies need not be ordered by cost); `None` where neither selects it."""
+    if manifest is None or latency is None:
+        return None
+    name = next((name for name, tier in manifest["tiers"].items() if tier["subfolder"] == subfolder), None)
+    if name is None:
+        return None
+    limit = math.ceil(latency["latency_ms"])
+    if select_tier(manifest, max_latency_ms=limit) == name:
+        return f"max_latency_ms={limit}"
+    budget = format_budget(manifest["tiers"][name]["bitops"])
+    if select_tier(manifest, budget, max_latency_ms=limit) == name:
+        return f'max_bitops="{budget}", max_latency_ms={limit}'
+    return None
 
 
 def render_supernet_card(

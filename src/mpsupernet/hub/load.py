@@ -3,8 +3,8 @@
 import os
 from pathlib import Path
 
-from huggingface_hub import HfApi
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from transformers.utils import logging
 
 from .._hub_ids import check_hub_id, finding_on_the_hub
@@ -32,7 +32,9 @@ def load_subnet(
     """Downloads and loads the best ready-made tier under a BitOPs budget, a latency limit or both.
 
     On the Hub, `revision` is resolved to a commit once, and the manifest and the weights are both read at that
-    commit, so a push in between cannot pair one tier's entry with another's weights. In a local folder that is
+    commit, so a push in between cannot pair one tier's entry with another's weights. Offline (`HF_HUB_OFFLINE=1`)
+    or with the Hub unreachable, the commit is the last one the local cache saw, and the tier is read from the
+    cache, as `huggingface_hub` and transformers do. In a local folder that is
     being rewritten by `save_tiers`, a tier removed while it loads makes this read the new manifest and try again.
     Either way the loaded subnet's BitOPs, counted from its own architecture, are checked against the budget.
 
@@ -56,15 +58,16 @@ def load_subnet(
         `ValueError`: if no tier fits, the manifest is invalid, the loaded tier is over the budget, `runtime` is
             unknown, or the tier holds no ONNX export for an ONNX runtime.
         `OSError`: if the tier's folder is missing or its files cannot be read (the tier is named), or `repo_id` is
-            neither a folder nor a Hub repository that exists and can be read (`FileNotFoundError`, naming it).
+            neither a folder nor a Hub repository that exists and can be read (`FileNotFoundError`, naming it), or
+            the Hub was not reached and the cache lacks the manifest or the tier (`FileNotFoundError`, naming what
+            is missing).
     """
     if runtime not in LOAD_RUNTIMES:
         raise ValueError(f"Unknown runtime {runtime!r}; allowed: {list(LOAD_RUNTIMES)}.")
     kwargs.update(max_latency_ms=max_latency_ms, runtime=runtime)
     if not Path(repo_id).is_dir():
         check_hub_id(repo_id, TIERS_SOURCE)
-        with finding_on_the_hub(str(repo_id), TIERS_SOURCE):
-            commit = HfApi(token=token).repo_info(str(repo_id), revision=revision, token=token).sha
+        commit = _resolve_commit(str(repo_id), revision, token, kwargs.get("cache_dir"))
         manifest = read_tiers_manifest(repo_id, revision=commit, token=token)
         where = f"{repo_id!r} at commit {commit}"
         return _load_tier(manifest, max_bitops, where, str(repo_id), revision=commit, token=token, **kwargs)
@@ -83,6 +86,35 @@ def load_subnet(
         f"The tiers in {str(root)!r} were rewritten {LOCAL_LOAD_ATTEMPTS} times while loading; load again once "
         "the writer is done."
     ) from interrupted
+
+
+def _resolve_commit(repo_id: str, revision: str | None, token, cache_dir) -> str:
+    """The commit `revision` of `repo_id` points at, read where `huggingface_hub` reads it when it downloads
+    `tiers.json`: from the Hub, or, offline (`HF_HUB_OFFLINE=1`) or with the Hub unreachable, from the local cache
+    (the last commit it saw for `revision`).
+
+    Raises:
+        `FileNotFoundError`: when the Hub was not reached and the cache holds no `tiers.json` of `repo_id` at
+            `revision`, naming both; and what `mpsupernet._hub_ids.finding_on_the_hub` raises.
+    """
+    try:
+        with finding_on_the_hub(repo_id, TIERS_SOURCE):
+            try:
+                path = hf_hub_download(repo_id, MANIFEST_NAME, revision=revision, token=token, cache_dir=cache_dir)
+            except LocalEntryNotFoundError as error:
+                first_line = next(iter(str(error).strip().splitlines()), "")
+                at = f" at revision {revision!r}" if revision else ""
+                raise FileNotFoundError(
+                    f"{repo_id!r} cannot be loaded: the Hub was not reached and the local cache holds no "
+                    f"{MANIFEST_NAME} of it{at} ({first_line}). Load it once with the Hub reachable, or give a local "
+                    "tiers folder."
+                ) from error
+    except EntryNotFoundError:
+        raise FileNotFoundError(
+            f"{repo_id!r} holds no {MANIFEST_NAME}, so it is not a tiers repository written by `push_tiers` (the "
+            "repository of one subnet loads with `SamSubnetForMaskGeneration.from_pretrained`)."
+        ) from None
+    return Path(path).parent.name  # <cache>/models--<namespace>--<name>/snapshots/<commit>/tiers.json
 
 
 def _load_tier(manifest: dict, max_bitops, where: str, source, *, max_latency_ms, runtime, **kwargs):
@@ -116,8 +148,10 @@ def _load_tier(manifest: dict, max_bitops, where: str, source, *, max_latency_ms
             model = SamSubnetForMaskGeneration.from_pretrained(source / subfolder, **kwargs)
         else:
             model = SamSubnetForMaskGeneration.from_pretrained(source, subfolder=subfolder, **kwargs)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as error:
+        if isinstance(source, Path):
+            raise
+        raise FileNotFoundError(f"Could not load tier {tier!r} (subfolder {subfolder!r}) of {where}: {error}") from error
     except (OSError, EntryNotFoundError) as error:
         raise OSError(f"Could not load tier {tier!r} (subfolder {subfolder!r}) of {where}: {error}") from error
     if max_bitops is None:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from ..atomic import fsync_tree, make_staging_directory, move_into_place, remove_stale_staging, write_file_atomic
-from ..checkpoints import save_model_folder
+from ..atomic import parents_made, remove_stale_staging, replace_folder, write_file_atomic, writer_lock
 from ..layout import CARD_NAME, GENERATION_PREFIX, MANIFEST_NAME
 from .cards import card_provenance, render_subnet_card, render_tiers_card
 from .manifest import (
@@ -29,38 +28,37 @@ GENERATION_PATTERN = re.compile(rf"^{GENERATION_PREFIX}(\d+)$")
 
 
 def save_subnet_with_card(subnet, save_directory: str | os.PathLike, **card_kwargs) -> ModelCard:
-    """Saves a subnet (safetensors + config) and its model card (`README.md`) into `save_directory`, crash-safely.
+    """Saves a subnet (safetensors, config, image processor) and its model card (`README.md`) into `save_directory`.
 
-    The three files are written as one model folder (`mpsupernet.checkpoints.save_model_folder`): after a kill at
-    any moment the folder loads as the old subnet or the new one, with its own card, or is refused.
+    The folder is written through the one staging helper (`mpsupernet.atomic.replace_folder`): after a kill at any
+    moment it loads as the old subnet or the new one, with its own card, or is refused. `card_kwargs` go to
+    [`render_subnet_card`].
     """
-    return _save_tier(subnet, save_directory, None, **card_kwargs)["card"]
-
-
-def _save_tier(subnet, save_directory: str | os.PathLike, onnx_options: Mapping | None, **card_kwargs) -> dict:
-    """Saves a subnet, with `onnx_options` its ONNX export and measured latency too, and its card, as one model
-    folder (see [`save_subnet_with_card`]); returns the `card` and the manifest fields `file_bytes`, `latency_ms`
-    and `latency_measurement`."""
     check_mean_iou("the subnet", card_kwargs.get("mean_iou"))
+    if Path(save_directory).is_file():
+        raise ValueError(f"Cannot save a model to {str(save_directory)!r}: it is a file, not a folder.")
     saved = {}
 
     def write(folder: Path) -> None:
-        # The subnet's own save goes through save_model_folder too; an empty staging folder is simply replaced.
-        subnet.save_pretrained(folder)
-        latency = None if onnx_options is None else export_and_measure_tier(subnet, folder, onnx_options)
-        # save_model_folder rewrites config.json with the same digests and layout, so these sizes stay true.
-        file_bytes = {path.name: path.stat().st_size for path in sorted(folder.iterdir()) if path.is_file()}
-        # A save removes the ONNX files of an earlier export (they describe the old weights): the folder has one
-        # only if this save writes it.
-        has_onnx = card_kwargs.pop("has_onnx", False) or latency is not None
-        saved["card"] = render_subnet_card(
-            subnet, file_bytes=file_bytes, latency=latency, has_onnx=has_onnx, **card_kwargs
-        )
+        file_bytes = _write_tier(subnet, folder, None)["file_bytes"]
+        saved["card"] = render_subnet_card(subnet, file_bytes=file_bytes, **card_kwargs)
         saved["card"].save(folder / CARD_NAME)
-        saved.update(file_bytes=file_bytes, **(latency or {"latency_ms": None, "latency_measurement": None}))
 
-    save_model_folder(save_directory, write)
-    return saved
+    replace_folder(save_directory, write)
+    return saved["card"]
+
+
+def _write_tier(subnet, folder: Path, onnx_options: Mapping | None) -> dict:
+    """Writes a subnet's model folder into `folder`, which the caller owns, with `onnx_options` its ONNX export too,
+    measured; returns the manifest fields `file_bytes` (every file but the card), `latency_ms` and
+    `latency_measurement`."""
+    if onnx_options is None:
+        subnet.write_model_folder(folder)
+        latency = {"latency_ms": None, "latency_measurement": None}
+    else:
+        latency = export_and_measure_tier(subnet, folder, onnx_options)
+    file_bytes = {path.name: path.stat().st_size for path in sorted(folder.iterdir()) if path.is_file()}
+    return {"file_bytes": file_bytes, **latency}
 
 
 def save_tiers(
@@ -86,9 +84,11 @@ def save_tiers(
 
     A new folder gets one subfolder per tier, named after it, and is renamed into place once complete. Over earlier
     tiers (a folder holding a `tiers.json`) or into an empty folder, the new tiers go into a new generation
-    subfolder (`_v<n>/<tier>`); `tiers.json` is replaced last, atomically, and only then are the tier folders of the
-    previous manifest removed: after a kill at any moment the folder holds the complete old or new tiers (a concurrent
-    `load_subnet` gets one or the other). Leftovers of a killed write go with the next one; nothing else is deleted.
+    subfolder (`_v<n>/<tier>`), renamed into place once complete; `tiers.json` is replaced last, atomically, and
+    only then are the tier folders of the previous manifest removed: after a kill at any moment the folder holds the
+    complete old or new tiers (a concurrent `load_subnet` gets one or the other). Leftovers of a killed write go with
+    the next one; nothing else is deleted. Writers of one folder take turns (`mpsupernet.atomic.writer_lock`): a
+    second `save_tiers` into a folder being written is refused, and the folder holds one writer's complete tiers.
 
     Args:
         tiers (`Mapping[str, SamSubnetForMaskGeneration]`): tier name (letters, digits, `.`, `_`, `-`; at most
@@ -110,7 +110,8 @@ def save_tiers(
 
     Raises:
         `ValueError`: for a bad tier name, subnet, mean IoU or export option, a mean IoU without a dataset name, or
-        a folder that is not empty and holds no tiers (it is named); nothing is written. `TypeError`: if `tiers` is
+        a folder that is not empty and holds no tiers (it is named); nothing is written.
+        `mpsupernet.atomic.ConcurrentWriteError`: if another writer is writing the folder; nothing is written. `TypeError`: if `tiers` is
         not a mapping. `ImportError`: if `export_onnx` is set and the `onnx` extra is not installed.
     """
     mean_ious = dict(mean_ious or {})
@@ -124,31 +125,40 @@ def save_tiers(
             "(the subnets' configs record no single `training_dataset`)."
         )
     onnx_options = _check_onnx_options(export_onnx, onnx_target, onnx_weight_container, latency_threads, latency_runs)
+    if onnx_options is not None:
+        from ..export.writer import check_quantizers
+
+        for subnet in tiers.values():
+            check_quantizers(subnet)
     target = Path(save_directory)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"Cannot write tiers to {str(target)!r}: it is a file, not a folder.")
     card_repo_id = repo_id or target.resolve().name
-    previous = _previous_manifest(target)
 
-    def write(root: Path, generation: str) -> dict:
-        return _write_tiers(tiers, root, generation, base_model, dataset_name, mean_ious, card_repo_id, onnx_options)
+    def write(folder: Path, prefix: str) -> dict:
+        return _write_tiers(tiers, folder, prefix, base_model, dataset_name, mean_ious, card_repo_id, onnx_options)
 
-    if previous is None:
-        remove_stale_staging(target)
-        staging = make_staging_directory(target)
-        try:
-            manifest = write(staging, "")
-            _write_manifest_and_overview(staging, manifest, card_repo_id)
-            move_into_place(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    # Under the lock no other writer changes the folder between reading its manifest and replacing it.
+    with parents_made(target), writer_lock(target):
+        previous = _previous_manifest(target)
+        if previous is None:
+            written = {}
+
+            def write_folder(folder: Path) -> None:
+                written["manifest"] = write(folder, "")
+                _write_manifest_and_overview(folder, written["manifest"], card_repo_id)
+
+            replace_folder(target, write_folder)
+            return written["manifest"]
+        referenced = top_folders(previous)
+        generation = _next_generation(target, referenced)
+        written = {}
+        replace_folder(target / generation, lambda folder: written.update(manifest=write(folder, generation)))
+        manifest = written["manifest"]
+        _write_manifest_and_overview(target, manifest, card_repo_id)
+        for folder in sorted(referenced - top_folders(manifest)):
+            shutil.rmtree(target / folder, ignore_errors=True)
         return manifest
-    referenced = top_folders(previous)
-    generation = _next_generation(target, referenced)
-    manifest = write(target, generation)
-    fsync_tree(target / generation)
-    _write_manifest_and_overview(target, manifest, card_repo_id)
-    for folder in sorted(referenced - top_folders(manifest)):
-        shutil.rmtree(target / folder, ignore_errors=True)
-    return manifest
 
 
 def _next_generation(target: Path, referenced: set[str]) -> str:
@@ -179,22 +189,29 @@ def _check_onnx_options(export_onnx, target, weight_container, threads, runs) ->
         ) from error
     from ..export.writer import check_export_arguments
 
-    check_export_arguments(target, weight_container, None)
+    opset = check_export_arguments(target, weight_container, None)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"`latency_threads` must be a positive integer or None; got {threads!r}.")
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ValueError(f"`latency_runs` must be a positive integer; got {runs!r}.")
-    return {"target": target, "weight_container": weight_container, "threads": threads or os.cpu_count(), "runs": runs}
+    return {
+        "target": target,
+        "weight_container": weight_container,
+        "opset": opset,
+        "threads": threads or os.cpu_count(),
+        "runs": runs,
+    }
 
 
 def export_and_measure_tier(subnet, folder: str | os.PathLike, onnx_options: Mapping) -> dict:
-    """Adds the ONNX export of `subnet` to its saved `folder` and measures its encoder on onnxruntime.
+    """Writes the model folder of `subnet` with its ONNX export into `folder`, which the caller owns (a staging
+    folder), and measures its encoder on onnxruntime.
 
     Args:
-        subnet (`SamSubnetForMaskGeneration`): the tier, saved in `folder`.
+        subnet (`SamSubnetForMaskGeneration`): the tier.
         folder (`str` or `os.PathLike`): the tier's folder.
-        onnx_options (`Mapping`): `target`, `weight_container` (of the export), `threads` and `runs` (of the
-            measurement).
+        onnx_options (`Mapping`): `target`, `weight_container`, `opset` (of the export), `threads` and `runs` (of
+            the measurement), as `save_tiers` checked them.
 
     Returns:
         `dict`: the tier's manifest fields `latency_ms` (median milliseconds per image) and `latency_measurement`
@@ -202,10 +219,11 @@ def export_and_measure_tier(subnet, folder: str | os.PathLike, onnx_options: Map
     """
     import onnxruntime as ort
 
-    from ..export import add_onnx_export
+    from ..export.writer import write_onnx_files
     from ..runtime import OnnxSamModel, measure_latency
 
-    add_onnx_export(subnet, folder, target=onnx_options["target"], weight_container=onnx_options["weight_container"])
+    export = {key: onnx_options[key] for key in ("target", "weight_container", "opset")}
+    subnet.write_model_folder(Path(folder), export=lambda folder: write_onnx_files(subnet, folder, **export))
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = onnx_options["threads"]
     model = OnnxSamModel.from_pretrained(folder, session_options=session_options)
@@ -235,37 +253,43 @@ def _previous_manifest(target: Path) -> dict | None:
 
 
 def _write_tiers(
-    tiers, root: Path, generation: str, base_model, dataset_name, mean_ious, repo_id, onnx_options
+    tiers, folder: Path, prefix: str, base_model, dataset_name, mean_ious, repo_id, onnx_options
 ) -> dict:
-    """Writes each tier into `root/<generation>/<name>` and returns the manifest naming them."""
+    """Writes each tier into `folder/<name>` (a folder the caller owns) and returns the manifest naming them, with
+    `prefix` (a generation, or nothing) before each name; the tiers' cards come last, once the manifest is known."""
     manifest = {"format_version": MANIFEST_FORMAT_VERSION, "base_model": base_model, "dataset": dataset_name}
     manifest["tiers"] = {}
-    for name, subnet in sorted(tiers.items(), key=lambda item: item[1].config.bitops):
-        subfolder = f"{generation}/{name}" if generation else name
-        saved = _save_tier(
-            subnet,
-            root / subfolder,
-            onnx_options,
-            base_model=base_model,
-            dataset_name=dataset_name,
-            mean_iou=mean_ious.get(name),
-            repo_id=repo_id,
-            subfolder=subfolder,
-        )
+    ordered = sorted(tiers.items(), key=lambda item: item[1].config.bitops)
+    for name, subnet in ordered:
+        saved = _write_tier(subnet, folder / name, onnx_options)
         summary = subnet.bitops_report().summary()
         manifest["full_precision_bitops"] = summary["full_precision_bitops"]
         manifest["tiers"][name] = {
-            "subfolder": subfolder,
+            "subfolder": f"{prefix}/{name}" if prefix else name,
             "bitops": summary["bitops"],
             "share_of_full_precision": summary["share_of_full_precision"],
             "share_of_w8a8": summary["share_of_w8a8"],
             "mean_iou": mean_ious.get(name),
             "architecture": subnet.config.architecture,
-            "file_bytes": saved["file_bytes"],
-            "latency_ms": saved["latency_ms"],
-            "latency_measurement": saved["latency_measurement"],
+            **saved,
         }
     TiersManifest.model_validate(manifest)
+    for name, subnet in ordered:
+        entry = manifest["tiers"][name]
+        latency = None if entry["latency_ms"] is None else {key: entry[key] for key in ("latency_ms", "latency_measurement")}
+        card = render_subnet_card(
+            subnet,
+            base_model=base_model,
+            dataset_name=dataset_name,
+            mean_iou=entry["mean_iou"],
+            repo_id=repo_id,
+            subfolder=entry["subfolder"],
+            has_onnx=latency is not None,
+            file_bytes=entry["file_bytes"],
+            latency=latency,
+            manifest=manifest,
+        )
+        card.save(folder / name / CARD_NAME)
     return manifest
 
 

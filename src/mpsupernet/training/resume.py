@@ -22,7 +22,7 @@ from ..atomic import (
     remove_stale_staging,
     write_file_atomic,
 )
-from ..checkpoints import file_sha256
+from ..integrity import file_sha256
 from ..layout import CHECKPOINT_COMPLETE_NAME, CHECKPOINT_PREFIX, STAGING_MARKER, TRAINING_STATE_NAME
 
 logger = logging.get_logger(__name__)
