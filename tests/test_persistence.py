@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import stat
 import sys
@@ -41,6 +42,14 @@ def subnets():
     return {"xs": extract_subnet(supernet, space.smallest()), "m": extract_subnet(supernet, space.largest(4, 8))}
 
 
+@pytest.fixture(scope="module")
+def exported_tiers(subnets, tmp_path_factory):
+    """Both subnets saved as tiers with their ONNX exports (copy the folder before changing it)."""
+    folder = tmp_path_factory.mktemp("exported") / "tiers"
+    save_tiers(subnets, folder, latency_runs=1, **KWARGS)
+    return folder
+
+
 def tree(root: Path) -> dict:
     """Every path under `root` (itself included) with its mode and, for files, its bytes."""
     found = {}
@@ -54,7 +63,9 @@ _CONFIG_WRITES: dict | None = None
 
 
 def _count_config_writes(event, args):
-    if _CONFIG_WRITES is not None and _is_write(event, args) and event == "open" and Path(args[0]).name == "config.json":
+    if _CONFIG_WRITES is None or event != "open" or not isinstance(args[0], (str, os.PathLike)):
+        return  # an audit hook that raises would fail the operation it watches
+    if _is_write(event, args) and Path(args[0]).name == "config.json":
         # a staging folder is renamed into place: count by the folder's own name
         folder = re.sub(r"^\.(.*)\.mpsupernet-staging-.*$", r"\1", Path(args[0]).parent.name)
         _CONFIG_WRITES[folder] = _CONFIG_WRITES.get(folder, 0) + 1
@@ -84,40 +95,36 @@ def count_stagings(monkeypatch) -> list:
     return made
 
 
-def test_a_tier_save_stages_once_and_writes_each_config_once(subnets, tmp_path, monkeypatch, config_writes):
+def test_each_outermost_writer_stages_once_and_writes_each_config_once(subnets, tmp_path, monkeypatch, config_writes):
     configs, stagings = config_writes, count_stagings(monkeypatch)
-    save_tiers(subnets, tmp_path / "tiers", latency_runs=1, **KWARGS)
-    assert stagings == ["tiers"] and configs == {"xs": 1, "m": 1}
+    save_tiers({"xs": subnets["xs"]}, tmp_path / "tiers", latency_runs=1, **KWARGS)
+    assert stagings == ["tiers"] and configs == {"xs": 1}
+    config = json.loads((tmp_path / "tiers" / "xs" / "config.json").read_text())
+    assert set(config["weights_sha256"]) == {"model.safetensors"} and "vision_encoder.onnx" in config["export"]["sha256"]
     # over earlier tiers: one staging, of the new generation
     stagings.clear(), configs.clear()
     manifest = save_tiers(subnets, tmp_path / "tiers", export_onnx=False, **KWARGS)
     assert stagings == ["_v1"] and configs == {"xs": 1, "m": 1}
     assert {tier["subfolder"] for tier in manifest["tiers"].values()} == {"_v1/xs", "_v1/m"}
     stagings.clear(), configs.clear()
-    subnets["xs"].save_pretrained(tmp_path / "one")
-    subnets["xs"].export_onnx(tmp_path / "export", verify=False)
-    assert stagings == ["one", "export"] and configs == {"one": 1, "export": 1}
-    config = json.loads((tmp_path / "tiers" / "_v1" / "xs" / "config.json").read_text())
-    assert set(config["weights_sha256"]) == {"model.safetensors"}
-
-
-def test_export_onnx_into_a_new_folder_is_as_readable_as_save_pretrained(subnets, tmp_path):
     previous = os.umask(0o022)
     try:
         subnets["xs"].save_pretrained(tmp_path / "saved")
         subnets["xs"].export_onnx(tmp_path / "deep" / "exported", verify=False)
     finally:
         os.umask(previous)
+    assert stagings == ["saved", "exported"] and configs == {"saved": 1, "exported": 1}
+    # export_onnx into a new folder gives it the permissions save_pretrained gives (not mkdtemp's 0o700)
     saved, exported = tree(tmp_path / "saved"), tree(tmp_path / "deep" / "exported")
     assert saved["."][0] == exported["."][0] == 0o755
     assert {mode for mode, data in exported.values() if data is not None} == {0o644}
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging, no lock left
+    assert not [p.name for p in tmp_path.rglob(".*")]  # no staging, no lock left
 
 
-def test_every_file_an_export_describes_carries_its_digest(subnets, tmp_path, local_hub, monkeypatch):
+def test_every_file_an_export_describes_carries_its_digest(subnets, exported_tiers, tmp_path, local_hub, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "tiers"
-    save_tiers(subnets, folder, latency_runs=1, **KWARGS)
+    shutil.copytree(exported_tiers, folder)
     export = json.loads((folder / "xs" / "config.json").read_text())["export"]
     assert set(export["sha256"]) == set(export["files"]) - {"config.json"}
     assert {"vision_encoder.onnx", "prompt_encoder_mask_decoder.onnx", "preprocessor_config.json"} <= set(export["sha256"])
@@ -247,46 +254,44 @@ def test_a_writer_that_finds_the_folder_locked_is_refused_and_changes_nothing(su
     assert set(read_tiers_manifest(folder)["tiers"]) == {"b"}
 
 
-def test_refused_calls_leave_the_folders_and_the_hub_repository_as_they_were(subnets, tmp_path, local_hub, monkeypatch):
+def test_refused_calls_leave_the_folders_and_the_hub_repository_as_they_were(
+    subnets, exported_tiers, tmp_path, local_hub, monkeypatch
+):
     import mpsupernet.export.writer
 
-    save_tiers({"a": subnets["xs"]}, tmp_path / "tiers", export_onnx=False, **KWARGS)
-    subnets["xs"].export_onnx(tmp_path / "export", verify=False)
+    shutil.copytree(exported_tiers, tmp_path / "tiers")
+    (tmp_path / "empty").mkdir()
     repo_id = "local-user/refused-push"
-    push_tiers({"a": subnets["xs"]}, repo_id, export_onnx=False, **KWARGS)
+    HfApi().create_repo(repo_id)
+    HfApi().upload_folder(repo_id=repo_id, folder_path=exported_tiers)
     api = HfApi()
     repo_before = (api.repo_info(repo_id).sha, sorted(api.list_repo_files(repo_id)))
     before = tree(tmp_path)
-    real_save = mpsupernet.export.writer._save
-    saved = []
 
-    def disk_full(model, path):  # on the last graph: the second tier's second one, or an export's second one
-        saved.append(path.name)
-        if len(saved) == failing:
-            raise OSError(28, "No space left on device")
-        real_save(model, path)
+    def disk_full(*args, **kwargs):  # after the tier's weights, config-less folder and processor were written
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mpsupernet.export.writer, "_save", disk_full)
-    for failing, call in (
-        (4, lambda: save_tiers(subnets, tmp_path / "tiers", latency_runs=1, **KWARGS)),
-        (4, lambda: save_tiers(subnets, tmp_path / "new" / "deeper" / "tiers", latency_runs=1, **KWARGS)),
-        (4, lambda: push_tiers(subnets, repo_id, latency_runs=1, **KWARGS)),
-        (2, lambda: subnets["m"].export_onnx(tmp_path / "export", verify=False)),
-        (2, lambda: subnets["m"].export_onnx(tmp_path / "new" / "export", verify=False)),
+    monkeypatch.setattr(mpsupernet.export.writer, "_export_graph", disk_full)
+    for call in (
+        lambda: save_tiers(subnets, tmp_path / "tiers", latency_runs=1, **KWARGS),
+        lambda: save_tiers(subnets, tmp_path / "new" / "deeper" / "tiers", latency_runs=1, **KWARGS),
+        lambda: push_tiers(subnets, repo_id, latency_runs=1, **KWARGS),
+        lambda: subnets["m"].export_onnx(tmp_path / "empty", verify=False),
+        lambda: subnets["m"].export_onnx(tmp_path / "new" / "export", verify=False),
     ):
-        saved.clear()
         with pytest.raises(OSError, match="No space left on device"):
             call()
-        assert len(saved) == failing and tree(tmp_path) == before
+        assert tree(tmp_path) == before
     assert (api.repo_info(repo_id).sha, sorted(api.list_repo_files(repo_id))) == repo_before
 
 
-def test_load_subnet_works_offline_from_the_cache(subnets, tmp_path, local_hub, monkeypatch):
+def test_load_subnet_works_offline_from_the_cache(subnets, exported_tiers, tmp_path, local_hub, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     repo_id = "local-user/offline-tiers"
-    push_tiers(subnets, repo_id, latency_runs=1, **KWARGS)
+    HfApi().create_repo(repo_id)
+    HfApi().upload_folder(repo_id=repo_id, folder_path=exported_tiers)  # as push_tiers would
     budget = subnets["xs"].config.bitops
     online = load_subnet(repo_id, max_bitops=budget)
     load_subnet(repo_id, max_bitops=budget, runtime="onnxruntime")

@@ -162,6 +162,8 @@ class CrashSafeSaveMixin:
         with _config_text_taken(self.config) as taken:
             super().save_pretrained(folder, **kwargs)
         self._save_companion_files(folder)
+        if "text" not in taken:  # transformers' PEFT integration saves the adapter alone, without a config
+            return {}
         config = json.loads(taken["text"])
         config[WEIGHTS_DIGEST_KEY] = weights_digests(folder)
         if export is not None:
