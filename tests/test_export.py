@@ -25,12 +25,13 @@ from mpsupernet.export import writer  # noqa: E402
 from mpsupernet.export.graphs import ActivationQuantizerGraph, AttentionGraph, ConvGraph, LinearGraph  # noqa: E402
 from mpsupernet.export.ops import ONNX_TRANSLATIONS  # noqa: E402
 from mpsupernet.extraction import extract_subnet  # noqa: E402
+from mpsupernet.layout import STAGING_MARKER  # noqa: E402
 from mpsupernet.metrics import mask_iou  # noqa: E402
-from mpsupernet.subnet_layers import QuantizedConv2d, QuantizedLinear  # noqa: E402
 from mpsupernet.packing import pack_codes  # noqa: E402
 from mpsupernet.pretrained import load_embedded_sam  # noqa: E402
 from mpsupernet.quantization import LsqQuantizer, integer_range  # noqa: E402
 from mpsupernet.runtime import OnnxSamModel  # noqa: E402
+from mpsupernet.subnet_layers import QuantizedConv2d, QuantizedLinear  # noqa: E402
 
 from conftest import TEST_SAM, make_tiny_sam  # noqa: E402
 
@@ -481,7 +482,7 @@ def test_folder_with_foreign_files_is_refused(tiny_w8a8_subnet, tmp_path):
 
 def test_failed_export_leaves_nothing_behind(tiny_w8a8_subnet, tmp_path, monkeypatch):
     def failing_export(*args):
-        next(tmp_path.glob(".out.staging-*")).joinpath("vision_encoder.onnx").write_bytes(b"half")
+        next(tmp_path.glob(f".out{STAGING_MARKER}*")).joinpath("vision_encoder.onnx").write_bytes(b"half")
         raise RuntimeError("exporter failed")
 
     monkeypatch.setattr(writer, "_export_graph", failing_export)
