@@ -98,7 +98,11 @@ def test_merged_statistics_are_those_of_the_whole_tensor():
 
 
 def test_query_chunk_rows_follow_the_budget():
-    assert query_chunk_rows(batch_heads=12, queries=4096, keys=4096, max_elements=2**24) == 341
+    # ViT-B's global blocks at 1024 px: at most 341 rows of 12 x 4096 scores in 2^24 elements, so 13 chunks of 316
+    # rows (not 12 of 341 and one of 4).
+    assert query_chunk_rows(batch_heads=12, queries=4096, keys=4096, max_elements=2**24) == 316
+    assert query_chunk_rows(batch_heads=4, queries=4096, keys=4096, max_elements=2**24) == 1024
+    assert query_chunk_rows(batch_heads=8, queries=64, keys=64, max_elements=8 * 64 * 10) == 10  # 7 chunks: 6 x 10 + 4
     assert query_chunk_rows(batch_heads=2, queries=64, keys=64, max_elements=2**24) == 64  # at most every row
     assert query_chunk_rows(batch_heads=8, queries=64, keys=64, max_elements=1) == 1  # at least one row
     with pytest.raises(ValueError, match="at least 1 element, got 0"):
@@ -114,7 +118,7 @@ def set_chunk_elements(model: torch.nn.Module, elements: int) -> None:
 
 
 # Two images: a global block's scores are 2 x 4 heads x 64 x 64, a windowed block's 2 x 4 windows x 4 heads x 16 x
-# 16; 5120 elements are chunks of 10 rows in both (10 divides neither 64 nor 16).
+# 16. At 5120 elements the global blocks run 7 chunks of 10 rows (the last of 4), the windowed ones 2 of 8.
 CHUNKED = 2 * 4 * 64 * 10
 
 

@@ -26,15 +26,17 @@ written row by row), and which it takes whole (keys and values, whose gradients 
 
 
 def query_chunk_rows(batch_heads: int, queries: int, keys: int, max_elements: int) -> int:
-    """Query rows per chunk: the most whose scores (`batch_heads x rows x keys` elements) hold at most `max_elements`,
-    at least one row and at most `queries`.
+    """Query rows per chunk: the fewest chunks whose scores (`batch_heads x rows x keys` elements) hold at most
+    `max_elements` each, as equal as they can be (at least one row; all `queries` when they fit).
 
     Raises:
         `ValueError`: if `max_elements` is not positive.
     """
     if max_elements < 1:
         raise ValueError(f"The attention chunk budget must be at least 1 element, got {max_elements}.")
-    return max(1, min(queries, max_elements // max(1, batch_heads * keys)))
+    max_rows = max(1, min(queries, max_elements // max(1, batch_heads * keys)))
+    chunks = -(-queries // max_rows)
+    return -(-queries // chunks)
 
 
 class ChunkedAttentionCore:
