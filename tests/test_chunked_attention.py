@@ -224,3 +224,17 @@ def test_a_training_step_at_4096_tokens_makes_no_tensor_of_a_quarter_of_the_atte
     assert {"_softmax", "_softmax_backward_data", "convolution_backward"} <= recorder.ops  # backward was recorded
     assert recorder.largest <= heads * tokens * tokens // 4, recorder.largest / (heads * tokens * tokens)
     assert supernet.sam.vision_encoder.layers[1].attn.probs_quantizer.step_size.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["embedded-sam", "shapes-sam"])
+def test_the_shipped_sams_stay_below_the_default_chunk_budget(name):
+    """The demo and the quality benchmark (shipped SAMs, batches of at most 8 images) run every attention whole, on
+    the code that ran before chunking existed, so their figures reproduce as they were."""
+    from mpsupernet.demo import BATCH_SIZE
+    from mpsupernet.pretrained import embedded_sam_config
+
+    vision = embedded_sam_config(name).vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2
+    batch_heads = max(BATCH_SIZE, 8) * vision.num_attention_heads
+    budget = SamSupernetConfig().attention_chunk_elements
+    assert query_chunk_rows(batch_heads, tokens, tokens, budget) == tokens
