@@ -20,9 +20,13 @@ import torch
 from .quantization import TensorStatistics
 from .recompute import autocast_state, detached_leaves, gradients_of
 
-QUERY_SIDE, SHARED = (0, 3, 4), (1, 2)
+QUERY_SIDE = (0, 3, 4)
 """Which of the operands `(query, key, value, rel_h, rel_w)` a chunk takes rows of (the query side, whose gradient is
-written row by row), and which it takes whole (keys and values, whose gradients add up over chunks)."""
+written row by row); it takes keys and values whole (their gradients add up over chunks)."""
+OPERAND_INPUTS = 11
+"""How many of the core's inputs the operands are computed from: queries, keys, values, the two relative-position
+tables and the step and offset tables of the query, key and value quantizers. The last two inputs are the
+probability quantizer's step and offset tables."""
 
 
 def query_chunk_rows(batch_heads: int, queries: int, keys: int, max_elements: int) -> int:
@@ -68,9 +72,9 @@ class ChunkedAttentionCore:
         decomposed relative-position bias of every query (`(batch * heads, tokens, height)` and `(..., width)`, or
         `None` without relative positions), as transformers' `get_decomposed_rel_pos` computes them."""
         steps, offsets = quantizer_tables[0::2], quantizer_tables[1::2]
+        operands = zip(self.quantizers, (query, key, value), self.bits, steps, offsets)
         query, key, value = (
-            quantizer.fake_quantize(tensor, bits, step, offset)
-            for quantizer, tensor, bits, step, offset in zip(self.quantizers, (query, key, value), self.bits, steps, offsets)
+            quantizer.fake_quantize(tensor, bits, step, offset) for quantizer, tensor, bits, step, offset in operands
         )
         if not self.attention.use_rel_pos:
             return query, key, value, None, None
@@ -122,11 +126,11 @@ class ChunkedAttentionCore:
     @torch.no_grad()
     def forward(self, *inputs) -> torch.Tensor:
         """The attention output for `(query, key, value, *core_parameters())`, chunk by chunk, without autograd."""
-        operands = self.operands(*inputs[:11])
+        operands = self.operands(*inputs[:OPERAND_INPUTS])
         query, key, _, rel_h, rel_w = operands
         self.calibrate_probabilities(query, key, rel_h, rel_w)
         elements = self.probability_elements(query, key)
-        outputs = [self.rows_output(*self.rows_of(rows, *operands), *inputs[11:], elements) for rows in self.chunks()]
+        outputs = [self.rows_output(*self.rows_of(rows, *operands), *inputs[OPERAND_INPUTS:], elements) for rows in self.chunks()]
         return torch.cat(outputs, dim=1)
 
     def backward(self, leaves: list, grad_output: torch.Tensor) -> list:
@@ -136,9 +140,10 @@ class ChunkedAttentionCore:
         recomputed and differentiated on its own: the gradients of its query rows are written into the query side's,
         those of the keys, values and probability step and offset are added up.
         """
-        operands = self.operands(*leaves[:11])
-        operand_leaves = detached_leaves(operands, [operand is not None and operand.requires_grad for operand in operands])
-        probs_tables = leaves[11:]
+        operands = self.operands(*leaves[:OPERAND_INPUTS])
+        needs_grad = [operand is not None and operand.requires_grad for operand in operands]
+        operand_leaves = detached_leaves(operands, needs_grad)
+        probs_tables = leaves[OPERAND_INPUTS:]
         elements = self.probability_elements(operands[0], operands[1])
         operand_grads = [
             torch.zeros_like(leaf) if leaf is not None and leaf.requires_grad and index in QUERY_SIDE else None
@@ -146,10 +151,7 @@ class ChunkedAttentionCore:
         ]
         table_grads = [None, None]
         for rows in self.chunks():
-            chunk_leaves = detached_leaves(
-                self.rows_of(rows, *operand_leaves),
-                [leaf is not None and leaf.requires_grad for leaf in operand_leaves],
-            )
+            chunk_leaves = detached_leaves(self.rows_of(rows, *operand_leaves), needs_grad)
             output = self.rows_output(*chunk_leaves, *probs_tables, elements)
             chunk_grads = gradients_of(
                 output, chunk_leaves + list(probs_tables), grad_output[:, rows].to(output.dtype)
@@ -166,7 +168,7 @@ class ChunkedAttentionCore:
                     table_grads[index] = grad if table_grads[index] is None else table_grads[index] + grad
             del output, chunk_grads, chunk_leaves
         grads = gradients_of(operands, leaves, operand_grads)
-        return grads[:11] + table_grads
+        return grads[:OPERAND_INPUTS] + table_grads
 
 
 class ChunkedAttention(torch.autograd.Function):

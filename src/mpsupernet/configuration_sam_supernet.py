@@ -113,7 +113,8 @@ class SamQuantizedConfigBase(SamConfig):
             raise ValueError(f"`step_size_min` must be positive, got {self.step_size_min}.")
         if not self.attention_chunk_elements >= 1:
             raise ValueError(
-                f"`attention_chunk_elements` must be a positive number of elements, got {self.attention_chunk_elements}."
+                "`attention_chunk_elements` must be a positive number of elements, got "
+                f"{self.attention_chunk_elements}."
             )
 
     @classmethod
