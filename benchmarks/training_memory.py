@@ -50,6 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--steps", type=int, default=2, help="Optimizer steps; the peak is taken over 2..N (default: 2)."
     )
+    parser.add_argument(
+        "--subnets",
+        choices=("sandwich", "largest"),
+        default="sandwich",
+        help="What a supernet step trains: the sandwich of 4 subnets (default), or only the largest, the costliest "
+        "of them (a quarter of the compute at about the same peak, for slow machines; the adapters of the other "
+        "bit-widths then get no gradients nor AdamW states).",
+    )
     # Internal: run one variant in this process and write its figures to a file (the parent starts these).
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
@@ -87,6 +95,8 @@ def measure_variant(args: argparse.Namespace) -> dict:
         if step == 1:
             _common.reset_peak_memory(device)
         subnets = None if args.variant == "peft" else _common.sandwich_subnets(model, step, args.seed)
+        if subnets is not None and args.subnets == "largest":
+            subnets = subnets[:1]
         train = functools.partial(_common.train_step, model, optimizer, inputs, subnets, args.bf16)
         step_seconds.append(_common.timed(train, device))
         print(f"  [{args.variant}] step {step + 1}/{args.steps}: {step_seconds[-1]:.1f} s", flush=True)
@@ -110,6 +120,7 @@ def child_command(args: argparse.Namespace, variant: str, result_file: Path) -> 
     command = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--result-file", str(result_file)]
     command += ["--device", args.device, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size)]
     command += ["--prompts", str(args.prompts), "--steps", str(args.steps), "--seed", str(args.seed)]
+    command += ["--subnets", args.subnets]
     switches = {"--gradient-checkpointing": args.gradient_checkpointing, "--bf16": args.bf16, "--tiny": args.tiny}
     return command + [flag for flag, on in switches.items() if on]
 
@@ -166,7 +177,11 @@ def print_results(results: dict) -> None:
             "model": measurements["lora"]["model"],
             "memory": memory_kind,
             **{key: settings[key] for key in ("batch_size", "prompts", "steps", "gradient_checkpointing", "bf16")},
-            "subnets per supernet step": f"largest, smallest, {_common.RANDOM_SUBNETS_PER_STEP} random",
+            "subnets per supernet step": (
+                f"largest, smallest, {_common.RANDOM_SUBNETS_PER_STEP} random"
+                if settings["subnets"] == "sandwich"
+                else "largest only"
+            ),
         },
     )
     rows = [

@@ -193,7 +193,9 @@ class QuantizedSamVisionAttention(SamVisionAttention):
         attn_weights = None
         tokens = height * width
         chunk_rows = query_chunk_rows(query.shape[0], tokens, tokens, self.chunk_elements)
-        chunked = chunk_rows < tokens and not output_attentions and not (self.training and self.dropout > 0)
+        # Returned weights and dropout (whose mask a recomputation would not repeat) need the whole path.
+        whole_only = bool(output_attentions) or (self.training and self.dropout > 0)
+        chunked = chunk_rows < tokens and not whole_only
         if self.use_sdpa and not self.probs_quantizer.is_quantizing and not output_attentions and not chunked:
             bias = self.relative_position_bias(query, *self.core_parameters()[:2], height, width)
             attn_output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
@@ -205,8 +207,7 @@ class QuantizedSamVisionAttention(SamVisionAttention):
                 attn_output = ChunkedAttention.apply(ChunkedAttentionCore(self, height, width, chunk_rows), *inputs)
             else:
                 core = self.attention_core(height, width, keep_weights=bool(output_attentions))
-                recompute = not output_attentions and not (self.training and self.dropout > 0)
-                if torch.is_grad_enabled() and recompute:
+                if torch.is_grad_enabled() and not whole_only:
                     attn_output = RecomputedFunction.apply(core, *inputs)
                 else:
                     attn_output = core(*inputs)
