@@ -37,6 +37,18 @@ def make_attention() -> ElasticSamVisionAttention:
     return attn
 
 
+def calibrated_attention_inputs(bits: int) -> tuple:
+    """`make_attention()` with 3 heads at `bits`, random queries, keys and values of 6 batch-heads x 64 tokens (their
+    quantizers calibrated on them, the probabilities' not), and random weights of the output."""
+    attn = make_attention()
+    attn.set_active(3, bits)
+    generator = torch.Generator().manual_seed(bits)
+    query, key, value = (t.requires_grad_(True) for t in (torch.randn(3, 6, 64, 16, generator=generator) * 2).unbind(0))
+    for quantizer, tensor in zip(attn.product_quantizers(), (query, key, value)):
+        quantizer.ensure_initialized(tensor)
+    return attn, query, key, value, torch.randn(6, 64, 16, generator=generator)
+
+
 def core_gradients(attn, function, query, key, value, weights):
     """The output of `function(query, key, value, *core_parameters())` and the gradients of `(output * weights).sum()`
     for queries, keys, values, relative-position tables and every product quantizer's step and offset tables."""
@@ -53,13 +65,7 @@ def core_gradients(attn, function, query, key, value, weights):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("chunk_rows", [1, 7, 16, 64])
 def test_chunked_core_gives_the_output_and_gradients_of_the_whole_core(bits, chunk_rows):
-    attn = make_attention()
-    attn.set_active(3, bits)
-    generator = torch.Generator().manual_seed(bits)
-    query, key, value = (t.requires_grad_(True) for t in (torch.randn(3, 6, 64, 16, generator=generator) * 2).unbind(0))
-    weights = torch.randn(6, 64, 16, generator=generator)
-    for quantizer, tensor in zip(attn.product_quantizers(), (query, key, value)):
-        quantizer.ensure_initialized(tensor)
+    attn, query, key, value, weights = calibrated_attention_inputs(bits)
     chunked_attn = copy.deepcopy(attn)  # its probability quantizer is calibrated by the chunked pass
 
     expected, expected_grads = core_gradients(attn, attn.attention_core(8, 8), query, key, value, weights)
@@ -90,13 +96,7 @@ def test_chunked_core_under_bf16_autocast_stays_within_bf16_rounding(bits):
     """Under autocast each chunk's products round to bfloat16: the output and the queries' gradient are the whole
     core's, while the keys' and values' gradients, added up over chunks of bfloat16 products rather than accumulated
     in one, agree within bfloat16's rounding (its epsilon is 7.8e-3; measured: 2.5e-3)."""
-    attn = make_attention()
-    attn.set_active(3, bits)
-    generator = torch.Generator().manual_seed(bits)
-    query, key, value = (t.requires_grad_(True) for t in (torch.randn(3, 6, 64, 16, generator=generator) * 2).unbind(0))
-    weights = torch.randn(6, 64, 16, generator=generator)
-    for quantizer, tensor in zip(attn.product_quantizers(), (query, key, value)):
-        quantizer.ensure_initialized(tensor)
+    attn, query, key, value, weights = calibrated_attention_inputs(bits)
     core = ChunkedAttentionCore(attn, 8, 8, 7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, expected_grads = core_gradients(attn, attn.attention_core(8, 8), query, key, value, weights)
