@@ -146,6 +146,11 @@ def run(args: argparse.Namespace) -> dict:
             result_file = Path(folder) / f"{variant}.json"
             subprocess.run(child_command(args, variant, result_file), check=True, env=child_environment())
             measurements[variant] = json.loads(result_file.read_text())
+    return summarize(args, measurements)
+
+
+def summarize(args: argparse.Namespace, measurements: dict) -> dict:
+    """The results of `run` from the figures of each variant (as `measure_variant` returns them)."""
     lora, full, peft = measurements["lora"], measurements["full"], measurements["peft"]
     ratio = lora["peak_model_and_training_bytes"] / full["peak_model_and_training_bytes"]
     ratio_to_peft = lora["peak_model_and_training_bytes"] / peft["peak_model_and_training_bytes"]
