@@ -239,16 +239,22 @@ def test_ablations_train_each_variant_as_configured(tmp_path):
     )
 
 
-def test_training_memory_runs_both_variants_and_divides_their_peaks(tmp_path):
+def test_training_memory_runs_the_three_variants_and_divides_their_peaks(tmp_path):
     output = tmp_path / "memory.json"
     training_memory.main(["--tiny", "--image-size", "64", "--output", str(output)])
     results = json.loads(output.read_text())
-    lora, full = results["measurements"]["lora"], results["measurements"]["full"]
+    lora, full, peft = (results["measurements"][variant] for variant in ("lora", "full", "peft"))
     assert full["trainable_parameters"] == full["parameters"] > lora["trainable_parameters"] > 0
+    # peft's model is the plain SAM with its adapters: fewer parameters than the supernet, which keeps one adapter
+    # per weight bit-width and the quantizers' steps.
+    assert 0 < peft["trainable_parameters"] < peft["parameters"] < full["parameters"]
     assert results["ratio_peak_model_and_training"] == pytest.approx(
         lora["peak_model_and_training_bytes"] / full["peak_model_and_training_bytes"]
     )
-    for measurement in (lora, full):
+    assert results["ratio_to_peft_peak_model_and_training"] == pytest.approx(
+        lora["peak_model_and_training_bytes"] / peft["peak_model_and_training_bytes"]
+    )
+    for measurement in (lora, full, peft):
         assert (
             measurement["peak_bytes"] - measurement["memory_before_model_bytes"]
             == (measurement["peak_model_and_training_bytes"])

@@ -70,6 +70,11 @@ class SamQuantizedConfigBase(SamConfig):
             fp16/bf16).
         step_size_min (`float`, *optional*, defaults to 1e-8):
             Lower bound applied to every step size, which must stay positive.
+        attention_chunk_elements (`int`, *optional*, defaults to 16777216):
+            The most attention scores (`batch * heads x query rows x keys` elements, 2^24 = 64 MiB in float32) the
+            image encoder's attention makes at a time, forward and backward: above it, queries are processed in
+            chunks of rows, with the same result (`mpsupernet.chunked_attention`). At 1024 px a ViT-B global block
+            would otherwise hold `12 x 4096 x 4096` scores; windowed blocks and small resolutions stay whole.
 
     Provenance (what model cards and the CLI state by default; extracted subnets inherit it):
         base_model_name_or_path (`str`, *optional*):
@@ -88,6 +93,7 @@ class SamQuantizedConfigBase(SamConfig):
     activation_offset: bool = True
     float_bits: int = FLOAT_BITS
     step_size_min: float = 1e-8
+    attention_chunk_elements: int = 2**24
     base_model_name_or_path: str | None = None
     training_dataset: str | None = None
 
@@ -105,6 +111,11 @@ class SamQuantizedConfigBase(SamConfig):
             raise ValueError(f"`float_bits` is {self.float_bits}; allowed: {list(FLOAT_BIT_CHOICES)}.")
         if not self.step_size_min > 0:
             raise ValueError(f"`step_size_min` must be positive, got {self.step_size_min}.")
+        if not self.attention_chunk_elements >= 1:
+            raise ValueError(
+                "`attention_chunk_elements` must be a positive number of elements, got "
+                f"{self.attention_chunk_elements}."
+            )
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
@@ -194,6 +205,8 @@ class SamSupernetConfig(SamQuantizedConfigBase):
             Activations use an unsigned grid with a learned offset (LSQ+); otherwise a signed symmetric grid.
         step_size_min (`float`, *optional*, defaults to 1e-8):
             Lower bound applied to every learned step size, which must stay positive.
+        attention_chunk_elements (`int`, *optional*, defaults to 16777216):
+            The most attention scores the image encoder's attention makes at a time (see `SamQuantizedConfigBase`).
 
     LoRA:
         lora_rank (`int`, *optional*, defaults to 8):
@@ -397,6 +410,8 @@ class SamSubnetConfig(SamQuantizedConfigBase):
             The bit-width at which floating-point operations are counted in BitOPs (32 or 16).
         step_size_min (`float`, *optional*, defaults to 1e-8):
             Lower bound applied to every step size, as in the supernet.
+        attention_chunk_elements (`int`, *optional*, defaults to 16777216):
+            The most attention scores the image encoder's attention makes at a time, as in the supernet.
     """
 
     model_type = "sam_subnet"

@@ -18,6 +18,7 @@ from transformers.models.sam.modeling_sam import (
 )
 
 from .architecture import CONV_PATHS, FLOAT_BITS, SubnetArchitecture
+from .chunked_attention import ChunkedAttention, ChunkedAttentionCore, query_chunk_rows
 from .configuration_sam_supernet import SamSupernetConfig
 from .lora import QuantizedLoraLinear
 from .quantization import LsqQuantizer
@@ -160,16 +161,24 @@ class QuantizedSamVisionAttention(SamVisionAttention):
     Subclasses set `qkv`, `proj` and the four product quantizers (`query_quantizer`, `key_quantizer`,
     `value_quantizer`, `probs_quantizer`): the supernet's elastic ones, or the fixed ones of an extracted subnet.
 
+    When the scores of all heads (`batch * heads x tokens x tokens`) would hold more than `chunk_elements` elements
+    (the global blocks at 1024 px), the products run a chunk of query rows at a time in the forward and the backward
+    pass ([`ChunkedAttention`]), with the same result; otherwise (windowed blocks, small resolutions, attention
+    dropout, `output_attentions`) they run whole.
+
     Args:
         vision_config (`SamVisionConfig`): the base SAM's vision configuration (head width, relative positions).
         window_size (`int`): the attention window, 0 for global attention.
-        use_sdpa (`bool`): whether float products run in `scaled_dot_product_attention`.
+        use_sdpa (`bool`): whether float products that run whole run in `scaled_dot_product_attention`.
+        chunk_elements (`int`): the most score elements the products make at a time (`attention_chunk_elements` of
+            the model's configuration).
     """
 
-    def __init__(self, vision_config, window_size: int, use_sdpa: bool):
+    def __init__(self, vision_config, window_size: int, use_sdpa: bool, chunk_elements: int):
         super().__init__(vision_config, window_size)
         self.head_dim = vision_config.hidden_size // self.num_attention_heads
         self.use_sdpa = use_sdpa
+        self.chunk_elements = chunk_elements
         self.active_heads = self.num_attention_heads
 
     def product_quantizers(self) -> tuple[LsqQuantizer, ...]:
@@ -182,21 +191,28 @@ class QuantizedSamVisionAttention(SamVisionAttention):
         query, key, value = qkv.reshape(3, batch_size * heads, height * width, -1).unbind(0)
 
         attn_weights = None
-        if self.use_sdpa and not self.probs_quantizer.is_quantizing and not output_attentions:
+        tokens = height * width
+        chunk_rows = query_chunk_rows(query.shape[0], tokens, tokens, self.chunk_elements)
+        # Returned weights and dropout (whose mask a recomputation would not repeat) need the whole path.
+        whole_only = bool(output_attentions) or (self.training and self.dropout > 0)
+        chunked = chunk_rows < tokens and not whole_only
+        if self.use_sdpa and not self.probs_quantizer.is_quantizing and not output_attentions and not chunked:
             bias = self.relative_position_bias(query, *self.core_parameters()[:2], height, width)
             attn_output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
         else:
             for quantizer, tensor in zip(self.product_quantizers(), (query, key, value)):
                 quantizer.ensure_initialized(tensor)
-            core = self.attention_core(height, width, keep_weights=bool(output_attentions))
             inputs = (query, key, value, *self.core_parameters())
-            recompute = not output_attentions and not (self.training and self.dropout > 0)
-            if torch.is_grad_enabled() and recompute:
-                attn_output = RecomputedFunction.apply(core, *inputs)
+            if chunked:
+                attn_output = ChunkedAttention.apply(ChunkedAttentionCore(self, height, width, chunk_rows), *inputs)
             else:
-                attn_output = core(*inputs)
-            if output_attentions:
-                attn_output, attn_weights = attn_output
+                core = self.attention_core(height, width, keep_weights=bool(output_attentions))
+                if torch.is_grad_enabled() and not whole_only:
+                    attn_output = RecomputedFunction.apply(core, *inputs)
+                else:
+                    attn_output = core(*inputs)
+                if output_attentions:
+                    attn_output, attn_weights = attn_output
 
         attn_output = attn_output.reshape(batch_size, heads, height, width, -1).permute(0, 2, 3, 1, 4)
         attn_output = self.proj(attn_output.reshape(batch_size, height, width, -1))
@@ -257,7 +273,8 @@ class ElasticSamVisionAttention(QuantizedSamVisionAttention):
     """
 
     def __init__(self, config: SamSupernetConfig, window_size: int):
-        super().__init__(config.vision_config, window_size, use_sdpa=config._attn_implementation == "sdpa")
+        use_sdpa = config._attn_implementation == "sdpa"
+        super().__init__(config.vision_config, window_size, use_sdpa, config.attention_chunk_elements)
         self.qkv = make_quantized_linear(self.qkv, config)
         self.proj = make_quantized_linear(self.proj, config)
         self.quantize_products = config.quantize_attention_products

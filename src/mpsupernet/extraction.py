@@ -84,6 +84,7 @@ def _extract_active_subnet(supernet, arch: SubnetArchitecture) -> SamSubnetForMa
         activation_offset=source_config.activation_offset,
         float_bits=source_config.float_bits,
         step_size_min=source_config.step_size_min,
+        attention_chunk_elements=source_config.attention_chunk_elements,
         base_model_name_or_path=source_config.base_model_name_or_path,
         training_dataset=source_config.training_dataset,
     )

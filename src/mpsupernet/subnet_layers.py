@@ -199,7 +199,7 @@ class SamSubnetVisionAttention(QuantizedSamVisionAttention):
         hidden_size: int | None = None,
     ):
         vision = config.vision_config
-        super().__init__(vision, window_size, use_sdpa=config._attn_implementation == "sdpa")
+        super().__init__(vision, window_size, config._attn_implementation == "sdpa", config.attention_chunk_elements)
         width = num_heads * self.head_dim
         hidden_size = hidden_size or vision.hidden_size
         self.qkv = make_subnet_linear(hidden_size, 3 * width, vision.qkv_bias, *qkv_bits, config)
