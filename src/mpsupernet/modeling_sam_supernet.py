@@ -4,7 +4,6 @@ import dataclasses
 import difflib
 import os
 import random
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -235,15 +234,6 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         reports the same rows and totals.
         """
         return count_bitops(self.config, self.active_subnet if arch is None else SubnetArchitecture.coerce(arch))
-
-    def bitops(self, arch: SubnetArchitecture | dict | None = None) -> BitOpsReport:
-        """Deprecated alias of [`bitops_report`]."""
-        warnings.warn(
-            "`SamSupernetForMaskGeneration.bitops` is deprecated; use `bitops_report` (the subnet's name too).",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return self.bitops_report(arch)
 
     def extract_subnet(
         self,
