@@ -17,8 +17,12 @@ from transformers.utils import logging
 from .architecture import CONV_PATHS, FLOAT_BITS, LAYER_PATHS, SubnetArchitecture, is_float_bits
 from .bitops import BitOpsReport, count_operations
 from .configuration_sam_supernet import SamSubnetConfig
-from .elastic import QuantizedSamVisionAttention, ResizingSamVisionEncoder, eager_vision_config
-from .modeling_sam_base import SamQuantizedPreTrainedModel
+from .modeling_sam_base import (
+    QuantizedSamVisionAttention,
+    ResizingSamVisionEncoder,
+    SamQuantizedPreTrainedModel,
+    eager_vision_config,
+)
 from .packing import packed_size, unpack_codes
 from .quantization import LsqQuantizer, tensors_state_key
 
