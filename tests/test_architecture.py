@@ -36,9 +36,9 @@ def test_architecture_module_stands_alone():
     source = Path(architecture.__file__).read_text()
     assert "from ." not in source and "import mpsupernet" not in source
     assert mpsupernet.SubnetArchitecture is SubnetArchitecture
-    from mpsupernet.search_space import SubnetArchitecture as from_search_space
+    from mpsupernet import search_space
 
-    assert from_search_space is SubnetArchitecture
+    assert "SubnetArchitecture" not in search_space.__all__  # one home: mpsupernet.architecture
 
 
 def test_is_float_bits_is_the_quantizers_rule():
@@ -176,8 +176,8 @@ def test_embedded_weights_sit_in_the_pretrained_package():
     import mpsupernet.pretrained as pretrained
 
     package_dir = Path(pretrained.__file__).parent
-    assert pretrained.EMBEDDED_SAM_PATH.parent == package_dir
+    assert pretrained.shipped_sam_path().parent == package_dir
     # The globs of setup.py's package_data for `mpsupernet.pretrained` reach every shipped SAM's files.
-    shipped = set(pretrained.EMBEDDED_SAM_NAMES)
+    shipped = set(pretrained.SHIPPED_SAM_NAMES)
     for pattern, name in (("*/*.safetensors", "model.safetensors"), ("*/*.json", "config.json"), ("*/*.md", "README.md")):
         assert {path.parent.name for path in package_dir.glob(pattern) if path.name == name} == shipped

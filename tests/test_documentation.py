@@ -34,7 +34,7 @@ import mpsupernet
 from conftest import TEST_SAM
 from mpsupernet.data import make_synthetic_segmentation_dataset
 from mpsupernet.hub import render_supernet_card, save_subnet_with_card
-from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, embedded_sam_path, load_embedded_sam
+from mpsupernet.pretrained import SHIPPED_SAM_NAMES, load_sam, shipped_sam_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(
@@ -120,11 +120,11 @@ def readme_id_map(tmp_path_factory):
     coco = data / "coco"
     write_coco_split(coco / "data" / "train-00000-of-00001.parquet", num_images=8, seed=0)
     write_coco_split(coco / "data" / "val-00000-of-00001.parquet", num_images=4, seed=1)
-    supernet = mpsupernet.SamSupernetForMaskGeneration.from_sam(load_embedded_sam(TEST_SAM))
+    supernet = mpsupernet.SamSupernetForMaskGeneration.from_sam(load_sam(TEST_SAM))
     supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
     supernet.extract_subnet("5%").export_onnx(data / "onnx-tier", verify=False)
     return {
-        "facebook/sam-vit-base": str(embedded_sam_path(TEST_SAM)),
+        "facebook/sam-vit-base": str(shipped_sam_path(TEST_SAM)),
         "detection-datasets/coco": str(coco),
         "my-org/sam-vit-base-mp": "local-user/readme-sam-vit-base-mp",
         "tier-5pct-onnx": str(data / "onnx-tier"),
@@ -207,12 +207,12 @@ def test_card_snippets_run_as_written(published_tiers, tmp_path):
 def test_shipped_sam_card_snippets_run_as_written(tmp_path):
     """The cards of the SAMs in `mpsupernet.pretrained`: each loads its model as written."""
     documents = []
-    for name in EMBEDDED_SAM_NAMES:
-        blocks = python_blocks((embedded_sam_path(name) / "README.md").read_text(encoding="utf-8"))
+    for name in SHIPPED_SAM_NAMES:
+        blocks = python_blocks((shipped_sam_path(name) / "README.md").read_text(encoding="utf-8"))
         assert blocks and all(reason is None for _, reason in blocks)
         check = "print(type(sam).__name__, sam.config.vision_config.hidden_size)"
         documents.append([code for code, _ in blocks] + [check])
     output = run_documents(documents, tmp_path)
-    for number, name in enumerate(EMBEDDED_SAM_NAMES):
-        hidden_size = load_embedded_sam(name).config.vision_config.hidden_size
+    for number, name in enumerate(SHIPPED_SAM_NAMES):
+        hidden_size = load_sam(name).config.vision_config.hidden_size
         assert f"SamModel {hidden_size}" in output.split(f"document {number}, block")[-1]

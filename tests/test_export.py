@@ -28,7 +28,7 @@ from mpsupernet.extraction import extract_subnet  # noqa: E402
 from mpsupernet.metrics import mask_iou  # noqa: E402
 from mpsupernet.modeling_sam_subnet import QuantizedConv2d, QuantizedLinear  # noqa: E402
 from mpsupernet.packing import pack_codes  # noqa: E402
-from mpsupernet.pretrained import load_embedded_sam  # noqa: E402
+from mpsupernet.pretrained import load_sam  # noqa: E402
 from mpsupernet.quantization import LsqQuantizer, integer_range  # noqa: E402
 from mpsupernet.runtime import OnnxSamModel  # noqa: E402
 
@@ -283,7 +283,7 @@ def test_w8a8_encoder_runs_its_linears_on_integer_kernels(exported_w8a8, tmp_pat
 # --- end to end ------------------------------------------------------------------------------------------------------
 def sample_pixel_values(num_images=4):
     dataset = make_synthetic_segmentation_dataset(num_images, image_size=128, seed=3)
-    preprocessor = SamSegmentationPreprocessor(load_embedded_sam(TEST_SAM).config, prompts_per_image=2, seed=0)
+    preprocessor = SamSegmentationPreprocessor(load_sam(TEST_SAM).config, prompts_per_image=2, seed=0)
     transformed = dataset.with_transform(preprocessor)
     return collate_fn([transformed[i] for i in range(num_images)])
 
@@ -294,7 +294,7 @@ def test_w8a8_embeddings_agree_far_below_the_quantization_error(exported_w8a8):
     pixel_values = batch["pixel_values"]
     with torch.no_grad():
         quantized = subnet.get_image_embeddings(pixel_values).numpy()
-        full_precision = load_embedded_sam(TEST_SAM).get_image_embeddings(pixel_values).numpy()
+        full_precision = load_sam(TEST_SAM).get_image_embeddings(pixel_values).numpy()
     exported = OnnxSamModel.from_pretrained(folder).get_image_embeddings(pixel_values.numpy())
     export_error = np.abs(exported - quantized).mean()
     quantization_error = np.abs(quantized - full_precision).mean()

@@ -284,6 +284,40 @@ def _check_config_overrides(overrides: dict) -> None:
         )
 
 
+def load_supernet(
+    supernet: "str | os.PathLike | SamSupernetForMaskGeneration", seed: int = 0
+) -> SamSupernetForMaskGeneration:
+    """A supernet from what the CLI and `run_search` accept: a supernet, a shipped SAM's name or a saved supernet.
+
+    Args:
+        supernet (`str`, `os.PathLike` or `SamSupernetForMaskGeneration`): a supernet (returned as it is); the name
+            of a SAM shipped in the package (`mpsupernet.pretrained.SHIPPED_SAM_NAMES`; a folder of that name here is
+            read as the folder), which becomes a new supernet with the default configuration; or a folder or Hub id of
+            a saved supernet (`SamSupernetForMaskGeneration.from_pretrained`).
+        seed (`int`, *optional*, defaults to 0): seeds the new supernet's adapters, which are initialised from
+            torch's global generator (seeded per process at random otherwise).
+
+    Raises:
+        `TypeError`: for any other type. `OSError`: from `from_pretrained`, for a folder or Hub id that cannot be read.
+    """
+    from transformers import set_seed
+
+    from .pretrained import load_sam, shipped_sam_name
+
+    if isinstance(supernet, SamSupernetForMaskGeneration):
+        return supernet
+    if not isinstance(supernet, (str, os.PathLike)):
+        raise TypeError(
+            "A supernet is a SamSupernetForMaskGeneration, a shipped SAM's name, a folder or a Hub repo id, got "
+            f"{type(supernet).__name__}: {supernet!r}."
+        )
+    name = shipped_sam_name(supernet)
+    if name is None:
+        return SamSupernetForMaskGeneration.from_pretrained(supernet)
+    set_seed(seed)
+    return SamSupernetForMaskGeneration.from_sam(load_sam(name))
+
+
 def sam_source_name(sam: SamModel) -> str | None:
     """Where a loaded `SamModel` came from, as model cards name it: the Hub id it was loaded from, or the name of its
     local folder (`"embedded-sam"` for the package's embedded SAM); `None` for a model built in memory."""
@@ -355,4 +389,4 @@ def _reorder_channels(encoder: ElasticSamVisionEncoder) -> None:
             permute(linear.lora_B, 1)
 
 
-__all__ = ["SamSupernetForMaskGeneration", "SamSupernetPreTrainedModel"]
+__all__ = ["SamSupernetForMaskGeneration", "SamSupernetPreTrainedModel", "load_supernet"]

@@ -7,8 +7,8 @@ from pymoo.core.problem import Problem
 from pymoo.core.repair import Repair
 from tqdm.auto import tqdm
 
+from ..architecture import SubnetArchitecture
 from ..bitops import BitOpsCounter, BitOpsReport
-from ..search_space import SubnetArchitecture
 from .encoding import ArchitectureEncoding
 from .front import ParetoEntry, ParetoFront
 

@@ -26,7 +26,8 @@ from transformers.utils import logging
 
 from ..bitops import BitOpsCounter, format_bitops, parse_budget
 from ..checkpoints import state_dict_sha256
-from ..search_space import SearchSpace, SubnetArchitecture
+from ..architecture import SubnetArchitecture
+from ..search_space import SearchSpace
 from .encoding import ArchitectureEncoding
 from .front import ParetoFront
 from .problem import _ArchitectureProblem, _CanonicalRepair, _checked_mean_iou, _Evaluations
@@ -306,8 +307,9 @@ def run_search(
     Writes `pareto_front.json` and `pareto_front.png` into `output_dir` (on the main process).
 
     Args:
-        supernet_path_or_model (`str`, `os.PathLike` or `SamSupernetForMaskGeneration`): a supernet, or a folder or
-            Hub repo id for `SamSupernetForMaskGeneration.from_pretrained`.
+        supernet_path_or_model (`str`, `os.PathLike` or `SamSupernetForMaskGeneration`): what
+            `mpsupernet.modeling_sam_supernet.load_supernet` reads: a supernet, a folder or Hub repo id of one, or a
+            shipped SAM's name (a new supernet of it).
         dataset (`datasets.Dataset`): validation examples in the standard schema (`image`, `masks`, `image_id`);
             prompts are sampled by `SamSegmentationPreprocessor` with `seed`, the same for every architecture.
         output_dir (`str` or `os.PathLike`): where to write the front.
@@ -331,7 +333,9 @@ def run_search(
     ):
         # 0 would evaluate nothing: every architecture's mean IoU would be NaN, refused only at the first one.
         raise ValueError(f"`max_eval_batches` must be a positive integer or None, got {max_eval_batches!r}.")
-    supernet = _load_supernet(supernet_path_or_model)
+    from ..modeling_sam_supernet import load_supernet
+
+    supernet = load_supernet(supernet_path_or_model, seed=seed)
     if accelerator is None:
         from accelerate import Accelerator
 
@@ -361,16 +365,3 @@ def run_search(
         front.plot(output_dir / "pareto_front.png", budgets=budgets)
     accelerator.wait_for_everyone()
     return front
-
-
-def _load_supernet(supernet_path_or_model):
-    from ..modeling_sam_supernet import SamSupernetForMaskGeneration
-
-    if isinstance(supernet_path_or_model, (str, os.PathLike)):
-        return SamSupernetForMaskGeneration.from_pretrained(supernet_path_or_model)
-    if isinstance(supernet_path_or_model, SamSupernetForMaskGeneration):
-        return supernet_path_or_model
-    raise TypeError(
-        "`supernet_path_or_model` must be a SamSupernetForMaskGeneration, a folder or a Hub repo id, got "
-        f"{type(supernet_path_or_model).__name__}: {supernet_path_or_model!r}."
-    )
