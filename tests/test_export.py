@@ -488,3 +488,31 @@ def test_failed_export_leaves_nothing_behind(tiny_w8a8_subnet, tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="exporter failed"):
         tiny_w8a8_subnet.export_onnx(tmp_path / "out")
     assert listing(tmp_path) == []
+
+
+def test_quiet_exporter_notices_hides_the_exporters_notices_and_nothing_else(caplog):
+    import logging
+    import warnings
+
+    from mpsupernet.export.notices import quiet_exporter_notices
+
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_exporter_notices():
+            registry.warning("torchvision is not installed. Skipping torchvision::nms")
+            registry.warning("another registry notice")
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+            warnings.warn_explicit(
+                "# The axis name: num_points will not be used, since it shares the same shape constraints with "
+                "another axis: num_points.", UserWarning, "_onnx_program.py", 1, module="torch.onnx._internal.x",
+            )  # fmt: skip
+            warnings.warn("# The axis name: x will not be used, since it shares the same shape constraints", UserWarning)
+            warnings.warn("a FutureWarning of ours", FutureWarning)
+        registry.warning("torchvision is not installed. Skipping torchvision::roi_align")
+    assert [record.getMessage() for record in caplog.records] == [
+        "another registry notice",
+        "torchvision is not installed. Skipping torchvision::roi_align",
+    ]
+    # The axis notice is hidden only when torch's exporter raises it; ours would show.
+    assert [str(warning.message)[:20] for warning in caught] == ["# The axis name: x w", "a FutureWarning of o"]

@@ -14,6 +14,7 @@ from transformers.utils import logging
 from .bitops import format_bitops
 from .data import REAL3_INSTALL, is_real3_available, load_real3_dataset, make_synthetic_segmentation_dataset_dict
 from .evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
+from .export.notices import quiet_exporter_notices
 from .hub import describe_latency_measurement, save_tiers
 from .modeling_sam_supernet import SamSupernetForMaskGeneration
 from .pretrained import load_sam, shipped_sam_path
@@ -209,7 +210,8 @@ def run_demo(
     if real3 is not None:
         real3_mious.update({name: evaluate_real3_mean_iou(tier, real3, seed=seed) for name, tier in tiers.items()})
     # The cards name the base model and data that the supernet's config records ("embedded-sam", the synthetic set).
-    manifest = save_tiers(tiers, output / "tiers", mean_ious=mean_ious)
+    with quiet_exporter_notices():  # the table, not the exporter's notices about torch itself
+        manifest = save_tiers(tiers, output / "tiers", mean_ious=mean_ious)
 
     print("[5/5] Summary")
     rows = summary_rows(front.full_precision_bitops, sam_miou, manifest, real3_mious)
