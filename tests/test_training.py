@@ -395,15 +395,9 @@ def test_accelerate_loop_lowers_the_loss_and_saves_the_supernet(pretrained_sam, 
         train_data,
         train_data.select(range(2)),
         args=loop_arguments(
-            tmp_path,
-            max_steps=5,
-            learning_rate=3e-4,
-            per_device_train_batch_size=2,
-            per_device_eval_batch_size=2,
-            num_random_subnets=1,
-            logging_steps=3,
-            warmup_steps=0.4,
-        ),
+            tmp_path, max_steps=5, learning_rate=3e-4, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+            num_random_subnets=1, logging_steps=3, warmup_steps=0.4,
+        ),  # fmt: skip
         preprocessor=make_preprocessor(model),
     )
     after_losses = subnet_losses(model, batch)
@@ -431,14 +425,9 @@ def test_fixed_architecture_trains_that_architecture_alone(sam, train_data, tmp_
         model,
         train_data,
         args=loop_arguments(
-            tmp_path,
-            max_steps=3,
-            learning_rate=1e-3,
-            warmup_steps=0,
-            per_device_train_batch_size=2,
-            fixed_architecture=arch.to_dict(),
-            distillation=None,
-        ),
+            tmp_path, max_steps=3, learning_rate=1e-3, warmup_steps=0, per_device_train_batch_size=2,
+            fixed_architecture=arch.to_dict(), distillation=None,
+        ),  # fmt: skip
         preprocessor=make_preprocessor(model),
     )
     assert set(summary["final_losses"]) == {"fixed"}
