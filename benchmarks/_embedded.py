@@ -1,8 +1,8 @@
 """Helpers shared by the quality benchmarks on the embedded task: the data splits, a trained supernet, scoring.
 
 The embedded task is the one `mpsupernet demo` runs: a SAM shipped with the package (the default `embedded-sam`, or
-`--sam shapes-sam`, on which the README's figures of 2026-11-30 were measured), fine-tuned into a supernet on the
-synthetic shapes dataset. Every quality benchmark trains the way the demo does
+`--sam shapes-sam`, on which the figures of 2026-11-30 in `docs/results.md` were measured), fine-tuned into a supernet
+on the synthetic shapes dataset. Every quality benchmark trains the way the demo does
 (`mpsupernet.demo.training_arguments`), searches on the validation split, and reports on a test split drawn
 from another seed, which neither training nor the search has seen.
 """

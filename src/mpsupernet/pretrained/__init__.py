@@ -8,8 +8,9 @@ tested. Two plain transformers `SamModel` folders ship here, each with its model
   with a ViT image encoder distilled from LiteMedSAM's TinyViT by `scripts/distill_embedded_sam.py`. It segments real
   images as well as its 16 × 16 embedding grid allows; `mpsupernet demo` and the CLI use it by default.
 - `"shapes-sam"` (0.95M parameters, 128 px): trained from scratch on the package's synthetic shapes by
-  `scripts/pretrain_shapes_sam.py`; the embedded default until 2026-11-30 (the README's quality figures of that time
-  were measured on it). It is several times cheaper to run, and the tests use it where any pretrained SAM will do.
+  `scripts/pretrain_shapes_sam.py`; the embedded default until 2026-11-30 (the quality figures of that time in
+  `docs/results.md` were measured on it). It is several times cheaper to run, and the tests use it where any pretrained
+  SAM will do.
 
 `load_sam` loads them by name, and real checkpoints (e.g. `facebook/sam-vit-base`) or folders as
 `SamModel.from_pretrained` does, as the CLI's `--sam` and the benchmarks' do.
