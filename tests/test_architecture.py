@@ -3,7 +3,6 @@
 import ast
 import importlib.util
 import re
-import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -37,9 +36,9 @@ def test_architecture_module_stands_alone():
     source = Path(architecture.__file__).read_text()
     assert "from ." not in source and "import mpsupernet" not in source
     assert mpsupernet.SubnetArchitecture is SubnetArchitecture
-    from mpsupernet.search_space import SubnetArchitecture as from_search_space
+    from mpsupernet import search_space
 
-    assert from_search_space is SubnetArchitecture
+    assert "SubnetArchitecture" not in search_space.__all__  # one home: mpsupernet.architecture
 
 
 def test_is_float_bits_is_the_quantizers_rule():
@@ -94,9 +93,6 @@ def test_edited_config_is_checked_again_on_save(tmp_path):
     with pytest.raises(ValueError, match=r"`lora_rank` must be at least 1, got 0"):
         config.save_pretrained(tmp_path)
     assert not (tmp_path / "config.json").exists()
-    with pytest.warns(FutureWarning, match="use `check_search_space`"):
-        with pytest.raises(ValueError, match="`lora_rank` must be at least 1"):
-            config.validate_search_space()
 
 
 def test_using_subnet_restores_the_previous_subnet_even_on_error(tiny_supernet, prompt_inputs):
@@ -116,13 +112,10 @@ def test_bitops_report_is_one_name_on_both_models(tiny_supernet, prompt_inputs):
     tiny_supernet.calibrate_quantizers(prompt_inputs["pixel_values"])
     arch = tiny_supernet.smallest_subnet()
     report = tiny_supernet.bitops_report(arch)
-    with pytest.warns(FutureWarning, match="use `bitops_report`"):
-        assert tiny_supernet.bitops(arch).to_dict() == report.to_dict()
+    assert not hasattr(tiny_supernet, "bitops")  # one name on both models
     with tiny_supernet.using_subnet(arch):
         assert tiny_supernet.bitops_report().to_dict() == report.to_dict()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        subnet = extract_subnet(tiny_supernet, arch)
+    subnet = extract_subnet(tiny_supernet, arch)
     assert subnet.bitops_report().to_dict() == report.to_dict()
 
 
@@ -183,8 +176,8 @@ def test_embedded_weights_sit_in_the_pretrained_package():
     import mpsupernet.pretrained as pretrained
 
     package_dir = Path(pretrained.__file__).parent
-    assert pretrained.EMBEDDED_SAM_PATH.parent == package_dir
+    assert pretrained.shipped_sam_path().parent == package_dir
     # The globs of setup.py's package_data for `mpsupernet.pretrained` reach every shipped SAM's files.
-    shipped = set(pretrained.EMBEDDED_SAM_NAMES)
+    shipped = set(pretrained.SHIPPED_SAM_NAMES)
     for pattern, name in (("*/*.safetensors", "model.safetensors"), ("*/*.json", "config.json"), ("*/*.md", "README.md")):
         assert {path.parent.name for path in package_dir.glob(pattern) if path.name == name} == shipped

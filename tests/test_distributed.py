@@ -26,7 +26,7 @@ def worker(argv=None) -> None:
 
     from mpsupernet import SamSupernetForMaskGeneration
     from mpsupernet.data import SamSegmentationPreprocessor
-    from mpsupernet.training import SupernetTrainer, train_supernet
+    from mpsupernet.training import SupernetTrainer, SupernetTrainingArguments, train_supernet
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -49,10 +49,11 @@ def worker(argv=None) -> None:
         trainer.train()
         trainer.save_model()
     else:
-        train_supernet(
-            model, dataset, output_dir=args.output_dir, batch_size=1, num_random_subnets=1, log_steps=1,
-            preprocessor=preprocessor, **common,
+        arguments = SupernetTrainingArguments(
+            output_dir=args.output_dir, per_device_train_batch_size=1, num_random_subnets=1, logging_steps=1,
+            warmup_steps=0.05, save_strategy="no", report_to="none", **common,
         )  # fmt: skip
+        train_supernet(model, dataset, args=arguments, preprocessor=preprocessor)
     save_file(trainable_state(model), Path(args.output_dir) / f"rank{os.environ['RANK']}.safetensors")
 
 

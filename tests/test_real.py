@@ -92,9 +92,9 @@ def test_real3_names_the_missing_package(monkeypatch):
 @requires_real3
 def test_real3_mean_iou_weights_every_instance_once(real3):
     from mpsupernet.evaluation import evaluate_real3_mean_iou
-    from mpsupernet.pretrained import load_embedded_sam
+    from mpsupernet.pretrained import load_sam
 
-    sam = load_embedded_sam()
+    sam = load_sam()
     result = evaluate_real3_mean_iou(sam, real3, seed=3)
     assert set(result) == {*REAL3_DOMAINS, "instances", "domains"}
     weighted = (19 * result["voc"] + 8 * result["arc2017"] + 125 * result["nuclei"]) / 152

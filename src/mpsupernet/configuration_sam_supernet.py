@@ -1,6 +1,5 @@
 """Configuration of a mixed-precision SAM supernet and of the standalone subnets extracted from it."""
 
-import warnings
 
 from huggingface_hub.dataclasses import strict
 from transformers import SamConfig
@@ -284,16 +283,6 @@ class SamSupernetConfig(SamQuantizedConfigBase):
         """Raises a `ValueError` that names the offending value if the search space or a setting is invalid."""
         self.check_search_space()
         super().check_settings()
-
-    @property
-    def validate_search_space(self):
-        """Deprecated: renamed [`check_search_space`] (a `validate_*` method is run again by `@strict`)."""
-        warnings.warn(
-            "`SamSupernetConfig.validate_search_space` is deprecated; use `check_search_space` (or `check_settings`).",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return self.check_search_space
 
     def check_search_space(self) -> None:
         """Raises a `ValueError` that names the offending value if the search space or a supernet setting is invalid."""

@@ -13,7 +13,7 @@ from transformers.models.sam.modeling_sam import SamVisionLayer
 
 from .architecture import CONV_PATHS, FLOAT_BITS, LAYER_PATHS, SubnetArchitecture, is_float_bits
 from .configuration_sam_supernet import SamSubnetConfig
-from .elastic import QuantizedSamVisionAttention, ResizingSamVisionEncoder, eager_vision_config
+from .modeling_sam_base import QuantizedSamVisionAttention, ResizingSamVisionEncoder, eager_vision_config
 from .packing import packed_size, unpack_codes
 from .quantization import LsqQuantizer, tensors_state_key
 

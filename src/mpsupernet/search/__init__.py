@@ -1,9 +1,10 @@
 """Evolutionary search over subnet architectures and the Pareto front it finds.
 
 The package's rooms: `front` (the front and its JSON; numpy only), `plot` (matplotlib), `encoding` (the integer
-genotype), `problem` (the pymoo problem and repair), `run` (`evolutionary_search`, `run_search` and the mIoU
-evaluator) and `ranking` (Kendall's tau between inherited and stand-alone mIoU). The front's names load eagerly;
-the search's load on first use, so that `mpsupernet.search.front` and readers of a saved front never import pymoo.
+genotype), `problem` (the pymoo problem and repair) and `run` (`evolutionary_search`, `run_search` and the mIoU evaluator).
+The front's names load eagerly; the search's load on first use, so that `mpsupernet.search.front` and readers of a
+saved front never import pymoo. The search prices architectures with `mpsupernet.bitops.BitOpsCounter` and never
+imports training (the ranking analysis, which fine-tunes, is `benchmarks/_ranking.py`).
 """
 
 import importlib
@@ -17,8 +18,6 @@ _LAZY_NAMES = {
     "make_miou_evaluator": "run",
     "run_search": "run",
     "plot_pareto_front": "plot",
-    "RankingResult": "ranking",
-    "ranking_correlation": "ranking",
 }
 
 __all__ = [

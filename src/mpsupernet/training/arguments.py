@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from .sampling import QUANTIZER_LR_SCALE, check_distillation
+from .step import QUANTIZER_LR_SCALE, check_distillation
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .policies import (
     warn_collapsed_steps,
 )
 from .resume import mark_complete, resolve_checkpoint
-from .sampling import (
+from .step import (
     check_distributed_support,
     check_training_batch,
     evaluate_subnets,

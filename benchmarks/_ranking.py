@@ -14,9 +14,10 @@ from pathlib import Path
 
 from scipy.stats import kendalltau
 
-from ..architecture import SubnetArchitecture
-from ..evaluation import evaluate_dataset_mean_iou
-from ..training import train_supernet
+from mpsupernet.architecture import SubnetArchitecture
+from mpsupernet.bitops import BitOpsCounter
+from mpsupernet.evaluation import evaluate_dataset_mean_iou
+from mpsupernet.training import SupernetTrainingArguments, train_supernet
 
 
 @dataclass
@@ -96,9 +97,10 @@ def ranking_correlation(
             )
             standalone.append(_mean_iou(tuned, arch, eval_dataset, seed))
     tau, p_value = kendalltau(inherited, standalone)
+    counter = BitOpsCounter(supernet.config)
     return RankingResult(
         architectures=[arch.to_dict() for arch in archs],
-        bitops=[supernet.bitops_report(arch).total_bitops for arch in archs],
+        bitops=[counter.bitops(arch) for arch in archs],
         inherited_mean_iou=inherited,
         standalone_mean_iou=standalone,
         kendall_tau=float(tau),
@@ -110,18 +112,21 @@ def ranking_correlation(
 def _fine_tune(supernet, arch, dataset, steps, learning_rate, batch_size, seed, output_dir):
     """A copy of `supernet` trained on `arch` alone (its other subnets are left as the copy had them)."""
     tuned = copy.deepcopy(supernet)
-    train_supernet(
-        tuned,
-        dataset,
-        output_dir=output_dir,
+    args = SupernetTrainingArguments(
+        output_dir=str(output_dir),
         max_steps=steps,
         learning_rate=learning_rate,
-        batch_size=batch_size,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        warmup_steps=0.05,
+        logging_steps=max(steps // 5, 1),
+        save_strategy="no",
+        report_to="none",
         seed=seed,
         fixed_architecture=arch.to_dict(),
         distillation=None,
-        log_steps=max(steps // 5, 1),
     )
+    train_supernet(tuned, dataset, args=args)
     return tuned.eval()
 
 
