@@ -1,17 +1,19 @@
-"""Evaluation loops: mean mask IoU of a model over a dataloader or a segmentation dataset.
+"""Evaluation loops of the promptable model: mean mask IoU over a dataloader or a segmentation dataset.
 
-The IoU and its metric live in `mpsupernet.metrics` (torch only) and are re-exported here, where they were first
-defined.
+The mean mask IoU of one subnet of a supernet is `evaluate_mean_iou(supernet, dataloader, subnet=arch)` (or
+`evaluate_dataset_mean_iou(..., subnet=arch)`): the Trainer, the training loop, the search and the benchmarks all
+measure a subnet that way.
 """
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .data.processing import MODEL_INPUT_NAMES, SamSegmentationPreprocessor, collate_fn
-from .metrics import MeanMaskIoU, mask_iou, select_masks
+from ..data.processing import MODEL_INPUT_NAMES, SamSegmentationPreprocessor, collate_fn
+from .mask import MeanMaskIoU, select_masks
 
 
 def _model_device(model: Any) -> torch.device:
@@ -20,6 +22,33 @@ def _model_device(model: Any) -> torch.device:
         for parameter in parameters():
             return parameter.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluating(model: Any, subnet: Any = None) -> Iterator[None]:
+    """Puts `model` in eval mode and, with `subnet`, activates that architecture; both are restored afterwards.
+
+    Args:
+        model: the model to evaluate; a supernet (with `using_subnet`) when `subnet` is given.
+        subnet (`SubnetArchitecture` or `dict`, *optional*): the supernet's architecture to measure.
+
+    Raises:
+        `TypeError`: `subnet` given for a model that is not a supernet (raised before anything changes).
+    """
+    if subnet is not None and not hasattr(model, "using_subnet"):
+        raise TypeError(
+            f"`subnet` selects an architecture of a supernet, but the model is a {type(model).__name__}, which has "
+            "no `using_subnet`; evaluate it without `subnet`."
+        )
+    was_training = getattr(model, "training", False)
+    with model.using_subnet(subnet) if subnet is not None else contextlib.nullcontext():
+        if was_training:
+            model.eval()
+        try:
+            yield
+        finally:
+            if was_training:
+                model.train()
 
 
 @torch.no_grad()
@@ -32,10 +61,13 @@ def evaluate_mean_iou(
     max_batches: int | None = None,
     show_progress: bool = True,
     description: str = "Evaluating mIoU",
+    subnet: Any = None,
 ) -> float:
     """Runs a SAM-like model over a dataloader and returns the mean mask IoU over all prompts.
 
-    In a distributed run, give each process its shard of the data: the metric sums over processes before dividing.
+    The mean is over masks (one per prompt), each IoU measured at the resolution of `pred_masks` (the `mask_iou`
+    evaluation module of `mpsupernet.load_metric` is the same figure). In a distributed run, give each process its
+    shard of the data: the metric sums over processes before dividing.
 
     Args:
         model (`Callable`):
@@ -57,19 +89,22 @@ def evaluate_mean_iou(
             Whether to show a tqdm progress bar.
         description (`str`, *optional*, defaults to `"Evaluating mIoU"`):
             Label of the progress bar.
+        subnet (`SubnetArchitecture` or `dict`, *optional*):
+            With a supernet, the architecture to measure: it is active during the evaluation only, and the subnet
+            active before is restored afterwards (even on error).
 
     Returns:
         `float`: the mean IoU over all prompts (NaN when there were none).
+
+    Raises:
+        `TypeError`: `subnet` given for a model that is not a supernet.
     """
     device = torch.device(device) if device is not None else _model_device(model)
-    was_training = getattr(model, "training", False)
-    if was_training:
-        model.eval()
     metric = MeanMaskIoU(threshold=threshold).to(device)
-    try:
-        total = len(dataloader) if hasattr(dataloader, "__len__") else None
-        if max_batches is not None and total is not None:
-            total = min(total, max_batches)
+    total = len(dataloader) if hasattr(dataloader, "__len__") else None
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    with evaluating(model, subnet):
         for step, batch in enumerate(tqdm(dataloader, total=total, desc=description, disable=not show_progress)):
             if max_batches is not None and step >= max_batches:
                 break
@@ -83,10 +118,7 @@ def evaluate_mean_iou(
             else:
                 pred_masks = pred_masks[:, :, 0]
             metric.update(pred_masks, batch["ground_truth_masks"].to(device))
-        return float(metric.compute())
-    finally:
-        if was_training:
-            model.train()
+    return float(metric.compute())
 
 
 def evaluate_dataset_mean_iou(
@@ -97,6 +129,7 @@ def evaluate_dataset_mean_iou(
     batch_size: int = 8,
     show_progress: bool = False,
     description: str = "Evaluating mIoU",
+    subnet: Any = None,
 ) -> float:
     """The box-prompt mean IoU of `model` on a dataset in the standard schema (`image`, `masks`, `image_id`).
 
@@ -110,13 +143,13 @@ def evaluate_dataset_mean_iou(
         seed (`int`, *optional*, defaults to 0): seeds the prompts.
         prompts_per_image (`int`, *optional*, defaults to 4): box prompts per image.
         batch_size (`int`, *optional*, defaults to 8): images per batch.
-        show_progress, description: see `evaluate_mean_iou`.
+        show_progress, description, subnet: see `evaluate_mean_iou`.
     """
     preprocessor = SamSegmentationPreprocessor(model.config, prompts_per_image=prompts_per_image, seed=seed)
     loader = torch.utils.data.DataLoader(
         dataset.with_transform(preprocessor), batch_size=batch_size, collate_fn=collate_fn
     )
-    return evaluate_mean_iou(model, loader, show_progress=show_progress, description=description)
+    return evaluate_mean_iou(model, loader, show_progress=show_progress, description=description, subnet=subnet)
 
 
 def evaluate_real3_mean_iou(model: Any, dataset=None, seed: int = 0) -> dict[str, float]:
@@ -139,7 +172,7 @@ def evaluate_real3_mean_iou(model: Any, dataset=None, seed: int = 0) -> dict[str
     Raises:
         ImportError: when `dataset` is not given and real-3's packages are missing.
     """
-    from .data.real import load_real3_dataset
+    from ..data.real import load_real3_dataset
 
     dataset = load_real3_dataset() if dataset is None else dataset
     results, counts = {}, {}
@@ -155,11 +188,4 @@ def evaluate_real3_mean_iou(model: Any, dataset=None, seed: int = 0) -> dict[str
     return results
 
 
-__all__ = [
-    "MeanMaskIoU",
-    "evaluate_dataset_mean_iou",
-    "evaluate_mean_iou",
-    "evaluate_real3_mean_iou",
-    "mask_iou",
-    "select_masks",
-]
+__all__ = ["evaluate_dataset_mean_iou", "evaluate_mean_iou", "evaluate_real3_mean_iou", "evaluating"]
