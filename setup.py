@@ -10,7 +10,9 @@ install_requires = [
     "torch>=2.4",
     "transformers>=5.0,<6",
     "accelerate>=1.0",
-    "datasets>=3.0",
+    "datasets>=4.0",  # `datasets.List` (the standard schema, the metric modules)
+    # The metrics ship as `evaluate` modules (`mpsupernet.load_metric`), loaded from scripts inside the package.
+    "evaluate>=0.4.3",
     "huggingface_hub>=1.0",
     "pydantic>=2.0,<3",
     "safetensors>=0.4.3",
@@ -58,6 +60,8 @@ setup(
     packages=find_packages("src") + ["mpsupernet.model_cards"],
     package_data={
         "mpsupernet.pretrained": ["*/*.safetensors", "*/*.json", "*/*.md"],
+        # The scripts of `load_metric` (evaluate imports them from their folders; they are not package modules).
+        "mpsupernet.metrics": ["modules/*/*.py"],
         "mpsupernet.model_cards": ["*.md"],
     },
     include_package_data=True,

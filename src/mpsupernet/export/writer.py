@@ -27,7 +27,7 @@ from ..architecture import is_float_bits
 from ..checkpoints import exported_file_names
 from ..choices import EXPORT_TARGETS, WEIGHT_CONTAINERS
 from ..image_processing import PillowSamImageProcessor, sam_image_processor
-from ..metrics import mask_iou
+from ..metrics.mask import mask_iou
 from ..modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration
 from ..quantization import LsqQuantizer
 from .graphs import PromptEncoderMaskDecoderGraph, VisionEncoderGraph

@@ -105,7 +105,7 @@ def coco_mask_ap(predictions: Sequence[dict], references: Sequence[dict]) -> dic
     image_ids = [int(reference["image_id"]) for reference in references]
     if len(set(image_ids)) != len(image_ids):
         raise ValueError(f"Each image needs exactly one reference entry; image ids given twice: {image_ids}.")
-    annotations, results, categories = [], [], set()
+    annotations, results, categories, sizes = [], [], set(), {}
     for reference in references:
         _check_lengths(reference, ("segmentation", "category_id", "iscrowd"), "reference")
         for segmentation, category, crowd in zip(
@@ -125,6 +125,7 @@ def coco_mask_ap(predictions: Sequence[dict], references: Sequence[dict]) -> dic
                 }
             )
             categories.add(int(category))
+            sizes[int(reference["image_id"])] = rle["size"]
     unknown = sorted({int(p["image_id"]) for p in predictions} - set(image_ids))
     if unknown:
         raise ValueError(f"Predictions were given for the image ids {unknown}, which have no reference entry.")
@@ -142,6 +143,7 @@ def coco_mask_ap(predictions: Sequence[dict], references: Sequence[dict]) -> dic
                 }
             )
             categories.add(int(category))
+            sizes.setdefault(int(prediction["image_id"]), [int(v) for v in segmentation["size"]])
     counts = {"num_images": len(image_ids), "num_references": len(annotations), "num_predictions": len(results)}
     if not annotations or not results:
         return {**dict.fromkeys(COCO_STAT_NAMES, float("nan")), **counts}
@@ -149,7 +151,11 @@ def coco_mask_ap(predictions: Sequence[dict], references: Sequence[dict]) -> dic
     with contextlib.redirect_stdout(io.StringIO()):
         ground_truth = COCO()
         ground_truth.dataset = {
-            "images": [{"id": image_id} for image_id in image_ids],
+            # COCO reads an image's size when it decodes annotations; an image with no instance has none to decode.
+            "images": [
+                {"id": image_id, "height": sizes.get(image_id, [0, 0])[0], "width": sizes.get(image_id, [0, 0])[1]}
+                for image_id in image_ids
+            ],
             "categories": [{"id": category} for category in sorted(categories)],
             "annotations": annotations,
         }
@@ -158,7 +164,7 @@ def coco_mask_ap(predictions: Sequence[dict], references: Sequence[dict]) -> dic
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    stats = {name: float(value) if value >= 0 else float("nan") for name, value in zip(COCO_STAT_NAMES, evaluation.stats)}
+    stats = {name: float(v) if v >= 0 else float("nan") for name, v in zip(COCO_STAT_NAMES, evaluation.stats)}
     return {**stats, **counts}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from scipy.stats import kendalltau
 
 from ..architecture import SubnetArchitecture
-from ..evaluation import evaluate_dataset_mean_iou
+from ..metrics.evaluation import evaluate_dataset_mean_iou
 from ..training import train_supernet
 
 
@@ -89,12 +89,12 @@ def ranking_correlation(
         folder = Path(output_dir) if output_dir is not None else Path(scratch)
         inherited, standalone = [], []
         for index, arch in enumerate(archs):
-            inherited.append(_mean_iou(supernet, arch, eval_dataset, seed))
+            inherited.append(evaluate_dataset_mean_iou(supernet, eval_dataset, seed=seed, subnet=arch))
             folder_of_arch = folder / f"arch_{index}"
             tuned = _fine_tune(
                 supernet, arch, train_dataset, fine_tune_steps, learning_rate, batch_size, seed, folder_of_arch
             )
-            standalone.append(_mean_iou(tuned, arch, eval_dataset, seed))
+            standalone.append(evaluate_dataset_mean_iou(tuned, eval_dataset, seed=seed, subnet=arch))
     tau, p_value = kendalltau(inherited, standalone)
     return RankingResult(
         architectures=[arch.to_dict() for arch in archs],
@@ -123,11 +123,6 @@ def _fine_tune(supernet, arch, dataset, steps, learning_rate, batch_size, seed, 
         log_steps=max(steps // 5, 1),
     )
     return tuned.eval()
-
-
-def _mean_iou(model, arch, dataset, seed: int) -> float:
-    with model.using_subnet(arch):
-        return evaluate_dataset_mean_iou(model.eval(), dataset, seed=seed)
 
 
 __all__ = ["RankingResult", "ranking_correlation"]

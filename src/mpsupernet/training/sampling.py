@@ -23,7 +23,7 @@ from transformers.utils import logging
 from ..architecture import parameter_kind
 from ..configuration_sam_supernet import SamSupernetConfig, validate_progressive_schedule
 from ..data.processing import MODEL_INPUT_NAMES
-from ..evaluation import evaluate_mean_iou
+from ..metrics.evaluation import evaluate_mean_iou
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from ..quantization import LsqQuantizer
 from ..search_space import SearchSpace, SubnetArchitecture
@@ -455,7 +455,7 @@ def supernet_training_step(
 def evaluate_subnets(
     model: nn.Module, dataloader, archs: dict[str, SubnetArchitecture], **evaluate_kwargs
 ) -> dict[str, float]:
-    """Mean mask IoU of each subnet on a dataloader (see `mpsupernet.evaluation.evaluate_mean_iou`).
+    """Mean mask IoU of each subnet on a dataloader (`mpsupernet.metrics.evaluate_mean_iou` with `subnet`).
 
     The model's active subnet is restored afterwards.
 
@@ -468,10 +468,9 @@ def evaluate_subnets(
     Returns:
         `dict[str, float]`: the mean IoU of each subnet.
     """
-    results = {}
-    for name, arch in archs.items():
-        with model.using_subnet(arch):
-            results[name] = evaluate_mean_iou(
-                model, dataloader, description=f"mIoU of the {name} subnet", **evaluate_kwargs
-            )
-    return results
+    return {
+        name: evaluate_mean_iou(
+            model, dataloader, subnet=arch, description=f"mIoU of the {name} subnet", **evaluate_kwargs
+        )
+        for name, arch in archs.items()
+    }
