@@ -7,8 +7,7 @@ subnet of a supernet), `instance` (COCO mask AP, and the promptable model's AP w
 others (which import the data pipeline, `evaluate` or pycocotools) on first use.
 """
 
-import importlib
-
+from .._lazy import lazy_attributes
 from .mask import MeanMaskIoU, mask_iou, select_masks
 from .semantic import SemanticAreas, intersect_and_union, mean_iou, reduce_label_map
 
@@ -39,11 +38,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _LAZY_NAMES:
-        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_NAMES))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY_NAMES)

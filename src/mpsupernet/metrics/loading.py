@@ -7,8 +7,10 @@ not. The scripts only wrap this package's own computations (`semantic.mean_iou`,
 `instance.coco_mask_ap`), so the module and the function give the same figure.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import datasets
 import evaluate
 
 
@@ -20,6 +22,24 @@ METRICS = {
     "mask_iou": "mean IoU over the masks of a promptable model, one mask per prompt",
     "mask_ap": "COCO mask AP and AR of instance masks with scores (pycocotools)",
 }
+
+
+def metric_info(
+    description: str, inputs_description: str, features: dict, reference_urls: Sequence[str] = ()
+) -> evaluate.MetricInfo:
+    """The `_info` of one of the package's `evaluate` modules (no citation; `features` as a dict of features)."""
+    return evaluate.MetricInfo(
+        description=description,
+        citation="",
+        inputs_description=inputs_description,
+        features=datasets.Features(features),
+        reference_urls=list(reference_urls),
+    )
+
+
+def map_features(dtype: str) -> dict:
+    """Features of a module whose predictions and references are 2-D maps (masks or label maps) of `dtype`."""
+    return {name: datasets.List(datasets.List(datasets.Value(dtype))) for name in ("predictions", "references")}
 
 
 def load_metric(name: str, **kwargs) -> evaluate.EvaluationModule:
@@ -47,4 +67,4 @@ def load_metric(name: str, **kwargs) -> evaluate.EvaluationModule:
     return evaluate.load(str(MODULES_DIR / name), **kwargs)
 
 
-__all__ = ["METRICS", "MODULES_DIR", "load_metric"]
+__all__ = ["METRICS", "MODULES_DIR", "load_metric", "map_features", "metric_info"]

@@ -8,6 +8,7 @@ import datasets
 import evaluate
 
 from mpsupernet.metrics.instance import coco_mask_ap
+from mpsupernet.metrics.loading import metric_info
 
 
 _DESCRIPTION = """
@@ -32,28 +33,21 @@ _RLE = {"size": datasets.List(datasets.Value("int64")), "counts": datasets.Value
 
 class MaskAP(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": {
-                        "image_id": datasets.Value("int64"),
-                        "segmentation": datasets.List(_RLE),
-                        "score": datasets.List(datasets.Value("float64")),
-                        "category_id": datasets.List(datasets.Value("int64")),
-                    },
-                    "references": {
-                        "image_id": datasets.Value("int64"),
-                        "segmentation": datasets.List(_RLE),
-                        "category_id": datasets.List(datasets.Value("int64")),
-                        "iscrowd": datasets.List(datasets.Value("int64")),
-                    },
-                }
-            ),
-            reference_urls=["https://cocodataset.org/#detection-eval"],
-        )
+        features = {
+            "predictions": {
+                "image_id": datasets.Value("int64"),
+                "segmentation": datasets.List(_RLE),
+                "score": datasets.List(datasets.Value("float64")),
+                "category_id": datasets.List(datasets.Value("int64")),
+            },
+            "references": {
+                "image_id": datasets.Value("int64"),
+                "segmentation": datasets.List(_RLE),
+                "category_id": datasets.List(datasets.Value("int64")),
+                "iscrowd": datasets.List(datasets.Value("int64")),
+            },
+        }
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, features, ["https://cocodataset.org/#detection-eval"])
 
     def _compute(self, predictions, references):
         return coco_mask_ap(predictions, references)

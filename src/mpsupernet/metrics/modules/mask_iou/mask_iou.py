@@ -5,11 +5,11 @@ Loaded by `mpsupernet.load_metric("mask_iou")` from this file (no download). The
 `evaluate`'s interface.
 """
 
-import datasets
 import evaluate
 import numpy as np
 import torch
 
+from mpsupernet.metrics.loading import map_features, metric_info
 from mpsupernet.metrics.mask import mask_iou
 
 
@@ -36,17 +36,7 @@ Example:
 
 class MaskIoU(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.List(datasets.List(datasets.Value("float32"))),
-                    "references": datasets.List(datasets.List(datasets.Value("float32"))),
-                }
-            ),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, map_features("float32"))
 
     def _compute(self, predictions, references, threshold=0.0):
         ious = np.array(

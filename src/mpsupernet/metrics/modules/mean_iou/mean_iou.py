@@ -4,9 +4,9 @@ Loaded by `mpsupernet.load_metric("mean_iou")` from this file (no download). The
 `mpsupernet.metrics.semantic.mean_iou`; this module only gives it `evaluate`'s interface.
 """
 
-import datasets
 import evaluate
 
+from mpsupernet.metrics.loading import map_features, metric_info
 from mpsupernet.metrics.semantic import mean_iou
 
 
@@ -38,17 +38,11 @@ Example:
 
 class MeanIoU(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.List(datasets.List(datasets.Value("int32"))),
-                    "references": datasets.List(datasets.List(datasets.Value("int32"))),
-                }
-            ),
-            reference_urls=["https://huggingface.co/spaces/evaluate-metric/mean_iou"],
+        return metric_info(
+            _DESCRIPTION,
+            _KWARGS_DESCRIPTION,
+            map_features("int32"),
+            ["https://huggingface.co/spaces/evaluate-metric/mean_iou"],
         )
 
     def _compute(self, predictions, references, num_labels, ignore_index=255, reduce_labels=False, nan_to_num=None):
