@@ -19,6 +19,7 @@ from mpsupernet.metrics import (
     encode_masks,
     evaluate_mask_ap,
     evaluate_mean_iou,
+    evaluate_semantic_mean_iou,
     load_metric,
     mean_iou,
 )
@@ -244,3 +245,33 @@ def test_evaluate_mask_ap_of_a_supernet_subnet_restores_the_active_subnet(tiny_s
         evaluate_mask_ap(BoxModel(), rectangle_dataset(), subnet=smallest)
     with pytest.raises(TypeError, match=r"no `using_subnet`"):
         evaluate_mean_iou(BoxModel(), [], subnet=smallest)
+
+
+class FixedSegmenter(torch.nn.Module):
+    """A semantic segmenter that returns fixed class logits, whatever the pixels."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, pixel_values):
+        return {"logits": self.logits[: len(pixel_values)]}
+
+
+def test_evaluate_semantic_mean_iou_upsamples_then_scores_the_dataset():
+    # 2x2 logits upsampled (bilinear) to 4x4: each quadrant keeps its class, so the argmax is known.
+    classes = torch.tensor([[[0, 1], [2, 1]], [[1, 1], [0, 2]]])
+    logits = torch.nn.functional.one_hot(classes, 4).permute(0, 3, 1, 2).float() * 5
+    predictions = classes.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    labels = predictions.clone()
+    labels[0, 0, :] = 2  # a wrong row
+    labels[1, 3, 3] = 255  # ignored
+    batches = [{"pixel_values": torch.zeros(2, 3, 8, 8), "labels": labels}, {}]
+    model = FixedSegmenter(logits).train()
+    model.config = SimpleNamespace(num_labels=4, semantic_loss_ignore_index=255)
+    results = evaluate_semantic_mean_iou(model, batches, show_progress=False)
+    expected = independent_mean_iou(list(predictions.numpy()), list(labels.numpy()), 4, 255)
+    assert results["mean_iou"] == pytest.approx(expected[0]) and np.isnan(results["per_category_iou"][3])
+    assert model.training  # restored
+    with pytest.raises(ValueError, match=r"reference holds the labels \[4\]"):
+        evaluate_semantic_mean_iou(model, [{"pixel_values": torch.zeros(1, 3, 8, 8), "labels": labels[:1] * 0 + 4}])

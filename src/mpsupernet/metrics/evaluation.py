@@ -1,19 +1,22 @@
-"""Evaluation loops of the promptable model: mean mask IoU over a dataloader or a segmentation dataset.
+"""Evaluation loops: the promptable model's mean mask IoU, and the semantic model's dataset-level class mIoU.
 
 The mean mask IoU of one subnet of a supernet is `evaluate_mean_iou(supernet, dataloader, subnet=arch)` (or
 `evaluate_dataset_mean_iou(..., subnet=arch)`): the Trainer, the training loop, the search and the benchmarks all
-measure a subnet that way.
+measure a subnet that way. `evaluate_semantic_mean_iou(..., subnet=arch)` is the same for a semantic supernet.
 """
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..data.processing import MODEL_INPUT_NAMES, SamSegmentationPreprocessor, collate_fn
 from .mask import MeanMaskIoU, select_masks
+from .semantic import SemanticAreas
 
 
 def _model_device(model: Any) -> torch.device:
@@ -152,6 +155,70 @@ def evaluate_dataset_mean_iou(
     return evaluate_mean_iou(model, loader, show_progress=show_progress, description=description, subnet=subnet)
 
 
+@torch.no_grad()
+def evaluate_semantic_mean_iou(
+    model: Callable[..., Any],
+    dataloader: Iterable[dict[str, torch.Tensor]],
+    num_labels: int | None = None,
+    ignore_index: int | None = None,
+    reduce_labels: bool = False,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    show_progress: bool = True,
+    description: str = "Evaluating class mIoU",
+    subnet: Any = None,
+) -> dict[str, float | np.ndarray]:
+    """Dataset-level class mean IoU of a semantic segmenter over a dataloader (the `mean_iou` module's figure).
+
+    The logits are upsampled bilinearly to the label maps' size (transformers' semantic loss does the same), then
+    the argmax is scored with `SemanticAreas`. In a distributed run, give each process its shard: the per-class
+    totals are summed over processes before dividing.
+
+    Args:
+        model (`Callable`): called with the batch's `pixel_values`; returns `logits` `(batch, num_labels, h, w)`.
+        dataloader (`Iterable[dict]`): batches with `pixel_values` and `labels` `(batch, height, width)`; empty
+            batches are passed over.
+        num_labels (`int`, *optional*): defaults to `model.config.num_labels`.
+        ignore_index (`int`, *optional*): defaults to `model.config.semantic_loss_ignore_index`, else 255.
+        reduce_labels (`bool`, *optional*, defaults to `False`): ADE20K's reduction of the labels.
+        device, max_batches, show_progress, description, subnet: see `evaluate_mean_iou`.
+
+    Returns:
+        `dict`: see `SemanticAreas.compute` (`mean_iou`, `per_category_iou`, ...).
+
+    Raises:
+        `ValueError`: labels outside `[0, num_labels)` other than the ignore index (the message names them).
+        `TypeError`: `subnet` given for a model that is not a supernet.
+    """
+    config = getattr(model, "config", None)
+    if num_labels is None:
+        num_labels = config.num_labels
+    if ignore_index is None:
+        ignore_index = getattr(config, "semantic_loss_ignore_index", None)
+        ignore_index = 255 if ignore_index is None else ignore_index
+    areas = SemanticAreas(num_labels, ignore_index, reduce_labels)
+    device = torch.device(device) if device is not None else _model_device(model)
+    with evaluating(model, subnet):
+        for step, batch in enumerate(tqdm(dataloader, desc=description, disable=not show_progress)):
+            if max_batches is not None and step >= max_batches:
+                break
+            if not batch:
+                continue
+            logits = model(pixel_values=batch["pixel_values"].to(device))["logits"]
+            labels = batch["labels"]
+            logits = torch.nn.functional.interpolate(
+                logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False
+            )
+            areas.update(logits.argmax(dim=1).cpu().numpy(), labels.cpu().numpy())
+    if dist.is_available() and dist.is_initialized():
+        totals = ("area_intersect", "area_union", "area_prediction", "area_reference")
+        stacked = torch.from_numpy(np.stack([getattr(areas, name) for name in totals])).to(device)
+        dist.all_reduce(stacked)
+        for name, total in zip(totals, stacked.cpu().numpy()):
+            setattr(areas, name, total)
+    return areas.compute()
+
+
 def evaluate_real3_mean_iou(model: Any, dataset=None, seed: int = 0) -> dict[str, float]:
     """Box-prompt mean IoU on real-3 (`mpsupernet.data.load_real3_dataset`): per domain and over all instances.
 
@@ -188,4 +255,10 @@ def evaluate_real3_mean_iou(model: Any, dataset=None, seed: int = 0) -> dict[str
     return results
 
 
-__all__ = ["evaluate_dataset_mean_iou", "evaluate_mean_iou", "evaluate_real3_mean_iou", "evaluating"]
+__all__ = [
+    "evaluate_dataset_mean_iou",
+    "evaluate_mean_iou",
+    "evaluate_real3_mean_iou",
+    "evaluate_semantic_mean_iou",
+    "evaluating",
+]
