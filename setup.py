@@ -4,7 +4,7 @@ torch is deliberately given as a range: the exact build used on the project's ow
 (torch 2.13.0) is pinned by the Makefile, which installs it before this package.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 install_requires = [
     "torch>=2.4",
@@ -57,11 +57,12 @@ setup(
     # The card templates live at the top of the repository, where people look for them, and ship inside the
     # package as `mpsupernet.model_cards` so that installed code can render them.
     package_dir={"": "src", "mpsupernet.model_cards": "model_cards"},
-    packages=find_packages("src") + ["mpsupernet.model_cards"],
+    # The scripts of `load_metric` (`metrics/modules/<name>/<name>.py`), which evaluate imports from their folders.
+    packages=find_packages("src")
+    + ["mpsupernet.model_cards"]
+    + find_namespace_packages("src", include=["mpsupernet.metrics.modules.*"]),
     package_data={
         "mpsupernet.pretrained": ["*/*.safetensors", "*/*.json", "*/*.md"],
-        # The scripts of `load_metric` (evaluate imports them from their folders; they are not package modules).
-        "mpsupernet.metrics": ["modules/*/*.py"],
         "mpsupernet.model_cards": ["*.md"],
     },
     include_package_data=True,
