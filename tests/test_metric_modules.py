@@ -275,3 +275,14 @@ def test_evaluate_semantic_mean_iou_upsamples_then_scores_the_dataset():
     assert model.training  # restored
     with pytest.raises(ValueError, match=r"reference holds the labels \[4\]"):
         evaluate_semantic_mean_iou(model, [{"pixel_values": torch.zeros(1, 3, 8, 8), "labels": labels[:1] * 0 + 4}])
+
+
+def test_every_metric_is_a_script_in_a_folder_that_setup_ships():
+    from setuptools import find_namespace_packages
+
+    from mpsupernet.metrics.loading import MODULES_DIR
+
+    source = MODULES_DIR.parents[2]  # src/, whose packages setup.py finds
+    shipped = find_namespace_packages(str(source), include=["mpsupernet.metrics.modules.*"])  # as in setup.py
+    assert sorted(shipped) == sorted(f"mpsupernet.metrics.modules.{name}" for name in METRICS)
+    assert all((MODULES_DIR / name / f"{name}.py").is_file() for name in METRICS)
