@@ -286,3 +286,25 @@ def test_every_metric_is_a_script_in_a_folder_that_setup_ships():
     shipped = find_namespace_packages(str(source), include=["mpsupernet.metrics.modules.*"])  # as in setup.py
     assert sorted(shipped) == sorted(f"mpsupernet.metrics.modules.{name}" for name in METRICS)
     assert all((MODULES_DIR / name / f"{name}.py").is_file() for name in METRICS)
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE written by hand: run lengths over the column-major pixels, background first."""
+    flat = mask.ravel(order="F").astype(int)
+    changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return {"size": list(mask.shape), "counts": np.diff(np.concatenate([[0], changes])).tolist()}
+
+
+def test_coco_mask_ap_reads_counts_as_text_bytes_or_runs():
+    from pycocotools import mask as mask_utils
+
+    objects = np.stack([_square(2, 2), _square(15, 15)])
+    predicted = np.stack([_square(2, 2, pixels=80), _square(15, 15, pixels=62)])
+    references = [{"image_id": 1, "segmentation": encode_masks(objects), "category_id": [1, 1], "iscrowd": [0, 0]}]
+    as_text = {"image_id": 1, "segmentation": encode_masks(predicted), "score": [0.9, 0.8], "category_id": [1, 1]}
+    as_bytes = dict(as_text, segmentation=mask_utils.encode(np.asfortranarray(predicted.transpose(1, 2, 0), np.uint8)))
+    as_runs = dict(as_text, segmentation=[_uncompressed_rle(mask) for mask in predicted])
+    expected = coco_mask_ap([as_text], references)
+    assert expected["map_75"] == pytest.approx(51 / 101)  # 0.80 and 0.62 of their objects
+    for other in (as_bytes, as_runs):
+        assert coco_mask_ap([other], references) == pytest.approx(expected, nan_ok=True)

@@ -73,14 +73,18 @@ def encode_masks(masks) -> list[dict[str, Any]]:
 
 
 def _rle(segmentation: dict[str, Any]) -> dict[str, Any]:
-    return {"size": [int(v) for v in segmentation["size"]], "counts": str(segmentation["counts"]).encode("ascii")}
+    """A compressed RLE as pycocotools takes it, from counts as text, bytes or (uncompressed) a list of runs."""
+    height, width = (int(v) for v in segmentation["size"])
+    counts = segmentation["counts"]
+    if isinstance(counts, list):
+        return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    return {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else bytes(counts)}
 
 
-def _check_lengths(entry: dict[str, Any], keys: Sequence[str], what: str) -> int:
+def _check_lengths(entry: dict[str, Any], keys: Sequence[str], what: str) -> None:
     lengths = {key: len(entry[key]) for key in keys}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"The {what} of image {entry['image_id']} has lists of different lengths: {lengths}.")
-    return lengths[keys[0]]
 
 
 def coco_mask_ap(predictions: Sequence[dict], references: Sequence[dict]) -> dict[str, float]:
