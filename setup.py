@@ -4,13 +4,15 @@ torch is deliberately given as a range: the exact build used on the project's ow
 (torch 2.13.0) is pinned by the Makefile, which installs it before this package.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 install_requires = [
     "torch>=2.4",
     "transformers>=5.0,<6",
     "accelerate>=1.0",
-    "datasets>=3.0",
+    "datasets>=4.0",  # `datasets.List` (the standard schema, the metric modules)
+    # The metrics ship as `evaluate` modules (`mpsupernet.load_metric`), loaded from scripts inside the package.
+    "evaluate>=0.4.3",
     "huggingface_hub>=1.0",
     "pydantic>=2.0,<3",
     "safetensors>=0.4.3",
@@ -53,7 +55,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     package_dir={"": "src"},
-    packages=find_packages("src"),
+    # The scripts of `load_metric` (`metrics/modules/<name>/<name>.py`), which evaluate imports from their folders.
+    packages=find_packages("src") + find_namespace_packages("src", include=["mpsupernet.metrics.modules.*"]),
     package_data={
         "mpsupernet.pretrained": ["*/*.safetensors", "*/*.json", "*/*.md"],
         # The card templates, rendered by `mpsupernet.hub.cards` (as huggingface_hub ships its own).

@@ -23,7 +23,7 @@ import _common
 from mpsupernet import SamSupernetForMaskGeneration
 from mpsupernet.data import make_synthetic_segmentation_dataset, make_synthetic_segmentation_dataset_dict
 from mpsupernet.demo import training_arguments
-from mpsupernet.evaluation import evaluate_dataset_mean_iou
+from mpsupernet.metrics import evaluate_dataset_mean_iou
 from mpsupernet.pretrained import SHIPPED_SAM_NAMES, load_sam
 from mpsupernet.search import ParetoFront, run_search
 from mpsupernet.training import train_supernet
@@ -203,12 +203,6 @@ def add_supernet_argument(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="A trained supernet folder to measure (e.g. outputs/demo/supernet); by default one is trained first.",
     )
-
-
-def subnet_mean_iou(supernet: SamSupernetForMaskGeneration, arch, dataset, seed: int) -> float:
-    """Box-prompt mean IoU of one architecture of `supernet` on `dataset`."""
-    supernet.set_subnet(arch)
-    return evaluate_dataset_mean_iou(supernet, dataset, seed=seed)
 
 
 def result_header(name: str, args: argparse.Namespace) -> dict:

@@ -16,7 +16,7 @@ from scipy.stats import kendalltau
 
 from mpsupernet.architecture import SubnetArchitecture
 from mpsupernet.bitops import BitOpsCounter
-from mpsupernet.evaluation import evaluate_dataset_mean_iou
+from mpsupernet.metrics import evaluate_dataset_mean_iou
 from mpsupernet.training import SupernetTrainingArguments, train_supernet
 
 
@@ -90,12 +90,12 @@ def ranking_correlation(
         folder = Path(output_dir) if output_dir is not None else Path(scratch)
         inherited, standalone = [], []
         for index, arch in enumerate(archs):
-            inherited.append(_mean_iou(supernet, arch, eval_dataset, seed))
+            inherited.append(evaluate_dataset_mean_iou(supernet, eval_dataset, seed=seed, subnet=arch))
             folder_of_arch = folder / f"arch_{index}"
             tuned = _fine_tune(
                 supernet, arch, train_dataset, fine_tune_steps, learning_rate, batch_size, seed, folder_of_arch
             )
-            standalone.append(_mean_iou(tuned, arch, eval_dataset, seed))
+            standalone.append(evaluate_dataset_mean_iou(tuned, eval_dataset, seed=seed, subnet=arch))
     tau, p_value = kendalltau(inherited, standalone)
     counter = BitOpsCounter(supernet.config)
     return RankingResult(
@@ -128,11 +128,6 @@ def _fine_tune(supernet, arch, dataset, steps, learning_rate, batch_size, seed, 
     )
     train_supernet(tuned, dataset, args=args)
     return tuned.eval()
-
-
-def _mean_iou(model, arch, dataset, seed: int) -> float:
-    with model.using_subnet(arch):
-        return evaluate_dataset_mean_iou(model.eval(), dataset, seed=seed)
 
 
 __all__ = ["RankingResult", "ranking_correlation"]

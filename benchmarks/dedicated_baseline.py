@@ -25,7 +25,7 @@ import _common
 import _embedded
 from mpsupernet import extract_subnet
 from mpsupernet.demo import training_arguments
-from mpsupernet.evaluation import evaluate_dataset_mean_iou
+from mpsupernet.metrics import evaluate_dataset_mean_iou
 from mpsupernet.training import train_supernet
 
 NAME = "dedicated_baseline"

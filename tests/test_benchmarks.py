@@ -21,7 +21,7 @@ from conftest import TEST_SAM
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration, extract_subnet
 from mpsupernet.bitops import count_bitops
 from mpsupernet.data import REAL3_INSTALL, is_real3_available
-from mpsupernet.evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
+from mpsupernet.metrics import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
 from mpsupernet.hub import save_tiers
 from mpsupernet.pretrained import load_sam
 from mpsupernet.runtime import OnnxSamModel

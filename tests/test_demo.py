@@ -7,7 +7,7 @@ import pytest
 
 from mpsupernet.data import is_real3_available, load_real3_dataset
 from mpsupernet.demo import MAX_TIER_SHARE, TIER_NAMES, run_demo
-from mpsupernet.evaluation import evaluate_real3_mean_iou
+from mpsupernet.metrics import evaluate_real3_mean_iou
 from mpsupernet.hub import read_tiers_manifest
 from mpsupernet.pretrained import load_sam
 

@@ -20,7 +20,7 @@ from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration 
 from mpsupernet.cli import main  # noqa: E402
 from mpsupernet.data import make_synthetic_segmentation_dataset  # noqa: E402
 from mpsupernet.data.processing import SamSegmentationPreprocessor, collate_fn  # noqa: E402
-from mpsupernet.evaluation import evaluate_mean_iou  # noqa: E402
+from mpsupernet.metrics import evaluate_mean_iou  # noqa: E402
 from mpsupernet.export import writer  # noqa: E402
 from mpsupernet.export.graphs import ActivationQuantizerGraph, AttentionGraph, ConvGraph, LinearGraph  # noqa: E402
 from mpsupernet.export.ops import ONNX_TRANSLATIONS  # noqa: E402

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from transformers import SamModel
 
 from mpsupernet.data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset
-from mpsupernet.evaluation import evaluate_mean_iou
+from mpsupernet.metrics import evaluate_mean_iou
 from mpsupernet.pretrained import (
     SHIPPED_SAM_NAMES,
     load_sam,

@@ -91,7 +91,7 @@ def test_real3_names_the_missing_package(monkeypatch):
 
 @requires_real3
 def test_real3_mean_iou_weights_every_instance_once(real3):
-    from mpsupernet.evaluation import evaluate_real3_mean_iou
+    from mpsupernet.metrics import evaluate_real3_mean_iou
     from mpsupernet.pretrained import load_sam
 
     sam = load_sam()

@@ -13,7 +13,7 @@ from transformers.utils import logging
 
 from .bitops import format_bitops
 from .data import REAL3_INSTALL, is_real3_available, load_real3_dataset, make_synthetic_segmentation_dataset_dict
-from .evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
+from .metrics.evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
 from .export.notices import quiet_exporter_notices
 from .hub import describe_latency_measurement, save_tiers
 from .modeling_sam_supernet import SamSupernetForMaskGeneration

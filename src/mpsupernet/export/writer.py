@@ -36,7 +36,7 @@ from ..layout import (
     PROMPT_DECODER_NAME,
     VISION_ENCODER_NAME,
 )
-from ..metrics import mask_iou
+from ..metrics.mask import mask_iou
 from ..quantization import LsqQuantizer
 from ..subnet_layers import QuantizedLinear
 from .graphs import PromptEncoderMaskDecoderGraph, VisionEncoderGraph

@@ -7,8 +7,7 @@ saved front never import pymoo. The search prices architectures with `mpsupernet
 imports training (the ranking analysis, which fine-tunes, is `benchmarks/_ranking.py`).
 """
 
-import importlib
-
+from .._lazy import lazy_attributes
 from .front import PARETO_FRONT_FORMAT_VERSION, TABLE_COLUMNS, ParetoEntry, ParetoFront, non_dominated_mask
 
 _LAZY_NAMES = {
@@ -30,11 +29,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _LAZY_NAMES:
-        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY_NAMES)

@@ -267,10 +267,10 @@ def make_miou_evaluator(
         max_batches (`int`, *optional*): evaluate on at most this many batches (per process).
 
     Returns:
-        `Callable[[SubnetArchitecture], float]`: leaves the architecture it evaluated active in the supernet.
+        `Callable[[SubnetArchitecture], float]`: the subnet active before a call is active again after it.
     """
-    # Imported here: evaluation.py pulls in the data pipeline, which the search itself does not need.
-    from ..evaluation import evaluate_mean_iou
+    # Imported here: the evaluation loops pull in the data pipeline, which the search itself does not need.
+    from ..metrics.evaluation import evaluate_mean_iou
 
     autocast = contextlib.nullcontext
     if accelerator is not None:
@@ -279,9 +279,8 @@ def make_miou_evaluator(
         autocast = accelerator.autocast
 
     def evaluate(arch: SubnetArchitecture) -> float:
-        supernet.set_subnet(arch)
         with autocast():
-            return evaluate_mean_iou(supernet, dataloader, max_batches=max_batches, show_progress=False)
+            return evaluate_mean_iou(supernet, dataloader, max_batches=max_batches, show_progress=False, subnet=arch)
 
     return evaluate
 

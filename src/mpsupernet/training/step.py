@@ -14,7 +14,7 @@ from torch import nn
 
 from ..architecture import SubnetArchitecture, parameter_kind
 from ..data.processing import MODEL_INPUT_NAMES
-from ..evaluation import evaluate_mean_iou
+from ..metrics.evaluation import evaluate_mean_iou
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from .losses import DISTILLATION_KINDS, mask_distillation_loss, sam_loss
 from .sampling import ProgressiveBitsSchedule
@@ -223,7 +223,7 @@ def supernet_training_step(
 def evaluate_subnets(
     model: nn.Module, dataloader, archs: dict[str, SubnetArchitecture], **evaluate_kwargs
 ) -> dict[str, float]:
-    """Mean mask IoU of each subnet on a dataloader (see `mpsupernet.evaluation.evaluate_mean_iou`).
+    """Mean mask IoU of each subnet on a dataloader (`mpsupernet.metrics.evaluate_mean_iou` with `subnet`).
 
     The model's active subnet is restored afterwards.
 
@@ -236,10 +236,9 @@ def evaluate_subnets(
     Returns:
         `dict[str, float]`: the mean IoU of each subnet.
     """
-    results = {}
-    for name, arch in archs.items():
-        with model.using_subnet(arch):
-            results[name] = evaluate_mean_iou(
-                model, dataloader, description=f"mIoU of the {name} subnet", **evaluate_kwargs
-            )
-    return results
+    return {
+        name: evaluate_mean_iou(
+            model, dataloader, subnet=arch, description=f"mIoU of the {name} subnet", **evaluate_kwargs
+        )
+        for name, arch in archs.items()
+    }

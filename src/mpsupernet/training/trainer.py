@@ -110,7 +110,7 @@ class SupernetTrainer(Trainer):
                 raise ValueError(
                     f"SupernetTrainer does not call `{name}`: its `evaluate` measures the mean mask IoU of the largest "
                     "and the smallest subnets. For other metrics or subnets, run "
-                    "`mpsupernet.training.evaluate_subnets` (or `mpsupernet.evaluation`) on the trained supernet."
+                    "`mpsupernet.training.evaluate_subnets` (or `mpsupernet.metrics`) on the trained supernet."
                 )
         for name in ("train_dataset", "eval_dataset"):
             _check_preprocessed(kwargs.get(name), name)
