@@ -46,7 +46,7 @@ class ActivationQuantizerGraph(nn.Module):
         self.q_min, self.q_max = integer_range(self.bits, quantizer.signed) if self.enabled else (0, 0)
         # signed grids are stored shifted into uint8 (exact: the zero point is an integer)
         self.zero_point = -self.q_min
-        step = quantizer.step_size[0, 0].clamp_min(quantizer.step_size_min) if self.enabled else torch.tensor(1.0)
+        step = quantizer.step_magnitude(quantizer.step_size[0, 0]) if self.enabled else torch.tensor(1.0)
         self.register_buffer("step", step.detach().clone().float().reshape(()))
         offset = quantizer.offset[0, 0] if self.enabled and quantizer.offset is not None else torch.tensor(0.0)
         self.offset = float(offset.detach())
