@@ -40,6 +40,47 @@ def test_preprocess_matches_the_sam_image_processor(exported_w8a8):
     np.testing.assert_allclose(ours["input_boxes"], theirs["input_boxes"], atol=1e-4)
 
 
+def _transparent_images():
+    rng = np.random.default_rng(4)
+    rgba = np.asarray(photo().convert("RGBA")).copy()
+    rgba[..., 3] = rng.integers(0, 256, rgba.shape[:2], dtype=np.uint8)
+    rgba[:10, :10, 3] = 0  # fully transparent: white, whatever the colour underneath
+    palette = Image.fromarray(rgba[..., :3]).quantize(16)
+    palette.info["transparency"] = 3
+    return {
+        "PIL RGBA": Image.fromarray(rgba),
+        "numpy RGBA": rgba,
+        "PIL LA": Image.fromarray(rgba).convert("LA"),
+        "PIL P with transparency": palette,
+    }
+
+
+@pytest.mark.parametrize("kind", ["PIL RGBA", "numpy RGBA", "PIL LA", "PIL P with transparency"])
+def test_preprocess_blends_transparency_onto_white_as_the_sam_image_processor(exported_w8a8, kind):
+    _, folder, _ = exported_w8a8
+    model = OnnxSamModel.from_pretrained(folder)
+    processor = SamProcessor(image_processor=PillowSamImageProcessor.from_pretrained(folder))
+    image = _transparent_images()[kind]
+    ours = model.preprocess(image)["pixel_values"]
+    np.testing.assert_allclose(ours, processor(image, return_tensors="np")["pixel_values"], atol=1e-5)
+    if kind != "PIL P with transparency":
+        mean, std = np.asarray(processor.image_processor.image_mean), np.asarray(processor.image_processor.image_std)
+        # the transparent corner (10 of 150 pixels, resized to 128 wide: its first 7 pixels) is white
+        np.testing.assert_allclose(ours[0, :, 2, 2], (1.0 - mean) / std, atol=1e-5)
+
+
+def test_runtime_refuses_non_finite_pixel_values(exported_w8a8):
+    model = OnnxSamModel.from_pretrained(exported_w8a8[1])
+    pixel_values = model.preprocess(photo())["pixel_values"]
+    pixel_values[0, 1, 4, 9] = np.nan
+    pixel_values[0, 2, 5, 5] = np.inf
+    message = r"^pixel_values hold 2 non-finite values \(NaN or inf\); the quantized encoder would clip them"
+    with pytest.raises(ValueError, match=message):
+        model(pixel_values=pixel_values, input_boxes=[[[10.0, 10.0, 80.0, 60.0]]])
+    with pytest.raises(ValueError, match=message):
+        model.get_image_embeddings(pixel_values)
+
+
 @pytest.mark.parametrize(
     "boxes, problem",
     [
