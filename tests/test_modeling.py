@@ -1,5 +1,6 @@
 """SamSupernetForMaskGeneration: equivalence with SAM, elastic dimensions, gradients, saving and bad input."""
 
+import re
 import weakref
 
 import pytest
@@ -11,6 +12,7 @@ from transformers import AutoModel, AutoModelForMaskGeneration, SamModel
 
 from mpsupernet import SamSupernetConfig, SamSupernetForMaskGeneration
 from mpsupernet.elastic import ElasticSamVisionAttention
+from mpsupernet.extraction import extract_subnet
 from mpsupernet.lora import QuantizedLoraLinear
 from mpsupernet.recompute import RecomputedFunction
 from mpsupernet.testing_utils import make_sam_config
@@ -497,6 +499,20 @@ def test_image_of_wrong_size_is_rejected(tiny_supernet, prompt_inputs):
         run(tiny_supernet, inputs)
     with pytest.raises(ValueError, match=r"shape \(batch, 3, height, width\); got \(2, 1, 128, 128\)"):
         run(tiny_supernet, {**prompt_inputs, "pixel_values": torch.randn(2, 1, 128, 128)})
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float16])
+def test_pixel_values_of_another_dtype_are_refused_as_sam_model_does(tiny_sam, tiny_supernet, prompt_inputs, dtype):
+    tiny_supernet.calibrate_quantizers(prompt_inputs["pixel_values"])
+    subnet = extract_subnet(tiny_supernet, tiny_supernet.largest_subnet())
+    pixel_values = (prompt_inputs["pixel_values"].clamp(-2, 2) * 50 + 128).to(dtype)
+    inputs = {**prompt_inputs, "pixel_values": pixel_values}
+    with pytest.raises(RuntimeError, match=r"Input type .* and bias type .* should be the same"):
+        run(tiny_sam, inputs)  # transformers' SamModel
+    message = rf"^pixel_values must have the model's dtype torch\.float32; got {re.escape(str(dtype))}\. Give what the processor"
+    for model in (tiny_supernet, subnet):
+        with pytest.raises(TypeError, match=message):
+            run(model, inputs)
 
 
 @pytest.mark.parametrize(
