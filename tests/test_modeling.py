@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AutoModel, AutoModelForMaskGeneration, SamModel
 
-from mpsupernet import SamSupernetConfig, SamSupernetForMaskGeneration
+from mpsupernet import SamSubnetForMaskGeneration, SamSupernetConfig, SamSupernetForMaskGeneration
 from mpsupernet.elastic import ElasticSamVisionAttention
 from mpsupernet.extraction import extract_subnet
 from mpsupernet.lora import QuantizedLoraLinear
@@ -533,6 +533,26 @@ def test_malformed_arch_dict_is_rejected(tiny_supernet, change, message):
     change(arch)
     with pytest.raises(ValueError, match=message):
         tiny_supernet.set_subnet(arch)
+
+
+def test_a_folder_without_config_json_names_the_missing_file(tiny_supernet, tmp_path):
+    tiny_supernet.calibrate_quantizers(torch.randn(1, 3, 128, 128))
+    extract_subnet(tiny_supernet, tiny_supernet.largest_subnet()).save_pretrained(tmp_path / "subnet")
+    tiny_supernet.save_pretrained(tmp_path / "nested" / "supernet")
+    (tmp_path / "subnet" / "config.json").unlink()
+    (tmp_path / "nested" / "supernet" / "config.json").unlink()
+    for folder, load, kwargs in (
+        (tmp_path / "subnet", SamSubnetForMaskGeneration.from_pretrained, {}),
+        (tmp_path / "nested" / "supernet", SamSupernetForMaskGeneration.from_pretrained, {}),
+        (tmp_path / "nested", SamSupernetForMaskGeneration.from_pretrained, {"subfolder": "supernet"}),
+    ):
+        kind = "subnet" if load == SamSubnetForMaskGeneration.from_pretrained else "supernet"
+        message = (
+            rf"has no config\.json: it is not a complete {kind} folder \(the file is missing beside "
+            rf"\['model\.safetensors', 'preprocessor_config\.json'\]\)\. Save the {kind} again"
+        )
+        with pytest.raises(FileNotFoundError, match=message):
+            load(folder, **kwargs)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
