@@ -30,6 +30,7 @@ from transformers.utils import logging
 from ..data.processing import SamSegmentationPreprocessor, collate_fn, remove_examples_without_masks
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from .arguments import SUPERNET_OPTIONS, SupernetTrainingArguments
+from .engine import check_engine
 from .policies import (
     SubnetLossWindow,
     calibrate_from_dataset,
@@ -148,8 +149,6 @@ def arguments_from_keywords(**kwargs) -> SupernetTrainingArguments:
         warmup_steps=warmup_ratio,
         bf16=mixed_precision == "bf16",
         fp16=mixed_precision == "fp16",
-        # TrainingArguments refuses bf16 on a machine without an accelerator unless told it runs on the CPU.
-        use_cpu=mixed_precision == "bf16" and not torch.cuda.is_available(),
         save_strategy="no" if save_steps is None else "steps",
         save_steps=500 if save_steps is None else save_steps,
         logging_steps=kwargs.pop("log_steps", 10),
@@ -291,6 +290,7 @@ class _AccelerateLoop:
             ),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        check_engine(self.accelerator)
         set_seed(args.seed)
         self.model = model
         self.supernet = model
