@@ -197,6 +197,31 @@ def test_openvino_runs_the_same_files_exactly(exported_w8a8):
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_reduced_resolution_tier_runs_the_antialiased_resize_on_every_runtime(embedded_supernet, tmp_path, runtime):
+    if runtime == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is an optional extra (`pip install mpsupernet[openvino]`)")
+    from mpsupernet.export.graphs import antialiased_resize_matrix
+    from mpsupernet.extraction import extract_subnet
+
+    x = torch.randn(2, 3, 128, 96, generator=torch.Generator().manual_seed(2))
+    resized = antialiased_resize_matrix(128, 64) @ x @ antialiased_resize_matrix(96, 48).T
+    expected = torch.nn.functional.interpolate(x, size=(64, 48), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(resized, expected, rtol=0, atol=1e-6)
+    # A float tier at half the resolution: only the runtime's arithmetic differs from PyTorch's (OpenVINO ignored
+    # ONNX's antialias attribute, and was off by about 2).
+    arch = embedded_supernet.full_precision_subnet().to_dict()
+    arch["resolution"] = 64
+    subnet = extract_subnet(embedded_supernet, arch).eval()
+    subnet.export_onnx(tmp_path / "low")
+    pixel_values = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = subnet.get_image_embeddings(pixel_values).numpy()
+    embeddings = OnnxSamModel.from_pretrained(tmp_path / "low", runtime=runtime).get_image_embeddings(pixel_values.numpy())
+    assert np.abs(expected).mean() > 0.1
+    np.testing.assert_allclose(embeddings, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_num_threads_sets_each_runtimes_thread_count(exported_w8a8, runtime):
     if runtime == "openvino":
         pytest.importorskip("openvino", reason="OpenVINO is an optional extra (`pip install mpsupernet[openvino]`)")
