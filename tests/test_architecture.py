@@ -90,6 +90,39 @@ def test_subnet_config_checks_run_once_and_keep_transformers_hook():
         SamSubnetConfig(**_base_kwargs(), step_size_min=0.0)
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lora_rank", 2.5, r"^`lora_rank` is 2\.5, of type float; allowed: an integer of at least 1\.$"),
+        (
+            "weight_bit_choices",
+            [8.0],
+            r"^`weight_bit_choices` is \[8\.0\], of type list; allowed: a list of distinct integers from \[2, 3, 4, 5, 6, 7, 8\]\.$",
+        ),
+        ("lora_mode", 3, r"^`lora_mode` is 3, of type int; allowed: one of \['shared', 'multiplex', 'multipath'\]\.$"),
+        ("float_bits", 16.0, r"^`float_bits` is 16\.0, of type float; allowed: one of \[16, 32\]\.$"),
+        ("lora_alpha", "16", r"^`lora_alpha` is '16', of type str; allowed: a number\.$"),
+        ("importance_reordered", "yes", r"^`importance_reordered` is 'yes', of type str; allowed: True or False\.$"),
+        ("step_size_min", 0, r"^`step_size_min` must be positive, got 0\.0\.$"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_the_field_and_what_is_allowed(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamSupernetConfig(**_base_kwargs(), **{field: value})
+    if field != "step_size_min":  # a value range is checked at construction and before saving, a type on assignment too
+        config = SamSupernetConfig(**_base_kwargs())
+        with pytest.raises(ValueError, match=message):
+            setattr(config, field, value)
+
+
+def test_an_integer_for_a_float_field_is_taken_as_that_float():
+    config = SamSupernetConfig(**_base_kwargs(), lora_alpha=16, step_size_min=1)
+    assert config.lora_alpha == 16.0 and isinstance(config.lora_alpha, float)
+    assert config.step_size_min == 1.0 and isinstance(config.step_size_min, float)
+    with pytest.raises(ValueError, match=r"^`bitops` is 1\.5, of type float; allowed: an integer or None\.$"):
+        SamSubnetConfig(**_base_kwargs(), bitops=1.5)
+
+
 def test_edited_config_is_checked_again_on_save(tmp_path):
     config = SamSupernetConfig(**_base_kwargs())
     config.lora_rank = 0

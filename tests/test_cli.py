@@ -1,14 +1,18 @@
 """The `mpsupernet` command: convert, extract, push, and its errors."""
 
+import http.server
 import inspect
 import json
 import re
+import threading
 
 import pytest
+import huggingface_hub
 import torch
 from huggingface_hub import HfApi, ModelCard
 
 from conftest import TEST_SAM
+from local_hub import free_port
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration
 from mpsupernet.cli import main
 from mpsupernet.demo import run_demo
@@ -141,6 +145,47 @@ def test_push_refuses_a_tier_named_twice(calibrated_supernet_dir, tmp_path, caps
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "mpsupernet push: error: --tier names ['s'] more than once; give each name once."
     )
+
+
+class _FailingHub(http.server.BaseHTTPRequestHandler):
+    """A Hub that answers 500 to every request."""
+
+    def _fail(self):
+        self.send_response(500)
+        self.send_header("Content-Length", "19")
+        self.end_headers()
+        self.wfile.write(b"internal hub error!")
+
+    do_GET = do_HEAD = do_POST = do_PUT = _fail
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub_answering_500():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("hub", ["answers 500", "unreachable"])
+def test_push_to_a_failing_hub_exits_1_with_one_line(calibrated_supernet_dir, tmp_path, capsys, monkeypatch, hub_answering_500, hub):
+    tier = tmp_path / "tier"
+    assert main(["extract", "--supernet", str(calibrated_supernet_dir), "--budget", "5%", "--output-dir", str(tier)]) == 0
+    endpoint = hub_answering_500 if hub == "answers 500" else f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    capsys.readouterr()
+    argv = ["push", "--repo-id", "local-user/down", "--tier", f"s={tier}", "--no-onnx", "--dataset-name", "synthetic"]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    cause = r"HfHubHTTPError: Server error '500 Internal Server Error'" if hub == "answers 500" else r"ConnectError: "
+    last = error.strip().splitlines()[-1]
+    assert re.fullmatch(rf"mpsupernet push: error: could not push to the Hub repository 'local-user/down': {cause}.*", last)
+    assert "Traceback" not in error and "mpsupernet push: error:" not in error.replace(last, "")
 
 
 def test_extract_and_push_cards_state_the_recorded_base_model_and_data(calibrated_supernet_dir, tmp_path, local_hub):

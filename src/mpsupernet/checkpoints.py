@@ -177,6 +177,13 @@ class CrashSafeSaveMixin:
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         name = f"{source}/{kwargs['subfolder']}" if kwargs.get("subfolder") else source
         local = os.path.isdir(source)
+        if local and kwargs.get("config") is None and not (loaded_folder(source, kwargs) / CONFIG_NAME).is_file():
+            # transformers would build a default SAM and fail on the weights with a size-mismatch report
+            raise FileNotFoundError(
+                f"{str(name)!r} has no {CONFIG_NAME}: it is not a complete {cls.checkpoint_kind} folder (the file is "
+                f"missing beside {sorted(path.name for path in loaded_folder(source, kwargs).glob('*'))}). Save the "
+                f"{cls.checkpoint_kind} again with `save_pretrained`."
+            )
         if local:
             # Checked before reading: mismatched weights can fail in transformers with a less telling error.
             check_weights_digests(loaded_folder(source, kwargs), name)

@@ -17,6 +17,25 @@ class SourceError(Exception):
     """A folder, file or Hub id given on the command line that cannot be found or loaded (exit status 2)."""
 
 
+class HubError(Exception):
+    """The Hub refused a request or could not be reached (exit status 1: the input was fine, the remote was not)."""
+
+
+@contextmanager
+def talking_to_the_hub(repo_id: str):
+    """Turns a failed Hub request (an HTTP error status, a refused or timed-out connection) into a one-line
+    `HubError` naming the repository and the cause, instead of a traceback through huggingface_hub's HTTP client."""
+    # huggingface_hub re-exports its HTTP client's base error (httpx's, or httpx2's in 2.x): the base of the
+    # client's connection errors and of `HfHubHTTPError`.
+    from huggingface_hub.errors import HTTPError
+
+    try:
+        yield
+    except (HTTPError, OSError) as error:
+        cause = next(iter(str(error).strip().splitlines()), "") or "no message"
+        raise HubError(f"could not push to the Hub repository {repo_id!r}: {type(error).__name__}: {cause}") from None
+
+
 @contextmanager
 def loading(option: str, value: str, hub: bool = True, shipped_sams: bool = False):
     """Turns the failure to find or load `value` into a one-line `SourceError` naming the option and the path.
@@ -216,11 +235,12 @@ def cmd_push(args) -> None:
         with loading("--tier", folder):
             tiers[name] = SamSubnetForMaskGeneration.from_pretrained(folder)
     mean_ious = _unique_names("--mean-iou", args.mean_iou)
-    url = push_tiers(
-        tiers, args.repo_id, base_model=args.base_model, dataset_name=args.dataset_name, mean_ious=mean_ious,
-        private=args.private, export_onnx=not args.no_onnx, onnx_target=args.target,
-        onnx_weight_container=args.weight_container,
-    )
+    with talking_to_the_hub(args.repo_id):
+        url = push_tiers(
+            tiers, args.repo_id, base_model=args.base_model, dataset_name=args.dataset_name, mean_ious=mean_ious,
+            private=args.private, export_onnx=not args.no_onnx, onnx_target=args.target,
+            onnx_weight_container=args.weight_container,
+        )
     print(url)
 
 
@@ -360,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, ValueError) as error:
         print(f"mpsupernet {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except HubError as error:
+        print(f"mpsupernet {args.command}: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,7 +1,12 @@
 """Configuration of a mixed-precision SAM supernet and of the standalone subnets extracted from it."""
 
+import dataclasses
+import types
+import typing
+import warnings
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import SamConfig
 
 from .architecture import (
@@ -33,6 +38,57 @@ _LOAD_HINTS = {
 """How to load a checkpoint of each model type, for the error of a class given another type."""
 
 
+_ALLOWED_VALUES = {
+    "weight_bit_choices": f"a list of distinct integers from {list(ALLOWED_BITS)}",
+    "activation_bit_choices": f"a list of distinct integers from {list(ALLOWED_BITS)}",
+    "quantized_layers": f"a list of layer names from {list(QUANTIZABLE_LAYERS + QUANTIZABLE_CONVS)}",
+    "float_bits": f"one of {list(FLOAT_BIT_CHOICES)}",
+    "lora_mode": f"one of {list(LORA_MODES)}",
+    "bit_granularity": f"one of {list(BIT_GRANULARITIES)}",
+    "mask_decoder_training": f"one of {list(MASK_DECODER_TRAINING)}",
+    "lora_rank": "an integer of at least 1",
+    "step_size_min": "a positive number",
+    "resolution_choices": "None or a list of distinct integers, multiples of the patch size",
+}
+"""What the error for a value of the wrong type names as allowed, where the field's type alone does not say it."""
+
+_TYPE_NAMES = {int: "integers", float: "numbers", str: "strings", bool: "True or False", dict: "dicts"}
+
+
+def _describe_type(annotation) -> str:
+    """A field's annotation in words: `list[int] | None` is "a list of integers or None"."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(argument) for argument in typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation) or (None,)
+        return f"a list of {_TYPE_NAMES.get(item, 'values')}"
+    singular = {int: "an integer", float: "a number", str: "a string", bool: "True or False", dict: "a dict"}
+    return singular.get(annotation, "None" if annotation is type(None) else getattr(annotation, "__name__", "a list"))
+
+
+def _named_type_errors(cls):
+    """Makes a value of the wrong type for a field of `cls` (a `@strict` config) a `ValueError` that names the field,
+    the value and what is allowed, as the other checks do; `@strict` alone raises its own error without the allowed
+    values. An integer given for a float field (`step_size_min=0`, `lora_alpha=16`) is taken as that float, as
+    Python's numbers are. Apply it above `@strict`, to every class (`@strict` on a subclass validates first)."""
+    strict_setattr = cls.__setattr__
+    annotations = {field.name: field.type for field in dataclasses.fields(cls)}
+
+    def __setattr__(self, name, value):
+        annotation = annotations.get(name)
+        floats = (annotation, *typing.get_args(annotation))
+        if float in floats and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError:
+            allowed = _ALLOWED_VALUES.get(name) or _describe_type(annotation)
+            raise ValueError(f"`{name}` is {value!r}, of type {type(value).__name__}; allowed: {allowed}.") from None
+
+    cls.__setattr__ = __setattr__
+    return cls
+
+
 def _check_choices(name, values, allowed=None, minimum=None):
     """Validates a non-empty list of distinct ints, optionally within a set or above a minimum."""
     if not values:
@@ -52,6 +108,7 @@ def _check_choices(name, values, allowed=None, minimum=None):
             raise ValueError(f"`{name}` has {value}, which is below the minimum {minimum}.")
 
 
+@_named_type_errors
 @strict
 class SamQuantizedConfigBase(SamConfig):
     r"""
@@ -153,6 +210,7 @@ class SamQuantizedConfigBase(SamConfig):
         )
 
 
+@_named_type_errors
 @strict
 class SamSupernetConfig(SamQuantizedConfigBase):
     r"""
@@ -367,6 +425,7 @@ def validate_progressive_schedule(schedule, allowed_bits: set[int]) -> None:
         raise ValueError(f"`progressive_bits_schedule` must start at fraction 0.0, got {schedule[0][0]!r}.")
 
 
+@_named_type_errors
 @strict
 class SamSubnetConfig(SamQuantizedConfigBase):
     r"""

@@ -18,7 +18,7 @@ from .lora import QuantizedLoraLinear
 from .modeling_sam_subnet import SamSubnetForMaskGeneration
 from .subnet_layers import QuantizedLinear
 from .packing import pack_codes
-from .quantization import LsqQuantizer
+from .quantization import LsqQuantizer, quantizers_restored_on_error
 from .search_space import SearchSpace
 
 BIT_LADDERS = ("weight_bits", "activation_bits")
@@ -67,7 +67,7 @@ def extract_subnet(
             f"`extract_subnet` takes an architecture (SubnetArchitecture or dict) or a BitOPs budget (a number or a "
             f"str such as '120G' or '5%'), got {type(arch).__name__}: {arch!r}."
         )
-    with supernet.using_subnet(arch):
+    with quantizers_restored_on_error(supernet), supernet.using_subnet(arch):
         return _extract_active_subnet(supernet, arch, counter)
 
 
@@ -180,8 +180,7 @@ def _effective_weight_step(quantizer: LsqQuantizer, rows: torch.Tensor | None) -
     step is not quite the one used. Quantizing a weight whose every row holds one stored step gives code 1 times the
     step used: exactly that step. With it, `codes * step` reproduces the fake-quantized weight bit for bit.
     """
-    step = quantizer.step_size[quantizer.bit_index(quantizer.active_bits)]
-    step = step.clamp_min(quantizer.step_floor(step.dtype))
+    step = quantizer.step_magnitude(quantizer.step_size[quantizer.bit_index(quantizer.active_bits)])
     if rows is not None:
         step = step[rows.to(step.device)]
     return quantizer(step.unsqueeze(1), channel_index=rows)[:, 0]
@@ -206,7 +205,7 @@ def _copy_quantizer(source: LsqQuantizer, target: LsqQuantizer, name: str) -> No
             f"({source.step_size[index].tolist()}); exporting it would give a layer that outputs nothing useful. "
             "Recalibrate the supernet on clean images (`calibrate_quantizers`) or retrain it before extracting."
         )
-    target.step_size.copy_(source.step_size[index : index + 1])
+    target.step_size.copy_(source.step_size[index : index + 1].abs())
     if source.offset is not None:
         target.offset.copy_(source.offset[index : index + 1])
 

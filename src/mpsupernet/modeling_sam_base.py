@@ -203,11 +203,23 @@ class ResizingSamVisionEncoder(nn.Module):
         return self.patch_embed.projection
 
     def prepare_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Checks the input size and resizes base-size images to the active resolution."""
+        """Checks the input's shape and dtype, and resizes base-size images to the active resolution.
+
+        Raises:
+            `ValueError`: for another shape or size. `TypeError`: for a dtype other than the model's float dtype
+            (uint8 pixels, or fp16 into a float32 model), which `SamModel` refuses too; a quantized patch embedding
+            would otherwise quantize them silently.
+        """
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.patch_embed.num_channels:
             raise ValueError(
                 f"pixel_values must have shape (batch, {self.patch_embed.num_channels}, height, width); "
                 f"got {tuple(pixel_values.shape)}."
+            )
+        dtype = self.neck.layer_norm1.weight.dtype
+        if pixel_values.dtype != dtype:
+            raise TypeError(
+                f"pixel_values must have the model's dtype {dtype}; got {pixel_values.dtype}. Give what the "
+                "processor makes (`SamProcessor(images, return_tensors=\"pt\")`), cast with `.to(model.dtype)`."
             )
         size = tuple(pixel_values.shape[-2:])
         allowed = {(self.image_size, self.image_size), (self.resolution, self.resolution)}

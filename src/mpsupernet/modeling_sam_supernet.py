@@ -19,6 +19,7 @@ from .bitops import BitOpsReport, count_bitops
 from .configuration_sam_supernet import SamSupernetConfig
 from .elastic import ElasticQuantizedConv2d, ElasticSamVisionAttention, ElasticSamVisionEncoder
 from .lora import QuantizedLoraLinear
+from .quantization import quantizers_restored_on_error
 from .modeling_sam_base import SamQuantizedPreTrainedModel
 from .search_space import SearchSpace
 
@@ -165,7 +166,8 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
 
         Raises:
             `TypeError`: if `pixel_values` is not a `torch.Tensor` (as transformers models, this takes no numpy).
-            `ValueError`: if a bit-width is not among the search space's choices.
+            `ValueError`: if a bit-width is not among the search space's choices, or if a step would be set from
+            non-finite values (a NaN pixel); the quantizers are then left exactly as they were.
         """
         if not isinstance(pixel_values, torch.Tensor):
             kind = type(pixel_values)
@@ -176,9 +178,10 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         was_training = self.training
         self.eval()
         try:
-            for bits in activation_bits or self.search_space.activation_bit_choices:
-                with self.using_subnet(self.search_space.largest(weight_bits, bits)):
-                    self.get_image_embeddings(pixel_values)
+            with quantizers_restored_on_error(self):
+                for bits in activation_bits or self.search_space.activation_bit_choices:
+                    with self.using_subnet(self.search_space.largest(weight_bits, bits)):
+                        self.get_image_embeddings(pixel_values)
         finally:
             self.train(was_training)
 

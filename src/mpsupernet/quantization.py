@@ -5,6 +5,8 @@ A supernet switches a layer between 2 and 8 bits from one step to the next; one 
 """
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -201,21 +203,31 @@ class LsqQuantizer(nn.Module):
         `step_size_min` is below it (so that the bound is never 0, and `x / step` never `0 / 0`)."""
         return max(self.step_size_min, torch.finfo(dtype).tiny)
 
-    def bounded_step(self, step: torch.Tensor) -> torch.Tensor:
-        """`step` clamped to its floor in the forward pass, with the gradient of the unclamped step (straight-through).
+    def step_magnitude(self, step: torch.Tensor) -> torch.Tensor:
+        """The grid spacing a stored `step` stands for: `|step|`, raised to its floor (see [`step_floor`]).
 
-        With a plain clamp a step at its floor would get no gradient and could never grow again. The forward value is
-        the clamped step exactly: written as `step + (clamped - step).detach()`, a step far below the floor (-0.5
-        from a checkpoint or a large optimizer step) would cancel to 0 or below in float32 and turn `x / step` into
-        NaN.
+        A step is a spacing, so its sign means nothing: one that an optimizer step or a checkpoint drove negative
+        quantizes with its magnitude. Clamping it to the floor instead would clip every input to the grid's ends, and
+        the layer below would get no gradient until the step climbed back above zero.
         """
-        return step.clamp_min(self.step_floor(step.dtype)).detach() + (step - step.detach())
+        return step.abs().clamp_min(self.step_floor(step.dtype))
+
+    def bounded_step(self, step: torch.Tensor) -> torch.Tensor:
+        """[`step_magnitude`] in the forward pass, with the gradient of `|step|` without the floor (straight-through).
+
+        With a plain clamp a step at its floor would get no gradient and could never grow again; the sign of the
+        gradient follows the step's (a step of exactly 0 counts as positive, so that it still gets one). The forward
+        value is the bounded magnitude exactly: written as `step + (bounded - step).detach()`, a step far from the
+        floor (3e4 from a checkpoint or a large optimizer step) would round in float32 and turn `x / step` into NaN.
+        """
+        magnitude = torch.where(step < 0, -step, step)
+        return self.step_magnitude(step).detach() + (magnitude - magnitude.detach())
 
     @torch.no_grad()
     def collapsed_channels(self, bits: int) -> torch.Tensor:
-        """Mask of the channels whose `bits`-bit step is at (or below) its floor, or not finite."""
+        """Mask of the channels whose `bits`-bit step is at (or below) its floor in magnitude, or not finite."""
         step = self.step_size[self.bit_index(bits)]
-        return ~torch.isfinite(step) | (step <= self.step_floor(step.dtype))
+        return ~torch.isfinite(step) | (step.abs() <= self.step_floor(step.dtype))
 
     def extra_repr(self) -> str:
         return f"bit_choices={self.bit_choices}, signed={self.signed}, offset={self.offset is not None}"
@@ -396,7 +408,7 @@ class LsqQuantizer(nn.Module):
         """Integer codes and per-channel scales of a weight at `bits` (for export): `x ≈ codes * scales`."""
         index = self.bit_index(bits)
         q_min, q_max = integer_range(bits, self.signed)
-        step = self.step_size[index].clamp_min(self.step_floor(self.step_size.dtype))
+        step = self.step_magnitude(self.step_size[index])
         step = step.reshape(-1, *([1] * (x.dim() - 1)))
         codes = torch.clamp(torch.round(x / step), q_min, q_max).to(torch.int8)
         return codes, step.reshape(-1)
@@ -407,6 +419,25 @@ def name_quantizers(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, LsqQuantizer):
             module.name = name
+
+
+@contextmanager
+def quantizers_restored_on_error(model: nn.Module) -> Iterator[None]:
+    """Puts every `LsqQuantizer` of `model` back as it was (steps, offsets, which bit-widths are set) if the `with`
+    block raises: a refused calibration or extraction changes nothing, even when it fails after some quantizers
+    were initialised from the tensors they saw first. The quantizers are small: the copy costs little."""
+    saved = {
+        name: {key: value.detach().clone() for key, value in module.state_dict().items()}
+        for name, module in model.named_modules()
+        if isinstance(module, LsqQuantizer)
+    }
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for name, state in saved.items():
+                model.get_submodule(name).load_state_dict(state)
+        raise
 
 
 def collapsed_step_sizes(model: nn.Module) -> list[str]:

@@ -249,12 +249,22 @@ class OnnxSamModel:
 
     # --- model --------------------------------------------------------------------------------------------------------
     def get_image_embeddings(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Image embeddings `(batch, channels, grid, grid)` of `pixel_values` `(batch, 3, image_size, image_size)`."""
+        """Image embeddings `(batch, channels, grid, grid)` of `pixel_values` `(batch, 3, image_size, image_size)`.
+
+        Raises:
+            `ValueError`: if `pixel_values` have another shape or hold a NaN or an infinity.
+        """
         pixel_values = np.asarray(pixel_values, dtype=np.float32)
         expected = (3, self.image_size, self.image_size)
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
             raise ValueError(
                 f"pixel_values must have shape (batch, {', '.join(map(str, expected))}); got {pixel_values.shape}."
+            )
+        if not np.isfinite(pixel_values).all():
+            bad = int(np.size(pixel_values) - np.isfinite(pixel_values).sum())
+            raise ValueError(
+                f"pixel_values hold {bad} non-finite values (NaN or inf); the quantized encoder would clip them into "
+                "finite but meaningless masks. Check the image (a NaN pixel?) and its preprocessing."
             )
         return self.vision_encoder({"pixel_values": pixel_values})[0]
 
@@ -337,7 +347,8 @@ class OnnxSamModel:
     def preprocess(self, images, input_points=None, input_labels=None, input_boxes=None) -> dict[str, np.ndarray]:
         """What `SamProcessor(images, ..., return_tensors="np")` gives, with Pillow and numpy only.
 
-        Each image's longest side is resized to `image_size` (bilinear), values are rescaled to [0, 1], normalised
+        An image with transparency (RGBA, LA, a palette with a transparent colour) is composited onto white first,
+        as `SamProcessor` does. Each image's longest side is resized to `image_size` (bilinear), values are rescaled to [0, 1], normalised
         with the processor's mean and std and zero-padded to a square; prompt coordinates (in original pixels) are
         scaled to the resized frame.
 
@@ -364,7 +375,7 @@ class OnnxSamModel:
         std = np.asarray(self.processor_config["image_std"], np.float32)
         batch, original_sizes, reshaped_sizes = [], [], []
         for image in images:
-            image = _as_pil_image(image).convert("RGB")
+            image = _as_rgb(_as_pil_image(image))
             width, height = image.size
             scale = longest / max(height, width)
             new_height, new_width = int(height * scale + 0.5), int(width * scale + 0.5)
@@ -429,6 +440,16 @@ def _as_pil_image(image):
         got = kind if array.dtype == object else f"{kind} of shape {array.shape} and dtype {array.dtype}"
         raise TypeError(f"Each image must be {allowed}; got a {got}.")
     return Image.fromarray(array)
+
+
+def _as_rgb(image):
+    """`image` in RGB; transparent pixels are blended onto white, as transformers' `convert_to_rgb` does."""
+    from PIL import Image
+
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image.convert("RGB")
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
 
 
 def resize_bilinear(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -30,6 +30,7 @@ from transformers.utils import logging
 from ..data.processing import SamSegmentationPreprocessor, collate_fn, remove_examples_without_masks
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from .arguments import SupernetTrainingArguments
+from .engine import check_engine
 from .policies import (
     SubnetLossWindow,
     calibrate_from_dataset,
@@ -214,6 +215,7 @@ class _AccelerateLoop:
             ),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        check_engine(self.accelerator)
         set_seed(args.seed)
         self.model = model
         self.supernet = model

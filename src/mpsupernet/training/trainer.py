@@ -17,6 +17,7 @@ from ..data.processing import SamSegmentationPreprocessor, collate_fn
 from ..layout import CARD_NAME
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from .arguments import SUPERNET_OPTIONS, SupernetTrainingArguments
+from .engine import check_engine
 from .policies import (
     SubnetLossWindow,
     calibrate_from_dataset,
@@ -127,6 +128,7 @@ class SupernetTrainer(Trainer):
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = True
         super().__init__(model=model, args=args, data_collator=data_collator or collate_fn, **kwargs)
+        check_engine(self.accelerator, args)
         self.sampler = make_sandwich_sampler(model, args)
         self._subnet_losses = SubnetLossWindow()
         self.add_callback(PromptEpochCallback(self))
