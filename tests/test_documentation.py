@@ -232,13 +232,3 @@ def test_shipped_sam_card_snippets_run_as_written(tmp_path):
     for number, name in enumerate(SHIPPED_SAM_NAMES):
         hidden_size = load_sam(name).config.vision_config.hidden_size
         assert f"SamModel {hidden_size}" in output.split(f"document {number}, block")[-1]
-
-
-DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
-
-
-@pytest.mark.parametrize("document", DOCS, ids=lambda path: path.name)
-def test_docs_python_blocks_run_as_written(document, tmp_path):
-    blocks = python_blocks(document.read_text(encoding="utf-8"))
-    assert all(reason is None for _, reason in blocks), "every block of docs/ runs"
-    run_documents([[code for code, _ in blocks]], tmp_path)
