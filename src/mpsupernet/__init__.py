@@ -30,6 +30,8 @@ _LAZY_NAMES = {
     "SamSubnetConfig": "configuration_sam_supernet",
     "SamSupernetConfig": "configuration_sam_supernet",
     "extract_subnet": "extraction",
+    "LatencyModel": "latency",
+    "fit_latency_model": "latency",
     "load_subnet": "hub",
     "push_tiers": "hub",
     "render_subnet_card": "hub",
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from .bitops import BitOpsReport, count_bitops, parse_budget
     from .configuration_sam_supernet import SamSubnetConfig, SamSupernetConfig
     from .extraction import extract_subnet
+    from .latency import LatencyModel, fit_latency_model
     from .hub import load_subnet, push_tiers, render_subnet_card, render_tiers_card, save_tiers
     from .modeling_sam_subnet import SamSubnetForMaskGeneration
     from .modeling_sam_supernet import SamSupernetForMaskGeneration

@@ -230,6 +230,21 @@ def _store_int4_codes(model: ir.Model, encoder: VisionEncoderGraph) -> None:
         value.dtype = ir.DataType.INT4
 
 
+def export_vision_encoder(subnet: SamSubnetForMaskGeneration, path: str | os.PathLike, opset: int = MIN_OPSET) -> Path:
+    """Writes only `subnet`'s QDQ image encoder (int8 weight containers, batch 1, as `export_onnx` writes it) to
+    `path`, without checks: what `mpsupernet.latency` times. Returns the path."""
+    size = subnet.config.vision_config.image_size
+    was_training = subnet.training
+    try:
+        with torch.no_grad():
+            encoder = VisionEncoderGraph(subnet.eval()).eval()
+        program = _export_graph(encoder, (torch.zeros(1, 3, size, size),), opset, ["pixel_values"], ["image_embeddings"], None)
+    finally:
+        subnet.train(was_training)
+    _save(program.model, Path(path))
+    return Path(path)
+
+
 def export_onnx(
     subnet: SamSubnetForMaskGeneration,
     save_directory: str | os.PathLike,
