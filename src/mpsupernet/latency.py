@@ -290,6 +290,10 @@ class LatencyModel:
         return cls(**data)
 
 
+class BusyMachineError(RuntimeError):
+    """Timed runs spread too much to be this machine's latency: other work is loading it."""
+
+
 # --- measuring --------------------------------------------------------------------------------------------------
 @dataclass
 class EncoderTiming:
@@ -401,15 +405,28 @@ def export_encoders(supernet, archs: list[SubnetArchitecture], folder: Path, pro
     return paths
 
 
+def _with_every_step(supernet, seed: int):
+    """A copy of `supernet` whose activation steps are set at every bit-width (those missing from one random image):
+    latency does not depend on the values, and extraction needs every step of the bits it extracts."""
+    import copy
+
+    import torch
+
+    size = supernet.config.vision_config.image_size
+    calibrated = copy.deepcopy(supernet).eval()
+    calibrated.calibrate_quantizers(torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed)))
+    return calibrated
+
+
 def check_spread(timings: list[EncoderTiming], max_spread: float | None) -> bool:
     """Whether the machine looked busy (a spread above `DEFAULT_MAX_SPREAD`); refuses spreads above `max_spread`.
 
     Raises:
-        `RuntimeError`: naming the worst spread, when it exceeds `max_spread`.
+        `BusyMachineError`: naming the worst spread, when it exceeds `max_spread`.
     """
     worst = max(timing.spread for timing in timings)
     if max_spread is not None and worst > max_spread:
-        raise RuntimeError(
+        raise BusyMachineError(
             f"The timed runs spread by up to {worst:.0%} of their median (interquartile range), above `max_spread` "
             f"({max_spread:.0%}): the machine is busy, and latencies measured now would not be this machine's. "
             "Measure again on an idle machine, or pass `max_spread=None` to accept (and flag) them."
@@ -455,8 +472,9 @@ def fit_latency_model(
     docstring). About 20–40 s per subnet on 2 busy cores for the embedded SAM, most of it in the exporter.
 
     Args:
-        supernet (`SamSupernetForMaskGeneration`): a supernet whose activation quantizers are calibrated at every
-            bit-width (`calibrate_quantizers`); its active subnet is left as it was.
+        supernet (`SamSupernetForMaskGeneration`): the supernet (left unchanged: the subnets are extracted from a
+            copy whose activation steps missing at some bit-width are set from one random image, since latency does
+            not depend on the values).
         runtime (`str`, *optional*, defaults to `"onnxruntime"`): `"onnxruntime"` or `"openvino"`.
         num_threads (`int`, *optional*, defaults to 1): the runtime's intra-op threads.
         num_subnets (`int`, *optional*, defaults to 12): calibration subnets, at least `len(FEATURES)`.
@@ -469,7 +487,7 @@ def fit_latency_model(
 
     Raises:
         `ValueError`: for a runtime other than `"onnxruntime"`/`"openvino"`, or settings out of range (named).
-        `RuntimeError`: when the timed runs spread more than `max_spread` (a busy machine); nothing is returned.
+        `BusyMachineError`: when the timed runs spread more than `max_spread` (a busy machine); nothing is returned.
     """
     if runtime not in EXPORT_TARGETS:
         raise ValueError(f"`runtime` must be one of {list(EXPORT_TARGETS)}, got {runtime!r}.")
@@ -483,6 +501,7 @@ def fit_latency_model(
         raise ValueError(f"`max_spread` must be a positive number or None, got {max_spread!r}.")
     config = supernet.config
     archs = calibration_architectures(supernet.search_space, num_subnets, seed)
+    supernet = _with_every_step(supernet, seed)
     with tempfile.TemporaryDirectory(prefix="mpsupernet-latency-") as folder:
         paths = export_encoders(supernet, archs, Path(folder), progress)
         timings = time_encoders(
@@ -516,6 +535,7 @@ def fit_latency_model(
 
 
 __all__ = [
+    "BusyMachineError",
     "DEFAULT_MAX_SPREAD",
     "FEATURES",
     "LATENCY_MODEL_NAME",
