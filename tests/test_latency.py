@@ -145,3 +145,21 @@ def test_fit_recovers_injected_coefficients(tiny_supernet):
     fitted = fit_coefficients(features, measured)
     for name in FEATURES:
         assert fitted[name] == pytest.approx(truth.get(name, 0.0), abs=1e-6 * max(truth.values()))
+
+
+@pytest.mark.parametrize("sample", range(4))
+def test_weight_bytes_match_the_exported_encoder_tensors(embedded_supernet, sample):
+    import random
+
+    from mpsupernet.export.graphs import VisionEncoderGraph
+    from mpsupernet.extraction import extract_subnet
+    from mpsupernet.weight_bytes import count_weight_bytes
+
+    space = embedded_supernet.search_space
+    arch = [space.largest(), space.smallest(), space.full_precision(), space.sample(random.Random(sample))][sample]
+    encoder = VisionEncoderGraph(extract_subnet(embedded_supernet, arch).eval())
+    stored = sum(tensor.numel() * tensor.element_size() for tensor in encoder.state_dict().values())
+    assert count_weight_bytes(embedded_supernet.config, arch) == stored
+    int4 = count_weight_bytes(embedded_supernet.config, arch, "int4")
+    narrow = [name for name, bits in zip(arch.layer_names, arch.weight_bits) if bits <= 4 and arch.keeps_layer(name)]
+    assert (int4 < stored) == bool(narrow)
