@@ -163,3 +163,22 @@ def test_weight_bytes_match_the_exported_encoder_tensors(embedded_supernet, samp
     int4 = count_weight_bytes(embedded_supernet.config, arch, "int4")
     narrow = [name for name, bits in zip(arch.layer_names, arch.weight_bits) if bits <= 4 and arch.keeps_layer(name)]
     assert (int4 < stored) == bool(narrow)
+
+
+def test_search_under_weight_bytes(tiny_supernet):
+    from mpsupernet.weight_bytes import count_weight_bytes
+
+    space = tiny_supernet.search_space
+    lightest, heaviest = (count_weight_bytes(tiny_supernet.config, arch) for arch in (space.smallest(), space.largest()))
+    budget = (lightest + heaviest) // 2
+    front = evolutionary_search(
+        tiny_supernet, lambda arch: arch.depth / 10 + sum(arch.mlp_dims) / 1e5, max_weight_bytes=budget,
+        population_size=6, generations=1, progress=False, evaluate_full_precision=False,
+    )
+    assert front.evaluated and all(entry.weight_bytes <= budget for entry in front.evaluated)
+    assert all(entry.weight_bytes == count_weight_bytes(tiny_supernet.config, entry.to_architecture()) for entry in front.evaluated)
+    assert front.best_under(max_weight_bytes=budget) == max(front.entries, key=lambda entry: entry.mean_iou)
+    with pytest.raises(ValueError, match=f"`max_weight_bytes` is {lightest - 1:,} but no subnet is that small"):
+        evolutionary_search(tiny_supernet, lambda arch: 0.5, max_weight_bytes=lightest - 1, progress=False)
+    with pytest.raises(ValueError, match="`max_weight_bytes` must be a positive whole number of bytes, got 0"):
+        evolutionary_search(tiny_supernet, lambda arch: 0.5, max_weight_bytes=0, progress=False)

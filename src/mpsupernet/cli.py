@@ -179,6 +179,7 @@ def cmd_search(args) -> None:
         seed=args.seed,
         latency_model=_load_latency_model(args.latency_model),
         max_latency_ms=args.max_latency_ms,
+        max_weight_bytes=args.max_weight_bytes,
     )
     for row in front.to_table():
         print(row)
@@ -332,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-bitops", default=None, help='a budget: "120G", "1.5T", "5%%" or a number')
     search.add_argument("--max-eval-batches", type=int, default=None)
     _add_latency_arguments(search)
+    search.add_argument(
+        "--max-weight-bytes", type=int, default=None, help="a budget in bytes of the exported encoder's weights"
+    )
     search.add_argument("--seed", type=int, default=0)
     search.set_defaults(func=cmd_search)
 

@@ -85,4 +85,31 @@ def count_weight_bytes(config: SamSupernetConfig, arch: SubnetArchitecture, weig
     return total
 
 
-__all__ = ["count_weight_bytes"]
+def check_weight_bytes(max_weight_bytes) -> int:
+    """`max_weight_bytes` as an int; refuses what is not a positive whole number of bytes, naming it."""
+    if isinstance(max_weight_bytes, bool) or not isinstance(max_weight_bytes, (int, float)) or not (
+        max_weight_bytes >= 1 and float(max_weight_bytes).is_integer()
+    ):
+        raise ValueError(f"`max_weight_bytes` must be a positive whole number of bytes, got {max_weight_bytes!r}.")
+    return int(max_weight_bytes)
+
+
+def weight_bytes_bound(config: SamSupernetConfig, max_weight_bytes) -> int:
+    """`max_weight_bytes` checked, and refused when no subnet of the space is that small.
+
+    Raises:
+        `ValueError`: naming the value, and for a budget below every subnet, the lightest subnet and its bytes.
+    """
+    budget = check_weight_bytes(max_weight_bytes)
+    space = SearchSpace(config)
+    lightest = space.smallest()
+    lightest_bytes = count_weight_bytes(config, lightest)
+    if budget < lightest_bytes:
+        raise ValueError(
+            f"`max_weight_bytes` is {budget:,} but no subnet is that small: the lightest weighs {lightest_bytes:,} bytes "
+            f"({lightest.to_json()})."
+        )
+    return budget
+
+
+__all__ = ["check_weight_bytes", "count_weight_bytes", "weight_bytes_bound"]

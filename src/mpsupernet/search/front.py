@@ -15,6 +15,7 @@ import numpy as np
 from ..atomic import write_file_atomic
 from ..bitops import parse_budget
 from ..search_space import SubnetArchitecture
+from ..weight_bytes import check_weight_bytes
 
 PARETO_FRONT_FORMAT_VERSION = 1
 TABLE_COLUMNS = ("GBitOPs", "% of FP", "% of W8A8", "mIoU")
@@ -61,6 +62,8 @@ class ParetoEntry:
         macs (`int`, *optional*): multiply-accumulates of the image encoder for one image.
         latency_ms (`float`, *optional*): the image encoder's milliseconds for one image, as the search's
             `LatencyModel` predicts them (`None` for a search without one).
+        weight_bytes (`int`, *optional*): bytes of the exported encoder's weights
+            (`mpsupernet.weight_bytes.count_weight_bytes`, int8 containers).
     """
 
     architecture: dict
@@ -68,16 +71,15 @@ class ParetoEntry:
     mean_iou: float
     macs: int | None = None
     latency_ms: float | None = None
+    weight_bytes: int | None = None
 
     def to_architecture(self) -> SubnetArchitecture:
         """The architecture as a `SubnetArchitecture` (for `set_subnet` or extraction)."""
         return SubnetArchitecture.from_dict(self.architecture)
 
     def to_dict(self) -> dict:
-        latency = {} if self.latency_ms is None else {"latency_ms": self.latency_ms}
-        return {
-            "bitops": self.bitops, "mean_iou": self.mean_iou, "macs": self.macs, **latency, "architecture": self.architecture,
-        }
+        costs = {name: getattr(self, name) for name in ("latency_ms", "weight_bytes") if getattr(self, name) is not None}
+        return {"bitops": self.bitops, "mean_iou": self.mean_iou, "macs": self.macs, **costs, "architecture": self.architecture}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ParetoEntry":
@@ -93,6 +95,7 @@ class ParetoEntry:
             mean_iou=float(data["mean_iou"]),
             macs=None if data.get("macs") is None else int(data["macs"]),
             latency_ms=None if data.get("latency_ms") is None else float(data["latency_ms"]),
+            weight_bytes=None if data.get("weight_bytes") is None else int(data["weight_bytes"]),
         )
 
     def cost(self, objective: str) -> float:
@@ -171,7 +174,11 @@ class ParetoFront:
 
     # --- queries ----------------------------------------------------------------------------------------------
     def best_under(
-        self, max_bitops: float | str | None = None, *, max_latency_ms: float | None = None
+        self,
+        max_bitops: float | str | None = None,
+        *,
+        max_latency_ms: float | None = None,
+        max_weight_bytes: int | None = None,
     ) -> ParetoEntry | None:
         """The entry with the highest mean IoU within the budgets, or `None` when none fits.
 
@@ -180,13 +187,14 @@ class ParetoFront:
                 `mpsupernet.bitops.parse_budget` reads ("120G", "5%"; a share needs `full_precision_bitops`).
             max_latency_ms (`float`, *optional*): the budget in predicted milliseconds (a front searched with a
                 latency model).
+            max_weight_bytes (`int`, *optional*): the budget in bytes of the exported encoder's weights.
 
         Raises:
             `ValueError`: naming the value, for a budget that is not understood or not positive, for no budget at
             all, or for a latency budget on a front without predicted latencies.
         """
-        if max_bitops is None and max_latency_ms is None:
-            raise ValueError("`best_under` needs a budget: `max_bitops`, `max_latency_ms` or both.")
+        if max_bitops is None and max_latency_ms is None and max_weight_bytes is None:
+            raise ValueError("`best_under` needs a budget: `max_bitops`, `max_latency_ms`, `max_weight_bytes`.")
         fitting = self.entries
         if max_bitops is not None:
             budget = parse_budget(max_bitops, self.full_precision_bitops, name="max_bitops")
@@ -202,6 +210,11 @@ class ParetoFront:
                     "latency model (`run_search(..., latency_model=lm)`)."
                 )
             fitting = [entry for entry in fitting if entry.latency_ms <= max_latency_ms]
+        if max_weight_bytes is not None:
+            max_weight_bytes = check_weight_bytes(max_weight_bytes)
+            if any(entry.weight_bytes is None for entry in self.entries):
+                raise ValueError(f"`max_weight_bytes` is {max_weight_bytes!r} but this front records no weight bytes.")
+            fitting = [entry for entry in fitting if entry.weight_bytes <= max_weight_bytes]
         return max(fitting, key=lambda entry: entry.mean_iou, default=None)
 
     def to_table(self) -> list[dict]:

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from ..bitops import BitOpsReport
 from ..search_space import SubnetArchitecture
+from ..weight_bytes import count_weight_bytes
 from .encoding import ArchitectureEncoding
 from .front import ParetoEntry, ParetoFront
 
@@ -44,8 +45,10 @@ class _Evaluations:
         min_bitops: int | None,
         latency_model=None,
         max_latency_ms: float | None = None,
+        max_weight_bytes: int | None = None,
     ):
         self.supernet = supernet
+        self.max_weight_bytes = max_weight_bytes
         self.evaluate = evaluate
         self.max_bitops = max_bitops
         self.min_bitops = min_bitops
@@ -75,7 +78,11 @@ class _Evaluations:
 
     @property
     def num_constraints(self) -> int:
-        return sum(bound is not None for bound in (self.max_bitops, self.min_bitops, self.max_latency_ms))
+        bounds = (self.max_bitops, self.min_bitops, self.max_latency_ms, self.max_weight_bytes)
+        return sum(bound is not None for bound in bounds)
+
+    def weight_bytes(self, arch: SubnetArchitecture) -> int:
+        return count_weight_bytes(self.supernet.config, arch)
 
     def constraints(self, arch: SubnetArchitecture) -> list[float]:
         """pymoo inequality constraints (feasible when every value is <= 0), relative so that they are O(1)."""
@@ -87,6 +94,8 @@ class _Evaluations:
             values.append(1.0 - bitops / self.min_bitops)
         if self.max_latency_ms is not None:
             values.append(self.latency_ms(arch) / self.max_latency_ms - 1.0)
+        if self.max_weight_bytes is not None:
+            values.append(self.weight_bytes(arch) / self.max_weight_bytes - 1.0)
         return values
 
     def is_feasible(self, arch: SubnetArchitecture) -> bool:
@@ -102,6 +111,7 @@ class _Evaluations:
                 mean_iou=_checked_mean_iou(self.evaluate(arch), arch),
                 macs=report.total_macs,
                 latency_ms=self.latency_ms(arch),
+                weight_bytes=self.weight_bytes(arch),
             )
         return self.entries[arch].mean_iou
 

@@ -27,6 +27,7 @@ from transformers.utils import logging
 from ..bitops import format_bitops, parse_budget
 from ..checkpoints import state_dict_sha256
 from ..search_space import SearchSpace, SubnetArchitecture
+from ..weight_bytes import weight_bytes_bound
 from .encoding import ArchitectureEncoding
 from .front import ParetoFront
 from .problem import _ArchitectureProblem, _CanonicalRepair, _checked_mean_iou, _Evaluations
@@ -90,6 +91,7 @@ def evolutionary_search(
     metadata: dict | None = None,
     latency_model=None,
     max_latency_ms: float | None = None,
+    max_weight_bytes: int | None = None,
 ) -> ParetoFront:
     """Searches the supernet's architectures for the Pareto front of BitOPs against mean IoU.
 
@@ -123,6 +125,8 @@ def evolutionary_search(
             runtime) the cost objective instead of BitOPs; BitOPs are still counted and recorded per entry.
         max_latency_ms (`float`, *optional*): a latency budget in predicted milliseconds, a hard constraint (needs
             `latency_model`).
+        max_weight_bytes (`int`, *optional*): a budget in bytes of the exported encoder's weights (int8
+            containers; `mpsupernet.weight_bytes.count_weight_bytes`), a hard constraint.
 
     Raises:
         `ValueError`: naming the value, for bad settings, a budget no subnet meets (for latency, naming the fastest
@@ -138,11 +142,15 @@ def evolutionary_search(
     full_precision_report = supernet.bitops_report(full_precision)
     max_bitops, min_bitops = _bitops_bounds(supernet, full_precision_report.total_bitops, max_bitops, min_bitops)
     max_latency_ms = _latency_bound(supernet, latency_model, max_latency_ms)
+    if max_weight_bytes is not None:
+        max_weight_bytes = weight_bytes_bound(supernet.config, max_weight_bytes)
     full_precision_mean_iou = None
     if evaluate_full_precision:
         full_precision_mean_iou = _checked_mean_iou(evaluate(full_precision), full_precision)
 
-    evaluations = _Evaluations(supernet, evaluate, max_bitops, min_bitops, latency_model, max_latency_ms)
+    evaluations = _Evaluations(
+        supernet, evaluate, max_bitops, min_bitops, latency_model, max_latency_ms, max_weight_bytes
+    )
     encoding = ArchitectureEncoding(space)
     # Integer genes through pymoo's real-valued operators plus rounding, as pymoo documents for integer variables; a
     # small distribution index (eta=3) makes steps of more than one choice likely despite the rounding.
@@ -161,7 +169,7 @@ def evolutionary_search(
     objective = "bitops" if latency_model is None else "latency_ms"
     search = {
         **settings, "objective": objective, "max_bitops": max_bitops, "min_bitops": min_bitops,
-        "max_latency_ms": max_latency_ms, "seed": seed,
+        "max_latency_ms": max_latency_ms, "max_weight_bytes": max_weight_bytes, "seed": seed,
     }
     front_metadata = _front_metadata(supernet, full_precision_report, full_precision_mean_iou, search, len(entries))
     if latency_model is not None:
@@ -335,6 +343,7 @@ def run_search(
     progress: bool = True,
     latency_model=None,
     max_latency_ms: float | None = None,
+    max_weight_bytes: int | None = None,
 ) -> ParetoFront:
     """Loads a supernet, searches its Pareto front on a validation set, and saves the front as JSON and PNG.
 
@@ -346,7 +355,7 @@ def run_search(
         dataset (`datasets.Dataset`): validation examples in the standard schema (`image`, `masks`, `image_id`);
             prompts are sampled by `SamSegmentationPreprocessor` with `seed`, the same for every architecture.
         output_dir (`str` or `os.PathLike`): where to write the front.
-        population_size, generations, max_bitops, seed, algorithm, latency_model, max_latency_ms: see
+        population_size, generations, max_bitops, seed, algorithm, latency_model, max_latency_ms, max_weight_bytes: see
             `evolutionary_search` (with a latency model the front's JSON and plot carry predicted latency).
         eval_batch_size (`int`, *optional*, defaults to 4): images per evaluation batch.
         max_eval_batches (`int`, *optional*): evaluate every architecture on at most this many batches (per process).
@@ -390,6 +399,7 @@ def run_search(
         algorithm=algorithm,
         latency_model=latency_model,
         max_latency_ms=max_latency_ms,
+        max_weight_bytes=max_weight_bytes,
         metadata={"dataset": {"name": dataset_name, "size": len(dataset), "max_eval_batches": max_eval_batches}},
     )
     if accelerator.is_main_process:
