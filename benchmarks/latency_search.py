@@ -75,6 +75,7 @@ def predictor_error(supernet, args, name: str) -> dict:
         supernet, num_threads=args.threads, num_subnets=args.fit_subnets, rounds=args.rounds, max_spread=None,
         seed=args.seed,
     )
+    model.save_pretrained(args.output_dir / f"latency_model_{name}")
     fitted = {json.dumps(entry["architecture"], sort_keys=True) for entry in model.calibration}
     space, rng = supernet.search_space, random.Random(args.seed + 1000)
     held_out = []
