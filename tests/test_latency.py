@@ -182,3 +182,41 @@ def test_search_under_weight_bytes(tiny_supernet):
         evolutionary_search(tiny_supernet, lambda arch: 0.5, max_weight_bytes=lightest - 1, progress=False)
     with pytest.raises(ValueError, match="`max_weight_bytes` must be a positive whole number of bytes, got 0"):
         evolutionary_search(tiny_supernet, lambda arch: 0.5, max_weight_bytes=0, progress=False)
+
+
+def test_a_busy_machine_is_refused_or_flagged(tiny_supernet):
+    from mpsupernet.latency import BusyMachineError, EncoderTiming, check_spread, fit_latency_model
+
+    quiet = [EncoderTiming(10.0, 0.05, [10.0] * 5), EncoderTiming(20.0, 0.1, [20.0] * 5)]
+    busy = quiet + [EncoderTiming(30.0, 0.6, [20.0, 30.0, 45.0])]
+    assert check_spread(quiet, 0.25) is False
+    assert check_spread(busy, None) is True
+    with pytest.raises(BusyMachineError, match="spread by up to 60% of their median.*above `max_spread` \\(25%\\)"):
+        check_spread(busy, 0.25)
+    with pytest.raises(ValueError, match="`runtime` must be one of \\['onnxruntime', 'openvino'\\], got 'tensorrt'"):
+        fit_latency_model(tiny_supernet, runtime="tensorrt")
+    with pytest.raises(ValueError, match="`num_subnets` must be an integer of at least 7, got 3"):
+        fit_latency_model(tiny_supernet, num_subnets=3)
+    with pytest.raises(ValueError, match="`max_spread` must be a positive number or None, got 0"):
+        fit_latency_model(tiny_supernet, max_spread=0)
+
+
+@pytest.mark.slow
+def test_fit_latency_model_measures_exported_subnets(tiny_supernet, tmp_path):
+    import onnxruntime
+
+    from mpsupernet import fit_latency_model
+    from mpsupernet.runtime import cpu_model
+
+    active = tiny_supernet.active_subnet
+    model = fit_latency_model(tiny_supernet, num_subnets=7, rounds=3, warmup=1, max_spread=None, progress=False)
+    assert (model.runtime, model.runtime_version, model.num_threads, model.cpu) == (
+        "onnxruntime", onnxruntime.__version__, 1, cpu_model()
+    )
+    assert len(model.calibration) == 7 and all(len(entry["runs_ms"]) == 3 for entry in model.calibration)
+    for entry in model.calibration:
+        assert entry["measured_ms"] == pytest.approx(sorted(entry["runs_ms"])[1])
+        assert entry["predicted_ms"] == pytest.approx(model.predict(entry["architecture"]))
+    assert model.fit_error["count"] == 7
+    assert LatencyModel.from_pretrained(model.save_pretrained(tmp_path)).to_dict() == model.to_dict()
+    assert tiny_supernet.active_subnet == active  # the subnets were extracted from a copy
