@@ -43,7 +43,7 @@ from .architecture import is_float_bits, SubnetArchitecture
 from .bitops import count_operations
 from .choices import EXPORT_TARGETS
 from .configuration_sam_supernet import SamSupernetConfig
-from .search_space import SearchSpace
+from .search_space import SPACE_FIELDS, SearchSpace
 
 LATENCY_MODEL_NAME = "latency_model.json"
 LATENCY_MODEL_FORMAT_VERSION = 1
@@ -57,19 +57,6 @@ FEATURES = (
     "resize_millions",
 )
 """The counts a [`LatencyModel`] prices, each at a fitted number of milliseconds per unit."""
-SPACE_KEYS = (
-    "resolution_choices",
-    "skippable_blocks",
-    "mlp_dim_choices",
-    "num_heads_choices",
-    "hidden_size_choices",
-    "weight_bit_choices",
-    "activation_bit_choices",
-    "bit_granularity",
-    "quantized_layers",
-    "quantize_attention_products",
-    "activation_offset",
-)
 ENCODER_KEYS = (
     "hidden_size",
     "num_hidden_layers",
@@ -123,7 +110,7 @@ def space_signature(config: SamSupernetConfig) -> dict:
     vision = config.vision_config
     return {
         "encoder": {key: getattr(vision, key) for key in ENCODER_KEYS},
-        "space": {key: getattr(config, key) for key in SPACE_KEYS},
+        "space": {key: getattr(config, key) for key in SPACE_FIELDS},
     }
 
 
