@@ -199,7 +199,10 @@ def cmd_extract(args) -> None:
         args.budget, pareto_front=front, max_latency_ms=args.max_latency_ms,
         latency_model=_load_latency_model(args.latency_model),
     )
-    entry = front.best_under(subnet.config.bitops) if front else None
+    # The front's entry of the extracted architecture (chosen under BitOPs or latency), for its mean IoU.
+    # Compared as dicts: a saved subnet lists its layers in another order than the search space.
+    chosen = subnet.architecture.to_dict()
+    entry = next((e for e in front.entries if e.to_architecture().to_dict() == chosen), None) if front else None
     searched_weights = front.metadata.get("supernet_weights_sha256") if front else None
     if entry is not None and searched_weights not in (None, state_dict_sha256(supernet)):
         # The front's mean IoUs belong to the weights it was searched with (e.g. before more training): the card

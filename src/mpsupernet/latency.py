@@ -168,12 +168,20 @@ class LatencyModel:
         Raises:
             `ValueError`: if `arch` is not an architecture of the space this model was fitted on (named).
         """
-        arch = SubnetArchitecture.coerce(arch)
+        arch = self._in_space_order(SubnetArchitecture.coerce(arch))
         self._space.validate(arch)
         features = latency_features(self._config, arch)
         return float(sum(self.coefficients[name] * value for name, value in features.items()))
 
     __call__ = predict
+
+    def _in_space_order(self, arch: SubnetArchitecture) -> SubnetArchitecture:
+        """`arch` with its layers in the space's order (a saved subnet's config lists them sorted by name)."""
+        names = self._space.layer_names
+        if arch.layer_names == names or sorted(arch.layer_names) != sorted(names):
+            return arch
+        bits = [arch.bits_of(name) for name in names]
+        return replace(arch, layer_names=names, weight_bits=tuple(w for w, _ in bits), activation_bits=tuple(a for _, a in bits))
 
     def fastest(self) -> tuple[SubnetArchitecture, float]:
         """The fastest architecture of the space and its predicted milliseconds.
