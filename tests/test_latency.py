@@ -202,6 +202,7 @@ def test_a_busy_machine_is_refused_or_flagged(tiny_supernet):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # seven dynamo exports: minutes on a loaded machine
 def test_fit_latency_model_measures_exported_subnets(tiny_supernet, tmp_path):
     import onnxruntime
 
