@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 import _embedded  # noqa: E402
 
-from mpsupernet import SamSupernetForMaskGeneration, fit_latency_model  # noqa: E402
+from mpsupernet import LatencyModel, SamSupernetForMaskGeneration, fit_latency_model  # noqa: E402
 from mpsupernet.evaluation import evaluate_dataset_mean_iou  # noqa: E402
 from mpsupernet.extraction import extract_subnet  # noqa: E402
 from mpsupernet.latency import export_encoders, relative_errors, time_encoders  # noqa: E402
@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=20, help="subnets its error is measured on")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
     parser.add_argument("--no-vit-b", action="store_true", help="skip the ViT-B-size predictor check")
+    parser.add_argument(
+        "--latency-model", type=Path, help="a saved latency model of the search part's supernet (default: fit one)"
+    )
     parser.add_argument("--population-size", type=int, default=12)
     parser.add_argument("--generations", type=int, default=4)
     args = parser.parse_args(argv)
@@ -122,10 +125,14 @@ def search_comparison(args) -> dict:
     """Fronts under latency and under BitOPs at 3 latency budgets; each one's best subnet timed and scored."""
     splits = _embedded.make_splits(args)
     supernet = _embedded.supernet_from_arguments(args, splits)
-    model = fit_latency_model(
-        supernet, num_threads=args.threads, num_subnets=args.fit_subnets, rounds=args.rounds, max_spread=None,
-        seed=args.seed,
-    )
+    if args.latency_model is not None:
+        model = LatencyModel.from_pretrained(args.latency_model)
+        model.check_compatible(supernet)
+    else:
+        model = fit_latency_model(
+            supernet, num_threads=args.threads, num_subnets=args.fit_subnets, rounds=args.rounds, max_spread=None,
+            seed=args.seed,
+        )
     _, fastest_ms = model.fastest()
     largest_ms = model.predict(supernet.search_space.largest())
     budgets = [fastest_ms + fraction * (largest_ms - fastest_ms) for fraction in BUDGET_FRACTIONS]

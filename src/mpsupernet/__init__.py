@@ -46,6 +46,7 @@ _LAZY_NAMES = {
     "SupernetTrainer": "training",
     "SupernetTrainingArguments": "training",
     "train_supernet": "training",
+    "count_weight_bytes": "weight_bytes",
 }
 
 # The module whose import registers the package's configurations and models with transformers' Auto classes.
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     from .search import ParetoFront, run_search
     from .search_space import SearchSpace
     from .training import SupernetTrainer, SupernetTrainingArguments, train_supernet
+    from .weight_bytes import count_weight_bytes
 
 
 def __getattr__(name: str):
