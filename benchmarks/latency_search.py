@@ -4,9 +4,10 @@
 
 Two parts, each writing into `<output-dir>/latency_search.json`:
 
-- predictor: `mpsupernet.fit_latency_model` fitted on `--fit-subnets` exported subnets, then its error on
-  `--held-out` random subnets it was not fitted on (exported and timed the same way, in interleaved rounds with
-  onnxruntime at `--threads`): the median and worst |predicted - measured| / measured. On the embedded SAM, and on a
+- predictor: a latency model fitted (as `mpsupernet.fit_latency_model` fits it) on `--fit-subnets` exported subnets,
+  and its error on `--held-out` random subnets it was not fitted on, all timed together in interleaved rounds with
+  onnxruntime at `--threads` (so that load drifting between sessions is not counted as prediction error): the
+  median and worst |predicted - measured| / measured. On the embedded SAM, and on a
   random-weight SAM of ViT-B size at 512 px (`--no-vit-b` skips it; latency does not depend on the weights).
 - search: on the embedded task (the demo's: a supernet trained on synthetic shapes, searched on the validation
   split, scored on a test split), at 3 latency budgets spread between the fastest and the largest subnet's predicted
@@ -20,7 +21,6 @@ in about 10 minutes on 2 idle cores.
 """
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -37,7 +37,16 @@ import _embedded  # noqa: E402
 from mpsupernet import LatencyModel, SamSupernetForMaskGeneration, fit_latency_model  # noqa: E402
 from mpsupernet.evaluation import evaluate_dataset_mean_iou  # noqa: E402
 from mpsupernet.extraction import extract_subnet  # noqa: E402
-from mpsupernet.latency import export_encoders, relative_errors, time_encoders  # noqa: E402
+from mpsupernet.latency import (  # noqa: E402
+    FEATURES,
+    calibration_architectures,
+    check_spread,
+    export_encoders,
+    fit_coefficients,
+    latency_features,
+    relative_errors,
+    time_encoders,
+)
 from mpsupernet.pretrained import load_embedded_sam  # noqa: E402
 from mpsupernet.search import make_miou_evaluator  # noqa: E402
 from mpsupernet.search.run import evolutionary_search  # noqa: E402
@@ -72,37 +81,40 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def predictor_error(supernet, args, name: str) -> dict:
-    """Fits a latency model of `supernet` and measures it on held-out random subnets."""
-    print(f"[{name}] fitting on {args.fit_subnets} subnets")
-    model = fit_latency_model(
-        supernet, num_threads=args.threads, num_subnets=args.fit_subnets, rounds=args.rounds, max_spread=None,
-        seed=args.seed,
-    )
-    model.save_pretrained(args.output_dir / f"latency_model_{name}")
-    fitted = {json.dumps(entry["architecture"], sort_keys=True) for entry in model.calibration}
-    space, rng = supernet.search_space, random.Random(args.seed + 1000)
-    held_out = []
+    """The latency model's error on held-out random subnets.
+
+    The fit subnets (those `fit_latency_model` picks) and the held-out ones are exported, then timed together in the
+    same interleaved rounds, so that a change of the machine's load between two sessions does not pass for a
+    prediction error; the model is fitted on the first set (as `fit_latency_model` fits it) and scored on the second.
+    """
+    space = supernet.search_space
+    fit_archs = calibration_architectures(space, args.fit_subnets, args.seed)
+    rng, held_out = random.Random(args.seed + 1000), []
     while len(held_out) < args.held_out:
         arch = space.sample(rng)
-        if json.dumps(arch.to_dict(), sort_keys=True) not in fitted and arch not in held_out:
+        if arch not in fit_archs and arch not in held_out:
             held_out.append(arch)
-    print(f"[{name}] measuring {len(held_out)} held-out subnets")
+    archs = fit_archs + held_out
+    print(f"[{name}] exporting {len(fit_archs)} subnets to fit and {len(held_out)} held out")
     with tempfile.TemporaryDirectory() as folder:
-        paths = export_encoders(_calibrated(supernet, args.seed), held_out, Path(folder))
+        paths = export_encoders(_calibrated(supernet, args.seed), archs, Path(folder))
         size = supernet.config.vision_config.image_size
         timings = time_encoders(paths, [size] * len(paths), num_threads=args.threads, rounds=args.rounds, seed=args.seed)
-    predicted = [model.predict(arch) for arch in held_out]
+    features = [latency_features(supernet.config, arch) for arch in archs]
     measured = [timing.median_ms for timing in timings]
+    count = len(fit_archs)
+    coefficients = fit_coefficients(features[:count], measured[:count])
+    predicted = [sum(coefficients[key] * row[key] for key in FEATURES) for row in features]
     return {
-        "machine": model.machine(),
-        "coefficients": model.coefficients,
-        "fit_error": model.fit_error,
-        "held_out_error": relative_errors(predicted, measured),
+        "coefficients": coefficients,
+        "fit_error": relative_errors(predicted[:count], measured[:count]),
+        "held_out_error": relative_errors(predicted[count:], measured[count:]),
         "held_out": [
             {"predicted_ms": p, "measured_ms": t.median_ms, "spread": t.spread, "architecture": a.to_dict()}
-            for p, t, a in zip(predicted, timings, held_out)
+            for p, t, a in zip(predicted[count:], timings[count:], held_out)
         ],
         "median_spread": statistics.median(t.spread for t in timings),
+        "busy": check_spread(timings, None),
     }
 
 
@@ -194,7 +206,7 @@ def main(argv=None) -> None:
             error = part["held_out_error"]
             print(f"{name}: held-out median error {error['median_relative_error']:.1%}, worst "
                   f"{error['max_relative_error']:.1%} on {error['count']} subnets (median spread "
-                  f"{part['median_spread']:.0%}; busy: {part['machine']['busy']})")
+                  f"{part['median_spread']:.0%}; busy: {part['busy']})")
     if args.part in ("search", "all"):
         results["search"] = search_comparison(args)
         for run in results["search"]["runs"]:
