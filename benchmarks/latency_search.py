@@ -35,7 +35,7 @@ import _common  # noqa: E402
 import _embedded  # noqa: E402
 
 from mpsupernet import LatencyModel, SamSupernetForMaskGeneration, fit_latency_model  # noqa: E402
-from mpsupernet.evaluation import evaluate_dataset_mean_iou  # noqa: E402
+from mpsupernet.metrics import evaluate_dataset_mean_iou  # noqa: E402
 from mpsupernet.extraction import extract_subnet  # noqa: E402
 from mpsupernet.latency import (  # noqa: E402
     FEATURES,
@@ -47,7 +47,7 @@ from mpsupernet.latency import (  # noqa: E402
     relative_errors,
     time_encoders,
 )
-from mpsupernet.pretrained import load_embedded_sam  # noqa: E402
+from mpsupernet.pretrained import load_sam  # noqa: E402
 from mpsupernet.search import make_miou_evaluator  # noqa: E402
 from mpsupernet.search.run import evolutionary_search  # noqa: E402
 from mpsupernet.testing_utils import make_vit_b_sam_config  # noqa: E402
@@ -198,7 +198,7 @@ def main(argv=None) -> None:
                "settings": _common.settings_of(args)}
     if args.part in ("predictor", "all"):
         results["predictor"] = {"embedded": predictor_error(
-            SamSupernetForMaskGeneration.from_sam(load_embedded_sam(args.sam or "embedded-sam")).eval(), args, "embedded"
+            SamSupernetForMaskGeneration.from_sam(load_sam(args.sam or "embedded-sam")).eval(), args, "embedded"
         )}
         if not args.no_vit_b:
             results["predictor"]["vit_b_512"] = predictor_error(vit_b_supernet(args.seed), args, "vit_b_512")

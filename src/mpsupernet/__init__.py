@@ -37,6 +37,7 @@ _LAZY_NAMES = {
     "render_subnet_card": "hub",
     "render_tiers_card": "hub",
     "save_tiers": "hub",
+    "load_metric": "metrics",
     "SamSubnetForMaskGeneration": "modeling_sam_subnet",
     "SamSupernetForMaskGeneration": "modeling_sam_supernet",
     "ParetoFront": "search",
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from .extraction import extract_subnet
     from .latency import LatencyModel, fit_latency_model
     from .hub import load_subnet, push_tiers, render_subnet_card, render_tiers_card, save_tiers
+    from .metrics import load_metric
     from .modeling_sam_subnet import SamSubnetForMaskGeneration
     from .modeling_sam_supernet import SamSupernetForMaskGeneration
     from .search import ParetoFront, run_search

@@ -4,12 +4,13 @@
 `_AutoClassRegistration` there); the package's names themselves load lazily from their own modules.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForMaskGeneration
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForMaskGeneration
 
 from .architecture import SubnetArchitecture
 from .bitops import BitOpsReport, count_bitops, parse_budget
 from .configuration_sam_supernet import SamSubnetConfig, SamSupernetConfig
 from .extraction import extract_subnet
+from .image_processing import SamQuantizedImageProcessorPil
 from .modeling_sam_subnet import SamSubnetForMaskGeneration
 from .modeling_sam_supernet import SamSupernetForMaskGeneration
 from .search_space import SearchSpace
@@ -20,6 +21,10 @@ AutoModelForMaskGeneration.register(SamSupernetConfig, SamSupernetForMaskGenerat
 AutoConfig.register(SamSubnetConfig.model_type, SamSubnetConfig)
 AutoModel.register(SamSubnetConfig, SamSubnetForMaskGeneration)
 AutoModelForMaskGeneration.register(SamSubnetConfig, SamSubnetForMaskGeneration)
+# The processor the models save (its name is in their preprocessor_config.json): found by `AutoImageProcessor`,
+# `SamProcessor.from_pretrained` and `pipeline` once mpsupernet is imported, as the models are.
+for config_class in (SamSupernetConfig, SamSubnetConfig):
+    AutoImageProcessor.register(config_class, image_processor_classes={"pil": SamQuantizedImageProcessorPil})
 
 __all__ = [
     "BitOpsReport",

@@ -43,9 +43,9 @@ from .architecture import is_float_bits, SubnetArchitecture
 from .bitops import count_operations
 from .choices import EXPORT_TARGETS
 from .configuration_sam_supernet import SamSupernetConfig
+from .layout import LATENCY_MODEL_NAME
 from .search_space import SPACE_FIELDS, SearchSpace
 
-LATENCY_MODEL_NAME = "latency_model.json"
 LATENCY_MODEL_FORMAT_VERSION = 1
 FEATURES = (
     "constant",
@@ -533,7 +533,6 @@ __all__ = [
     "BusyMachineError",
     "DEFAULT_MAX_SPREAD",
     "FEATURES",
-    "LATENCY_MODEL_NAME",
     "EncoderTiming",
     "LatencyModel",
     "calibration_architectures",

@@ -7,8 +7,8 @@ from pymoo.core.problem import Problem
 from pymoo.core.repair import Repair
 from tqdm.auto import tqdm
 
-from ..bitops import BitOpsReport
-from ..search_space import SubnetArchitecture
+from ..architecture import SubnetArchitecture
+from ..bitops import BitOpsCounter, BitOpsReport
 from ..weight_bytes import count_weight_bytes
 from .encoding import ArchitectureEncoding
 from .front import ParetoEntry, ParetoFront
@@ -39,7 +39,7 @@ class _Evaluations:
 
     def __init__(
         self,
-        supernet,
+        counter: BitOpsCounter,
         evaluate,
         max_bitops: int | None,
         min_bitops: int | None,
@@ -47,7 +47,7 @@ class _Evaluations:
         max_latency_ms: float | None = None,
         max_weight_bytes: int | None = None,
     ):
-        self.supernet = supernet
+        self.counter = counter
         self.max_weight_bytes = max_weight_bytes
         self.evaluate = evaluate
         self.max_bitops = max_bitops
@@ -60,7 +60,7 @@ class _Evaluations:
 
     def report(self, arch: SubnetArchitecture) -> BitOpsReport:
         if arch not in self.reports:
-            self.reports[arch] = self.supernet.bitops_report(arch)
+            self.reports[arch] = self.counter.report(arch)
         return self.reports[arch]
 
     def latency_ms(self, arch: SubnetArchitecture) -> float | None:
@@ -82,7 +82,7 @@ class _Evaluations:
         return sum(bound is not None for bound in bounds)
 
     def weight_bytes(self, arch: SubnetArchitecture) -> int:
-        return count_weight_bytes(self.supernet.config, arch)
+        return count_weight_bytes(self.counter.config, arch)
 
     def constraints(self, arch: SubnetArchitecture) -> list[float]:
         """pymoo inequality constraints (feasible when every value is <= 0), relative so that they are O(1)."""
