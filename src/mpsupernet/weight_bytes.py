@@ -4,8 +4,9 @@ What a memory-bound device stores and streams per image: every tensor of the QDQ
 (`mpsupernet.export.graphs.VisionEncoderGraph`'s buffers and parameters): each quantized layer's integer codes (one
 byte each in the `"int8"` container; half a byte for codes of at most 4 bits in the `"int4"` container), its float32
 per-output-channel scales and bias; float layers' float32 weights; the layer norms, relative-position tables, the
-position embedding at the subnet's grid and the activation quantizers' steps. Weights below 8 bits save bytes only in
-a container that stores them narrower: in int8 containers a 2-bit and an 8-bit layer weigh the same.
+position embedding at the subnet's grid, the input's resize matrix below the base resolution and the activation
+quantizers' steps. Weights below 8 bits save bytes only in a container that stores them narrower: in int8 containers
+a 2-bit and an 8-bit layer weigh the same.
 """
 
 from .architecture import CONV_PATHS, SubnetArchitecture, is_float_bits
@@ -55,6 +56,8 @@ def count_weight_bytes(config: SamSupernetConfig, arch: SubnetArchitecture, weig
 
     step = FLOAT32_BYTES  # each activation quantizer stores one step, enabled or not
     total = grid * grid * hidden * FLOAT32_BYTES if vision.use_abs_pos else 0
+    if arch.resolution != vision.image_size:  # the antialiased resize of the input, as one float32 matrix
+        total += arch.resolution * vision.image_size * FLOAT32_BYTES
     conv_path = CONV_PATHS["patch_embed"]
     total += _layer_bytes(hidden * vision.num_channels * patch * patch, hidden, weight_bits(conv_path), weight_container)
     total += 0 if plain(conv_path) else step
