@@ -251,12 +251,9 @@ class LatencyModel:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Writes `latency_model.json` into `save_directory` (created if needed), crash-safely; returns its path."""
-        from .atomic import write_file_atomic
+        from .atomic import write_json_atomic
 
-        path = Path(save_directory) / LATENCY_MODEL_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-        return path
+        return write_json_atomic(Path(save_directory) / LATENCY_MODEL_NAME, self.to_dict())
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "LatencyModel":

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..architecture import SubnetArchitecture
-from ..atomic import write_file_atomic
+from ..atomic import write_json_atomic
 from ..bitops import parse_budget
 from ..weight_bytes import check_weight_bytes
 
@@ -250,10 +250,7 @@ class ParetoFront:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the front, every evaluated point and the metadata as JSON, crash-safely; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-        return path
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ParetoFront":
