@@ -26,24 +26,14 @@ import _embedded
 from mpsupernet import extract_subnet
 from mpsupernet.demo import training_arguments
 from mpsupernet.metrics import evaluate_dataset_mean_iou
+from mpsupernet.search_space import SPACE_FIELDS
 from mpsupernet.training import train_supernet
 
 NAME = "dedicated_baseline"
 TIER_SHARES = (0.05, 0.10)
 WITHIN_POINTS = 1.0
 """The once-for-all claim checked: a tier within this many mIoU points (of 100) of its dedicated model."""
-CONFIG_FIELDS = (
-    "resolution_choices",
-    "skippable_blocks",
-    "mlp_dim_choices",
-    "num_heads_choices",
-    "hidden_size_choices",
-    "weight_bit_choices",
-    "activation_bit_choices",
-    "bit_granularity",
-    "quantized_layers",
-    "quantize_attention_products",
-    "activation_offset",
+CONFIG_FIELDS = SPACE_FIELDS + (
     "lora_rank",
     "lora_alpha",
     "lora_mode",

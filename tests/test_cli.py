@@ -58,6 +58,21 @@ def test_extract_rejects_bad_budgets_and_writes_nothing(calibrated_supernet_dir,
     assert not output.exists()
 
 
+def test_extract_under_a_latency_budget(calibrated_supernet_dir, tmp_path, capsys):
+    from test_latency import fake_latency_model
+
+    supernet = SamSupernetForMaskGeneration.from_pretrained(calibrated_supernet_dir)
+    model = fake_latency_model(supernet, constant=1.0, kept_blocks=10.0)  # injected: 1 ms + 10 ms per kept block
+    model.save_pretrained(tmp_path / "lm")
+    extract = ["extract", "--supernet", str(calibrated_supernet_dir), "--latency-model", str(tmp_path / "lm")]
+    assert main([*extract, "--max-latency-ms", "52", "--output-dir", str(tmp_path / "tier")]) == 0
+    subnet = SamSubnetForMaskGeneration.from_pretrained(tmp_path / "tier")
+    assert model.predict(subnet.architecture) <= 52 and subnet.architecture.depth == 5
+    assert main([*extract, "--max-latency-ms", "0", "--output-dir", str(tmp_path / "none")]) == 2
+    assert "`max_latency_ms` must be a positive number of milliseconds, got 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_push_publishes_tiers_to_the_hub(calibrated_supernet_dir, tmp_path, local_hub):
     for name, budget in (("s", "5%"), ("m", "10%")):
         assert main(

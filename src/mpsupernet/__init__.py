@@ -30,6 +30,8 @@ _LAZY_NAMES = {
     "SamSubnetConfig": "configuration_sam_supernet",
     "SamSupernetConfig": "configuration_sam_supernet",
     "extract_subnet": "extraction",
+    "LatencyModel": "latency",
+    "fit_latency_model": "latency",
     "load_subnet": "hub",
     "push_tiers": "hub",
     "render_subnet_card": "hub",
@@ -45,6 +47,7 @@ _LAZY_NAMES = {
     "SupernetTrainer": "training",
     "SupernetTrainingArguments": "training",
     "train_supernet": "training",
+    "count_weight_bytes": "weight_bytes",
 }
 
 # The module whose import registers the package's configurations and models with transformers' Auto classes.
@@ -57,6 +60,7 @@ if TYPE_CHECKING:
     from .bitops import BitOpsReport, count_bitops, parse_budget
     from .configuration_sam_supernet import SamSubnetConfig, SamSupernetConfig
     from .extraction import extract_subnet
+    from .latency import LatencyModel, fit_latency_model
     from .hub import load_subnet, push_tiers, render_subnet_card, render_tiers_card, save_tiers
     from .metrics import load_metric
     from .modeling_sam_subnet import SamSubnetForMaskGeneration
@@ -64,6 +68,7 @@ if TYPE_CHECKING:
     from .search import ParetoFront, run_search
     from .search_space import SearchSpace
     from .training import SupernetTrainer, SupernetTrainingArguments, train_supernet
+    from .weight_bytes import count_weight_bytes
 
 
 def __getattr__(name: str):

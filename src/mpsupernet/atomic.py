@@ -15,6 +15,7 @@ lock file beside it ([`writer_lock`]): a second writer is refused, never let int
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -76,6 +77,15 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | str) -> None:
             os.unlink(temporary)
         raise
     fsync_directory(path.parent)
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
+    """Writes `data` as indented JSON (NaN refused with a `ValueError`) to `path` through [`write_file_atomic`],
+    creating its folder if needed; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    return path
 
 
 def make_staging_directory(target: str | os.PathLike) -> Path:
@@ -295,5 +305,6 @@ __all__ = [
     "remove_stale_staging",
     "replace_folder",
     "write_file_atomic",
+    "write_json_atomic",
     "writer_lock",
 ]

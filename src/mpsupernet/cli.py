@@ -1,4 +1,4 @@
-"""The `mpsupernet` command: convert, train, search, extract, export, push and the end-to-end demo.
+"""The `mpsupernet` command: convert, train, search, latency models, extract, export, push and the demo.
 
 Heavy imports (the models, training, search) happen inside each command, so that `mpsupernet --help` stays quick.
 """
@@ -166,6 +166,31 @@ def cmd_train(args) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
+def _load_latency_model(path: str | None):
+    if path is None:
+        return None
+    from .latency import LatencyModel
+
+    with loading("--latency-model", path, hub=False):
+        return LatencyModel.from_pretrained(path)
+
+
+def cmd_latency_model(args) -> None:
+    from .latency import BusyMachineError, fit_latency_model
+
+    max_spread = None if args.max_spread.lower() == "none" else float(args.max_spread)
+    try:
+        model = fit_latency_model(
+            _supernet_option(args.supernet, args.seed), runtime=args.runtime, num_threads=args.num_threads,
+            num_subnets=args.num_subnets, rounds=args.rounds, max_spread=max_spread, seed=args.seed,
+        )
+    except BusyMachineError as error:
+        raise ValueError(str(error)) from None  # a one-line refusal (exit status 2), as for bad arguments
+    path = model.save_pretrained(args.output_dir)
+    busy = " (busy machine: figures measured under load)" if model.busy else ""
+    print(f"Latency model of {model.describe_machine()} saved to {path}; fit error {model.fit_error}{busy}")
+
+
 def cmd_search(args) -> None:
     from .search import run_search
 
@@ -179,6 +204,9 @@ def cmd_search(args) -> None:
         max_bitops=args.max_bitops,
         max_eval_batches=args.max_eval_batches,
         seed=args.seed,
+        latency_model=_load_latency_model(args.latency_model),
+        max_latency_ms=args.max_latency_ms,
+        max_weight_bytes=args.max_weight_bytes,
     )
     for row in front.to_table():
         print(row)
@@ -194,8 +222,14 @@ def cmd_extract(args) -> None:
     if args.pareto_front:
         with loading("--pareto-front", args.pareto_front, hub=False):
             front = ParetoFront.load(args.pareto_front)
-    subnet = supernet.extract_subnet(args.budget, pareto_front=front)
-    entry = front.best_under(subnet.config.bitops) if front else None
+    subnet = supernet.extract_subnet(
+        args.budget, pareto_front=front, max_latency_ms=args.max_latency_ms,
+        latency_model=_load_latency_model(args.latency_model),
+    )
+    # The front's entry of the extracted architecture (chosen under BitOPs or latency), for its mean IoU.
+    # Compared as dicts: a saved subnet lists its layers in another order than the search space.
+    chosen = subnet.architecture.to_dict()
+    entry = next((e for e in front.entries if e.to_architecture().to_dict() == chosen), None) if front else None
     searched_weights = front.metadata.get("supernet_weights_sha256") if front else None
     if entry is not None and searched_weights not in (None, state_dict_sha256(supernet)):
         # The front's mean IoUs belong to the weights it was searched with (e.g. before more training): the card
@@ -275,6 +309,13 @@ def cmd_demo(args) -> None:
     run_demo(**{name: getattr(args, name) for name in options if getattr(args, name) is not None})
 
 
+def _add_latency_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--latency-model", default=None, help="a folder or file of `mpsupernet latency-model`")
+    parser.add_argument(
+        "--max-latency-ms", type=float, default=None, help="a latency budget in predicted ms (needs --latency-model)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpsupernet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -322,12 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--generations", type=int, default=5)
     search.add_argument("--max-bitops", default=None, help='a budget: "120G", "1.5T", "5%%" or a number')
     search.add_argument("--max-eval-batches", type=int, default=None)
+    _add_latency_arguments(search)
+    search.add_argument(
+        "--max-weight-bytes", type=int, default=None, help="a budget in bytes of the exported encoder's weights"
+    )
     search.add_argument("--seed", type=int, default=0)
     search.set_defaults(func=cmd_search)
 
-    extract = commands.add_parser("extract", help="extract the best subnet under a BitOPs budget")
+    extract = commands.add_parser("extract", help="extract the best subnet under a BitOPs or latency budget")
     extract.add_argument("--supernet", required=True)
-    extract.add_argument("--budget", required=True, help='"120G", "1.5T", "5%%" or a number of BitOPs')
+    extract.add_argument("--budget", default=None, help='"120G", "1.5T", "5%%" or a number of BitOPs')
+    _add_latency_arguments(extract)
     extract.add_argument("--pareto-front", default=None, help="pareto_front.json written by `mpsupernet search`")
     extract.add_argument("--output-dir", required=True)
     extract.add_argument("--base-model", default=None, help="for the card; default: the supernet's recorded base model")
@@ -335,6 +381,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset-name", default=None, help="for the card; default: the front's dataset, else the training data"
     )
     extract.set_defaults(func=cmd_extract)
+
+    latency = commands.add_parser(
+        "latency-model", help="fit a latency model of a supernet's subnets on this machine (exported, timed)"
+    )
+    latency.add_argument("--supernet", default="embedded", help="as for `train`")
+    latency.add_argument("--output-dir", required=True, help="where latency_model.json goes")
+    latency.add_argument("--runtime", default="onnxruntime", choices=EXPORT_TARGETS)
+    latency.add_argument("--num-threads", type=int, default=1, help="the runtime's intra-op threads")
+    latency.add_argument("--num-subnets", type=int, default=12, help="subnets exported and timed for the fit")
+    latency.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
+    latency.add_argument(
+        "--max-spread", default="0.25", help="refuse runs spread more than this (IQR/median); 'none' accepts and flags"
+    )
+    latency.add_argument("--seed", type=int, default=0)
+    latency.set_defaults(func=cmd_latency_model)
 
     export = commands.add_parser("export", help="export an extracted subnet to ONNX (integer kernels, no PyTorch)")
     export.add_argument("--subnet", required=True, help="folder or Hub id of an extracted subnet")

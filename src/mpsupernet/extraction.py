@@ -210,6 +210,35 @@ def _copy_quantizer(source: LsqQuantizer, target: LsqQuantizer, name: str) -> No
         target.offset.copy_(source.offset[index : index + 1])
 
 
+def select_architecture_under_latency(
+    supernet, max_latency_ms: float, latency_model, pareto_front=None
+) -> SubnetArchitecture:
+    """The architecture to extract under a latency budget, as `latency_model` predicts it.
+
+    With a Pareto front, its best entry under the budget by predicted latency (priced again with `latency_model`, so
+    a front searched under BitOPs serves too). Without one, the first architecture of [`descent_path`] whose
+    predicted latency fits: cost-only, as [`select_architecture`] is for BitOPs.
+
+    Raises:
+        `ValueError`: naming the value, for a budget that is not positive or that no subnet meets (naming the fastest
+        predicted subnet), a latency model fitted on another architecture space, or a front with nothing under it.
+    """
+    latency_model.check_compatible(supernet)
+    budget = latency_model.parse_budget(max_latency_ms)
+    if pareto_front is None:
+        fastest, _ = latency_model.fastest()  # the descent ends at the lowest resolution, which may resize slower
+        return next((arch for arch in descent_path(supernet.search_space) if latency_model.predict(arch) <= budget), fastest)
+    fitting = [
+        entry for entry in pareto_front.entries if latency_model.predict(entry.to_architecture()) <= budget
+    ]
+    if not fitting:
+        raise ValueError(
+            f"The Pareto front has no architecture whose predicted latency is under `max_latency_ms` {max_latency_ms!r}"
+            f" on {latency_model.describe_machine()}; give a larger budget, or no front for a cost-only choice."
+        )
+    return max(fitting, key=lambda entry: entry.mean_iou).to_architecture()
+
+
 def select_architecture(
     counter: BitOpsCounter, budget: int | float | str, pareto_front=None
 ) -> SubnetArchitecture:
@@ -302,4 +331,4 @@ def descent_path(space: SearchSpace) -> Iterator[SubnetArchitecture]:
             return
 
 
-__all__ = ["descent_path", "extract_subnet", "select_architecture"]
+__all__ = ["descent_path", "extract_subnet", "select_architecture", "select_architecture_under_latency"]

@@ -20,6 +20,8 @@ A training run's `output_dir` holds checkpoints `checkpoint-<step>` (`CHECKPOINT
 `checkpoint_complete.json` (`CHECKPOINT_COMPLETE_NAME`) and holding the loop's `training_state.json`
 (`TRAINING_STATE_NAME`).
 
+A latency model's folder (`LatencyModel.save_pretrained`) holds `latency_model.json` (`LATENCY_MODEL_NAME`).
+
 Names that only writers use: staging folders and files are `.<target>.mpsupernet-staging-<random>`
 (`STAGING_MARKER`), and a writer holds `.<target>.mpsupernet-lock` (`LOCK_SUFFIX`) beside its target.
 """
@@ -34,6 +36,7 @@ GENERATION_PREFIX = "_v"
 CHECKPOINT_PREFIX = "checkpoint"
 CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
 TRAINING_STATE_NAME = "training_state.json"
+LATENCY_MODEL_NAME = "latency_model.json"
 
 WEIGHTS_DIGEST_KEY = "weights_sha256"
 EXPORT_KEY = "export"

@@ -240,9 +240,12 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
 
     def extract_subnet(
         self,
-        budget: int | float | str,
+        budget: int | float | str | None = None,
         pareto_front=None,
         save_directory: str | os.PathLike | None = None,
+        *,
+        max_latency_ms: float | None = None,
+        latency_model=None,
     ):
         """Extracts the subnet to use under a BitOPs budget as a standalone `SamSubnetForMaskGeneration`.
 
@@ -259,6 +262,9 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
             pareto_front (`mpsupernet.search.ParetoFront`, *optional*): evaluated architectures to choose from.
             save_directory (`str` or `os.PathLike`, *optional*): where to `save_pretrained` the subnet; nothing is
                 written if the budget is rejected.
+            max_latency_ms (`float`, *optional*): instead of `budget`, a latency budget in milliseconds as
+                `latency_model` predicts them (see `mpsupernet.extraction.select_architecture_under_latency`).
+            latency_model (`mpsupernet.LatencyModel`, *optional*): prices `max_latency_ms`.
 
         Returns:
             `SamSubnetForMaskGeneration`: the subnet, with `config.bitops` at most the budget.
@@ -267,6 +273,18 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
             `ValueError`: if the budget is not understood, or is below the smallest subnet's BitOPs (named).
         """
         front = pareto_front if pareto_front is not None else getattr(self, "pareto_front", None)
+        if (budget is None) == (max_latency_ms is None):
+            raise ValueError(
+                f"Give one budget: `budget` (BitOPs) or `max_latency_ms` (with `latency_model`); got budget={budget!r}, "
+                f"max_latency_ms={max_latency_ms!r}."
+            )
+        if max_latency_ms is not None:
+            if latency_model is None:
+                raise ValueError(
+                    f"`max_latency_ms` is {max_latency_ms!r} but no `latency_model` prices latency; fit one with "
+                    "`mpsupernet.fit_latency_model(supernet)`."
+                )
+            budget = extraction.select_architecture_under_latency(self, max_latency_ms, latency_model, front)
         subnet = extraction.extract_subnet(self, budget, pareto_front=front)
         if save_directory is not None:
             subnet.save_pretrained(save_directory)

@@ -10,6 +10,23 @@ from .architecture import CONV_PATHS, FLOAT_BITS, LAYER_PATHS, SubnetArchitectur
 from .configuration_sam_supernet import SamSupernetConfig
 
 
+SPACE_FIELDS = (
+    "resolution_choices",
+    "skippable_blocks",
+    "mlp_dim_choices",
+    "num_heads_choices",
+    "hidden_size_choices",
+    "weight_bit_choices",
+    "activation_bit_choices",
+    "bit_granularity",
+    "quantized_layers",
+    "quantize_attention_products",
+    "activation_offset",
+)
+"""The `SamSupernetConfig` fields that fix the subnets of a supernet and their arithmetic (beside the base SAM's
+shape): two supernets that agree on them have the same architectures, costing the same."""
+
+
 class SearchSpace:
     """The set of subnet architectures a `SamSupernetConfig` allows.
 

@@ -244,6 +244,33 @@ def _store_int4_codes(model: ir.Model, encoder: VisionEncoderGraph) -> None:
         value.dtype = ir.DataType.INT4
 
 
+def export_vision_encoder(subnet: torch.nn.Module, path: str | os.PathLike, opset: int = MIN_OPSET) -> Path:
+    """Writes only `subnet`'s QDQ image encoder (int8 weight containers, batch 1, as [`write_onnx_files`] writes it)
+    to `path`, without checks: what `mpsupernet.latency` times. Returns the path."""
+    size = subnet.config.vision_config.image_size
+    was_training = subnet.training
+    subnet.eval()
+    try:
+        with torch.no_grad():
+            encoder = VisionEncoderGraph(subnet).eval()
+        _write_vision_encoder(encoder, torch.zeros(1, 3, size, size), Path(path), opset, "int8", None)
+    finally:
+        subnet.train(was_training)
+    return Path(path)
+
+
+def _write_vision_encoder(
+    encoder: VisionEncoderGraph, pixel_values: torch.Tensor, path: Path, opset: int, weight_container: str,
+    dynamic_shapes,
+) -> None:
+    """Exports `encoder` traced on `pixel_values` to `path`, storing 4-bit codes as INT4 for `weight_container`
+    "int4"; the one encoder writer of [`write_onnx_files`] and [`export_vision_encoder`]."""
+    program = _export_graph(encoder, (pixel_values,), opset, ["pixel_values"], ["image_embeddings"], dynamic_shapes)
+    if weight_container == "int4":
+        _store_int4_codes(program.model, encoder)
+    _save(program.model, path)
+
+
 def export_onnx(
     subnet: torch.nn.Module,
     save_directory: str | os.PathLike,
@@ -350,13 +377,9 @@ def write_onnx_files(subnet, folder: Path, *, target: str, weight_container: str
             pixel_values = torch.from_numpy(_sample_inputs(image_size)["pixel_values"])
             embeddings = encoder(pixel_values)
         batch = torch.export.Dim("batch")
-        program = _export_graph(
-            encoder, (pixel_values,), opset, ["pixel_values"], ["image_embeddings"],
-            {"pixel_values": {0: batch}},
+        _write_vision_encoder(
+            encoder, pixel_values, folder / VISION_ENCODER_NAME, opset, weight_container, {"pixel_values": {0: batch}}
         )
-        if weight_container == "int4":
-            _store_int4_codes(program.model, encoder)
-        _save(program.model, folder / VISION_ENCODER_NAME)
         # One image per call (the runtime loops over a batch): with a dynamic image batch, the exported
         # `repeat_interleave` of SAM's mask decoder expands to a wrong shape for batches above 1. Traced with a
         # different size in every dynamic dimension, none 0 or 1: torch.export specializes sizes 0 and 1 and gives

@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from ..architecture import SubnetArchitecture
-from ..atomic import write_file_atomic
+from ..atomic import write_json_atomic
 from ..bitops import parse_budget
+from ..weight_bytes import check_weight_bytes
 
 PARETO_FRONT_FORMAT_VERSION = 1
 TABLE_COLUMNS = ("GBitOPs", "% of FP", "% of W8A8", "mIoU")
+LATENCY_COLUMN = "ms (predicted)"
 
 
 # --- dominance ---------------------------------------------------------------------------------------------------
@@ -58,19 +60,26 @@ class ParetoEntry:
         bitops (`int`): BitOPs of the image encoder for one image.
         mean_iou (`float`): mean mask IoU on the search's validation data.
         macs (`int`, *optional*): multiply-accumulates of the image encoder for one image.
+        latency_ms (`float`, *optional*): the image encoder's milliseconds for one image, as the search's
+            `LatencyModel` predicts them (`None` for a search without one).
+        weight_bytes (`int`, *optional*): bytes of the exported encoder's weights
+            (`mpsupernet.weight_bytes.count_weight_bytes`, int8 containers).
     """
 
     architecture: dict
     bitops: int
     mean_iou: float
     macs: int | None = None
+    latency_ms: float | None = None
+    weight_bytes: int | None = None
 
     def to_architecture(self) -> SubnetArchitecture:
         """The architecture as a `SubnetArchitecture` (for `set_subnet` or extraction)."""
         return SubnetArchitecture.from_dict(self.architecture)
 
     def to_dict(self) -> dict:
-        return {"bitops": self.bitops, "mean_iou": self.mean_iou, "macs": self.macs, "architecture": self.architecture}
+        costs = {name: getattr(self, name) for name in ("latency_ms", "weight_bytes") if getattr(self, name) is not None}
+        return {"bitops": self.bitops, "mean_iou": self.mean_iou, "macs": self.macs, **costs, "architecture": self.architecture}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ParetoEntry":
@@ -85,11 +94,25 @@ class ParetoEntry:
             bitops=int(data["bitops"]),
             mean_iou=float(data["mean_iou"]),
             macs=None if data.get("macs") is None else int(data["macs"]),
+            latency_ms=None if data.get("latency_ms") is None else float(data["latency_ms"]),
+            weight_bytes=None if data.get("weight_bytes") is None else int(data["weight_bytes"]),
         )
+
+    def cost(self, objective: str) -> float:
+        """The entry's cost under `objective` (`"bitops"` or `"latency_ms"`)."""
+        value = getattr(self, objective)
+        if value is None:
+            raise ValueError(f"The Pareto entry has no {objective!r} (its search priced no latency): {self.architecture}.")
+        return value
+
+
+OBJECTIVES = ("bitops", "latency_ms")
+"""The costs a front can be sorted by: BitOPs, or the latency a `LatencyModel` predicts."""
 
 
 class ParetoFront:
-    """The architectures that no other evaluated architecture beats in both BitOPs and mean IoU.
+    """The architectures that no other evaluated architecture beats in both cost (BitOPs, or predicted latency) and
+    mean IoU.
 
     Args:
         candidates (`Iterable[ParetoEntry]`): evaluated architectures; the dominated ones are dropped.
@@ -99,10 +122,13 @@ class ParetoFront:
             `supernet` (the name or path it was loaded from), `base_model` and `training_dataset` (its provenance:
             `config.base_model_name_or_path` and `config.training_dataset`), `dataset` (what the search measured on: `{"name", "size"}`), `full_precision`
             (`{"bitops", "macs", "mean_iou"}`, `mean_iou` `None` when not measured), `w8a8_bitops` (the uniform W8A8
-            reference), `date` (ISO 8601, UTC) and `search` (the search settings and the number of evaluations).
+            reference), `date` (ISO 8601, UTC) and `search` (the search settings and the number of evaluations); with a
+            latency model, `latency_model` (its machine and runtime).
+        objective (`str`, *optional*, defaults to `"bitops"`): the cost of the front, one of `OBJECTIVES`;
+            `"latency_ms"` needs every entry's `latency_ms`.
 
     Attributes:
-        entries (`list[ParetoEntry]`): the front, by increasing BitOPs (and so increasing mean IoU).
+        entries (`list[ParetoEntry]`): the front, by increasing cost (and so increasing mean IoU).
     """
 
     def __init__(
@@ -111,14 +137,18 @@ class ParetoFront:
         *,
         evaluated: Iterable[ParetoEntry] | None = None,
         metadata: dict | None = None,
+        objective: str = "bitops",
     ):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"`objective` must be one of {list(OBJECTIVES)}, got {objective!r}.")
+        self.objective = objective
         candidates = list(candidates)
         self.evaluated = list(evaluated) if evaluated is not None else candidates
         self.metadata = dict(metadata or {})
         if candidates:
-            keep = non_dominated_mask([(entry.bitops, -entry.mean_iou) for entry in candidates])
+            keep = non_dominated_mask([(entry.cost(objective), -entry.mean_iou) for entry in candidates])
             candidates = [entry for entry, kept in zip(candidates, keep) if kept]
-        self.entries = sorted(candidates, key=lambda entry: (entry.bitops, -entry.mean_iou))
+        self.entries = sorted(candidates, key=lambda entry: (entry.cost(objective), -entry.mean_iou))
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -143,22 +173,56 @@ class ParetoFront:
         return self.metadata.get("w8a8_bitops")
 
     # --- queries ----------------------------------------------------------------------------------------------
-    def best_under(self, max_bitops: float | str) -> ParetoEntry | None:
-        """The entry with the highest mean IoU at or under a BitOPs budget, or `None` when none fits.
+    def best_under(
+        self,
+        max_bitops: float | str | None = None,
+        *,
+        max_latency_ms: float | None = None,
+        max_weight_bytes: int | None = None,
+    ) -> ParetoEntry | None:
+        """The entry with the highest mean IoU within the budgets, or `None` when none fits.
 
         Args:
-            max_bitops (`int`, `float` or `str`): the budget in BitOPs, or a string that
+            max_bitops (`int`, `float` or `str`, *optional*): the budget in BitOPs, or a string that
                 `mpsupernet.bitops.parse_budget` reads ("120G", "5%"; a share needs `full_precision_bitops`).
+            max_latency_ms (`float`, *optional*): the budget in predicted milliseconds (a front searched with a
+                latency model).
+            max_weight_bytes (`int`, *optional*): the budget in bytes of the exported encoder's weights.
+
+        Raises:
+            `ValueError`: naming the value, for a budget that is not understood or not positive, for no budget at
+            all, or for a latency budget on a front without predicted latencies.
         """
-        budget = parse_budget(max_bitops, self.full_precision_bitops, name="max_bitops")
-        fitting = [entry for entry in self.entries if entry.bitops <= budget]
+        if max_bitops is None and max_latency_ms is None and max_weight_bytes is None:
+            raise ValueError("`best_under` needs a budget: `max_bitops`, `max_latency_ms`, `max_weight_bytes`.")
+        fitting = self.entries
+        if max_bitops is not None:
+            budget = parse_budget(max_bitops, self.full_precision_bitops, name="max_bitops")
+            fitting = [entry for entry in fitting if entry.bitops <= budget]
+        if max_latency_ms is not None:
+            if isinstance(max_latency_ms, bool) or not isinstance(max_latency_ms, (int, float)) or not (
+                0 < max_latency_ms < float("inf")
+            ):
+                raise ValueError(f"`max_latency_ms` must be a positive number of milliseconds, got {max_latency_ms!r}.")
+            if any(entry.latency_ms is None for entry in self.entries):
+                raise ValueError(
+                    f"`max_latency_ms` is {max_latency_ms!r} but this front has no predicted latencies; search with a "
+                    "latency model (`run_search(..., latency_model=lm)`)."
+                )
+            fitting = [entry for entry in fitting if entry.latency_ms <= max_latency_ms]
+        if max_weight_bytes is not None:
+            max_weight_bytes = check_weight_bytes(max_weight_bytes)
+            if any(entry.weight_bytes is None for entry in self.entries):
+                raise ValueError(f"`max_weight_bytes` is {max_weight_bytes!r} but this front records no weight bytes.")
+            fitting = [entry for entry in fitting if entry.weight_bytes <= max_weight_bytes]
         return max(fitting, key=lambda entry: entry.mean_iou, default=None)
 
     def to_table(self) -> list[dict]:
         """The front as rows for printing, cheapest first, with the columns of `TABLE_COLUMNS`.
 
         `GBitOPs` is rounded to 4 significant digits, the shares of the full-precision and W8A8 references to 0.01%
-        (`None` when the metadata lacks the reference), the mean IoU to 4 decimals.
+        (`None` when the metadata lacks the reference), the mean IoU to 4 decimals; a front with predicted latencies
+        adds `LATENCY_COLUMN` (milliseconds, 3 decimals).
         """
         rows = []
         for entry in self.entries:
@@ -168,13 +232,17 @@ class ParetoFront:
                 _percent(entry.bitops, self.w8a8_bitops),
                 round(entry.mean_iou, 4),
             )
-            rows.append(dict(zip(TABLE_COLUMNS, values)))
+            row = dict(zip(TABLE_COLUMNS, values))
+            if entry.latency_ms is not None:
+                row[LATENCY_COLUMN] = round(entry.latency_ms, 3)
+            rows.append(row)
         return rows
 
     # --- persistence --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
             "format_version": PARETO_FRONT_FORMAT_VERSION,
+            "objective": self.objective,
             "metadata": self.metadata,
             "entries": [entry.to_dict() for entry in self.entries],
             "evaluated": [entry.to_dict() for entry in self.evaluated],
@@ -182,10 +250,7 @@ class ParetoFront:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the front, every evaluated point and the metadata as JSON, crash-safely; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
-        return path
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ParetoFront":
@@ -205,7 +270,7 @@ class ParetoFront:
             )
         entries = [ParetoEntry.from_dict(item) for item in data["entries"]]
         evaluated = [ParetoEntry.from_dict(item) for item in data.get("evaluated", data["entries"])]
-        return cls(entries, evaluated=evaluated, metadata=data.get("metadata"))
+        return cls(entries, evaluated=evaluated, metadata=data.get("metadata"), objective=data.get("objective", "bitops"))
 
     # --- drawing ------------------------------------------------------------------------------------------------
     def plot(

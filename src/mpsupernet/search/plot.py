@@ -17,7 +17,8 @@ def plot_pareto_front(
     title: str | None = None,
     budgets: Sequence[float | str] = (),
 ) -> Path:
-    """Draws mean IoU against BitOPs (log scale) and saves the figure (PNG, or any format matplotlib infers).
+    """Draws mean IoU against the front's cost (BitOPs, or predicted milliseconds for a front searched with a latency
+    model; log scale) and saves the figure (PNG, or any format matplotlib infers).
 
     The front is a step line (the best mean IoU any budget buys), every evaluated architecture a faint dot, the
     full-precision model a star (a dotted line when its mean IoU was not measured), and each budget a vertical
@@ -27,13 +28,15 @@ def plot_pareto_front(
         front (`ParetoFront`): the front to draw.
         path (`str` or `os.PathLike`): where to save the figure.
         title (`str`, *optional*): defaults to "Pareto front" and the base model's name.
-        budgets (`Sequence`): BitOPs budgets to mark (numbers, or strings for `parse_budget`).
+        budgets (`Sequence`): budgets to mark in the front's cost: BitOPs (numbers, or strings for `parse_budget`)
+            or milliseconds.
     """
+    latency = front.objective == "latency_ms"
     figure = Figure(figsize=(8, 5), layout="constrained")
     axes = figure.add_subplot()
     if front.evaluated:
         axes.scatter(
-            [entry.bitops for entry in front.evaluated],
+            [entry.cost(front.objective) for entry in front.evaluated],
             [entry.mean_iou for entry in front.evaluated],
             s=12,
             color="tab:gray",
@@ -41,11 +44,11 @@ def plot_pareto_front(
             label=f"evaluated ({len(front.evaluated)})",
         )
     if front.entries:
-        bitops = [entry.bitops for entry in front.entries]
+        bitops = [entry.cost(front.objective) for entry in front.entries]
         mean_ious = [entry.mean_iou for entry in front.entries]
         axes.step(bitops, mean_ious, where="post", color="tab:blue", linewidth=1.5)
         axes.plot(bitops, mean_ious, "o", color="tab:blue", label=f"Pareto front ({len(front.entries)})")
-    if front.full_precision_bitops is not None:
+    if front.full_precision_bitops is not None and not latency:
         if front.full_precision_mean_iou is not None:
             axes.plot(
                 front.full_precision_bitops,
@@ -65,10 +68,15 @@ def plot_pareto_front(
         else:
             axes.axvline(front.full_precision_bitops, color="tab:red", linestyle=":", label="full precision")
     for budget in budgets:
-        value = parse_budget(budget, front.full_precision_bitops, name="budget")
-        axes.axvline(value, color="tab:green", linestyle="--", linewidth=1, label=f"budget {format_bitops(value)}")
+        value = float(budget) if latency else parse_budget(budget, front.full_precision_bitops, name="budget")
+        text = f"{value:g} ms" if latency else format_bitops(value)
+        axes.axvline(value, color="tab:green", linestyle="--", linewidth=1, label=f"budget {text}")
     axes.set_xscale("log")
-    axes.set_xlabel("BitOPs per image (image encoder)")
+    machine = front.metadata.get("latency_model") or {}
+    axes.set_xlabel(
+        f"predicted ms per image (image encoder; {machine.get('runtime')}, {machine.get('num_threads')} threads, "
+        f"{machine.get('cpu')})" if latency else "BitOPs per image (image encoder)"
+    )
     axes.set_ylabel("mean IoU")
     base_model = front.metadata.get("base_model")
     axes.set_title(title or ("Pareto front" + (f": {base_model}" if base_model else "")))

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from ..architecture import SubnetArchitecture
 from ..bitops import BitOpsCounter, BitOpsReport
+from ..weight_bytes import count_weight_bytes
 from .encoding import ArchitectureEncoding
 from .front import ParetoEntry, ParetoFront
 
@@ -30,14 +31,31 @@ class _CanonicalRepair(Repair):
 
 
 class _Evaluations:
-    """Prices architectures (analytically) and scores those within the budget (through `evaluate`), each once."""
+    """Prices architectures (BitOPs analytically, latency with a latency model) and scores those within the budgets
+    (through `evaluate`), each once.
 
-    def __init__(self, counter: BitOpsCounter, evaluate, max_bitops: int | None, min_bitops: int | None):
+    The cost the search minimises is the predicted latency when a `latency_model` is given, else the BitOPs.
+    """
+
+    def __init__(
+        self,
+        counter: BitOpsCounter,
+        evaluate,
+        max_bitops: int | None,
+        min_bitops: int | None,
+        latency_model=None,
+        max_latency_ms: float | None = None,
+        max_weight_bytes: int | None = None,
+    ):
         self.counter = counter
+        self.max_weight_bytes = max_weight_bytes
         self.evaluate = evaluate
         self.max_bitops = max_bitops
         self.min_bitops = min_bitops
+        self.latency_model = latency_model
+        self.max_latency_ms = max_latency_ms
         self.reports: dict[SubnetArchitecture, BitOpsReport] = {}
+        self.latencies: dict[SubnetArchitecture, float] = {}
         self.entries: dict[SubnetArchitecture, ParetoEntry] = {}
 
     def report(self, arch: SubnetArchitecture) -> BitOpsReport:
@@ -45,21 +63,43 @@ class _Evaluations:
             self.reports[arch] = self.counter.report(arch)
         return self.reports[arch]
 
+    def latency_ms(self, arch: SubnetArchitecture) -> float | None:
+        """Predicted milliseconds of `arch`, or `None` without a latency model."""
+        if self.latency_model is None:
+            return None
+        if arch not in self.latencies:
+            self.latencies[arch] = self.latency_model.predict(arch)
+        return self.latencies[arch]
+
+    def cost(self, arch: SubnetArchitecture) -> float:
+        """The cost objective: predicted latency with a latency model, else BitOPs."""
+        latency = self.latency_ms(arch)
+        return self.report(arch).total_bitops if latency is None else latency
+
     @property
     def num_constraints(self) -> int:
-        return (self.max_bitops is not None) + (self.min_bitops is not None)
+        bounds = (self.max_bitops, self.min_bitops, self.max_latency_ms, self.max_weight_bytes)
+        return sum(bound is not None for bound in bounds)
 
-    def constraints(self, bitops: int) -> list[float]:
+    def weight_bytes(self, arch: SubnetArchitecture) -> int:
+        return count_weight_bytes(self.counter.config, arch)
+
+    def constraints(self, arch: SubnetArchitecture) -> list[float]:
         """pymoo inequality constraints (feasible when every value is <= 0), relative so that they are O(1)."""
+        bitops = self.report(arch).total_bitops
         values = []
         if self.max_bitops is not None:
             values.append(bitops / self.max_bitops - 1.0)
         if self.min_bitops is not None:
             values.append(1.0 - bitops / self.min_bitops)
+        if self.max_latency_ms is not None:
+            values.append(self.latency_ms(arch) / self.max_latency_ms - 1.0)
+        if self.max_weight_bytes is not None:
+            values.append(self.weight_bytes(arch) / self.max_weight_bytes - 1.0)
         return values
 
     def is_feasible(self, arch: SubnetArchitecture) -> bool:
-        return all(value <= 0 for value in self.constraints(self.report(arch).total_bitops))
+        return all(value <= 0 for value in self.constraints(arch))
 
     def score(self, arch: SubnetArchitecture) -> float:
         """Mean IoU of `arch`, measured once; the cache also keeps the search in lockstep across processes."""
@@ -70,11 +110,13 @@ class _Evaluations:
                 bitops=report.total_bitops,
                 mean_iou=_checked_mean_iou(self.evaluate(arch), arch),
                 macs=report.total_macs,
+                latency_ms=self.latency_ms(arch),
+                weight_bytes=self.weight_bytes(arch),
             )
         return self.entries[arch].mean_iou
 
     def front(self) -> ParetoFront:
-        return ParetoFront(self.entries.values())
+        return ParetoFront(self.entries.values(), objective="bitops" if self.latency_model is None else "latency_ms")
 
 
 def _checked_mean_iou(value, arch: SubnetArchitecture) -> float:
@@ -88,10 +130,11 @@ def _checked_mean_iou(value, arch: SubnetArchitecture) -> float:
 
 
 class _ArchitectureProblem(Problem):
-    """Minimise log10(BitOPs) and -mIoU of decoded genotypes, with the BitOPs budget as inequality constraints.
+    """Minimise log10(cost) and -mIoU of decoded genotypes, with the budgets as inequality constraints.
 
-    log10 is a monotone change of the first objective, so it leaves the Pareto order unchanged, but NSGA-II's crowding
-    distance (and SMS-EMOA's hypervolume) then spreads the population evenly over orders of magnitude of BitOPs, as
+    The cost is BitOPs, or the predicted latency with a latency model (see `_Evaluations.cost`). log10 is a monotone
+    change of the first objective, so it leaves the Pareto order unchanged, but NSGA-II's crowding
+    distance (and SMS-EMOA's hypervolume) then spreads the population evenly over orders of magnitude of the cost, as
     budgets are given. Architectures outside the budget are not evaluated: pymoo ranks infeasible solutions by their
     constraint violation alone, so their mIoU is never read and is set to 0.
     """
@@ -113,11 +156,10 @@ class _ArchitectureProblem(Problem):
         objectives, constraints = [], []
         for genes in X:
             arch = self.encoding.decode(genes)
-            bitops = self.evaluations.report(arch).total_bitops
             feasible = self.evaluations.is_feasible(arch)
             mean_iou = self.evaluations.score(arch) if feasible else 0.0
-            objectives.append([math.log10(bitops), -mean_iou])
-            constraints.append(self.evaluations.constraints(bitops))
+            objectives.append([math.log10(max(self.evaluations.cost(arch), 1e-12)), -mean_iou])
+            constraints.append(self.evaluations.constraints(arch))
             self.progress_bar.update(1)
             self.progress_bar.set_postfix(evaluated=len(self.evaluations.entries), refresh=False)
         out["F"] = np.array(objectives, dtype=float)

@@ -28,6 +28,7 @@ from ..bitops import BitOpsCounter, format_bitops, parse_budget
 from ..checkpoints import state_dict_sha256
 from ..architecture import SubnetArchitecture
 from ..search_space import SearchSpace
+from ..weight_bytes import weight_bytes_bound
 from .encoding import ArchitectureEncoding
 from .front import ParetoFront
 from .problem import _ArchitectureProblem, _CanonicalRepair, _checked_mean_iou, _Evaluations
@@ -89,6 +90,9 @@ def evolutionary_search(
     algorithm: str = "nsga2",
     evaluate_full_precision: bool = True,
     metadata: dict | None = None,
+    latency_model=None,
+    max_latency_ms: float | None = None,
+    max_weight_bytes: int | None = None,
 ) -> ParetoFront:
     """Searches the supernet's architectures for the Pareto front of BitOPs against mean IoU.
 
@@ -119,6 +123,17 @@ def evolutionary_search(
         evaluate_full_precision (`bool`, *optional*, defaults to `True`): also measure the full-precision model
             (one more `evaluate` call) for the front's metadata and plot.
         metadata (`dict`, *optional*): more metadata for the front (`run_search` gives `dataset`).
+        latency_model (`mpsupernet.LatencyModel`, *optional*): makes the predicted latency (on its machine and
+            runtime) the cost objective instead of BitOPs; BitOPs are still counted and recorded per entry.
+        max_latency_ms (`float`, *optional*): a latency budget in predicted milliseconds, a hard constraint (needs
+            `latency_model`).
+        max_weight_bytes (`int`, *optional*): a budget in bytes of the exported encoder's weights (int8
+            containers; `mpsupernet.weight_bytes.count_weight_bytes`), a hard constraint.
+
+    Raises:
+        `ValueError`: naming the value, for bad settings, a budget no subnet meets (for latency, naming the fastest
+        predicted subnet), a latency budget without a latency model, or a latency model fitted on another
+        architecture space.
 
     Returns:
         `ParetoFront`: with the full-precision point, the W8A8 reference, the date and the settings in `metadata`.
@@ -129,11 +144,16 @@ def evolutionary_search(
     full_precision = space.full_precision()
     full_precision_report = counter.report(full_precision)
     max_bitops, min_bitops = _bitops_bounds(counter, max_bitops, min_bitops)
+    max_latency_ms = _latency_bound(supernet, latency_model, max_latency_ms)
+    if max_weight_bytes is not None:
+        max_weight_bytes = weight_bytes_bound(supernet.config, max_weight_bytes)
     full_precision_mean_iou = None
     if evaluate_full_precision:
         full_precision_mean_iou = _checked_mean_iou(evaluate(full_precision), full_precision)
 
-    evaluations = _Evaluations(counter, evaluate, max_bitops, min_bitops)
+    evaluations = _Evaluations(
+        counter, evaluate, max_bitops, min_bitops, latency_model, max_latency_ms, max_weight_bytes
+    )
     encoding = ArchitectureEncoding(space)
     # Integer genes through pymoo's real-valued operators plus rounding, as pymoo documents for integer variables; a
     # small distribution index (eta=3) makes steps of more than one choice likely despite the rounding.
@@ -149,9 +169,28 @@ def evolutionary_search(
     _run_generations(optimizer, encoding, evaluations, population_size, generations, seed, progress)
     entries = list(evaluations.entries.values())
     settings = {"algorithm": algorithm, "population_size": population_size, "generations": generations}
-    search = {**settings, "max_bitops": max_bitops, "min_bitops": min_bitops, "seed": seed}
+    objective = "bitops" if latency_model is None else "latency_ms"
+    search = {
+        **settings, "objective": objective, "max_bitops": max_bitops, "min_bitops": min_bitops,
+        "max_latency_ms": max_latency_ms, "max_weight_bytes": max_weight_bytes, "seed": seed,
+    }
     front_metadata = _front_metadata(supernet, full_precision_report, full_precision_mean_iou, search, len(entries))
-    return ParetoFront(entries, metadata={**front_metadata, **(metadata or {})})
+    if latency_model is not None:
+        front_metadata["latency_model"] = latency_model.machine()
+    return ParetoFront(entries, metadata={**front_metadata, **(metadata or {})}, objective=objective)
+
+
+def _latency_bound(supernet, latency_model, max_latency_ms) -> float | None:
+    """The latency budget, checked against the latency model and the fastest predicted subnet."""
+    if latency_model is None:
+        if max_latency_ms is not None:
+            raise ValueError(
+                f"`max_latency_ms` is {max_latency_ms!r} but no `latency_model` prices latency; fit one with "
+                "`mpsupernet.fit_latency_model(supernet)` and pass it as `latency_model`."
+            )
+        return None
+    latency_model.check_compatible(supernet)
+    return None if max_latency_ms is None else latency_model.parse_budget(max_latency_ms)
 
 
 def _front_metadata(
@@ -232,6 +271,8 @@ def _run_generations(
         generation = 0
         while optimizer.has_next():
             population = optimizer.ask()
+            if population is None:  # pymoo found no offspring that is not a duplicate: a small space is exhausted
+                break
             optimizer.evaluator.eval(problem, population)
             optimizer.tell(infills=population)
             if main_process:
@@ -242,9 +283,12 @@ def _run_generations(
 def _log_generation(generation: int, generations: int, evaluations: _Evaluations, max_bitops: int | None) -> None:
     front = evaluations.front()
     best = front.entries[-1] if front.entries else None
-    budget = f"under {format_bitops(max_bitops)}" if max_bitops is not None else "overall"
+    budgets = [f"{format_bitops(max_bitops)}"] if max_bitops is not None else []
+    budgets += [f"{evaluations.max_latency_ms:g} ms"] if evaluations.max_latency_ms is not None else []
+    budget = f"under {' and '.join(budgets)}" if budgets else "overall"
+    latency = "" if best is None or best.latency_ms is None else f" ({best.latency_ms:.2f} ms predicted)"
     best_text = (
-        f"{best.mean_iou:.4f} at {format_bitops(best.bitops)}" if best else "none (nothing evaluated yet)"
+        f"{best.mean_iou:.4f} at {format_bitops(best.bitops)}{latency}" if best else "none (nothing evaluated yet)"
     )
     logger.info(
         f"Generation {generation}/{generations}: {len(evaluations.entries)} architectures evaluated, front of "
@@ -300,6 +344,9 @@ def run_search(
     accelerator=None,
     dataset_name: str | None = None,
     progress: bool = True,
+    latency_model=None,
+    max_latency_ms: float | None = None,
+    max_weight_bytes: int | None = None,
 ) -> ParetoFront:
     """Loads a supernet, searches its Pareto front on a validation set, and saves the front as JSON and PNG.
 
@@ -312,7 +359,8 @@ def run_search(
         dataset (`datasets.Dataset`): validation examples in the standard schema (`image`, `masks`, `image_id`);
             prompts are sampled by `SamSegmentationPreprocessor` with `seed`, the same for every architecture.
         output_dir (`str` or `os.PathLike`): where to write the front.
-        population_size, generations, max_bitops, seed, algorithm: see `evolutionary_search`.
+        population_size, generations, max_bitops, seed, algorithm, latency_model, max_latency_ms, max_weight_bytes: see
+            `evolutionary_search` (with a latency model the front's JSON and plot carry predicted latency).
         eval_batch_size (`int`, *optional*, defaults to 4): images per evaluation batch.
         max_eval_batches (`int`, *optional*): evaluate every architecture on at most this many batches (per process).
         accelerator (`accelerate.Accelerator`, *optional*): defaults to a new `Accelerator()`, which picks the device
@@ -355,12 +403,15 @@ def run_search(
         seed=seed,
         progress=progress,
         algorithm=algorithm,
+        latency_model=latency_model,
+        max_latency_ms=max_latency_ms,
+        max_weight_bytes=max_weight_bytes,
         metadata={"dataset": {"name": dataset_name, "size": len(dataset), "max_eval_batches": max_eval_batches}},
     )
     if accelerator.is_main_process:
         output_dir = Path(output_dir)
         front.save(output_dir / "pareto_front.json")
-        budgets = [front.metadata["search"]["max_bitops"]] if max_bitops is not None else []
-        front.plot(output_dir / "pareto_front.png", budgets=budgets)
+        budget = front.metadata["search"]["max_latency_ms" if latency_model is not None else "max_bitops"]
+        front.plot(output_dir / "pareto_front.png", budgets=[] if budget is None else [budget])
     accelerator.wait_for_everyone()
     return front
