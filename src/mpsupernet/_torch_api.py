@@ -4,12 +4,21 @@
 `_AutoClassRegistration` there); the package's names themselves load lazily from their own modules.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForMaskGeneration
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForMaskGeneration,
+    AutoModelForSemanticSegmentation,
+)
 
 from .architecture import SubnetArchitecture
 from .bitops import BitOpsReport, count_bitops, parse_budget
+from .configuration_sam_semantic import SamSemanticSubnetConfig, SamSemanticSupernetConfig
 from .configuration_sam_supernet import SamSubnetConfig, SamSupernetConfig
 from .extraction import extract_subnet
+from .image_processing_sam_semantic import SamSemanticImageProcessor
+from .modeling_sam_semantic import SamSubnetForSemanticSegmentation, SamSupernetForSemanticSegmentation
 from .modeling_sam_subnet import SamSubnetForMaskGeneration
 from .modeling_sam_supernet import SamSupernetForMaskGeneration
 from .search_space import SearchSpace
@@ -20,13 +29,26 @@ AutoModelForMaskGeneration.register(SamSupernetConfig, SamSupernetForMaskGenerat
 AutoConfig.register(SamSubnetConfig.model_type, SamSubnetConfig)
 AutoModel.register(SamSubnetConfig, SamSubnetForMaskGeneration)
 AutoModelForMaskGeneration.register(SamSubnetConfig, SamSubnetForMaskGeneration)
+for _config, _model in (
+    (SamSemanticSupernetConfig, SamSupernetForSemanticSegmentation),
+    (SamSemanticSubnetConfig, SamSubnetForSemanticSegmentation),
+):
+    AutoConfig.register(_config.model_type, _config)
+    AutoModel.register(_config, _model)
+    AutoModelForSemanticSegmentation.register(_config, _model)
+    AutoImageProcessor.register(_config, image_processor_classes={"pil": SamSemanticImageProcessor})
 
 __all__ = [
     "BitOpsReport",
+    "SamSemanticImageProcessor",
+    "SamSemanticSubnetConfig",
+    "SamSemanticSupernetConfig",
     "SamSubnetConfig",
     "SamSubnetForMaskGeneration",
+    "SamSubnetForSemanticSegmentation",
     "SamSupernetConfig",
     "SamSupernetForMaskGeneration",
+    "SamSupernetForSemanticSegmentation",
     "SearchSpace",
     "SubnetArchitecture",
     "count_bitops",

@@ -12,7 +12,6 @@ import torch
 
 from .bitops import format_bitops, is_budget, parse_budget
 from .architecture import CONV_PATHS, FLOAT_BITS, SubnetArchitecture, is_float_bits
-from .configuration_sam_supernet import SamSubnetConfig
 from .elastic import ElasticQuantizedConv2d
 from .lora import QuantizedLoraLinear
 from .modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration
@@ -71,7 +70,7 @@ def extract_subnet(
 def _extract_active_subnet(supernet, arch: SubnetArchitecture) -> SamSubnetForMaskGeneration:
     source_config = supernet.config
     report = supernet.bitops_report(arch)
-    config = SamSubnetConfig(
+    config = supernet.subnet_class.config_class(
         vision_config=source_config.vision_config.to_dict(),
         prompt_encoder_config=source_config.prompt_encoder_config.to_dict(),
         mask_decoder_config=source_config.mask_decoder_config.to_dict(),
@@ -85,9 +84,10 @@ def _extract_active_subnet(supernet, arch: SubnetArchitecture) -> SamSubnetForMa
         step_size_min=source_config.step_size_min,
         base_model_name_or_path=source_config.base_model_name_or_path,
         training_dataset=source_config.training_dataset,
+        **supernet.subnet_config_kwargs(),
     )
     config._attn_implementation = source_config._attn_implementation
-    subnet = SamSubnetForMaskGeneration(config).to(device=supernet.device, dtype=supernet.dtype).eval()
+    subnet = supernet.subnet_class(config).to(device=supernet.device, dtype=supernet.dtype).eval()
 
     encoder, target_encoder = supernet.sam.vision_encoder, subnet.sam.vision_encoder
     hidden = supernet.search_space.hidden_size_of(arch)
