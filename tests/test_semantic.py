@@ -259,3 +259,61 @@ def test_image_segmentation_pipeline_on_a_saved_subnet(supernet, tmp_path):
     for result, class_id in zip(results, present):
         assert result["mask"].size == (70, 90)
         np.testing.assert_array_equal(np.asarray(result["mask"]) > 0, class_map == class_id)
+
+
+# --- data ------------------------------------------------------------------------------------------------------------
+def test_synthetic_semantic_dataset_is_deterministic_and_labels_the_shapes():
+    from mpsupernet.data import SYNTHETIC_SEMANTIC_ID2LABEL, make_synthetic_semantic_dataset
+    from mpsupernet.data.synthetic import _generate_example
+
+    first = make_synthetic_semantic_dataset(3, image_size=64, seed=4)
+    again = make_synthetic_semantic_dataset(5, image_size=64, seed=4)
+    assert first.column_names == ["image", "annotation"] and first.info.dataset_name
+    for index in range(3):
+        np.testing.assert_array_equal(np.asarray(first[index]["annotation"]), np.asarray(again[index]["annotation"]))
+        np.testing.assert_array_equal(np.asarray(first[index]["image"]), np.asarray(again[index]["image"]))
+    # Independent: the instance generator's visible masks, painted with their shape's class id.
+    _, masks, shapes = _generate_example(np.random.default_rng((4, 10, 0)), 64, 2, 5)
+    annotation = np.asarray(first[0]["annotation"])
+    for mask, shape in zip(masks, shapes):
+        assert SYNTHETIC_SEMANTIC_ID2LABEL[int(annotation[mask][0])] == shape
+        assert (annotation[mask] == annotation[mask][0]).all()
+    assert (annotation[~np.any(masks, axis=0)] == 0).all()
+    other = make_synthetic_semantic_dataset(1, image_size=64, seed=5)
+    assert not np.array_equal(np.asarray(other[0]["annotation"]), annotation)
+
+
+def test_ade20k_label_reduction():
+    from datasets import Dataset
+
+    from mpsupernet.data import from_ade20k, reduce_ade20k_labels
+
+    annotation = np.array([[0, 1, 150], [2, 0, 7]], dtype=np.uint8)
+    np.testing.assert_array_equal(reduce_ade20k_labels(annotation), [[255, 0, 149], [1, 255, 6]])
+    with pytest.raises(ValueError, match=r"holds 200 \(was it reduced already\?\)"):
+        reduce_ade20k_labels(np.array([[200]]))
+    raw = Dataset.from_dict(
+        {"image": [Image.new("L", (3, 2))], "annotation": [Image.fromarray(annotation)], "scene_category": [3]}
+    )
+    reduced = from_ade20k(raw)
+    assert reduced.column_names == ["image", "annotation"] and reduced[0]["image"].mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(reduced[0]["annotation"]), reduce_ade20k_labels(annotation))
+
+
+def test_dataset_of_the_other_task_is_refused():
+    from mpsupernet.data import check_dataset_task, make_synthetic_segmentation_dataset
+
+    semantic = make_synthetic_semantic_dataset_small()
+    promptable = make_synthetic_segmentation_dataset(1, image_size=32)
+    with pytest.raises(ValueError, match=r"`train_dataset` has the columns \['image', 'annotation'\]: a semantic"):
+        check_dataset_task(semantic, "train_dataset", semantic=False)
+    with pytest.raises(ValueError, match=r"`eval_dataset` has the columns .*'masks'.*: per-object masks"):
+        check_dataset_task(promptable, "eval_dataset", semantic=True)
+    check_dataset_task(semantic, "train_dataset", semantic=True)
+    check_dataset_task(promptable, "train_dataset", semantic=False)
+
+
+def make_synthetic_semantic_dataset_small():
+    from mpsupernet.data import make_synthetic_semantic_dataset
+
+    return make_synthetic_semantic_dataset(1, image_size=32, min_objects=1, max_objects=2)
