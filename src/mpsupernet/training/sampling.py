@@ -24,10 +24,13 @@ from ..architecture import parameter_kind
 from ..configuration_sam_supernet import SamSupernetConfig, validate_progressive_schedule
 from ..data.processing import MODEL_INPUT_NAMES
 from ..evaluation import evaluate_mean_iou
+from ..modeling_sam_semantic import SamSupernetForSemanticSegmentation
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
+from ..semantic_evaluation import evaluate_class_mean_iou
 from ..quantization import LsqQuantizer
 from ..search_space import SearchSpace, SubnetArchitecture
 from .losses import DISTILLATION_KINDS, mask_distillation_loss, sam_loss
+from .semantic import check_semantic_batch, semantic_training_step
 
 
 logger = logging.get_logger(__name__)
@@ -352,7 +355,15 @@ def _defer_gradient_sync(accelerator: Accelerator, model: nn.Module):
         gradient_state._set_sync_gradients(True)
 
 
-def _check_step_inputs(batch: dict, archs: dict, distillation: str | None, distillation_kind: str) -> None:
+def check_batch_for(supernet, batch: dict) -> None:
+    """Raises a `ValueError` naming what is missing if `batch` cannot train `supernet` (its task's inputs)."""
+    if isinstance(supernet, SamSupernetForSemanticSegmentation):
+        check_semantic_batch(batch)
+    else:
+        check_training_batch(batch)
+
+
+def _check_step_inputs(supernet, batch: dict, archs: dict, distillation: str | None, distillation_kind: str) -> None:
     check_distillation(distillation, distillation_kind)
     if not archs:
         raise ValueError("`archs` is empty; give at least one subnet to train.")
@@ -361,7 +372,7 @@ def _check_step_inputs(batch: dict, archs: dict, distillation: str | None, disti
             f"With distillation='largest' the first subnet must be named 'largest' (it is the teacher); got the "
             f"order {list(archs)}."
         )
-    check_training_batch(batch)
+    check_batch_for(supernet, batch)
 
 
 @torch.no_grad()
@@ -424,8 +435,21 @@ def supernet_training_step(
     Returns:
         `SandwichStepOutput` with each subnet's (detached, unscaled) losses.
     """
-    _check_step_inputs(batch, archs, distillation, distillation_kind)
     supernet = accelerator.unwrap_model(model)
+    _check_step_inputs(supernet, batch, archs, distillation, distillation_kind)
+    if isinstance(supernet, SamSupernetForSemanticSegmentation):
+        return semantic_training_step(
+            model,
+            batch,
+            archs,
+            accelerator=accelerator,
+            defer_gradient_sync=_defer_gradient_sync,
+            loss_scale=loss_scale,
+            distillation=distillation,
+            distillation_kind=distillation_kind,
+            distillation_weight=distillation_weight,
+            backward_kwargs=backward_kwargs,
+        )
     inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
     targets = batch["ground_truth_masks"]
     teacher_logits = None
@@ -455,7 +479,8 @@ def supernet_training_step(
 def evaluate_subnets(
     model: nn.Module, dataloader, archs: dict[str, SubnetArchitecture], **evaluate_kwargs
 ) -> dict[str, float]:
-    """Mean mask IoU of each subnet on a dataloader (see `mpsupernet.evaluation.evaluate_mean_iou`).
+    """Mean mask IoU of each subnet on a dataloader (see `mpsupernet.evaluation.evaluate_mean_iou`); for a semantic
+    supernet, the dataset-level class mIoU (`mpsupernet.semantic_evaluation.evaluate_class_mean_iou`).
 
     The model's active subnet is restored afterwards.
 
@@ -470,6 +495,12 @@ def evaluate_subnets(
     """
     results = {}
     for name, arch in archs.items():
+        if isinstance(model, SamSupernetForSemanticSegmentation):
+            with model.using_subnet(arch):
+                results[name] = evaluate_class_mean_iou(
+                    model, dataloader, description=f"class mIoU of the {name} subnet", **evaluate_kwargs
+                )["mean_iou"]
+            continue
         with model.using_subnet(arch):
             results[name] = evaluate_mean_iou(
                 model, dataloader, description=f"mIoU of the {name} subnet", **evaluate_kwargs
