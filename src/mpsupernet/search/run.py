@@ -251,7 +251,8 @@ def _log_generation(generation: int, generations: int, evaluations: _Evaluations
 def make_miou_evaluator(
     supernet, dataloader, accelerator=None, max_batches: int | None = None
 ) -> Callable[[SubnetArchitecture], float]:
-    """An `evaluate` for `evolutionary_search`: activates an architecture and measures its mean IoU.
+    """An `evaluate` for `evolutionary_search`: activates an architecture and measures its mean IoU (for a
+    `SamSupernetForSemanticSegmentation`, the dataset-level class mIoU of `evaluate_class_mean_iou`).
 
     Args:
         supernet (`SamSupernetForMaskGeneration`): the supernet to run.
@@ -267,6 +268,8 @@ def make_miou_evaluator(
     """
     # Imported here: evaluation.py pulls in the data pipeline, which the search itself does not need.
     from ..evaluation import evaluate_mean_iou
+    from ..modeling_sam_semantic import SamSupernetForSemanticSegmentation
+    from ..semantic_evaluation import evaluate_class_mean_iou
 
     autocast = contextlib.nullcontext
     if accelerator is not None:
@@ -277,6 +280,10 @@ def make_miou_evaluator(
     def evaluate(arch: SubnetArchitecture) -> float:
         supernet.set_subnet(arch)
         with autocast():
+            if isinstance(supernet, SamSupernetForSemanticSegmentation):
+                return evaluate_class_mean_iou(supernet, dataloader, max_batches=max_batches, show_progress=False)[
+                    "mean_iou"
+                ]
             return evaluate_mean_iou(supernet, dataloader, max_batches=max_batches, show_progress=False)
 
     return evaluate
@@ -306,7 +313,8 @@ def run_search(
         supernet_path_or_model (`str`, `os.PathLike` or `SamSupernetForMaskGeneration`): a supernet, or a folder or
             Hub repo id for `SamSupernetForMaskGeneration.from_pretrained`.
         dataset (`datasets.Dataset`): validation examples in the standard schema (`image`, `masks`, `image_id`);
-            prompts are sampled by `SamSegmentationPreprocessor` with `seed`, the same for every architecture.
+            prompts are sampled by `SamSegmentationPreprocessor` with `seed`, the same for every architecture. A
+            semantic supernet takes the semantic schema (`image`, `annotation`) and is scored by class mIoU.
         output_dir (`str` or `os.PathLike`): where to write the front.
         population_size, generations, max_bitops, seed, algorithm: see `evolutionary_search`.
         eval_batch_size (`int`, *optional*, defaults to 4): images per evaluation batch.
@@ -318,8 +326,9 @@ def run_search(
     """
     from torch.utils.data import DataLoader
 
-    from ..data import SamSegmentationPreprocessor, collate_fn
+    from ..data import SamSegmentationPreprocessor, SemanticSegmentationPreprocessor, check_dataset_task, collate_fn
     from ..data import dataset_name as name_of_dataset
+    from ..modeling_sam_semantic import SamSupernetForSemanticSegmentation
 
     if eval_batch_size < 1:
         raise ValueError(f"`eval_batch_size` must be at least 1, got {eval_batch_size}.")
@@ -329,12 +338,17 @@ def run_search(
         # 0 would evaluate nothing: every architecture's mean IoU would be NaN, refused only at the first one.
         raise ValueError(f"`max_eval_batches` must be a positive integer or None, got {max_eval_batches!r}.")
     supernet = _load_supernet(supernet_path_or_model)
+    semantic = isinstance(supernet, SamSupernetForSemanticSegmentation)
+    check_dataset_task(dataset, "dataset", semantic)
     if accelerator is None:
         from accelerate import Accelerator
 
         accelerator = Accelerator()
     supernet.eval()
-    preprocessor = SamSegmentationPreprocessor(supernet.config, seed=seed)
+    if semantic:
+        preprocessor = SemanticSegmentationPreprocessor(supernet.config)
+    else:
+        preprocessor = SamSegmentationPreprocessor(supernet.config, seed=seed)
     dataloader = DataLoader(
         dataset.with_transform(preprocessor), batch_size=eval_batch_size, shuffle=False, collate_fn=collate_fn
     )
@@ -361,10 +375,16 @@ def run_search(
 
 
 def _load_supernet(supernet_path_or_model):
+    from transformers import PretrainedConfig
+
+    from ..modeling_sam_semantic import SamSupernetForSemanticSegmentation
     from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 
     if isinstance(supernet_path_or_model, (str, os.PathLike)):
-        return SamSupernetForMaskGeneration.from_pretrained(supernet_path_or_model)
+        model_type = PretrainedConfig.get_config_dict(supernet_path_or_model)[0].get("model_type")
+        semantic = model_type == SamSupernetForSemanticSegmentation.config_class.model_type
+        model_class = SamSupernetForSemanticSegmentation if semantic else SamSupernetForMaskGeneration
+        return model_class.from_pretrained(supernet_path_or_model)
     if isinstance(supernet_path_or_model, SamSupernetForMaskGeneration):
         return supernet_path_or_model
     raise TypeError(
