@@ -37,10 +37,12 @@ from ._hub_ids import check_hub_id, finding_on_the_hub
 from .atomic import fsync_tree, make_staging_directory, move_into_place, remove_stale_staging, write_file_atomic
 from .bitops import format_budget, parse_budget
 from .checkpoints import save_model_folder
+from .tasks import is_semantic, onnx_model_class, pipeline_tag, subnet_class
 
 logger = logging.get_logger(__name__)
 
 MANIFEST_NAME = "tiers.json"
+SUBNET_MODEL_TYPES = ("sam_subnet", "sam_semantic_subnet")
 MANIFEST_FORMAT_VERSION = 2
 """The `format_version` of the `tiers.json` this mpsupernet writes; newer ones are refused, older ones read (version
 2 added each tier's file bytes and measured latency)."""
@@ -90,14 +92,14 @@ def _hub_url(model_id: str) -> str | None:
 
 
 def _subnet_card_data(
-    summary: dict, base_model: str, dataset_name, dataset_split, license: str, title: str, mean_iou, latency
+    summary: dict, base_model: str, dataset_name, dataset_split, license: str, title: str, mean_iou, latency, task: str
 ) -> ModelCardData:
     """The metadata of a subnet card: provenance, the mIoU as an eval result, BitOPs and the published latency."""
     eval_results = None
     if mean_iou is not None:
         eval_results = [
             EvalResult(
-                task_type="mask-generation",
+                task_type=task,
                 dataset_type=dataset_name,
                 dataset_name=dataset_name,
                 dataset_split=dataset_split,
@@ -106,7 +108,7 @@ def _subnet_card_data(
                 metric_value=round(float(mean_iou), 6),
             )
         ]
-    card_data = _card_data(base_model, dataset_name, license, title, eval_results)
+    card_data = _card_data(base_model, dataset_name, license, title, eval_results, task)
     # BitOPs in the metadata let the Hub's search and `load_subnet` read the cost without parsing the body.
     card_data.bitops = summary["bitops"]
     card_data.bitops_share_of_full_precision = round(summary["share_of_full_precision"], 6)
@@ -169,7 +171,10 @@ def render_subnet_card(
     summary = report.summary()
     gbitops = summary["gbitops"]
     title = f"{base_model.split('/')[-1]} mixed-precision subnet, {gbitops:.3g} GBitOPs"
-    card_data = _subnet_card_data(summary, base_model, dataset_name, dataset_split, license, title, mean_iou, latency)
+    task = pipeline_tag(subnet.config)
+    card_data = _subnet_card_data(
+        summary, base_model, dataset_name, dataset_split, license, title, mean_iou, latency, task
+    )
     subfolder = subfolder if repo_id else None
     return _render_card(
         "subnet_card.md",
@@ -194,6 +199,8 @@ def render_subnet_card(
         image_size=subnet.config.vision_config.image_size,
         file_bytes=dict(file_bytes or {}),
         latency=latency,
+        semantic=is_semantic(subnet.config),
+        id2label=getattr(subnet.config, "id2label", None),
     )
 
 
@@ -229,7 +236,7 @@ def render_supernet_card(
     card_data = ModelCardData(
         base_model=config.base_model_name_or_path,
         base_model_relation="finetune" if config.base_model_name_or_path else None,
-        pipeline_tag="mask-generation",
+        pipeline_tag=pipeline_tag(config),
         library_name="mpsupernet",
         license=license,
         tags=CARD_TAGS + ["supernet"],
@@ -287,11 +294,13 @@ def card_provenance(models, base_model: str | None, dataset_name: str | None) ->
     return base_model, dataset_name
 
 
-def _card_data(base_model: str, dataset_name: str | None, license: str, title: str, eval_results) -> ModelCardData:
+def _card_data(
+    base_model: str, dataset_name: str | None, license: str, title: str, eval_results, task: str = "mask-generation"
+) -> ModelCardData:
     return ModelCardData(
         base_model=base_model,
         base_model_relation="quantized",
-        pipeline_tag="mask-generation",
+        pipeline_tag=task,
         library_name="mpsupernet",
         license=license,
         tags=CARD_TAGS,
@@ -476,12 +485,12 @@ def export_and_measure_tier(subnet, folder: str | os.PathLike, onnx_options: Map
     import onnxruntime as ort
 
     from .export import add_onnx_export
-    from .runtime import OnnxSamModel, measure_latency
+    from .runtime import measure_latency
 
     add_onnx_export(subnet, folder, target=onnx_options["target"], weight_container=onnx_options["weight_container"])
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = onnx_options["threads"]
-    model = OnnxSamModel.from_pretrained(folder, session_options=session_options)
+    model = onnx_model_class(subnet.config).from_pretrained(folder, session_options=session_options)
     measurement = measure_latency(model, runs=onnx_options["runs"]).to_dict()
     return {"latency_ms": measurement.pop("ms_per_image"), "latency_measurement": measurement}
 
@@ -578,10 +587,17 @@ def _check_tiers(tiers: Mapping[str, object], mean_ious: Mapping[str, float]) ->
                 f"Tier name {name!r} is reserved for a file of the tiers repository ({sorted(RESERVED_NAMES)}); "
                 "choose another."
             )
-        if getattr(getattr(subnet, "config", None), "model_type", None) != "sam_subnet":
+        if getattr(getattr(subnet, "config", None), "model_type", None) not in SUBNET_MODEL_TYPES:
             raise ValueError(
-                f"Tier {name!r} is a {type(subnet).__name__}, not an extracted SamSubnetForMaskGeneration."
+                f"Tier {name!r} is a {type(subnet).__name__}, not an extracted SamSubnetForMaskGeneration (or "
+                "SamSubnetForSemanticSegmentation)."
             )
+    tasks = {name: pipeline_tag(subnet.config) for name, subnet in tiers.items()}
+    if len(set(tasks.values())) > 1:
+        raise ValueError(
+            f"The tiers mix tasks ({tasks}): one tiers repository serves one task, so that `load_subnet` returns the "
+            "same kind of model under every budget. Save promptable and semantic tiers apart."
+        )
     unknown = sorted(set(mean_ious) - set(tiers))
     if unknown:
         raise ValueError(f"`mean_ious` names tiers {unknown} that are not among {sorted(tiers)}.")
@@ -975,6 +991,16 @@ LOAD_RUNTIMES = ("pytorch", "onnxruntime", "openvino")
 """What `load_subnet` can return a tier for: the PyTorch subnet, or its ONNX export on onnxruntime or OpenVINO."""
 
 
+def _tier_config(source, subfolder: str, kwargs: dict) -> dict:
+    """The `config.json` of a tier (a promptable or a semantic subnet), read before its weights."""
+    from transformers import PretrainedConfig
+
+    if isinstance(source, Path):
+        return PretrainedConfig.get_config_dict(source / subfolder)[0]
+    hub = {key: kwargs[key] for key in ("revision", "token") if key in kwargs}
+    return PretrainedConfig.get_config_dict(source, subfolder=subfolder, **hub)[0]
+
+
 def load_subnet(
     repo_id: str | os.PathLike,
     max_bitops=None,
@@ -1042,13 +1068,11 @@ def load_subnet(
 
 
 def _load_tier(manifest: dict, max_bitops, where: str, source, *, max_latency_ms, runtime, **kwargs):
-    from .modeling_sam_subnet import SamSubnetForMaskGeneration
-
     tier = select_tier(manifest, max_bitops, max_latency_ms=max_latency_ms)
     entry = manifest["tiers"][tier]
     subfolder = entry["subfolder"]
     if runtime != "pytorch":
-        from .runtime import VISION_ENCODER_FILE, OnnxSamModel
+        from .runtime import VISION_ENCODER_FILE
 
         if VISION_ENCODER_FILE not in (entry["file_bytes"] or {}):
             raise ValueError(
@@ -1066,12 +1090,13 @@ def _load_tier(manifest: dict, max_bitops, where: str, source, *, max_latency_ms
                     f"Tier {tier!r} of {MANIFEST_NAME} in {where} names the subfolder {subfolder!r}, which holds no "
                     "subnet (no config.json)."
                 )
+        config = _tier_config(source, subfolder, kwargs)
         if runtime != "pytorch":
-            model = OnnxSamModel.from_pretrained(source, subfolder=subfolder, runtime=runtime, **kwargs)
+            model = onnx_model_class(config).from_pretrained(source, subfolder=subfolder, runtime=runtime, **kwargs)
         elif isinstance(source, Path):
-            model = SamSubnetForMaskGeneration.from_pretrained(source / subfolder, **kwargs)
+            model = subnet_class(config).from_pretrained(source / subfolder, **kwargs)
         else:
-            model = SamSubnetForMaskGeneration.from_pretrained(source, subfolder=subfolder, **kwargs)
+            model = subnet_class(config).from_pretrained(source, subfolder=subfolder, **kwargs)
     except FileNotFoundError:
         raise
     except (OSError, EntryNotFoundError) as error:
