@@ -118,4 +118,25 @@ def evaluate_class_mean_iou(
         model.train(was_training)
 
 
-__all__ = ["ClassConfusionMatrix", "class_mean_iou", "class_predictions", "evaluate_class_mean_iou"]
+
+
+def evaluate_dataset_class_mean_iou(model, dataset, batch_size: int = 8, **evaluate_kwargs) -> dict[str, Any]:
+    """[`evaluate_class_mean_iou`] on a dataset in the semantic schema (`image`, `annotation`), preprocessed with
+    `mpsupernet.data.SemanticSegmentationPreprocessor` at the model's input size."""
+    from torch.utils.data import DataLoader
+
+    from .data import SemanticSegmentationPreprocessor, collate_fn
+
+    loader = DataLoader(
+        dataset.with_transform(SemanticSegmentationPreprocessor(model.config)), batch_size=batch_size, collate_fn=collate_fn
+    )
+    return evaluate_class_mean_iou(model, loader, **{"show_progress": False, **evaluate_kwargs})
+
+
+__all__ = [
+    "ClassConfusionMatrix",
+    "class_mean_iou",
+    "class_predictions",
+    "evaluate_class_mean_iou",
+    "evaluate_dataset_class_mean_iou",
+]
