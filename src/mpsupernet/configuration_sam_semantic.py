@@ -55,8 +55,26 @@ def check_label_maps(config) -> None:
         )
 
 
+class _ClassLabelsMixin:
+    """The label handling both semantic configs add to their promptable base: refuse `num_labels` that disagrees
+    with `id2label`, fill `label2id` and the class head's size, check the labels and the ignore index."""
+
+    def __post_init__(self, **kwargs):
+        _check_num_labels_argument(self.id2label, kwargs)
+        super().__post_init__(**kwargs)
+
+    def _fill_defaults(self) -> None:
+        super()._fill_defaults()
+        fill_label_maps(self)
+
+    def check_settings(self) -> None:
+        """Raises a `ValueError` naming the offending value if a class setting or a base setting is invalid."""
+        check_label_maps(self)
+        super().check_settings()
+
+
 @strict
-class SamSemanticSupernetConfig(SamSupernetConfig):
+class SamSemanticSupernetConfig(_ClassLabelsMixin, SamSupernetConfig):
     r"""
     Configuration of a [`SamSupernetForSemanticSegmentation`]: a [`SamSupernetConfig`] (base SAM, search space,
     quantizers, LoRA) plus the classes.
@@ -82,22 +100,9 @@ class SamSemanticSupernetConfig(SamSupernetConfig):
 
     semantic_loss_ignore_index: int = IGNORE_INDEX
 
-    def __post_init__(self, **kwargs):
-        _check_num_labels_argument(self.id2label, kwargs)
-        super().__post_init__(**kwargs)
-
-    def _fill_defaults(self) -> None:
-        super()._fill_defaults()
-        fill_label_maps(self)
-
-    def check_settings(self) -> None:
-        """Raises a `ValueError` naming the offending value if a class setting or a supernet setting is invalid."""
-        check_label_maps(self)
-        super().check_settings()
-
 
 @strict
-class SamSemanticSubnetConfig(SamSubnetConfig):
+class SamSemanticSubnetConfig(_ClassLabelsMixin, SamSubnetConfig):
     r"""
     Configuration of a [`SamSubnetForSemanticSegmentation`]: a [`SamSubnetConfig`] (base SAM, architecture, BitOPs)
     plus the classes (`id2label`, `label2id`, `semantic_loss_ignore_index`), as in [`SamSemanticSupernetConfig`].
@@ -106,19 +111,6 @@ class SamSemanticSubnetConfig(SamSubnetConfig):
     model_type = "sam_semantic_subnet"
 
     semantic_loss_ignore_index: int = IGNORE_INDEX
-
-    def __post_init__(self, **kwargs):
-        _check_num_labels_argument(self.id2label, kwargs)
-        super().__post_init__(**kwargs)
-
-    def _fill_defaults(self) -> None:
-        super()._fill_defaults()
-        fill_label_maps(self)
-
-    def check_settings(self) -> None:
-        """Raises a `ValueError` naming the offending value if a class setting or the architecture is invalid."""
-        check_label_maps(self)
-        super().check_settings()
 
 
 __all__ = ["IGNORE_INDEX", "SamSemanticSubnetConfig", "SamSemanticSupernetConfig"]

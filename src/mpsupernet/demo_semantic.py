@@ -13,14 +13,11 @@ import torch
 
 from .bitops import format_bitops
 from .data import SYNTHETIC_SEMANTIC_ID2LABEL, make_synthetic_semantic_dataset_dict
-from .demo import BATCH_SIZE, LEARNING_RATE, pick_tier_budgets, print_summary, write_summary
-from .hub import describe_latency_measurement, save_tiers
+from .demo import check_demo_settings, finish_demo, pick_tier_budgets, train_and_search
+from .hub import save_tiers
 from .modeling_sam_semantic import SamSupernetForSemanticSegmentation
 from .pretrained import load_embedded_sam
-from .search import run_search
-from .search.run import _check_search_settings
 from .semantic_evaluation import evaluate_dataset_class_mean_iou
-from .training.loop import _check_positive_int, train_supernet
 
 SEMANTIC_DEMO_SAM = "shapes-sam"
 """The shipped SAM the semantic demo starts from: the one pretrained on the package's shapes (whose classes the demo
@@ -57,11 +54,7 @@ def run_semantic_demo(
     Raises:
         `ValueError`: for bad settings, before anything is loaded or written.
     """
-    for name, value in (("train_steps", train_steps), ("num_train", num_train), ("num_validation", num_validation)):
-        _check_positive_int(name, value)
-    _check_search_settings("nsga2", population_size, generations)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
+    check_demo_settings(train_steps, num_train, num_validation, population_size, generations, seed)
     started = time.perf_counter()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -73,27 +66,7 @@ def run_semantic_demo(
     )
     splits = make_synthetic_semantic_dataset_dict(num_train, num_validation, seed=seed)
 
-    print(f"[2/5] Supernet training: {train_steps} sandwich steps on {num_train} synthetic images")
-    training = train_supernet(
-        supernet,
-        splits["train"],
-        splits["validation"],
-        output_dir=output / "supernet",
-        max_steps=train_steps,
-        learning_rate=LEARNING_RATE,
-        batch_size=BATCH_SIZE,
-        seed=seed,
-    )
-
-    print(f"[3/5] Evolutionary search by class mIoU: population {population_size}, {generations} generations")
-    front = run_search(
-        supernet.eval(),
-        splits["validation"],
-        output_dir=output,
-        population_size=population_size,
-        generations=generations,
-        seed=seed,
-    )
+    training, front = train_and_search(supernet, splits, output, train_steps, population_size, generations, seed)
 
     budgets = pick_tier_budgets(front)
     print(f"[4/5] Extracting tiers under {', '.join(f'{n}: {format_bitops(b)}' for n, b in budgets.items())}")
@@ -103,7 +76,7 @@ def run_semantic_demo(
     }
     manifest = save_tiers(tiers, output / "tiers", mean_ious=mean_ious, export_onnx=export_onnx)
 
-    print("[5/5] Summary (mIoU: class mIoU on the synthetic validation split)")
+    print("[5/5] Summary (mIoU: class mIoU on the synthetic validation split; search by class mIoU)")
     rows = [
         {
             "model": "supernet, full precision",
@@ -123,9 +96,7 @@ def run_semantic_demo(
         }
         for name, tier in manifest["tiers"].items()
     ]
-    measured = [tier for tier in manifest["tiers"].values() if tier.get("latency_ms") is not None]
-    print_summary(rows, machine=describe_latency_measurement(measured[0]) if measured else None)
-    return write_summary(output, rows, training, started)
+    return finish_demo(output, rows, manifest, training, started)
 
 
 __all__ = ["SEMANTIC_DEMO_SAM", "SEMANTIC_TRAIN_STEPS", "run_semantic_demo"]

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers.image_processing_base import BatchFeature
 
 from .configuration_sam_semantic import IGNORE_INDEX
-from .image_processing import PillowSamImageProcessor, low_res_mask_size
+from .image_processing import PillowSamImageProcessor, sam_processor_settings
 
 
 def resized_shape(height: int, width: int, longest_edge: int) -> tuple[int, int]:
@@ -53,13 +53,7 @@ class SamSemanticImageProcessor(PillowSamImageProcessor):
     @classmethod
     def for_model(cls, image_size: int, patch_size: int) -> "SamSemanticImageProcessor":
         """The processor of a model whose input is `image_size` pixels square, with patches of `patch_size`."""
-        mask_size = low_res_mask_size(image_size, patch_size)
-        return cls(
-            size={"longest_edge": image_size},
-            pad_size={"height": image_size, "width": image_size},
-            mask_size={"longest_edge": mask_size},
-            mask_pad_size={"height": mask_size, "width": mask_size},
-        )
+        return cls(**sam_processor_settings(image_size, patch_size))
 
     def preprocess(self, images, segmentation_maps=None, **kwargs) -> BatchFeature:
         """Pixel values of `images`, and `labels` from `segmentation_maps` (class ids, 255 for ignored pixels).
