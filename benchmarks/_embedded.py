@@ -1,9 +1,9 @@
 """Helpers shared by the quality benchmarks on the embedded task: the data splits, a trained supernet, scoring.
 
 The embedded task is the one `mpsupernet demo` runs: a SAM shipped with the package (the default `embedded-sam`, or
-`--sam shapes-sam`, on which the README's figures of 2026-11-30 were measured), fine-tuned into a supernet on the
-synthetic shapes dataset. Every quality benchmark trains the way the demo does
-(`mpsupernet.demo.LEARNING_RATE`, `BATCH_SIZE`), searches on the validation split, and reports on a test split drawn
+`--sam shapes-sam`, on which the figures of 2026-11-30 in `docs/results.md` were measured), fine-tuned into a supernet
+on the synthetic shapes dataset. Every quality benchmark trains the way the demo does
+(`mpsupernet.demo.training_arguments`), searches on the validation split, and reports on a test split drawn
 from another seed, which neither training nor the search has seen.
 """
 
@@ -22,9 +22,9 @@ from transformers import SamModel, set_seed
 import _common
 from mpsupernet import SamSupernetForMaskGeneration
 from mpsupernet.data import make_synthetic_segmentation_dataset, make_synthetic_segmentation_dataset_dict
-from mpsupernet.demo import BATCH_SIZE, LEARNING_RATE
-from mpsupernet.evaluation import evaluate_dataset_mean_iou
-from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, load_sam
+from mpsupernet.demo import training_arguments
+from mpsupernet.metrics import evaluate_dataset_mean_iou
+from mpsupernet.pretrained import SHIPPED_SAM_NAMES, load_sam
 from mpsupernet.search import ParetoFront, run_search
 from mpsupernet.training import train_supernet
 
@@ -64,7 +64,7 @@ def add_task_arguments(parser: argparse.ArgumentParser, name: str, train_steps: 
     )
     parser.add_argument(
         "--sam",
-        help=f"The SAM to fine-tune: one shipped in the package ({', '.join(EMBEDDED_SAM_NAMES)}) or a transformers "
+        help=f"The SAM to fine-tune: one shipped in the package ({', '.join(SHIPPED_SAM_NAMES)}) or a transformers "
         "SamModel folder (default: embedded-sam).",
     )
     parser.add_argument(
@@ -155,7 +155,7 @@ def format_mean_std(summary: dict, digits: int = 4) -> str:
 
 def pretrained_sam(args: argparse.Namespace) -> SamModel:
     """The SAM the benchmark fine-tunes: `--sam` (a shipped SAM's name or a folder), else the embedded SAM."""
-    return load_sam(getattr(args, "sam", None) or EMBEDDED_SAM_NAMES[0])
+    return load_sam(getattr(args, "sam", None) or SHIPPED_SAM_NAMES[0])
 
 
 def embedded_supernet(args: argparse.Namespace, **overrides) -> SamSupernetForMaskGeneration:
@@ -179,16 +179,10 @@ def train_embedded_supernet(
     if supernet is None:
         supernet = embedded_supernet(args)
     started = time.perf_counter()
-    train_supernet(
-        supernet,
-        splits["train"],
-        output_dir=output_dir,
-        max_steps=args.train_steps,
-        learning_rate=LEARNING_RATE,
-        batch_size=BATCH_SIZE,
-        seed=training_seed(args),
-        log_steps=max(args.train_steps // 10, 1),
+    settings = training_arguments(
+        output_dir, args.train_steps, training_seed(args), logging_steps=max(args.train_steps // 10, 1)
     )
+    train_supernet(supernet, splits["train"], args=settings)
     return supernet.eval(), time.perf_counter() - started
 
 
@@ -209,12 +203,6 @@ def add_supernet_argument(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="A trained supernet folder to measure (e.g. outputs/demo/supernet); by default one is trained first.",
     )
-
-
-def subnet_mean_iou(supernet: SamSupernetForMaskGeneration, arch, dataset, seed: int) -> float:
-    """Box-prompt mean IoU of one architecture of `supernet` on `dataset`."""
-    supernet.set_subnet(arch)
-    return evaluate_dataset_mean_iou(supernet, dataset, seed=seed)
 
 
 def result_header(name: str, args: argparse.Namespace) -> dict:

@@ -24,6 +24,7 @@ import time
 import _common
 import _embedded
 from mpsupernet import SamSupernetForMaskGeneration
+from mpsupernet.metrics import evaluate_dataset_mean_iou
 
 NAME = "ablations"
 VARIANTS = {
@@ -83,7 +84,7 @@ def measure_variant(variant: str, run_args: argparse.Namespace, splits: dict) ->
         "training_seconds": training_seconds,
         "trainable_parameters": sum(p.numel() for p in supernet.parameters() if p.requires_grad),
         "test_mean_iou": {
-            name: _embedded.subnet_mean_iou(supernet, arch, splits["test"], run_args.seed)
+            name: evaluate_dataset_mean_iou(supernet, splits["test"], seed=run_args.seed, subnet=arch)
             for name, arch in probe_subnets(supernet).items()
         },
     }

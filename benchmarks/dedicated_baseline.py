@@ -24,8 +24,8 @@ from pathlib import Path
 import _common
 import _embedded
 from mpsupernet import extract_subnet
-from mpsupernet.demo import BATCH_SIZE, LEARNING_RATE
-from mpsupernet.evaluation import evaluate_dataset_mean_iou
+from mpsupernet.demo import training_arguments
+from mpsupernet.metrics import evaluate_dataset_mean_iou
 from mpsupernet.training import train_supernet
 
 NAME = "dedicated_baseline"
@@ -71,18 +71,16 @@ def train_dedicated(supernet, arch, args: argparse.Namespace, splits: dict, outp
     """A fresh supernet of the embedded SAM, configured as `supernet`, trained on `arch` alone."""
     settings = {name: getattr(supernet.config, name) for name in CONFIG_FIELDS}
     dedicated = _embedded.embedded_supernet(args, **settings)
-    train_supernet(
-        dedicated,
-        splits["train"],
-        output_dir=output_dir,
-        max_steps=args.dedicated_steps or args.train_steps,
-        learning_rate=LEARNING_RATE,
-        batch_size=BATCH_SIZE,
-        seed=_embedded.training_seed(args),
+    steps = args.dedicated_steps or args.train_steps
+    settings = training_arguments(
+        output_dir,
+        steps,
+        _embedded.training_seed(args),
         fixed_architecture=arch.to_dict(),
         distillation=None,
-        log_steps=max((args.dedicated_steps or args.train_steps) // 10, 1),
+        logging_steps=max(steps // 10, 1),
     )
+    train_supernet(dedicated, splits["train"], args=settings)
     return dedicated.eval()
 
 

@@ -52,9 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration  # noqa: E402
-from mpsupernet.checkpoints import exported_file_names  # noqa: E402
 from mpsupernet.hub import read_tiers_manifest  # noqa: E402
-from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, load_embedded_sam, load_sam  # noqa: E402
+from mpsupernet.integrity import described_files, read_config  # noqa: E402
+from mpsupernet.layout import VISION_ENCODER_NAME  # noqa: E402
+from mpsupernet.pretrained import SHIPPED_SAM_NAMES, load_sam  # noqa: E402
 from mpsupernet.runtime import OnnxSamModel  # noqa: E402
 
 EAGER, SDPA, ORT_FLOAT = "torch float eager", "torch float SDPA", "onnxruntime float"
@@ -101,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--budgets", nargs="+", default=["5%", "10%", "25%", "50%"], help="Without --tiers: BitOPs budgets to extract."
     )
     parser.add_argument(
-        "--sam", choices=EMBEDDED_SAM_NAMES, default=EMBEDDED_SAM_NAMES[0], help="Without --tiers: the shipped SAM."
+        "--sam", choices=SHIPPED_SAM_NAMES, default=SHIPPED_SAM_NAMES[0], help="Without --tiers: the shipped SAM."
     )
     parser.add_argument("--vit-b", action=argparse.BooleanOptionalAction, default=True, help="Also the ViT-B group.")
     parser.add_argument("--image-size", type=int, default=512, help="ViT-B input resolution (default: 512).")
@@ -142,7 +143,7 @@ Tiers = dict[str, SamSubnetForMaskGeneration]
 def embedded_tiers(name: str, budgets: list[str], seed: int) -> tuple[SamModel, Tiers, dict[str, Path]]:
     """A SAM shipped in the package (`name`) and its supernet's cost-only subnets at `budgets` (calibrated on 4
     random images); no shipped exports."""
-    sam = load_embedded_sam(name).eval()
+    sam = load_sam(name).eval()
     supernet = SamSupernetForMaskGeneration.from_sam(sam).eval()
     supernet.calibrate_quantizers(random_images(4, sam.config.vision_config.image_size, seed))
     return sam, {budget: supernet.extract_subnet(budget) for budget in budgets}, {}
@@ -157,7 +158,7 @@ def saved_tiers(folder: Path) -> tuple[SamModel, Tiers, dict[str, Path]]:
     sam = load_sam(base)
     folders = {name: folder / tier["subfolder"] for name, tier in manifest["tiers"].items()}
     tiers = {name: SamSubnetForMaskGeneration.from_pretrained(path).eval() for name, path in folders.items()}
-    shipped = {name: path for name, path in folders.items() if "vision_encoder.onnx" in exported_file_names(path)}
+    shipped = {name: path for name, path in folders.items() if VISION_ENCODER_NAME in described_files(read_config(path))}
     return sam.eval(), tiers, shipped
 
 

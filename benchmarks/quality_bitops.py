@@ -22,7 +22,7 @@ import _embedded
 from mpsupernet import SamSupernetConfig
 from mpsupernet.architecture import QUANTIZABLE_LAYERS
 from mpsupernet.bitops import count_bitops, format_bitops
-from mpsupernet.evaluation import evaluate_dataset_mean_iou
+from mpsupernet.metrics import evaluate_dataset_mean_iou
 from mpsupernet.search_space import SearchSpace
 
 NAME = "quality_bitops"
@@ -57,10 +57,12 @@ def measure_seed(args: argparse.Namespace, splits: dict) -> dict:
     full_precision_bitops = front.full_precision_bitops
     print(f"Measuring the {len(front)} front architectures and the references on {args.num_test} test images")
     test_miou = [
-        _embedded.subnet_mean_iou(supernet, entry.to_architecture(), splits["test"], args.seed)
+        evaluate_dataset_mean_iou(supernet, splits["test"], seed=args.seed, subnet=entry.to_architecture())
         for entry in front.entries
     ]
-    fine_tuned = _embedded.subnet_mean_iou(supernet, supernet.full_precision_subnet(), splits["test"], args.seed)
+    fine_tuned = evaluate_dataset_mean_iou(
+        supernet, splits["test"], seed=args.seed, subnet=supernet.full_precision_subnet()
+    )
     front_rows = [
         {
             "bitops": entry.bitops,

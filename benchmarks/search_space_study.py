@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import _common  # noqa: E402
 import _embedded  # noqa: E402
+from mpsupernet.metrics import evaluate_dataset_mean_iou  # noqa: E402
 
 NAME = "search_space_study"
 FEATURE_SIZES = [96, 72, 48]
@@ -69,14 +70,14 @@ def measure_seed(args: argparse.Namespace, splits: dict) -> tuple[float, int, li
     supernet = _embedded.supernet_from_arguments(args, splits)
     reference = supernet.search_space.full_precision()
     full_precision_bitops = supernet.bitops_report(reference).total_bitops
-    full_precision_miou = _embedded.subnet_mean_iou(supernet, reference, splits["test"], args.seed)
+    full_precision_miou = evaluate_dataset_mean_iou(supernet, splits["test"], seed=args.seed, subnet=reference)
     rows = []
     variations = operator_variations(supernet)
     print(f"Measuring {sum(map(len, variations.values()))} single-operator subnets on {args.num_test} test images")
     for operator, values in variations.items():
         for label, arch in values:
             bitops = supernet.bitops_report(arch).total_bitops
-            miou = _embedded.subnet_mean_iou(supernet, arch, splits["test"], args.seed)
+            miou = evaluate_dataset_mean_iou(supernet, splits["test"], seed=args.seed, subnet=arch)
             rows.append(
                 {
                     "operator": operator,

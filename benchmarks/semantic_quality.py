@@ -36,7 +36,7 @@ from mpsupernet.data import (
 )
 from mpsupernet.demo import BATCH_SIZE, LEARNING_RATE
 from mpsupernet.demo_semantic import SEMANTIC_DEMO_SAM, SEMANTIC_TRAIN_STEPS
-from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.pretrained import load_sam
 from mpsupernet.runtime import cpu_model
 from mpsupernet.semantic_evaluation import ClassConfusionMatrix, class_predictions, evaluate_dataset_class_mean_iou
 
@@ -72,7 +72,7 @@ def mean_and_std(values: list[float]) -> dict:
 def new_supernet(seed: int) -> SamSupernetForSemanticSegmentation:
     torch.manual_seed(seed)  # the adapters are drawn from the global generator
     return SamSupernetForSemanticSegmentation.from_sam(
-        load_embedded_sam(SEMANTIC_DEMO_SAM), id2label=SYNTHETIC_SEMANTIC_ID2LABEL
+        load_sam(SEMANTIC_DEMO_SAM), id2label=SYNTHETIC_SEMANTIC_ID2LABEL
     )
 
 

@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file
 from mpsupernet.convert import sam_from_lite_medsam
 from mpsupernet.data import make_synthetic_segmentation_dataset, make_synthetic_segmentation_dataset_dict
 from mpsupernet.image_processing import PillowSamImageProcessor
-from mpsupernet.evaluation import evaluate_dataset_mean_iou
+from mpsupernet.metrics import evaluate_dataset_mean_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _litemedsam import load_lite_medsam, sam_pixels_to_lite_medsam  # noqa: E402

@@ -22,7 +22,7 @@ from transformers.utils import logging
 from mpsupernet import SamSupernetForMaskGeneration
 from mpsupernet.data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset_dict
 from mpsupernet.pretrained import load_sam
-from mpsupernet.training import QUANTIZER_LR_SCALE, evaluate_subnets, train_supernet
+from mpsupernet.training import QUANTIZER_LR_SCALE, SupernetTrainingArguments, evaluate_subnets, train_supernet
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,20 +64,21 @@ def main(argv=None) -> dict:
     reference_before = evaluate_subnets(model, eval_loader, full_precision)["full_precision"]
 
     start = time.perf_counter()
-    summary = train_supernet(
-        model,
-        splits["train"],
-        splits["validation"],
-        output_dir=args.output_dir,
+    settings = SupernetTrainingArguments(
+        output_dir=str(args.output_dir),
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
+        warmup_steps=0.05,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
         num_random_subnets=args.num_random_subnets,
         seed=args.seed,
-        log_steps=args.log_steps,
-        preprocessor=preprocessor,
+        logging_steps=args.log_steps,
+        save_strategy="no",
+        report_to="none",
         quantizer_lr_scale=args.quantizer_lr_scale,
     )
+    summary = train_supernet(model, splits["train"], splits["validation"], args=settings, preprocessor=preprocessor)
     reference_after = evaluate_subnets(model, eval_loader, full_precision)["full_precision"]
     result = {
         "command": "python scripts/measure_training.py " + " ".join(argv if argv is not None else []),

@@ -36,7 +36,7 @@ from mpsupernet.data import (
     collate_fn,
     make_synthetic_segmentation_dataset_dict,
 )
-from mpsupernet.evaluation import evaluate_mean_iou
+from mpsupernet.metrics import evaluate_mean_iou
 from mpsupernet.pretrained import PRETRAINED_DIR
 from mpsupernet.testing_utils import make_sam_config
 from mpsupernet.training import sam_loss

@@ -81,9 +81,9 @@ shapes runs several times faster than the default distilled from LiteMedSAM (who
 def calibrated_embedded_supernet() -> SamSupernetForMaskGeneration:
     """The supernet of the tests' shipped SAM (`TEST_SAM`), its activation steps calibrated at every bit-width on one
     batch."""
-    from mpsupernet.pretrained import load_embedded_sam
+    from mpsupernet.pretrained import load_sam
 
-    supernet = SamSupernetForMaskGeneration.from_sam(load_embedded_sam(TEST_SAM)).eval()
+    supernet = SamSupernetForMaskGeneration.from_sam(load_sam(TEST_SAM)).eval()
     supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
     return supernet
 

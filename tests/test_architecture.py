@@ -3,7 +3,6 @@
 import ast
 import importlib.util
 import re
-import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -37,9 +36,9 @@ def test_architecture_module_stands_alone():
     source = Path(architecture.__file__).read_text()
     assert "from ." not in source and "import mpsupernet" not in source
     assert mpsupernet.SubnetArchitecture is SubnetArchitecture
-    from mpsupernet.search_space import SubnetArchitecture as from_search_space
+    from mpsupernet import search_space
 
-    assert from_search_space is SubnetArchitecture
+    assert "SubnetArchitecture" not in search_space.__all__  # one home: mpsupernet.architecture
 
 
 def test_is_float_bits_is_the_quantizers_rule():
@@ -52,18 +51,21 @@ def test_is_float_bits_is_the_quantizers_rule():
     assert torch.equal(quantizer.fake_quantize(x, 16, quantizer.step_size), x)
 
 
-def test_metrics_module_imports_neither_datasets_nor_pil():
-    # Read, not imported: a fresh interpreter would take most of a minute on a loaded machine.
-    tree = ast.parse(Path(mpsupernet.metrics.__file__).read_text())
-    nodes = list(ast.walk(tree))
+def _imports(path: Path) -> tuple[set[str], list[str]]:
+    """Top-level packages imported absolutely by a module, and the modules it imports relatively."""
+    nodes = list(ast.walk(ast.parse(path.read_text())))
     imported = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
     from_imports = [node for node in nodes if isinstance(node, ast.ImportFrom)]
     imported |= {node.module.split(".")[0] for node in from_imports if node.level == 0}
-    relative = [node.module for node in from_imports if node.level > 0]
-    assert imported == {"torch", "torchmetrics", "transformers"} and relative == []
-    from mpsupernet.evaluation import mask_iou
+    return imported, [node.module for node in from_imports if node.level > 0]
 
-    assert mask_iou is mpsupernet.metrics.mask_iou
+
+def test_metrics_package_loads_neither_datasets_nor_pil_eagerly():
+    # Read, not imported: a fresh interpreter would take most of a minute on a loaded machine.
+    package = Path(mpsupernet.metrics.__file__).parent
+    assert _imports(package / "__init__.py") == (set(), ["_lazy", "mask", "semantic"])
+    assert _imports(package / "mask.py") == ({"torch", "torchmetrics", "transformers"}, [])
+    assert _imports(package / "semantic.py") == ({"collections", "numpy"}, [])
 
 
 def test_supernet_config_checks_run_once_per_construction():
@@ -88,15 +90,45 @@ def test_subnet_config_checks_run_once_and_keep_transformers_hook():
         SamSubnetConfig(**_base_kwargs(), step_size_min=0.0)
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lora_rank", 2.5, r"^`lora_rank` is 2\.5, of type float; allowed: an integer of at least 1\.$"),
+        (
+            "weight_bit_choices",
+            [8.0],
+            r"^`weight_bit_choices` is \[8\.0\], of type list; allowed: a list of distinct integers from \[2, 3, 4, 5, 6, 7, 8\]\.$",
+        ),
+        ("lora_mode", 3, r"^`lora_mode` is 3, of type int; allowed: one of \['shared', 'multiplex', 'multipath'\]\.$"),
+        ("float_bits", 16.0, r"^`float_bits` is 16\.0, of type float; allowed: one of \[16, 32\]\.$"),
+        ("lora_alpha", "16", r"^`lora_alpha` is '16', of type str; allowed: a number\.$"),
+        ("importance_reordered", "yes", r"^`importance_reordered` is 'yes', of type str; allowed: True or False\.$"),
+        ("step_size_min", 0, r"^`step_size_min` must be positive, got 0\.0\.$"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_the_field_and_what_is_allowed(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamSupernetConfig(**_base_kwargs(), **{field: value})
+    if field != "step_size_min":  # a value range is checked at construction and before saving, a type on assignment too
+        config = SamSupernetConfig(**_base_kwargs())
+        with pytest.raises(ValueError, match=message):
+            setattr(config, field, value)
+
+
+def test_an_integer_for_a_float_field_is_taken_as_that_float():
+    config = SamSupernetConfig(**_base_kwargs(), lora_alpha=16, step_size_min=1)
+    assert config.lora_alpha == 16.0 and isinstance(config.lora_alpha, float)
+    assert config.step_size_min == 1.0 and isinstance(config.step_size_min, float)
+    with pytest.raises(ValueError, match=r"^`bitops` is 1\.5, of type float; allowed: an integer or None\.$"):
+        SamSubnetConfig(**_base_kwargs(), bitops=1.5)
+
+
 def test_edited_config_is_checked_again_on_save(tmp_path):
     config = SamSupernetConfig(**_base_kwargs())
     config.lora_rank = 0
     with pytest.raises(ValueError, match=r"`lora_rank` must be at least 1, got 0"):
         config.save_pretrained(tmp_path)
     assert not (tmp_path / "config.json").exists()
-    with pytest.warns(FutureWarning, match="use `check_search_space`"):
-        with pytest.raises(ValueError, match="`lora_rank` must be at least 1"):
-            config.validate_search_space()
 
 
 def test_using_subnet_restores_the_previous_subnet_even_on_error(tiny_supernet, prompt_inputs):
@@ -116,13 +148,10 @@ def test_bitops_report_is_one_name_on_both_models(tiny_supernet, prompt_inputs):
     tiny_supernet.calibrate_quantizers(prompt_inputs["pixel_values"])
     arch = tiny_supernet.smallest_subnet()
     report = tiny_supernet.bitops_report(arch)
-    with pytest.warns(FutureWarning, match="use `bitops_report`"):
-        assert tiny_supernet.bitops(arch).to_dict() == report.to_dict()
+    assert not hasattr(tiny_supernet, "bitops")  # one name on both models
     with tiny_supernet.using_subnet(arch):
         assert tiny_supernet.bitops_report().to_dict() == report.to_dict()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
-        subnet = extract_subnet(tiny_supernet, arch)
+    subnet = extract_subnet(tiny_supernet, arch)
     assert subnet.bitops_report().to_dict() == report.to_dict()
 
 
@@ -183,8 +212,8 @@ def test_embedded_weights_sit_in_the_pretrained_package():
     import mpsupernet.pretrained as pretrained
 
     package_dir = Path(pretrained.__file__).parent
-    assert pretrained.EMBEDDED_SAM_PATH.parent == package_dir
+    assert pretrained.shipped_sam_path().parent == package_dir
     # The globs of setup.py's package_data for `mpsupernet.pretrained` reach every shipped SAM's files.
-    shipped = set(pretrained.EMBEDDED_SAM_NAMES)
+    shipped = set(pretrained.SHIPPED_SAM_NAMES)
     for pattern, name in (("*/*.safetensors", "model.safetensors"), ("*/*.json", "config.json"), ("*/*.md", "README.md")):
         assert {path.parent.name for path in package_dir.glob(pattern) if path.name == name} == shipped

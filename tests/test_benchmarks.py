@@ -21,11 +21,11 @@ from conftest import TEST_SAM
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration, extract_subnet
 from mpsupernet.bitops import count_bitops
 from mpsupernet.data import REAL3_INSTALL, is_real3_available
-from mpsupernet.evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
+from mpsupernet.metrics import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
 from mpsupernet.hub import save_tiers
-from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.pretrained import load_sam
 from mpsupernet.runtime import OnnxSamModel
-from mpsupernet.search_space import SubnetArchitecture
+from mpsupernet.architecture import SubnetArchitecture
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -239,16 +239,22 @@ def test_ablations_train_each_variant_as_configured(tmp_path):
     )
 
 
-def test_training_memory_runs_both_variants_and_divides_their_peaks(tmp_path):
+def test_training_memory_runs_the_three_variants_and_divides_their_peaks(tmp_path):
     output = tmp_path / "memory.json"
     training_memory.main(["--tiny", "--image-size", "64", "--output", str(output)])
     results = json.loads(output.read_text())
-    lora, full = results["measurements"]["lora"], results["measurements"]["full"]
+    lora, full, peft = (results["measurements"][variant] for variant in ("lora", "full", "peft"))
     assert full["trainable_parameters"] == full["parameters"] > lora["trainable_parameters"] > 0
+    # peft's model is the plain SAM with its adapters: fewer parameters than the supernet, which keeps one adapter
+    # per weight bit-width and the quantizers' steps.
+    assert 0 < peft["trainable_parameters"] < peft["parameters"] < full["parameters"]
     assert results["ratio_peak_model_and_training"] == pytest.approx(
         lora["peak_model_and_training_bytes"] / full["peak_model_and_training_bytes"]
     )
-    for measurement in (lora, full):
+    assert results["ratio_to_peft_peak_model_and_training"] == pytest.approx(
+        lora["peak_model_and_training_bytes"] / peft["peak_model_and_training_bytes"]
+    )
+    for measurement in (lora, full, peft):
         assert (
             measurement["peak_bytes"] - measurement["memory_before_model_bytes"]
             == (measurement["peak_model_and_training_bytes"])
@@ -269,7 +275,7 @@ def test_real_images_rows_agree_with_the_evaluation(tmp_path):
     # Pooling 64x64 embeddings to 64x64 changes nothing: the same figures as LiteMedSAM itself.
     full, pooled = rows["LiteMedSAM (TinyViT, 64x64)"], rows["LiteMedSAM pooled to 64x64"]
     assert all(full[column] == pooled[column] for column in real_images.COLUMNS)
-    embedded = evaluate_real3_mean_iou(load_embedded_sam(), seed=0)
+    embedded = evaluate_real3_mean_iou(load_sam(), seed=0)
     assert rows["embedded SAM (package default)"]["instances"] == round(embedded["instances"], 4)
     assert json.loads((tmp_path / "real.json").read_text())["rows"] == payload["rows"]
 
@@ -382,7 +388,7 @@ def test_latency_reads_saved_tiers_with_their_base_model(tmp_path, embedded_supe
         )
     # The float model timed against the tiers is the SAM their `base_model` names: here the shipped one the fixture's
     # supernet was made from, recorded by `from_sam` under its folder's name.
-    embedded = load_embedded_sam(embedded_supernet.config.base_model_name_or_path).state_dict()
+    embedded = load_sam(embedded_supernet.config.base_model_name_or_path).state_dict()
     assert sam.state_dict().keys() == embedded.keys()
     assert all(torch.equal(value, embedded[key]) for key, value in sam.state_dict().items())
 

@@ -1,5 +1,7 @@
 """The analytic MACs/BitOPs count against torch.utils.flop_counter, on a tiny SAM and at ViT-B size."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -115,6 +117,43 @@ def test_references_and_reductions(eager_supernet):
     assert small.reduction_vs_w8a8 == pytest.approx(1 - small.total_bitops / w8a8.total_bitops)
     summary = small.to_dict()
     assert summary["bitops"] == small.total_bitops and len(summary["rows"]) == len(small.rows)
+
+
+def test_the_counter_prices_each_architecture_with_one_count_and_the_references_once(eager_supernet, monkeypatch):
+    from mpsupernet import bitops
+
+    config, space = eager_supernet.config, eager_supernet.search_space
+    archs = [space.smallest(), space.largest(4, 8), space.sample(3)]
+    expected = [count_bitops(config, arch).to_dict() for arch in archs]
+    counted = []
+    original = bitops.count_operations
+    monkeypatch.setattr(bitops, "count_operations", lambda config, arch: counted.append(arch) or original(config, arch))
+    counter = bitops.BitOpsCounter(config)
+    assert counted[0] == space.full_precision() and set(counted[1].weight_bits) == {8} and len(counted) == 2
+    for arch, report in zip(archs, expected):
+        counted.clear()
+        assert counter.report(arch).to_dict() == report
+        assert counted == [arch]  # one count per price
+    assert counter.bitops(archs[0]) == expected[0]["bitops"]
+    with pytest.raises(ValueError, match="Resolution 80 is not in the search space"):
+        counter.report(dataclasses.replace(archs[0], resolution=80))
+
+
+def test_extraction_and_the_search_price_without_calling_the_model(tiny_sam, monkeypatch):
+    from mpsupernet.search import evolutionary_search
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("priced through the model")
+
+    supernet = SamSupernetForMaskGeneration.from_sam(tiny_sam).eval()
+    supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
+    monkeypatch.setattr(SamSupernetForMaskGeneration, "bitops_report", refuse)
+    subnet = supernet.extract_subnet("30%")
+    assert subnet.config.bitops <= 0.3 * subnet.config.bitops_report["full_precision_bitops"]
+    front = evolutionary_search(
+        supernet, lambda arch: 0.5, population_size=2, generations=0, progress=False, evaluate_full_precision=False
+    )
+    assert front.entries and all(entry.bitops > 0 for entry in front.entries)
 
 
 def test_the_w8a8_reference_does_not_need_8_bits_in_the_space(tiny_sam, eager_supernet):

@@ -1,32 +1,37 @@
 """The `mpsupernet` command: convert, extract, push, and its errors."""
 
+import http.server
 import inspect
 import json
 import re
+import threading
 
 import pytest
+import huggingface_hub
 import torch
 from huggingface_hub import HfApi, ModelCard
 
 from conftest import TEST_SAM
+from local_hub import free_port
 from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration
 from mpsupernet.cli import main
 from mpsupernet.demo import run_demo
-from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.modeling_sam_supernet import load_supernet
+from mpsupernet.pretrained import load_sam
 from mpsupernet.search import ParetoEntry, ParetoFront
 
 
 @pytest.fixture(scope="module")
 def calibrated_supernet_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("supernet")
-    supernet = SamSupernetForMaskGeneration.from_sam(load_embedded_sam(TEST_SAM))
+    supernet = SamSupernetForMaskGeneration.from_sam(load_sam(TEST_SAM))
     supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
     supernet.save_pretrained(folder)
     return folder
 
 
 def test_convert_writes_a_loadable_supernet(tmp_path):
-    assert main(["convert", "--sam", "embedded", "--output-dir", str(tmp_path), "--lora-mode", "shared"]) == 0
+    assert main(["convert", "--sam", "embedded-sam", "--output-dir", str(tmp_path), "--lora-mode", "shared"]) == 0
     supernet = SamSupernetForMaskGeneration.from_pretrained(tmp_path)
     assert supernet.config.lora_mode == "shared" and supernet.config.importance_reordered
 
@@ -73,9 +78,9 @@ def test_push_publishes_tiers_to_the_hub(calibrated_supernet_dir, tmp_path, loca
         (["extract", "--supernet", "outputs/x/y", "--budget", "5%", "--output-dir", "{tmp}/o"], "--supernet", "outputs/x/y"),
         (["extract", "--supernet", "no-such-org/supernet", "--budget", "5%", "--output-dir", "{tmp}/o"], "--supernet",
          "no-such-org/supernet"),
-        (["extract", "--supernet", "embedded", "--pareto-front", "{tmp}/front.json", "--budget", "5%", "--output-dir",
+        (["extract", "--supernet", "embedded-sam", "--pareto-front", "{tmp}/front.json", "--budget", "5%", "--output-dir",
           "{tmp}/o"], "--pareto-front", "{tmp}/front.json"),
-        (["search", "--supernet", "embedded", "--dataset", "./no/such/data", "--output-dir", "{tmp}/o"], "--dataset",
+        (["search", "--supernet", "embedded-sam", "--dataset", "./no/such/data", "--output-dir", "{tmp}/o"], "--dataset",
          "./no/such/data"),
         (["convert", "--sam", "./no-such-sam", "--output-dir", "{tmp}/o"], "--sam", "./no-such-sam"),
         (["push", "--repo-id", "local-user/never", "--tier", "s={tmp}/no-tier"], "--tier", "{tmp}/no-tier"),
@@ -97,7 +102,7 @@ def test_a_mistyped_shipped_sam_name_is_told_the_shipped_names(argv, tmp_path, c
     assert main([*argv, "shape-sam", "--output-dir", str(tmp_path / "o")]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"mpsupernet {argv[0]}: error: {argv[1]} 'shape-sam' is no folder or file here")
-    assert error.endswith(". The SAMs shipped in the package: embedded, embedded-sam, shapes-sam.")
+    assert error.endswith(". The SAMs shipped in the package: embedded-sam, shapes-sam.")
     assert not (tmp_path / "o").exists()
 
 
@@ -142,6 +147,47 @@ def test_push_refuses_a_tier_named_twice(calibrated_supernet_dir, tmp_path, caps
     )
 
 
+class _FailingHub(http.server.BaseHTTPRequestHandler):
+    """A Hub that answers 500 to every request."""
+
+    def _fail(self):
+        self.send_response(500)
+        self.send_header("Content-Length", "19")
+        self.end_headers()
+        self.wfile.write(b"internal hub error!")
+
+    do_GET = do_HEAD = do_POST = do_PUT = _fail
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub_answering_500():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("hub", ["answers 500", "unreachable"])
+def test_push_to_a_failing_hub_exits_1_with_one_line(calibrated_supernet_dir, tmp_path, capsys, monkeypatch, hub_answering_500, hub):
+    tier = tmp_path / "tier"
+    assert main(["extract", "--supernet", str(calibrated_supernet_dir), "--budget", "5%", "--output-dir", str(tier)]) == 0
+    endpoint = hub_answering_500 if hub == "answers 500" else f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    capsys.readouterr()
+    argv = ["push", "--repo-id", "local-user/down", "--tier", f"s={tier}", "--no-onnx", "--dataset-name", "synthetic"]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    cause = r"HfHubHTTPError: Server error '500 Internal Server Error'" if hub == "answers 500" else r"ConnectError: "
+    last = error.strip().splitlines()[-1]
+    assert re.fullmatch(rf"mpsupernet push: error: could not push to the Hub repository 'local-user/down': {cause}.*", last)
+    assert "Traceback" not in error and "mpsupernet push: error:" not in error.replace(last, "")
+
+
 def test_extract_and_push_cards_state_the_recorded_base_model_and_data(calibrated_supernet_dir, tmp_path, local_hub):
     supernet = SamSupernetForMaskGeneration.from_pretrained(calibrated_supernet_dir)
     assert supernet.config.base_model_name_or_path == TEST_SAM
@@ -167,27 +213,25 @@ def test_convert_reads_the_shipped_sams_by_name(tmp_path):
     assert main(["convert", "--sam", "shapes-sam", "--output-dir", str(tmp_path)]) == 0
     supernet = SamSupernetForMaskGeneration.from_pretrained(tmp_path)
     assert supernet.config.base_model_name_or_path == "shapes-sam"
-    assert supernet.config.vision_config.hidden_size == load_embedded_sam("shapes-sam").config.vision_config.hidden_size
+    assert supernet.config.vision_config.hidden_size == load_sam("shapes-sam").config.vision_config.hidden_size
 
 
 def test_a_saved_supernet_named_like_a_shipped_sam_is_read_from_its_folder(tmp_path, monkeypatch):
-    from mpsupernet.cli import _load_supernet
-
     monkeypatch.chdir(tmp_path)
-    for name in ("shapes-sam", "embedded"):
+    for name in ("shapes-sam", "embedded-sam"):
         assert main(["convert", "--sam", "shapes-sam", "--lora-rank", "2", "--output-dir", name]) == 0
-        assert _load_supernet(name).config.lora_rank == 2, name
+        assert load_supernet(name).config.lora_rank == 2, name
     # Without such a folder the name stands for the shipped SAM (a new supernet, the default rank).
-    monkeypatch.chdir(tmp_path / "embedded")
-    assert _load_supernet("shapes-sam").config.lora_rank == 8
+    monkeypatch.chdir(tmp_path / "embedded-sam")
+    assert load_supernet("shapes-sam").config.lora_rank == 8
 
 
 def test_convert_reads_a_sam_folder_named_like_a_shipped_sam(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    load_embedded_sam("shapes-sam").save_pretrained("embedded-sam")
+    load_sam("shapes-sam").save_pretrained("embedded-sam")
     assert main(["convert", "--sam", "embedded-sam", "--output-dir", "supernet"]) == 0
     supernet = SamSupernetForMaskGeneration.from_pretrained("supernet")
-    assert supernet.config.vision_config.hidden_size == load_embedded_sam("shapes-sam").config.vision_config.hidden_size
+    assert supernet.config.vision_config.hidden_size == load_sam("shapes-sam").config.vision_config.hidden_size
 
 
 def test_demo_help_states_run_demos_defaults(capsys):
@@ -232,12 +276,10 @@ def test_run_demo_refuses_empty_synthetic_splits(tmp_path):
 
 
 def test_the_embedded_supernet_of_a_seed_does_not_depend_on_the_global_generator():
-    from mpsupernet.cli import _load_supernet
-
     torch.manual_seed(123)
-    first = _load_supernet("embedded", seed=3).state_dict()
+    first = load_supernet("embedded-sam", seed=3).state_dict()
     torch.manual_seed(456)
-    second = _load_supernet("embedded", seed=3).state_dict()
+    second = load_supernet("embedded-sam", seed=3).state_dict()
     assert all(torch.equal(tensor, second[name]) for name, tensor in first.items())
 
 

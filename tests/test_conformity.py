@@ -21,8 +21,9 @@ from transformers import SamProcessor, pipeline
 
 import mpsupernet
 from mpsupernet.bitops import format_budget, parse_budget
+from mpsupernet.image_processing import SamQuantizedImageProcessorPil, non_maximum_suppression, rle_to_mask
 from mpsupernet.hub import MISSING_PACKAGE_ERROR, load_subnet, render_subnet_card, save_tiers, select_tier
-from mpsupernet.modeling_sam_subnet import QuantizedConv2d, QuantizedLinear
+from mpsupernet.subnet_layers import QuantizedConv2d, QuantizedLinear
 
 from conftest import make_tiny_sam
 
@@ -146,22 +147,43 @@ def test_every_save_writes_the_processor_at_the_models_size(supernet, tier_folde
         assert processor(image, return_tensors="pt")["pixel_values"].shape == (1, 3, 128, 128)
 
 
-def test_mask_generation_pipeline_on_a_saved_tier_gives_masks_at_the_image_size(tier_folders):
+def _box_iou(a, b) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_mask_generation_pipeline_on_a_saved_tier_runs_without_torchvision(tier_folders):
     folder, _ = tier_folders
     generator = pipeline("mask-generation", model=str(folder / "low"))
     assert isinstance(generator.model, mpsupernet.SamSubnetForMaskGeneration)
+    assert isinstance(generator.image_processor, SamQuantizedImageProcessorPil)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 160, 3), dtype=np.uint8))
-    # The pipeline's last step (`post_process_for_mask_generation`, non-maximum suppression across crops) needs
-    # torchvision, which cannot be installed next to this torch: the test runs every step before it, the pipeline's
-    # own `preprocess` and `forward` (image embedding once, then the point grid through the mask decoder, masks
-    # filtered and scaled back to the image), and checks what they hand to that step: run-length encoded masks.
-    masks = []
+    # The pipeline's own steps before the suppression: every candidate mask, run-length encoded, with its box.
+    candidates, scores, boxes = [], [], []
     for batch in generator.preprocess(image, points_per_batch=8, points_per_crop=4):
         output = generator.forward(batch, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-        masks.extend(output["masks"])
-    assert len(masks) == 4 * 4 * 3  # a 4 x 4 point grid, three masks per point
-    for mask in masks:
+        candidates.extend(output["masks"])
+        scores.extend(output["iou_scores"].tolist())
+        boxes.extend(output["boxes"].tolist())
+    assert len(candidates) == 4 * 4 * 3  # a 4 x 4 point grid, three masks per point
+    for mask in candidates:
         assert mask["size"] == [96, 160] and sum(mask["counts"]) == 96 * 160
+    # The whole pipeline, its last step (non-maximum suppression across masks) included.
+    result = generator(
+        image, points_per_batch=8, points_per_crop=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+        output_bboxes_mask=True, output_rle_mask=True,
+    )
+    kept = []
+    for rle, score in zip(result["rle_mask"], result["scores"].tolist()):
+        kept.append(next(i for i, c in enumerate(candidates) if c == rle and scores[i] == score and i not in kept))
+    assert result["scores"].tolist() == [scores[i] for i in kept] == sorted(result["scores"].tolist(), reverse=True)
+    for mask, rle in zip(result["masks"], result["rle_mask"]):
+        assert mask.shape == (96, 160) and mask.sum() == sum(rle["counts"][1::2])
+    # Greedy suppression, checked from its definition: no two kept boxes overlap above 0.7, and every dropped box
+    # overlaps a kept box that scores at least as high above 0.7.
+    assert all(_box_iou(boxes[a], boxes[b]) <= 0.7 for a in kept for b in kept if a != b)
+    for dropped in set(range(len(candidates))) - set(kept):
+        assert any(_box_iou(boxes[dropped], boxes[k]) > 0.7 and scores[k] >= scores[dropped] for k in kept)
 
 
 # --- item 4: without mpsupernet --------------------------------------------------------------------------------------
@@ -303,7 +325,7 @@ def test_transformers_verbosity_shows_mpsupernet_info_lines(tier_folders, caplog
             load_subnet(folder, max_bitops="100%")
     finally:
         transformers.logging.set_verbosity_warning()
-    messages = [record.getMessage() for record in caplog.records if record.name == "mpsupernet.hub"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "mpsupernet.hub.load"]
     assert messages == [f"Loading tier 'full' ({tier_folders[1]['full'].config.bitops / 1e9:.3f} GBitOPs) from {str(folder)!r}"]
 
 
@@ -348,3 +370,39 @@ def test_importing_transformers_after_mpsupernet_works_without_torch():
     )
     assert process.returncode == 0, process.stderr
     assert process.stdout.split() == ["transformers", "True"]
+
+
+def test_non_maximum_suppression_keeps_what_a_hand_computation_keeps():
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 10.0, 10.0],  # 0: area 100
+            [1.0, 0.0, 11.0, 10.0],  # 1: IoU with 0 is 90 / 110 = 0.818
+            [0.0, 0.0, 10.0, 8.0],  # 2: IoU with 0 is 80 / 100 = 0.8, with 1 is 72 / 108 = 0.667
+            [20.0, 20.0, 30.0, 30.0],  # 3: overlaps nothing
+            [20.0, 20.0, 30.0, 30.0],  # 4: the same box as 3, the same score: the first one given is kept
+            [3.0, 0.0, 13.0, 10.0],  # 5: IoU with 0 is 70 / 130 = 0.538, with 1 is 80 / 120 = 0.667
+        ]
+    )
+    scores = torch.tensor([0.7, 0.9, 0.8, 0.5, 0.5, 0.6])
+    # By score: 1 (kept; removes 0 at 0.818), 2 (0.667 with 1: kept), 0 (removed), 5 (0.667 with 1, 56 / 124 =
+    # 0.452 with 2: kept), 3 (kept; removes 4 at IoU 1), 4 (removed).
+    kept = non_maximum_suppression(boxes, scores, iou_threshold=0.7)
+    assert kept.tolist() == [1, 2, 5, 3]
+    assert non_maximum_suppression(boxes, scores, iou_threshold=0.5).tolist() == [1, 3]
+    assert non_maximum_suppression(boxes, scores, iou_threshold=0.9).tolist() == [1, 2, 0, 5, 3]
+    assert non_maximum_suppression(boxes[:0], scores[:0], 0.7).tolist() == []
+    try:
+        from torchvision.ops import batched_nms
+    except Exception:  # torchvision does not import next to the project's torch (`torchvision::nms does not exist`)
+        return
+    for threshold in (0.5, 0.7, 0.9):
+        expected = batched_nms(boxes, scores, torch.zeros(len(boxes)), threshold)
+        assert non_maximum_suppression(boxes, scores, threshold).tolist() == expected.tolist()
+
+
+def test_rle_to_mask_reads_the_encoding_the_pipeline_writes():
+    from transformers.models.sam.image_processing_pil_sam import _mask_to_rle
+
+    masks = torch.from_numpy(np.random.default_rng(3).random((2, 7, 5)) > 0.5)
+    for mask, rle in zip(masks, _mask_to_rle(masks)):
+        np.testing.assert_array_equal(rle_to_mask(rle), mask.numpy())

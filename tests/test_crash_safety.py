@@ -300,3 +300,44 @@ def test_readers_polling_load_subnet_during_rewrites_get_a_whole_tier(supernets,
         assert len(matches) == 1 and loaded.config.bitops == versions[matches[0]].config.bitops
         seen.append(matches[0])
     assert seen  # reads happened during the rewrites
+
+
+@pytest.mark.parametrize("stride", SAMPLED_TIERS)  # every kill point costs an export up to it
+def test_export_onnx_over_an_earlier_export_survives_a_kill_at_every_write(supernets, tmp_path, stride):
+    pytest.importorskip("onnxruntime")
+    from mpsupernet.runtime import OnnxSamModel
+
+    supernet = supernets[0]
+    old_arch, new_arch = _same_shape_archs(supernet)
+    old_subnet, new_subnet = extract_subnet(supernet, old_arch), extract_subnet(supernet, new_arch)
+    pristine, work = tmp_path / "pristine", tmp_path / "work"
+    old_subnet.export_onnx(pristine / "export", verify=False)
+    new_subnet.export_onnx(tmp_path / "reference", verify=False)
+    folder = work / "export"
+    encoders = {
+        name: (root / "vision_encoder.onnx").read_bytes()
+        for name, root in (("old", pristine / "export"), ("new", tmp_path / "reference"))
+    }
+    assert encoders["old"] != encoders["new"]
+
+    def identify():
+        try:
+            model = OnnxSamModel.from_pretrained(folder)
+        except OSError as error:
+            assert re.search(r"do not match its config|is incomplete: its config.json records", str(error)), error
+            return "refused"
+        encoder = (folder / "vision_encoder.onnx").read_bytes()
+        matches = [name for name, data in encoders.items() if data == encoder]
+        assert matches, "the folder loads with an encoder of neither export"
+        subnet = old_subnet if matches[0] == "old" else new_subnet
+        assert model.config["bitops"] == subnet.config.bitops  # the config is that export's own
+        return matches[0]
+
+    outcomes = _kill_everywhere(
+        work, pristine, lambda: new_subnet.export_onnx(folder, verify=False), identify, {"old", "new", "refused"}, stride
+    )
+    if stride == 1:
+        assert "refused" in outcomes.values()  # the window where the new config meets the old files is caught
+    _stale_staging_is_cleaned_by_the_next_write(
+        work, pristine, lambda: new_subnet.export_onnx(folder, verify=False), max(outcomes)
+    )

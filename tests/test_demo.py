@@ -7,9 +7,9 @@ import pytest
 
 from mpsupernet.data import is_real3_available, load_real3_dataset
 from mpsupernet.demo import MAX_TIER_SHARE, TIER_NAMES, run_demo
-from mpsupernet.evaluation import evaluate_real3_mean_iou
+from mpsupernet.metrics import evaluate_real3_mean_iou
 from mpsupernet.hub import read_tiers_manifest
-from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.pretrained import load_sam
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,6 @@ def test_the_demo_runs_on_the_embedded_default_and_writes_its_summary(demo_run, 
 def test_the_demo_measures_every_row_on_real3(demo_run):
     _, summary = demo_run
     pretrained = summary["rows"][0]["real3_mean_iou"]
-    assert pretrained == pytest.approx(evaluate_real3_mean_iou(load_embedded_sam(), load_real3_dataset(), seed=0))
+    assert pretrained == pytest.approx(evaluate_real3_mean_iou(load_sam(), load_real3_dataset(), seed=0))
     for row in summary["rows"][1:]:
         assert set(row["real3_mean_iou"]) == set(pretrained) and 0 <= row["real3_mean_iou"]["instances"] <= 1

@@ -1,7 +1,7 @@
-"""The Python snippets of the README and of the model cards run as written.
+"""The Python snippets of the README, of `docs/*.md` and of the model cards run as written.
 
-A document's ```python blocks run in order, in one namespace, in a fresh interpreter (the README's alone; the cards
-one after another, each in a new namespace): `import mpsupernet` must be a first import there, and `HF_ENDPOINT` (the local Hub of `conftest.py`, inherited through the environment) must be
+A document's ```python blocks run in order, in one namespace, in a fresh interpreter (the README's alone; the docs
+one after another, each in a new namespace, and likewise the cards): `import mpsupernet` must be a first import there, and `HF_ENDPOINT` (the local Hub of `conftest.py`, inherited through the environment) must be
 set before huggingface_hub is imported. What the snippets name but cannot be reached here is replaced, and nothing
 else: the quoted strings of `readme_id_map` (Hub ids of a SAM checkpoint, a dataset and a tiers repository, and the
 folder of an ONNX export) become a shipped SAM's folder (`TEST_SAM`), a local COCO-style dataset, a repository of
@@ -34,7 +34,7 @@ import mpsupernet
 from conftest import TEST_SAM
 from mpsupernet.data import make_synthetic_segmentation_dataset
 from mpsupernet.hub import render_supernet_card, save_subnet_with_card
-from mpsupernet.pretrained import EMBEDDED_SAM_NAMES, embedded_sam_path, load_embedded_sam
+from mpsupernet.pretrained import SHIPPED_SAM_NAMES, load_sam, shipped_sam_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(
@@ -120,11 +120,11 @@ def readme_id_map(tmp_path_factory):
     coco = data / "coco"
     write_coco_split(coco / "data" / "train-00000-of-00001.parquet", num_images=8, seed=0)
     write_coco_split(coco / "data" / "val-00000-of-00001.parquet", num_images=4, seed=1)
-    supernet = mpsupernet.SamSupernetForMaskGeneration.from_sam(load_embedded_sam(TEST_SAM))
+    supernet = mpsupernet.SamSupernetForMaskGeneration.from_sam(load_sam(TEST_SAM))
     supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
     supernet.extract_subnet("5%").export_onnx(data / "onnx-tier", verify=False)
     return {
-        "facebook/sam-vit-base": str(embedded_sam_path(TEST_SAM)),
+        "facebook/sam-vit-base": str(shipped_sam_path(TEST_SAM)),
         "detection-datasets/coco": str(coco),
         "my-org/sam-vit-base-mp": "local-user/readme-sam-vit-base-mp",
         "tier-5pct-onnx": str(data / "onnx-tier"),
@@ -132,32 +132,48 @@ def readme_id_map(tmp_path_factory):
 
 
 README_BLOCKS = python_blocks((REPO_ROOT / "README.md").read_text(encoding="utf-8"))
+DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
+DOCS_BLOCKS = {path.name: python_blocks(path.read_text(encoding="utf-8")) for path in DOCS}
 
 
-def test_readme_python_blocks_run_as_written(local_hub, readme_id_map, tmp_path):
+def test_readme_python_blocks_run_as_written(tmp_path):
     runnable = [code for code, reason in README_BLOCKS if reason is None]
+    assert len(runnable) == len(README_BLOCKS), "the README's quickstart runs on a CPU, every block of it"
     assert any("mpsupernet.load_subnet(" in code for code in runnable)
+    run_documents([runnable], tmp_path, {"embedded-sam": TEST_SAM})  # the tests' shipped SAM, for speed
+    assert (tmp_path / "tiers" / "tiers.json").is_file() and (tmp_path / "subnet-onnx" / "vision_encoder.onnx").is_file()
+
+
+def test_docs_python_blocks_run_as_written(local_hub, readme_id_map, tmp_path):
+    documents = [[code for code, reason in blocks if reason is None] for blocks in DOCS_BLOCKS.values()]
+    assert sum(map(len, documents)) >= 3
     pixels = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "photo.jpg")  # the image the ONNX snippet opens
-    output = run_documents([runnable], tmp_path, readme_id_map)
+    output = run_documents(documents, tmp_path, readme_id_map)
     # Provenance: the supernet records the checkpoint it was made from (here the shipped SAM's folder name).
     assert TEST_SAM in output
     assert (tmp_path / "search" / "pareto_front.json").is_file()
 
 
-@pytest.mark.parametrize(
-    "code, reason", [block for block in README_BLOCKS if block[1] is not None], ids=lambda value: str(value)[:40]
-)
-def test_readme_blocks_not_run_use_existing_names(code, reason):
+NOT_RUN = [
+    (name, code, reason)
+    for name, blocks in {"README.md": README_BLOCKS, **DOCS_BLOCKS}.items()
+    for code, reason in blocks
+    if reason is not None
+]
+
+
+@pytest.mark.parametrize("document, code, reason", NOT_RUN, ids=lambda value: str(value)[:40])
+def test_blocks_not_run_use_existing_names(document, code, reason):
     names = mpsupernet_names(code)
     assert names, "a block that is not run should still use mpsupernet"
     for name in names:
         resolve(name)
-    pytest.skip(f"README block not run: {reason}")
+    pytest.skip(f"{document} block not run: {reason}")
 
 
-def test_at_most_a_few_readme_blocks_are_not_run():
-    assert 0 < len(README_BLOCKS) and sum(reason is not None for _, reason in README_BLOCKS) <= 2
+def test_at_most_a_few_documentation_blocks_are_not_run():
+    assert 0 < len(README_BLOCKS) and len(NOT_RUN) <= 2
 
 
 @pytest.fixture(scope="module")
@@ -207,12 +223,22 @@ def test_card_snippets_run_as_written(published_tiers, tmp_path):
 def test_shipped_sam_card_snippets_run_as_written(tmp_path):
     """The cards of the SAMs in `mpsupernet.pretrained`: each loads its model as written."""
     documents = []
-    for name in EMBEDDED_SAM_NAMES:
-        blocks = python_blocks((embedded_sam_path(name) / "README.md").read_text(encoding="utf-8"))
+    for name in SHIPPED_SAM_NAMES:
+        blocks = python_blocks((shipped_sam_path(name) / "README.md").read_text(encoding="utf-8"))
         assert blocks and all(reason is None for _, reason in blocks)
         check = "print(type(sam).__name__, sam.config.vision_config.hidden_size)"
         documents.append([code for code, _ in blocks] + [check])
     output = run_documents(documents, tmp_path)
-    for number, name in enumerate(EMBEDDED_SAM_NAMES):
-        hidden_size = load_embedded_sam(name).config.vision_config.hidden_size
+    for number, name in enumerate(SHIPPED_SAM_NAMES):
+        hidden_size = load_sam(name).config.vision_config.hidden_size
         assert f"SamModel {hidden_size}" in output.split(f"document {number}, block")[-1]
+
+
+DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("document", DOCS, ids=lambda path: path.name)
+def test_docs_python_blocks_run_as_written(document, tmp_path):
+    blocks = python_blocks(document.read_text(encoding="utf-8"))
+    assert all(reason is None for _, reason in blocks), "every block of docs/ runs"
+    run_documents([[code for code, _ in blocks]], tmp_path)

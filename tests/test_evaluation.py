@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from transformers import SamModel
 
 from mpsupernet.data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset
-from mpsupernet.evaluation import MeanMaskIoU, evaluate_dataset_mean_iou, evaluate_mean_iou, mask_iou, select_masks
+from mpsupernet.metrics import MeanMaskIoU, evaluate_dataset_mean_iou, evaluate_mean_iou, mask_iou, select_masks
 from mpsupernet.testing_utils import make_sam_config
 
 

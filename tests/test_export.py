@@ -20,17 +20,18 @@ from mpsupernet import SamSubnetForMaskGeneration, SamSupernetForMaskGeneration 
 from mpsupernet.cli import main  # noqa: E402
 from mpsupernet.data import make_synthetic_segmentation_dataset  # noqa: E402
 from mpsupernet.data.processing import SamSegmentationPreprocessor, collate_fn  # noqa: E402
-from mpsupernet.evaluation import evaluate_mean_iou  # noqa: E402
+from mpsupernet.metrics import evaluate_mean_iou  # noqa: E402
 from mpsupernet.export import writer  # noqa: E402
 from mpsupernet.export.graphs import ActivationQuantizerGraph, AttentionGraph, ConvGraph, LinearGraph  # noqa: E402
 from mpsupernet.export.ops import ONNX_TRANSLATIONS  # noqa: E402
 from mpsupernet.extraction import extract_subnet  # noqa: E402
+from mpsupernet.layout import STAGING_MARKER  # noqa: E402
 from mpsupernet.metrics import mask_iou  # noqa: E402
-from mpsupernet.modeling_sam_subnet import QuantizedConv2d, QuantizedLinear  # noqa: E402
 from mpsupernet.packing import pack_codes  # noqa: E402
-from mpsupernet.pretrained import load_embedded_sam  # noqa: E402
+from mpsupernet.pretrained import load_sam  # noqa: E402
 from mpsupernet.quantization import LsqQuantizer, integer_range  # noqa: E402
 from mpsupernet.runtime import OnnxSamModel  # noqa: E402
+from mpsupernet.subnet_layers import QuantizedConv2d, QuantizedLinear  # noqa: E402
 
 from conftest import TEST_SAM, make_tiny_sam  # noqa: E402
 
@@ -283,7 +284,7 @@ def test_w8a8_encoder_runs_its_linears_on_integer_kernels(exported_w8a8, tmp_pat
 # --- end to end ------------------------------------------------------------------------------------------------------
 def sample_pixel_values(num_images=4):
     dataset = make_synthetic_segmentation_dataset(num_images, image_size=128, seed=3)
-    preprocessor = SamSegmentationPreprocessor(load_embedded_sam(TEST_SAM).config, prompts_per_image=2, seed=0)
+    preprocessor = SamSegmentationPreprocessor(load_sam(TEST_SAM).config, prompts_per_image=2, seed=0)
     transformed = dataset.with_transform(preprocessor)
     return collate_fn([transformed[i] for i in range(num_images)])
 
@@ -294,7 +295,7 @@ def test_w8a8_embeddings_agree_far_below_the_quantization_error(exported_w8a8):
     pixel_values = batch["pixel_values"]
     with torch.no_grad():
         quantized = subnet.get_image_embeddings(pixel_values).numpy()
-        full_precision = load_embedded_sam(TEST_SAM).get_image_embeddings(pixel_values).numpy()
+        full_precision = load_sam(TEST_SAM).get_image_embeddings(pixel_values).numpy()
     exported = OnnxSamModel.from_pretrained(folder).get_image_embeddings(pixel_values.numpy())
     export_error = np.abs(exported - quantized).mean()
     quantization_error = np.abs(quantized - full_precision).mean()
@@ -481,10 +482,38 @@ def test_folder_with_foreign_files_is_refused(tiny_w8a8_subnet, tmp_path):
 
 def test_failed_export_leaves_nothing_behind(tiny_w8a8_subnet, tmp_path, monkeypatch):
     def failing_export(*args):
-        next(tmp_path.glob(".out.staging-*")).joinpath("vision_encoder.onnx").write_bytes(b"half")
+        next(tmp_path.glob(f".out{STAGING_MARKER}*")).joinpath("vision_encoder.onnx").write_bytes(b"half")
         raise RuntimeError("exporter failed")
 
     monkeypatch.setattr(writer, "_export_graph", failing_export)
     with pytest.raises(RuntimeError, match="exporter failed"):
         tiny_w8a8_subnet.export_onnx(tmp_path / "out")
     assert listing(tmp_path) == []
+
+
+def test_quiet_exporter_notices_hides_the_exporters_notices_and_nothing_else(caplog):
+    import logging
+    import warnings
+
+    from mpsupernet.export.notices import quiet_exporter_notices
+
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_exporter_notices():
+            registry.warning("torchvision is not installed. Skipping torchvision::nms")
+            registry.warning("another registry notice")
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
+            warnings.warn_explicit(
+                "# The axis name: num_points will not be used, since it shares the same shape constraints with "
+                "another axis: num_points.", UserWarning, "_onnx_program.py", 1, module="torch.onnx._internal.x",
+            )  # fmt: skip
+            warnings.warn("# The axis name: x will not be used, since it shares the same shape constraints", UserWarning)
+            warnings.warn("a FutureWarning of ours", FutureWarning)
+        registry.warning("torchvision is not installed. Skipping torchvision::roi_align")
+    assert [record.getMessage() for record in caplog.records] == [
+        "another registry notice",
+        "torchvision is not installed. Skipping torchvision::roi_align",
+    ]
+    # The axis notice is hidden only when torch's exporter raises it; ours would show.
+    assert [str(warning.message)[:20] for warning in caught] == ["# The axis name: x w", "a FutureWarning of o"]

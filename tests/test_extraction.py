@@ -14,9 +14,9 @@ from transformers import AutoModel, AutoModelForMaskGeneration, SamModel
 from mpsupernet import SamSubnetConfig, SamSubnetForMaskGeneration, SamSupernetForMaskGeneration, parse_budget
 from mpsupernet.bitops import format_bitops
 from mpsupernet.extraction import descent_path, extract_subnet
-from mpsupernet.modeling_sam_subnet import QuantizedConv2d, QuantizedLinear
 from mpsupernet.packing import pack_codes, packed_size, unpack_codes
 from mpsupernet.quantization import integer_range
+from mpsupernet.subnet_layers import QuantizedConv2d, QuantizedLinear
 from mpsupernet.testing_utils import make_sam_config
 
 from conftest import assert_same_output, drop_weights_digest, make_tiny_sam, run

@@ -189,7 +189,7 @@ def test_a_mean_iou_without_a_dataset_is_refused_before_any_export(tiers, tmp_pa
     def never(*args, **kwargs):
         raise AssertionError("a tier was exported before the arguments were checked")
 
-    monkeypatch.setattr(mpsupernet.hub, "export_and_measure_tier", never)
+    monkeypatch.setattr(mpsupernet.hub.save, "export_and_measure_tier", never)
     message = r"`mean_ious` gives tiers \['small', 'tiny'\] a mean IoU but no dataset it was measured on: give `dataset_name`"
     with pytest.raises(ValueError, match=message):
         save_tiers(tiers, tmp_path / "tiers", base_model="x/y", mean_ious={"tiny": 0.5, "small": 0.6, "medium": None})
@@ -231,7 +231,7 @@ def test_push_tiers_refuses_a_bad_repo_id_before_exporting(tiers, monkeypatch, r
     def never(*args, **kwargs):
         raise AssertionError("a tier was exported before the repository id was checked")
 
-    monkeypatch.setattr(mpsupernet.hub, "export_and_measure_tier", never)
+    monkeypatch.setattr(mpsupernet.hub.save, "export_and_measure_tier", never)
     with pytest.raises(error, match=message):
         push_tiers(tiers, repo_id, base_model="x/y", dataset_name="d")
 

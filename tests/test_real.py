@@ -77,6 +77,15 @@ def test_real3_rejects_unknown_domains():
         load_real3_dataset(["coco"])
     with pytest.raises(ValueError, match="distinct names"):
         load_real3_dataset(["voc", "voc"])
+    with pytest.raises(ValueError, match=r"distinct names among \('voc', 'arc2017', 'nuclei'\), got \['coco'\]\.$"):
+        load_real3_dataset("coco")  # one name, not the letters 'c', 'o', 'c', 'o'
+
+
+@requires_real3
+def test_real3_takes_a_string_as_one_domain():
+    row = load_real3_dataset("nuclei")
+    assert row["domain"] == ["nuclei"]
+    np.testing.assert_array_equal(np.asarray(row[0]["image"]), np.asarray(load_real3_dataset(["nuclei"])[0]["image"]))
 
 
 def test_real3_names_the_missing_package(monkeypatch):
@@ -91,10 +100,10 @@ def test_real3_names_the_missing_package(monkeypatch):
 
 @requires_real3
 def test_real3_mean_iou_weights_every_instance_once(real3):
-    from mpsupernet.evaluation import evaluate_real3_mean_iou
-    from mpsupernet.pretrained import load_embedded_sam
+    from mpsupernet.metrics import evaluate_real3_mean_iou
+    from mpsupernet.pretrained import load_sam
 
-    sam = load_embedded_sam()
+    sam = load_sam()
     result = evaluate_real3_mean_iou(sam, real3, seed=3)
     assert set(result) == {*REAL3_DOMAINS, "instances", "domains"}
     weighted = (19 * result["voc"] + 8 * result["arc2017"] + 125 * result["nuclei"]) / 152

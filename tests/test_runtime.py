@@ -40,6 +40,47 @@ def test_preprocess_matches_the_sam_image_processor(exported_w8a8):
     np.testing.assert_allclose(ours["input_boxes"], theirs["input_boxes"], atol=1e-4)
 
 
+def _transparent_images():
+    rng = np.random.default_rng(4)
+    rgba = np.asarray(photo().convert("RGBA")).copy()
+    rgba[..., 3] = rng.integers(0, 256, rgba.shape[:2], dtype=np.uint8)
+    rgba[:10, :10, 3] = 0  # fully transparent: white, whatever the colour underneath
+    palette = Image.fromarray(rgba[..., :3]).quantize(16)
+    palette.info["transparency"] = 3
+    return {
+        "PIL RGBA": Image.fromarray(rgba),
+        "numpy RGBA": rgba,
+        "PIL LA": Image.fromarray(rgba).convert("LA"),
+        "PIL P with transparency": palette,
+    }
+
+
+@pytest.mark.parametrize("kind", ["PIL RGBA", "numpy RGBA", "PIL LA", "PIL P with transparency"])
+def test_preprocess_blends_transparency_onto_white_as_the_sam_image_processor(exported_w8a8, kind):
+    _, folder, _ = exported_w8a8
+    model = OnnxSamModel.from_pretrained(folder)
+    processor = SamProcessor(image_processor=PillowSamImageProcessor.from_pretrained(folder))
+    image = _transparent_images()[kind]
+    ours = model.preprocess(image)["pixel_values"]
+    np.testing.assert_allclose(ours, processor(image, return_tensors="np")["pixel_values"], atol=1e-5)
+    if kind != "PIL P with transparency":
+        mean, std = np.asarray(processor.image_processor.image_mean), np.asarray(processor.image_processor.image_std)
+        # the transparent corner (10 of 150 pixels, resized to 128 wide: its first 7 pixels) is white
+        np.testing.assert_allclose(ours[0, :, 2, 2], (1.0 - mean) / std, atol=1e-5)
+
+
+def test_runtime_refuses_non_finite_pixel_values(exported_w8a8):
+    model = OnnxSamModel.from_pretrained(exported_w8a8[1])
+    pixel_values = model.preprocess(photo())["pixel_values"]
+    pixel_values[0, 1, 4, 9] = np.nan
+    pixel_values[0, 2, 5, 5] = np.inf
+    message = r"^pixel_values hold 2 non-finite values \(NaN or inf\); the quantized encoder would clip them"
+    with pytest.raises(ValueError, match=message):
+        model(pixel_values=pixel_values, input_boxes=[[[10.0, 10.0, 80.0, 60.0]]])
+    with pytest.raises(ValueError, match=message):
+        model.get_image_embeddings(pixel_values)
+
+
 @pytest.mark.parametrize(
     "boxes, problem",
     [
@@ -153,6 +194,31 @@ def test_openvino_runs_the_same_files_exactly(exported_w8a8):
     assert np.abs(openvino_outputs.image_embeddings - embeddings).mean() <= 0.01 * np.abs(embeddings).mean()
     reference = torch.from_numpy(onnxruntime_outputs.pred_masks) > 0
     assert mask_iou(torch.from_numpy(openvino_outputs.pred_masks), reference).mean() >= 0.99
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_reduced_resolution_tier_runs_the_antialiased_resize_on_every_runtime(embedded_supernet, tmp_path, runtime):
+    if runtime == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is an optional extra (`pip install mpsupernet[openvino]`)")
+    from mpsupernet.export.graphs import antialiased_resize_matrix
+    from mpsupernet.extraction import extract_subnet
+
+    x = torch.randn(2, 3, 128, 96, generator=torch.Generator().manual_seed(2))
+    resized = antialiased_resize_matrix(128, 64) @ x @ antialiased_resize_matrix(96, 48).T
+    expected = torch.nn.functional.interpolate(x, size=(64, 48), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(resized, expected, rtol=0, atol=1e-6)
+    # A float tier at half the resolution: only the runtime's arithmetic differs from PyTorch's (OpenVINO ignored
+    # ONNX's antialias attribute, and was off by about 2).
+    arch = embedded_supernet.full_precision_subnet().to_dict()
+    arch["resolution"] = 64
+    subnet = extract_subnet(embedded_supernet, arch).eval()
+    subnet.export_onnx(tmp_path / "low")
+    pixel_values = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = subnet.get_image_embeddings(pixel_values).numpy()
+    embeddings = OnnxSamModel.from_pretrained(tmp_path / "low", runtime=runtime).get_image_embeddings(pixel_values.numpy())
+    assert np.abs(expected).mean() > 0.1
+    np.testing.assert_allclose(embeddings, expected, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])

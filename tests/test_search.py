@@ -18,6 +18,7 @@ from mpsupernet.data import (
     collate_fn,
     make_synthetic_segmentation_dataset,
 )
+from mpsupernet.metrics import evaluate_mean_iou
 from mpsupernet.search import (
     ArchitectureEncoding,
     ParetoEntry,
@@ -315,9 +316,10 @@ def test_miou_evaluator_and_run_search_on_synthetic_data(tiny_supernet, tmp_path
         batch_size=1,
         collate_fn=collate_fn,
     )
-    smallest = tiny_supernet.smallest_subnet()
+    smallest, before = tiny_supernet.smallest_subnet(), tiny_supernet.active_subnet
     value = make_miou_evaluator(tiny_supernet, dataloader, max_batches=2)(smallest)
-    assert 0.0 <= value <= 1.0 and tiny_supernet.active_subnet == smallest
+    assert value == pytest.approx(evaluate_mean_iou(tiny_supernet, dataloader, max_batches=2, subnet=smallest))
+    assert 0.0 <= value <= 1.0 and smallest != before and tiny_supernet.active_subnet == before
 
     # run_search wires a saved supernet, the preprocessor, make_miou_evaluator and evolutionary_search together.
     tiny_supernet.save_pretrained(tmp_path / "supernet")

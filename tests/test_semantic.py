@@ -22,7 +22,7 @@ from mpsupernet import (
     SamSupernetForMaskGeneration,
     SamSupernetForSemanticSegmentation,
 )
-from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.pretrained import load_sam
 from mpsupernet.semantic_loss import class_logits_distillation_loss, semantic_segmentation_loss
 from mpsupernet.testing_utils import make_sam_config
 
@@ -40,7 +40,7 @@ def _base_config() -> dict:
 
 @pytest.fixture(scope="module")
 def sam():
-    return load_embedded_sam(TEST_SAM).eval()
+    return load_sam(TEST_SAM).eval()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from mpsupernet.data import (
     collate_fn,
     make_synthetic_semantic_dataset,
 )
-from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.pretrained import load_sam
 from mpsupernet.semantic_evaluation import ClassConfusionMatrix, class_predictions
 
 from conftest import TEST_SAM
@@ -28,7 +28,7 @@ pytest.importorskip("onnxruntime")
 def exported(tmp_path_factory):
     """A W8A8 semantic subnet of the tests' SAM and its ONNX export: `(subnet, folder, report)`."""
     supernet = SamSupernetForSemanticSegmentation.from_sam(
-        load_embedded_sam(TEST_SAM), id2label=SYNTHETIC_SEMANTIC_ID2LABEL
+        load_sam(TEST_SAM), id2label=SYNTHETIC_SEMANTIC_ID2LABEL
     ).eval()
     supernet.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
     subnet = supernet.extract_subnet(supernet.search_space.largest(8, 8)).eval()

@@ -11,7 +11,7 @@ import mpsupernet
 from mpsupernet import SamSubnetForSemanticSegmentation, SamSupernetForSemanticSegmentation
 from mpsupernet.data import SYNTHETIC_SEMANTIC_ID2LABEL
 from mpsupernet.hub import render_supernet_card, render_subnet_card
-from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.pretrained import load_sam
 
 from conftest import TEST_SAM
 
@@ -19,7 +19,7 @@ from conftest import TEST_SAM
 @pytest.fixture(scope="module")
 def supernet():
     model = SamSupernetForSemanticSegmentation.from_sam(
-        load_embedded_sam(TEST_SAM), id2label=SYNTHETIC_SEMANTIC_ID2LABEL
+        load_sam(TEST_SAM), id2label=SYNTHETIC_SEMANTIC_ID2LABEL
     ).eval()
     model.calibrate_quantizers(torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
     model.config.training_dataset = "mpsupernet synthetic shape classes"

@@ -19,7 +19,7 @@ from mpsupernet.data import (
     make_synthetic_segmentation_dataset,
     make_synthetic_semantic_dataset_dict,
 )
-from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.pretrained import load_sam
 from mpsupernet.semantic_evaluation import ClassConfusionMatrix, class_mean_iou
 from mpsupernet.training import supernet_training_step
 
@@ -28,7 +28,7 @@ from conftest import TEST_SAM
 
 @pytest.fixture(scope="module")
 def sam():
-    return load_embedded_sam(TEST_SAM)
+    return load_sam(TEST_SAM)
 
 
 @pytest.fixture(scope="module")

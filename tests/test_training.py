@@ -1,7 +1,6 @@
 """Supernet training: the sandwich sampler, the progressive schedule, the Trainer and the Accelerate loop."""
 
 import copy
-import dataclasses
 import json
 import logging
 import pathlib
@@ -26,7 +25,7 @@ from mpsupernet.data import (
     collate_fn,
     make_synthetic_segmentation_dataset,
 )
-from mpsupernet.pretrained import load_embedded_sam
+from mpsupernet.pretrained import load_sam
 from mpsupernet.quantization import LsqQuantizer
 from mpsupernet.training import (
     QUANTIZER_LR_SCALE,
@@ -37,7 +36,6 @@ from mpsupernet.training import (
     SubnetLossWindow,
     SupernetTrainer,
     SupernetTrainingArguments,
-    arguments_from_keywords,
     check_distributed_support,
     check_training_batch,
     quantizer_parameter_groups,
@@ -58,7 +56,7 @@ def pretrained_sam():
     """The tests' shipped pretrained SAM (`TEST_SAM`) when the package ships it, a tiny random one otherwise: the tests
     that training lowers the loss run on it. The mechanics (resuming, accumulation, the sandwich) run on the tiny one."""
     try:
-        return load_embedded_sam(TEST_SAM)
+        return load_sam(TEST_SAM)
     except FileNotFoundError:
         return make_tiny_sam()
 
@@ -257,19 +255,26 @@ def test_bad_configurations_are_named(sam):
         SandwichSampler(SamSupernetConfig(), num_random_subnets=-1)
 
 
+def loop_arguments(output_dir, **fields) -> SupernetTrainingArguments:
+    """`train_supernet`'s arguments in these tests: no checkpoints, no tracker, a 5% warm-up and a log line every 10
+    steps, unless `fields` say otherwise."""
+    defaults = dict(save_strategy="no", report_to="none", warmup_steps=0.05, logging_steps=10)
+    return SupernetTrainingArguments(output_dir=str(output_dir), **{**defaults, **fields})
+
+
 def test_bad_datasets_and_batches_are_named(sam, train_data, tmp_path):
     model = make_supernet(sam)
-    common = dict(output_dir=tmp_path, max_steps=1, learning_rate=1e-3, batch_size=2)
+    common = dict(max_steps=1, learning_rate=1e-3, per_device_train_batch_size=2)
+    args = loop_arguments(tmp_path, **common)
     with pytest.raises(ValueError, match=r"lacks the column\(s\) \['masks'\]"):
-        train_supernet(model, train_data.remove_columns("masks"), **common)
+        train_supernet(model, train_data.remove_columns("masks"), args=args)
     with pytest.raises(ValueError, match="already has a transform"):
-        train_supernet(model, train_data.with_transform(make_preprocessor(model)), **common)
+        train_supernet(model, train_data.with_transform(make_preprocessor(model)), args=args)
     with pytest.raises(ValueError, match="`max_steps` must be a positive integer"):
-        train_supernet(model, train_data, **{**common, "max_steps": 0})
-    with pytest.raises(ValueError, match=r"`warmup_ratio` must be in \[0, 1\), got 1.0"):
-        train_supernet(model, train_data, **common, warmup_ratio=1.0)
+        train_supernet(model, train_data, args=loop_arguments(tmp_path, **{**common, "max_steps": 0}))
     with pytest.raises(ValueError, match=r"'.*nowhere' is not a complete checkpoint: it is not a folder\. Give a complete"):
-        train_supernet(model, train_data, **common, resume_from_checkpoint=tmp_path / "nowhere")
+        resume = loop_arguments(tmp_path, **common, resume_from_checkpoint=str(tmp_path / "nowhere"))
+        train_supernet(model, train_data, args=resume)
     with pytest.raises(TypeError, match="SamSupernetForMaskGeneration"):
         SupernetTrainer(model=make_tiny_sam(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
     batch = fixed_batch(model, train_data)
@@ -389,14 +394,11 @@ def test_accelerate_loop_lowers_the_loss_and_saves_the_supernet(pretrained_sam, 
         model,
         train_data,
         train_data.select(range(2)),
-        output_dir=tmp_path,
-        max_steps=5,
-        learning_rate=3e-4,
-        batch_size=2,
-        num_random_subnets=1,
-        log_steps=3,
+        args=loop_arguments(
+            tmp_path, max_steps=5, learning_rate=3e-4, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+            num_random_subnets=1, logging_steps=3, warmup_steps=0.4,
+        ),  # fmt: skip
         preprocessor=make_preprocessor(model),
-        warmup_ratio=0.4,
     )
     after_losses = subnet_losses(model, batch)
     assert after_losses["largest"] < before_losses["largest"]
@@ -422,13 +424,10 @@ def test_fixed_architecture_trains_that_architecture_alone(sam, train_data, tmp_
     summary = train_supernet(
         model,
         train_data,
-        output_dir=tmp_path,
-        max_steps=3,
-        learning_rate=1e-3,
-        warmup_ratio=0.0,
-        batch_size=2,
-        fixed_architecture=arch.to_dict(),
-        distillation=None,
+        args=loop_arguments(
+            tmp_path, max_steps=3, learning_rate=1e-3, warmup_steps=0, per_device_train_batch_size=2,
+            fixed_architecture=arch.to_dict(), distillation=None,
+        ),  # fmt: skip
         preprocessor=make_preprocessor(model),
     )
     assert set(summary["final_losses"]) == {"fixed"}
@@ -462,10 +461,12 @@ def test_accelerate_loop_resumes_with_the_same_subnets_and_parameters(sam, train
     # 6 examples in batches of 2 (3 per epoch), 2 micro-batches per step: the resumed step skips 2 batches of the
     # first epoch and crosses into the second.
     common = dict(
-        max_steps=2, learning_rate=3e-3, batch_size=2, num_random_subnets=1, gradient_accumulation_steps=2, save_steps=1
-    )
+        max_steps=2, learning_rate=3e-3, per_device_train_batch_size=2, num_random_subnets=1,
+        gradient_accumulation_steps=2, save_strategy="steps", save_steps=1,
+    )  # fmt: skip
     model = make_supernet(sam)
-    train_supernet(model, train_data, output_dir=tmp_path / "full", preprocessor=make_preprocessor(model), **common)
+    full = loop_arguments(tmp_path / "full", **common)
+    train_supernet(model, train_data, args=full, preprocessor=make_preprocessor(model))
     uninterrupted, uninterrupted_draws = trainable_state(model), dict(drawn)
 
     drawn.clear()
@@ -473,10 +474,10 @@ def test_accelerate_loop_resumes_with_the_same_subnets_and_parameters(sam, train
     summary = train_supernet(
         model,
         train_data,
-        output_dir=tmp_path / "resumed",
+        args=loop_arguments(
+            tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"), **common
+        ),
         preprocessor=make_preprocessor(model),
-        resume_from_checkpoint=tmp_path / "full" / "checkpoint-1",
-        **common,
     )
     assert summary["resumed_from_step"] == 1 and summary["steps"] == 2
     assert dict(drawn) == {1: uninterrupted_draws[1]}
@@ -514,11 +515,12 @@ def test_gradient_accumulation_and_checkpointing_leave_the_gradient_unchanged(sa
 
     def run(name, batch_size, accumulation, checkpointing=False):
         model = calibrated_supernet(sam, train_data)
-        train_supernet(
-            model, train_data, output_dir=tmp_path / name, max_steps=1, learning_rate=1.0, batch_size=batch_size,
-            gradient_accumulation_steps=accumulation, gradient_checkpointing=checkpointing, num_random_subnets=1,
-            preprocessor=make_preprocessor(model), max_grad_norm=None,
+        args = loop_arguments(
+            tmp_path / name, max_steps=1, learning_rate=1.0, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, activation_checkpointing=checkpointing, num_random_subnets=1,
+            max_grad_norm=None,
         )  # fmt: skip
+        train_supernet(model, train_data, args=args, preprocessor=make_preprocessor(model))
         return trainable_state(model)
 
     one_batch = run("one_batch", batch_size=2, accumulation=1)
@@ -547,34 +549,12 @@ def test_trainer_gradient_accumulation_leaves_the_gradient_unchanged(sam, train_
 
 
 # --- one set of arguments and policies for both paths ---------------------------------------------------------------
-def test_the_arguments_object_trains_as_the_keyword_arguments(sam, train_data, tmp_path):
-    keywords = dict(max_steps=2, learning_rate=1e-3, batch_size=2, num_random_subnets=1, log_steps=1, seed=5)
+def test_train_supernet_takes_one_arguments_object_and_refuses_what_it_cannot_honour(sam, train_data, tmp_path):
     model = make_supernet(sam)
-    by_keywords = train_supernet(model, train_data, output_dir=tmp_path / "keywords", **keywords)
-    state_by_keywords = trainable_state(model)
-    args = SupernetTrainingArguments(
-        output_dir=str(tmp_path / "args"),
-        max_steps=2,
-        learning_rate=1e-3,
-        per_device_train_batch_size=2,
-        warmup_steps=0.05,
-        num_random_subnets=1,
-        logging_steps=1,
-        save_strategy="no",
-        seed=5,
-        report_to="none",
-    )
-    model = make_supernet(sam)
-    by_args = train_supernet(model, train_data, args=args)
-    assert by_args["log_history"] == by_keywords["log_history"] and len(by_args["log_history"]) == 2
-    torch.testing.assert_close(trainable_state(model), state_by_keywords, rtol=0, atol=0)
-    assert arguments_from_keywords(output_dir="x", **keywords).per_device_eval_batch_size == 2
-    with pytest.raises(TypeError, match="either `args` or keyword arguments"):
-        train_supernet(model, train_data, args=args, max_steps=3)
-    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['batch_sise'\]"):
-        train_supernet(model, train_data, output_dir="x", max_steps=1, learning_rate=1.0, batch_sise=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'output_dir'"):
+        train_supernet(model, train_data, output_dir="x", max_steps=1, learning_rate=1.0)
     with pytest.raises(ValueError, match="without weight decay"):
-        train_supernet(model, train_data, args=dataclasses.replace(args, weight_decay=0.1))
+        train_supernet(model, train_data, args=loop_arguments(tmp_path, max_steps=1, weight_decay=0.1))
 
 
 def test_trainer_and_loop_share_options_and_quantizer_groups(sam, train_data, tmp_path):
@@ -653,10 +633,12 @@ class Payload:
 
 def loop_run(sam, train_data, output_dir, model=None, **overrides):
     model = model or make_supernet(sam)
-    arguments = dict(max_steps=2, learning_rate=3e-3, batch_size=2, num_random_subnets=1, save_steps=1)
-    return train_supernet(
-        model, train_data, output_dir=output_dir, preprocessor=make_preprocessor(model), **{**arguments, **overrides}
-    )
+    arguments = dict(
+        max_steps=2, learning_rate=3e-3, per_device_train_batch_size=2, num_random_subnets=1, save_strategy="steps",
+        save_steps=1,
+    )  # fmt: skip
+    args = loop_arguments(output_dir, **{**arguments, **overrides})
+    return train_supernet(model, train_data, args=args, preprocessor=make_preprocessor(model))
 
 
 @pytest.fixture(scope="module")
@@ -818,7 +800,7 @@ def test_training_warns_about_a_collapsed_step(sam, train_data, tmp_path, caplog
     with torch.no_grad():
         quantizer.step_size[quantizer.bit_index(8)] = 0.0  # collapsed
     with caplog.at_level(logging.WARNING, logger="mpsupernet.training.policies"):
-        loop_run(sam, train_data, tmp_path, model=model, max_steps=1, learning_rate=1e-4, save_steps=None)
+        loop_run(sam, train_data, tmp_path, model=model, max_steps=1, learning_rate=1e-4, save_strategy="no")
     assert "Step 1: 1 activation step size(s) at their floor or not finite: sam.vision_encoder.layers.1.mlp.lin2.input_quantizer (8-bit)." in caplog.text
 
 

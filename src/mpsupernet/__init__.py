@@ -42,6 +42,7 @@ _LAZY_NAMES = {
     "render_subnet_card": "hub",
     "render_tiers_card": "hub",
     "save_tiers": "hub",
+    "load_metric": "metrics",
     "SamSubnetForMaskGeneration": "modeling_sam_subnet",
     "SamSupernetForMaskGeneration": "modeling_sam_supernet",
     "ParetoFront": "search",
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from .image_processing_sam_semantic import SamSemanticImageProcessor
     from .modeling_sam_semantic import SamSubnetForSemanticSegmentation, SamSupernetForSemanticSegmentation
     from .hub import load_subnet, push_tiers, render_subnet_card, render_tiers_card, save_tiers
+    from .metrics import load_metric
     from .modeling_sam_subnet import SamSubnetForMaskGeneration
     from .modeling_sam_supernet import SamSupernetForMaskGeneration
     from .search import ParetoFront, run_search

@@ -17,6 +17,7 @@ from .bitops import BitOpsReport, count_bitops, parse_budget
 from .configuration_sam_semantic import SamSemanticSubnetConfig, SamSemanticSupernetConfig
 from .configuration_sam_supernet import SamSubnetConfig, SamSupernetConfig
 from .extraction import extract_subnet
+from .image_processing import SamQuantizedImageProcessorPil
 from .image_processing_sam_semantic import SamSemanticImageProcessor
 from .modeling_sam_semantic import SamSubnetForSemanticSegmentation, SamSupernetForSemanticSegmentation
 from .modeling_sam_subnet import SamSubnetForMaskGeneration
@@ -37,6 +38,10 @@ for _config, _model in (
     AutoModel.register(_config, _model)
     AutoModelForSemanticSegmentation.register(_config, _model)
     AutoImageProcessor.register(_config, image_processor_classes={"pil": SamSemanticImageProcessor})
+# The processor the models save (its name is in their preprocessor_config.json): found by `AutoImageProcessor`,
+# `SamProcessor.from_pretrained` and `pipeline` once mpsupernet is imported, as the models are.
+for config_class in (SamSupernetConfig, SamSubnetConfig):
+    AutoImageProcessor.register(config_class, image_processor_classes={"pil": SamQuantizedImageProcessorPil})
 
 __all__ = [
     "BitOpsReport",

@@ -147,26 +147,63 @@ def _as_counted(bits: int, float_bits: int) -> int:
     return float_bits if is_float_bits(bits) else bits
 
 
+class BitOpsCounter:
+    """The cost function of one supernet configuration: an architecture's BitOPs, without running anything.
+
+    The two references every reduction needs, the full-precision model and the uniform W8A8 model (both at full size;
+    W8A8 is priced whether or not 8 bits are among the space's choices), are counted once, when the counter is made;
+    each price after that counts the architecture's operations once. The search and extraction price architectures
+    here, never through the model.
+
+    Args:
+        config (`SamSupernetConfig`): the supernet configuration whose search space the architectures belong to.
+
+    Attributes:
+        search_space (`SearchSpace`): the configuration's search space; every priced architecture is checked in it.
+        full_precision_bitops (`int`): BitOPs of the full-precision reference.
+        w8a8_bitops (`int`): BitOPs of the uniform W8A8 reference.
+    """
+
+    def __init__(self, config: SamSupernetConfig):
+        self.config = config
+        self.search_space = SearchSpace(config)
+        full_precision = self.search_space.full_precision()
+        eight_bits = (8,) * len(full_precision.layer_names)
+        w8a8 = replace(full_precision, weight_bits=eight_bits, activation_bits=eight_bits)
+        self.full_precision_bitops = _total(count_operations(config, full_precision))
+        self.w8a8_bitops = _total(count_operations(config, w8a8))
+
+    def report(self, arch: SubnetArchitecture) -> BitOpsReport:
+        """The BitOPs report of `arch`: per-operation rows, totals and both reductions.
+
+        Raises:
+            `ValueError`: if `arch` is not in the configuration's search space (the message names what is wrong).
+        """
+        self.search_space.validate(arch)
+        return BitOpsReport(
+            rows=count_operations(self.config, arch),
+            full_precision_bitops=self.full_precision_bitops,
+            w8a8_bitops=self.w8a8_bitops,
+            architecture=arch.to_dict(),
+        )
+
+    def bitops(self, arch: SubnetArchitecture) -> int:
+        """The BitOPs of `arch` (checked against the search space, as in [`report`])."""
+        return self.report(arch).total_bitops
+
+
+def _total(rows: list[BitOpsRow]) -> int:
+    return sum(row.bitops for row in rows)
+
+
 def count_bitops(config: SamSupernetConfig, arch: SubnetArchitecture) -> BitOpsReport:
-    """The BitOPs report of `arch`: per-operation rows, totals and both reductions.
+    """The BitOPs report of `arch`, in one call: `BitOpsCounter(config).report(arch)`.
 
     Args:
         config (`SamSupernetConfig`): the supernet configuration.
         arch (`SubnetArchitecture`): the architecture to price; it is checked against the search space first.
     """
-    space = SearchSpace(config)
-    space.validate(arch)
-    full_precision_arch = space.full_precision()
-    full_precision = count_operations(config, full_precision_arch)
-    # The W8A8 reference is priced whether or not 8 bits are among the space's choices.
-    eight_bits = (8,) * len(full_precision_arch.layer_names)
-    w8a8 = count_operations(config, replace(full_precision_arch, weight_bits=eight_bits, activation_bits=eight_bits))
-    return BitOpsReport(
-        rows=count_operations(config, arch),
-        full_precision_bitops=sum(row.bitops for row in full_precision),
-        w8a8_bitops=sum(row.bitops for row in w8a8),
-        architecture=arch.to_dict(),
-    )
+    return BitOpsCounter(config).report(arch)
 
 
 BUDGET_FORMS = (

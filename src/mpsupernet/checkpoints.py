@@ -2,16 +2,15 @@
 
 A model folder pairs a `config.json` with weights. Written file by file, a kill in between could pair a new config
 with old weights of the same shapes (W4A4 weights under a W4A6 config), which loads silently as neither model. So
-every save records the sha256 of each weights file in `config.json` (`weights_sha256`), writes the config and the
-other small files first and the weights last, and every load checks the digests: a folder whose config and weights
-come from different saves is refused. Folders without digests (older saves, SAM checkpoints) load as before.
+every save records the sha256 of each weights file in `config.json` (`weights_sha256`, see `mpsupernet.integrity`),
+`save_pretrained` writes the folder through the one staging helper (`mpsupernet.atomic.replace_folder`), and every
+load checks the digests: a folder whose config and weights come from different saves is refused. Folders without
+digests (older saves, SAM checkpoints) load as before.
 """
 
 import hashlib
 import json
 import os
-import re
-import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,21 +18,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .atomic import (
-    apply_default_permissions,
-    fsync_directory,
-    fsync_tree,
-    is_empty_directory,
-    make_staging_directory,
-    move_into_place,
-    remove_stale_staging,
-)
-
-CONFIG_NAME = "config.json"
-WEIGHTS_DIGEST_KEY = "weights_sha256"
-EXPORT_KEY = "export"
-"""The `config.json` section an ONNX export adds (`mpsupernet.export`), listing the files it wrote beside the weights."""
-WEIGHTS_NAME_PATTERN = re.compile(r"^(model|pytorch_model|adapter_model)[.-]")
+from .atomic import replace_folder
+from .integrity import check_digests, is_weights_file, read_config, weights_digests, write_config
+from .layout import CONFIG_NAME, EXPORT_KEY, WEIGHTS_DIGEST_KEY
 
 
 @contextmanager
@@ -65,100 +52,6 @@ def state_dict_sha256(model) -> str:
     return digest.hexdigest()
 
 
-def is_weights_file(name: str) -> bool:
-    """Whether a file is one `from_pretrained` reads weights from: `model.safetensors`, `pytorch_model.bin`, their
-    shards, variants and shard indexes. Other tensor files in the folder are not the model's."""
-    if WEIGHTS_NAME_PATTERN.match(name) is None:
-        return False
-    return name.endswith((".safetensors", ".bin")) or ".index." in name
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, in hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_digests(folder: str | os.PathLike) -> dict[str, str]:
-    """`{file name: sha256}` of the weights files directly in `folder`."""
-    folder = Path(folder)
-    return {
-        path.name: file_sha256(path)
-        for path in sorted(folder.iterdir())
-        if path.is_file() and is_weights_file(path.name)
-    }
-
-
-def exported_file_names(directory: str | os.PathLike) -> set[str]:
-    """The names an ONNX export wrote into `directory`, `config.json` included (empty if its `config.json` has no
-    `export` section or cannot be read)."""
-    try:
-        export = json.loads((Path(directory) / CONFIG_NAME).read_text(encoding="utf-8"))[EXPORT_KEY]
-        return {CONFIG_NAME, *export["files"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
-
-
-def _recorded_digests(config_path: Path) -> dict:
-    """The digests an existing `config.json` records, or `{}` when it records none or cannot be read."""
-    try:
-        recorded = json.loads(config_path.read_text(encoding="utf-8")).get(WEIGHTS_DIGEST_KEY)
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return recorded if isinstance(recorded, dict) else {}
-
-
-def save_model_folder(save_directory: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Writes a model folder so that a kill at any moment leaves the old model, the new one, or a refused folder.
-
-    `write(folder)` fills a fresh staging folder next to `save_directory` (same parent). The digests of its weights
-    go into its `config.json`. A missing or empty `save_directory` is then replaced by the staging folder in one
-    rename. Otherwise the files move in one by one: `config.json` first, then the other small files, the weights
-    last, so that until the last weights file is in place the config's digests do not match and the folder is
-    refused on load; weights files and ONNX export files of the previous save that the new one does not have are
-    removed at the end (only those the previous `config.json` recorded, i.e. that a save or an export wrote: an
-    export of the old weights would no longer match, and the new `config.json` does not describe it). Other files in
-    the folder are left alone.
-
-    Raises:
-        `ValueError`: if `save_directory` is a file.
-    """
-    target = Path(save_directory)
-    if target.is_file():
-        raise ValueError(f"Cannot save a model to {str(target)!r}: it is a file, not a folder.")
-    remove_stale_staging(target)
-    staging = make_staging_directory(target)
-    try:
-        write(staging)
-        apply_default_permissions(staging)
-        config_path = staging / CONFIG_NAME
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        config[WEIGHTS_DIGEST_KEY] = weights_digests(staging)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if not target.exists() or is_empty_directory(target):
-            move_into_place(staging, target)
-            return
-        previous = _recorded_digests(target / CONFIG_NAME)
-        previous_export = exported_file_names(target)
-        fsync_tree(staging)
-        names = sorted(path.name for path in staging.iterdir())
-        order = sorted(names, key=lambda name: (name != CONFIG_NAME, is_weights_file(name), name))
-        for name in order:
-            os.replace(staging / name, target / name)
-        for name in previous:
-            if name not in names and is_weights_file(name) and "/" not in name:
-                (target / name).unlink(missing_ok=True)
-        for name in sorted(previous_export - set(names)):
-            if "/" not in name and (target / name).is_file():
-                (target / name).unlink(missing_ok=True)
-        fsync_directory(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def check_weights_digests(folder: str | os.PathLike, source=None) -> None:
     """Refuses a model folder whose weights are not those its `config.json` records (no digest: nothing to check).
 
@@ -171,28 +64,11 @@ def check_weights_digests(folder: str | os.PathLike, source=None) -> None:
     """
     folder = Path(folder)
     source = str(source if source is not None else folder)
-    try:
-        recorded = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get(WEIGHTS_DIGEST_KEY)
-    except (OSError, ValueError, AttributeError):
+    config = read_config(folder)
+    if config is None or config.get(WEIGHTS_DIGEST_KEY) is None:
         return
-    if recorded is None:
-        return
-    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
-        raise OSError(f"The {CONFIG_NAME} of {source!r} has a malformed {WEIGHTS_DIGEST_KEY!r} entry: {recorded!r}.")
-    for name, expected in recorded.items():
-        path = folder / name
-        if not path.is_file():
-            raise OSError(
-                f"{source!r} is incomplete: its {CONFIG_NAME} records the weights file {name!r}, which is missing. "
-                "An interrupted save? Save the model again."
-            )
-        found = file_sha256(path)
-        if found != expected:
-            raise OSError(
-                f"The weights of {source!r} do not match its config: {CONFIG_NAME} records sha256 {expected} for "
-                f"{name!r}, but the file has sha256 {found}. The file is damaged or comes from another save (an "
-                "interrupted save?); save the model again."
-            )
+    recorded = config[WEIGHTS_DIGEST_KEY]
+    check_digests(folder, recorded, WEIGHTS_DIGEST_KEY, source)
     present = (path.name for path in folder.iterdir() if path.is_file() and is_weights_file(path.name))
     unrecorded = sorted(name for name in present if name not in recorded)
     if unrecorded:
@@ -222,8 +98,28 @@ def loaded_folder(source, kwargs: dict) -> Path | None:
     return Path(path).parent if path else None
 
 
+@contextmanager
+def _config_text_taken(config):
+    """Takes the text transformers' `save_pretrained` would write to `config.json` instead of writing it.
+
+    transformers writes `config.json` before the weights; the folder's `config.json` must record the weights'
+    digests (and an export's), so mpsupernet writes it once, after them, from this text.
+    """
+    taken = {}
+
+    def take(path, use_diff=True):
+        del config.to_json_file  # gone again before the config is serialised
+        taken["text"] = config.to_json_string(use_diff=use_diff)
+
+    config.to_json_file = take
+    try:
+        yield taken
+    finally:
+        config.__dict__.pop("to_json_file", None)
+
+
 class CrashSafeSaveMixin:
-    """`save_pretrained` that writes the folder through [`save_model_folder`], and `from_pretrained` that checks it.
+    """`save_pretrained` that writes the folder through the one staging helper, and `from_pretrained` that checks it.
 
     Put it before `PreTrainedModel` among the bases.
     """
@@ -234,7 +130,9 @@ class CrashSafeSaveMixin:
         """Files that belong in the saved folder beside config and weights (none here); written inside the save."""
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
-        """As `PreTrainedModel.save_pretrained`, but crash-safe (see `mpsupernet.checkpoints.save_model_folder`)."""
+        """As `PreTrainedModel.save_pretrained`, but crash-safe (see `mpsupernet.atomic.replace_folder`): after a kill
+        at any moment the folder loads as the old model or the new one, or is refused; a second writer of the same
+        folder is refused (`mpsupernet.atomic.ConcurrentWriteError`)."""
         if not is_main_process:
             # Other processes of a distributed save write nothing; transformers only creates the folder.
             return super().save_pretrained(save_directory, is_main_process=False, **kwargs)
@@ -243,16 +141,35 @@ class CrashSafeSaveMixin:
             for key in ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision", "tags")
             if key in kwargs
         }
-        save = super().save_pretrained
-
-        def write(folder: Path) -> None:
-            save(folder, **kwargs)
-            self._save_companion_files(folder)
-
-        save_model_folder(save_directory, write)
+        if Path(save_directory).is_file():
+            raise ValueError(f"Cannot save a model to {str(save_directory)!r}: it is a file, not a folder.")
+        replace_folder(save_directory, lambda folder: self.write_model_folder(folder, **kwargs))
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
             return self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
+
+    def write_model_folder(self, folder: Path, export: Callable[[Path], dict] | None = None, **kwargs) -> dict:
+        """Writes this model into `folder`, which the caller owns (a staging folder, or a folder no reader sees yet).
+
+        The weights (transformers' `save_pretrained` with `kwargs`), the companion files, then the files of
+        `export(folder)`, which returns the `export` section of the config; `config.json` last, once, recording
+        the weights' digests. Outermost writers ([`save_pretrained`], `mpsupernet.hub.save_tiers`) call this
+        inside their one staging folder.
+
+        Returns:
+            `dict`: the `config.json` written.
+        """
+        with _config_text_taken(self.config) as taken:
+            super().save_pretrained(folder, **kwargs)
+        self._save_companion_files(folder)
+        if "text" not in taken:  # transformers' PEFT integration saves the adapter alone, without a config
+            return {}
+        config = json.loads(taken["text"])
+        config[WEIGHTS_DIGEST_KEY] = weights_digests(folder)
+        if export is not None:
+            config[EXPORT_KEY] = export(folder)
+        write_config(folder, config)
+        return config
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -260,6 +177,13 @@ class CrashSafeSaveMixin:
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         name = f"{source}/{kwargs['subfolder']}" if kwargs.get("subfolder") else source
         local = os.path.isdir(source)
+        if local and kwargs.get("config") is None and not (loaded_folder(source, kwargs) / CONFIG_NAME).is_file():
+            # transformers would build a default SAM and fail on the weights with a size-mismatch report
+            raise FileNotFoundError(
+                f"{str(name)!r} has no {CONFIG_NAME}: it is not a complete {cls.checkpoint_kind} folder (the file is "
+                f"missing beside {sorted(path.name for path in loaded_folder(source, kwargs).glob('*'))}). Save the "
+                f"{cls.checkpoint_kind} again with `save_pretrained`."
+            )
         if local:
             # Checked before reading: mismatched weights can fail in transformers with a less telling error.
             check_weights_digests(loaded_folder(source, kwargs), name)
@@ -270,7 +194,7 @@ class CrashSafeSaveMixin:
         if folder is not None:
             check_weights_digests(folder, name)
         # The digests and an ONNX export's section describe the files just read, not the model in memory; a later
-        # save records its own (and `add_onnx_export` a fresh export section), never a stale copy of these.
+        # save records its own (and an export a fresh export section), never a stale copy of these.
         model.config.__dict__.pop(WEIGHTS_DIGEST_KEY, None)
         model.config.__dict__.pop(EXPORT_KEY, None)
         return loaded

@@ -17,6 +17,25 @@ class SourceError(Exception):
     """A folder, file or Hub id given on the command line that cannot be found or loaded (exit status 2)."""
 
 
+class HubError(Exception):
+    """The Hub refused a request or could not be reached (exit status 1: the input was fine, the remote was not)."""
+
+
+@contextmanager
+def talking_to_the_hub(repo_id: str):
+    """Turns a failed Hub request (an HTTP error status, a refused or timed-out connection) into a one-line
+    `HubError` naming the repository and the cause, instead of a traceback through huggingface_hub's HTTP client."""
+    # huggingface_hub re-exports its HTTP client's base error (httpx's, or httpx2's in 2.x): the base of the
+    # client's connection errors and of `HfHubHTTPError`.
+    from huggingface_hub.errors import HTTPError
+
+    try:
+        yield
+    except (HTTPError, OSError) as error:
+        cause = next(iter(str(error).strip().splitlines()), "") or "no message"
+        raise HubError(f"could not push to the Hub repository {repo_id!r}: {type(error).__name__}: {cause}") from None
+
+
 @contextmanager
 def loading(option: str, value: str, hub: bool = True, shipped_sams: bool = False):
     """Turns the failure to find or load `value` into a one-line `SourceError` naming the option and the path.
@@ -35,9 +54,9 @@ def loading(option: str, value: str, hub: bool = True, shipped_sams: bool = Fals
         detail = f" ({lines[0]})" if lines else ""
         names = ""
         if shipped_sams:
-            from .pretrained import EMBEDDED_SAM_NAMES
+            from .pretrained import SHIPPED_SAM_NAMES
 
-            names = f" The SAMs shipped in the package: {', '.join(['embedded', *EMBEDDED_SAM_NAMES])}."
+            names = f" The SAMs shipped in the package: {', '.join(SHIPPED_SAM_NAMES)}."
         raise SourceError(f"{option} {value!r} {found}{tried_hub}{detail}.{names}") from None
 
 
@@ -132,68 +151,81 @@ def cmd_convert(args) -> None:
 
     overrides = {"lora_mode": args.lora_mode, "lora_rank": args.lora_rank}
     with loading("--sam", args.sam, shipped_sams=True):
-        sam = load_sam(_embedded_sam_alias(args.sam))
+        sam = load_sam(args.sam)
     supernet = SamSupernetForMaskGeneration.from_sam(sam, **overrides)
     supernet.save_pretrained(args.output_dir)
     print(f"Supernet saved to {args.output_dir}")
 
 
-def _embedded_sam_alias(value: str) -> str:
-    """`--sam`/`--supernet` values: "embedded" stands for the package's default SAM, "embedded-sam" (unless a path
-    "embedded" exists, which is then read as that path, as `shipped_sam_name` reads the shipped SAMs' names)."""
-    return "embedded-sam" if value == "embedded" and not Path(value).exists() else value
-
-
-def _load_supernet(path: str, seed: int = 0, task: str = "promptable", num_labels: int | None = None):
-    """A new supernet of a shipped SAM (for `task="semantic"`, with `num_labels` classes, by default the synthetic
-    dataset's), or a saved one, which must be of `task`."""
-    from transformers import PretrainedConfig, set_seed
-
-    from .modeling_sam_semantic import SamSupernetForSemanticSegmentation
-    from .modeling_sam_supernet import SamSupernetForMaskGeneration
-    from .pretrained import load_embedded_sam, shipped_sam_name
+def _supernet_option(path: str, seed: int = 0, task: str = "promptable", num_labels: int | None = None):
+    """The supernet `--supernet` names (see `load_supernet`), or a `SourceError` naming the option. A shipped SAM
+    becomes a new supernet of `task` (for `"semantic"`, with `num_labels` classes, by default the synthetic
+    dataset's); a saved supernet must be of `task`."""
+    from .modeling_sam_supernet import load_supernet
+    from .pretrained import shipped_sam_name
     from .tasks import is_semantic
 
-    name = shipped_sam_name(_embedded_sam_alias(path))
-    if name is not None:
-        set_seed(seed)  # the adapters are initialised from torch's global generator, seeded per process at random
-        if task == "semantic":
-            from .data import SYNTHETIC_SEMANTIC_ID2LABEL
+    if task == "semantic" and shipped_sam_name(path) is not None:
+        from transformers import set_seed
 
-            classes = {"num_labels": num_labels} if num_labels else {"id2label": SYNTHETIC_SEMANTIC_ID2LABEL}
-            return SamSupernetForSemanticSegmentation.from_sam(load_embedded_sam(name), **classes)
-        return SamSupernetForMaskGeneration.from_sam(load_embedded_sam(name))
+        from .data import SYNTHETIC_SEMANTIC_ID2LABEL
+        from .modeling_sam_semantic import SamSupernetForSemanticSegmentation
+        from .pretrained import load_sam
+
+        set_seed(seed)  # the adapters are initialised from torch's global generator, seeded per process at random
+        classes = {"num_labels": num_labels} if num_labels else {"id2label": SYNTHETIC_SEMANTIC_ID2LABEL}
+        return SamSupernetForSemanticSegmentation.from_sam(load_sam(shipped_sam_name(path)), **classes)
     with loading("--supernet", path, shipped_sams=True):
-        semantic = is_semantic(PretrainedConfig.get_config_dict(path)[0])
-        if semantic != (task == "semantic"):
-            found = "semantic" if semantic else "promptable"
-            raise ValueError(f"--supernet {path!r} is a {found} supernet, but --task is {task!r}; give --task {found}.")
-        model_class = SamSupernetForSemanticSegmentation if semantic else SamSupernetForMaskGeneration
-        return model_class.from_pretrained(path)
+        supernet = load_supernet(path, seed)
+    if is_semantic(supernet.config) != (task == "semantic"):
+        found = "semantic" if is_semantic(supernet.config) else "promptable"
+        raise ValueError(f"--supernet {path!r} is a {found} supernet, but --task is {task!r}; give --task {found}.")
+    return supernet
+
+
+def training_arguments(args):
+    """The `SupernetTrainingArguments` of `mpsupernet train`'s options.
+
+    Raises:
+        `ValueError`: for a `--warmup-ratio` outside [0, 1).
+    """
+    import torch
+
+    from .training.arguments import SupernetTrainingArguments
+
+    if not 0 <= args.warmup_ratio < 1:
+        raise ValueError(f"`--warmup-ratio` must be in [0, 1), got {args.warmup_ratio!r}.")
+    return SupernetTrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_ratio,  # below 1: a share of max_steps
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        num_random_subnets=args.num_random_subnets,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        bf16=args.mixed_precision == "bf16",
+        fp16=args.mixed_precision == "fp16",
+        # TrainingArguments refuses bf16 on a machine without an accelerator unless told it runs on the CPU.
+        use_cpu=args.mixed_precision == "bf16" and not torch.cuda.is_available(),
+        activation_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+        resume_from_checkpoint=args.resume_from_checkpoint,
+        save_strategy="no" if args.save_steps is None else "steps",
+        save_steps=500 if args.save_steps is None else args.save_steps,
+        logging_steps=10,
+        report_to="none",
+    )
 
 
 def cmd_train(args) -> None:
     from .training.loop import train_supernet
 
+    settings = training_arguments(args)
     train, validation = _dataset_splits(args)
     num_labels = args.num_labels or (150 if args.reduce_labels else None)
-    summary = train_supernet(
-        _load_supernet(args.supernet, args.seed, args.task, num_labels),
-        train,
-        validation,
-        output_dir=args.output_dir,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        warmup_ratio=args.warmup_ratio,
-        batch_size=args.batch_size,
-        num_random_subnets=args.num_random_subnets,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.seed,
-        resume_from_checkpoint=args.resume_from_checkpoint,
-        save_steps=args.save_steps,
-    )
+    supernet = _supernet_option(args.supernet, args.seed, args.task, num_labels)
+    summary = train_supernet(supernet, train, validation, args=settings)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -202,7 +234,7 @@ def cmd_search(args) -> None:
 
     _, validation = _dataset_splits(args)
     front = run_search(
-        _load_supernet(args.supernet, args.seed, args.task),
+        _supernet_option(args.supernet, args.seed, args.task),
         validation,
         output_dir=args.output_dir,
         population_size=args.population_size,
@@ -220,7 +252,7 @@ def cmd_extract(args) -> None:
     from .hub import save_subnet_with_card
     from .search.front import ParetoFront
 
-    supernet = _load_supernet(args.supernet, task=args.task)
+    supernet = _supernet_option(args.supernet, task=args.task)
     front = None
     if args.pareto_front:
         with loading("--pareto-front", args.pareto_front, hub=False):
@@ -269,11 +301,12 @@ def cmd_push(args) -> None:
 
     tiers = {name: _load_subnet_folder("--tier", folder) for name, folder in _unique_names("--tier", args.tier).items()}
     mean_ious = _unique_names("--mean-iou", args.mean_iou)
-    url = push_tiers(
-        tiers, args.repo_id, base_model=args.base_model, dataset_name=args.dataset_name, mean_ious=mean_ious,
-        private=args.private, export_onnx=not args.no_onnx, onnx_target=args.target,
-        onnx_weight_container=args.weight_container,
-    )
+    with talking_to_the_hub(args.repo_id):
+        url = push_tiers(
+            tiers, args.repo_id, base_model=args.base_model, dataset_name=args.dataset_name, mean_ious=mean_ious,
+            private=args.private, export_onnx=not args.no_onnx, onnx_target=args.target,
+            onnx_weight_container=args.weight_container,
+        )
     print(url)
 
 
@@ -319,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="turn a SAM checkpoint into a supernet")
     convert.add_argument(
         "--sam",
-        default="embedded",
-        help="'embedded' (the package's default SAM), 'shapes-sam' (its tiny one), a folder (one here named like a "
+        default="embedded-sam",
+        help="'embedded-sam' (the package's default SAM), 'shapes-sam' (its tiny one), a folder (one here named like a "
         "shipped SAM is read as the folder), or a Hub id like facebook/sam-vit-base",
     )
     convert.add_argument("--output-dir", required=True)
@@ -331,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a supernet (use `accelerate launch -m mpsupernet.cli train` to scale)")
     train.add_argument(
         "--supernet",
-        default="embedded",
-        help="'embedded' or 'shapes-sam' (a new supernet of a SAM shipped in the package) or a saved supernet folder "
+        default="embedded-sam",
+        help="'embedded-sam' or 'shapes-sam' (a new supernet of a SAM shipped in the package) or a saved supernet folder "
         "(one here named like a shipped SAM is read as the folder)",
     )
     _add_dataset_arguments(train)
@@ -418,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, ValueError) as error:
         print(f"mpsupernet {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except HubError as error:
+        print(f"mpsupernet {args.command}: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

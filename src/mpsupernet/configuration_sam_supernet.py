@@ -1,8 +1,12 @@
 """Configuration of a mixed-precision SAM supernet and of the standalone subnets extracted from it."""
 
+import dataclasses
+import types
+import typing
 import warnings
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import SamConfig
 
 from .architecture import (
@@ -42,6 +46,57 @@ _LOAD_HINTS = {
 """How to load a checkpoint of each model type, for the error of a class given another type."""
 
 
+_ALLOWED_VALUES = {
+    "weight_bit_choices": f"a list of distinct integers from {list(ALLOWED_BITS)}",
+    "activation_bit_choices": f"a list of distinct integers from {list(ALLOWED_BITS)}",
+    "quantized_layers": f"a list of layer names from {list(QUANTIZABLE_LAYERS + QUANTIZABLE_CONVS)}",
+    "float_bits": f"one of {list(FLOAT_BIT_CHOICES)}",
+    "lora_mode": f"one of {list(LORA_MODES)}",
+    "bit_granularity": f"one of {list(BIT_GRANULARITIES)}",
+    "mask_decoder_training": f"one of {list(MASK_DECODER_TRAINING)}",
+    "lora_rank": "an integer of at least 1",
+    "step_size_min": "a positive number",
+    "resolution_choices": "None or a list of distinct integers, multiples of the patch size",
+}
+"""What the error for a value of the wrong type names as allowed, where the field's type alone does not say it."""
+
+_TYPE_NAMES = {int: "integers", float: "numbers", str: "strings", bool: "True or False", dict: "dicts"}
+
+
+def _describe_type(annotation) -> str:
+    """A field's annotation in words: `list[int] | None` is "a list of integers or None"."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(argument) for argument in typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation) or (None,)
+        return f"a list of {_TYPE_NAMES.get(item, 'values')}"
+    singular = {int: "an integer", float: "a number", str: "a string", bool: "True or False", dict: "a dict"}
+    return singular.get(annotation, "None" if annotation is type(None) else getattr(annotation, "__name__", "a list"))
+
+
+def _named_type_errors(cls):
+    """Makes a value of the wrong type for a field of `cls` (a `@strict` config) a `ValueError` that names the field,
+    the value and what is allowed, as the other checks do; `@strict` alone raises its own error without the allowed
+    values. An integer given for a float field (`step_size_min=0`, `lora_alpha=16`) is taken as that float, as
+    Python's numbers are. Apply it above `@strict`, to every class (`@strict` on a subclass validates first)."""
+    strict_setattr = cls.__setattr__
+    annotations = {field.name: field.type for field in dataclasses.fields(cls)}
+
+    def __setattr__(self, name, value):
+        annotation = annotations.get(name)
+        floats = (annotation, *typing.get_args(annotation))
+        if float in floats and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError:
+            allowed = _ALLOWED_VALUES.get(name) or _describe_type(annotation)
+            raise ValueError(f"`{name}` is {value!r}, of type {type(value).__name__}; allowed: {allowed}.") from None
+
+    cls.__setattr__ = __setattr__
+    return cls
+
+
 def _check_choices(name, values, allowed=None, minimum=None):
     """Validates a non-empty list of distinct ints, optionally within a set or above a minimum."""
     if not values:
@@ -61,6 +116,7 @@ def _check_choices(name, values, allowed=None, minimum=None):
             raise ValueError(f"`{name}` has {value}, which is below the minimum {minimum}.")
 
 
+@_named_type_errors
 @strict
 class SamQuantizedConfigBase(SamConfig):
     r"""
@@ -78,6 +134,11 @@ class SamQuantizedConfigBase(SamConfig):
             fp16/bf16).
         step_size_min (`float`, *optional*, defaults to 1e-8):
             Lower bound applied to every step size, which must stay positive.
+        attention_chunk_elements (`int`, *optional*, defaults to 16777216):
+            The most attention scores (`batch * heads x query rows x keys` elements, 2^24 = 64 MiB in float32) the
+            image encoder's attention makes at a time, forward and backward: above it, queries are processed in
+            chunks of rows, with the same result (`mpsupernet.chunked_attention`). At 1024 px a ViT-B global block
+            would otherwise hold `12 x 4096 x 4096` scores; windowed blocks and small resolutions stay whole.
 
     Provenance (what model cards and the CLI state by default; extracted subnets inherit it):
         base_model_name_or_path (`str`, *optional*):
@@ -96,6 +157,7 @@ class SamQuantizedConfigBase(SamConfig):
     activation_offset: bool = True
     float_bits: int = FLOAT_BITS
     step_size_min: float = 1e-8
+    attention_chunk_elements: int = 2**24
     base_model_name_or_path: str | None = None
     training_dataset: str | None = None
 
@@ -113,6 +175,11 @@ class SamQuantizedConfigBase(SamConfig):
             raise ValueError(f"`float_bits` is {self.float_bits}; allowed: {list(FLOAT_BIT_CHOICES)}.")
         if not self.step_size_min > 0:
             raise ValueError(f"`step_size_min` must be positive, got {self.step_size_min}.")
+        if not self.attention_chunk_elements >= 1:
+            raise ValueError(
+                "`attention_chunk_elements` must be a positive number of elements, got "
+                f"{self.attention_chunk_elements}."
+            )
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
@@ -151,6 +218,7 @@ class SamQuantizedConfigBase(SamConfig):
         )
 
 
+@_named_type_errors
 @strict
 class SamSupernetConfig(SamQuantizedConfigBase):
     r"""
@@ -202,6 +270,8 @@ class SamSupernetConfig(SamQuantizedConfigBase):
             Activations use an unsigned grid with a learned offset (LSQ+); otherwise a signed symmetric grid.
         step_size_min (`float`, *optional*, defaults to 1e-8):
             Lower bound applied to every learned step size, which must stay positive.
+        attention_chunk_elements (`int`, *optional*, defaults to 16777216):
+            The most attention scores the image encoder's attention makes at a time (see `SamQuantizedConfigBase`).
 
     LoRA:
         lora_rank (`int`, *optional*, defaults to 8):
@@ -279,16 +349,6 @@ class SamSupernetConfig(SamQuantizedConfigBase):
         """Raises a `ValueError` that names the offending value if the search space or a setting is invalid."""
         self.check_search_space()
         super().check_settings()
-
-    @property
-    def validate_search_space(self):
-        """Deprecated: renamed [`check_search_space`] (a `validate_*` method is run again by `@strict`)."""
-        warnings.warn(
-            "`SamSupernetConfig.validate_search_space` is deprecated; use `check_search_space` (or `check_settings`).",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return self.check_search_space
 
     def check_search_space(self) -> None:
         """Raises a `ValueError` that names the offending value if the search space or a supernet setting is invalid."""
@@ -373,6 +433,7 @@ def validate_progressive_schedule(schedule, allowed_bits: set[int]) -> None:
         raise ValueError(f"`progressive_bits_schedule` must start at fraction 0.0, got {schedule[0][0]!r}.")
 
 
+@_named_type_errors
 @strict
 class SamSubnetConfig(SamQuantizedConfigBase):
     r"""
@@ -405,6 +466,8 @@ class SamSubnetConfig(SamQuantizedConfigBase):
             The bit-width at which floating-point operations are counted in BitOPs (32 or 16).
         step_size_min (`float`, *optional*, defaults to 1e-8):
             Lower bound applied to every step size, as in the supernet.
+        attention_chunk_elements (`int`, *optional*, defaults to 16777216):
+            The most attention scores the image encoder's attention makes at a time, as in the supernet.
     """
 
     model_type = "sam_subnet"

@@ -13,12 +13,14 @@ from transformers.utils import logging
 
 from .bitops import format_bitops
 from .data import REAL3_INSTALL, is_real3_available, load_real3_dataset, make_synthetic_segmentation_dataset_dict
-from .evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
+from .metrics.evaluation import evaluate_dataset_mean_iou, evaluate_real3_mean_iou
+from .export.notices import quiet_exporter_notices
 from .hub import describe_latency_measurement, save_tiers
 from .modeling_sam_supernet import SamSupernetForMaskGeneration
-from .pretrained import EMBEDDED_SAM_PATH, load_embedded_sam
+from .pretrained import load_sam, shipped_sam_path
 from .search import run_search
 from .search.run import _check_search_settings
+from .training.arguments import SupernetTrainingArguments
 from .training.loop import _check_positive_int, train_supernet
 
 logger = logging.get_logger(__name__)
@@ -35,6 +37,30 @@ with 600 steps its best tier under 10% kept 0.93 of the pretrained SAM's real-3 
 MAX_TIER_SHARE = 0.10
 """Tiers are drawn from the Pareto front below this share of the full-precision BitOPs (the issue's deployment
 budget; the smallest subnets of the embedded SAM cost about 0.1%)."""
+
+
+def training_arguments(output_dir, max_steps: int = TRAIN_STEPS, seed: int = 0, **options) -> SupernetTrainingArguments:
+    """The demo's supernet training settings, which the quality benchmarks train with too.
+
+    `LEARNING_RATE` with a 5% linear warm-up, `BATCH_SIZE` images per step (training and evaluation), a log line every
+    10 steps, no checkpoints and no experiment tracker.
+
+    Args:
+        output_dir (`str` or `Path`): where `train_supernet` saves the supernet.
+        max_steps (`int`, *optional*, defaults to `TRAIN_STEPS`): optimizer steps.
+        seed (`int`, *optional*, defaults to 0): the run's seed.
+        options: other `SupernetTrainingArguments` fields, overriding these (`logging_steps`, `fixed_architecture`).
+    """
+    settings = {
+        "learning_rate": LEARNING_RATE,
+        "per_device_train_batch_size": BATCH_SIZE,
+        "per_device_eval_batch_size": BATCH_SIZE,
+        "warmup_steps": 0.05,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "report_to": "none",
+    }
+    return SupernetTrainingArguments(output_dir=str(output_dir), max_steps=max_steps, seed=seed, **{**settings, **options})
 
 
 def pick_tier_budgets(front) -> dict[str, int]:
@@ -126,16 +152,8 @@ def train_and_search(supernet, splits, output: Path, train_steps: int, populatio
     """Steps 2 and 3 of a demo: sandwich training on the train split (saved under `output/supernet`), then the
     evolutionary search on the validation split (front written into `output`); returns `(training, front)`."""
     print(f"[2/5] Supernet training: {train_steps} sandwich steps on {len(splits['train'])} synthetic images")
-    training = train_supernet(
-        supernet,
-        splits["train"],
-        splits["validation"],
-        output_dir=output / "supernet",
-        max_steps=train_steps,
-        learning_rate=LEARNING_RATE,
-        batch_size=BATCH_SIZE,
-        seed=seed,
-    )
+    args = training_arguments(output / "supernet", train_steps, seed)
+    training = train_supernet(supernet, splits["train"], splits["validation"], args=args)
     print(f"[3/5] Evolutionary search: population {population_size}, {generations} generations")
     front = run_search(
         supernet.eval(),
@@ -189,8 +207,8 @@ def run_demo(
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
 
-    print(f"[1/5] Embedded pretrained SAM from {EMBEDDED_SAM_PATH} → supernet")
-    sam = load_embedded_sam()
+    print(f"[1/5] Shipped pretrained SAM from {shipped_sam_path()} → supernet")
+    sam = load_sam()
     supernet = SamSupernetForMaskGeneration.from_sam(sam)
     splits = make_synthetic_segmentation_dataset_dict(num_train, num_validation, seed=seed)
     sam_miou = evaluate_dataset_mean_iou(sam, splits["validation"], seed=seed)
@@ -211,7 +229,8 @@ def run_demo(
     if real3 is not None:
         real3_mious.update({name: evaluate_real3_mean_iou(tier, real3, seed=seed) for name, tier in tiers.items()})
     # The cards name the base model and data that the supernet's config records ("embedded-sam", the synthetic set).
-    manifest = save_tiers(tiers, output / "tiers", mean_ious=mean_ious)
+    with quiet_exporter_notices():  # the table, not the exporter's notices about torch itself
+        manifest = save_tiers(tiers, output / "tiers", mean_ious=mean_ious)
 
     print("[5/5] Summary")
     rows = summary_rows(front.full_precision_bitops, sam_miou, manifest, real3_mious)

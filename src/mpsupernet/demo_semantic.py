@@ -16,7 +16,7 @@ from .data import SYNTHETIC_SEMANTIC_ID2LABEL, make_synthetic_semantic_dataset_d
 from .demo import check_demo_settings, finish_demo, pick_tier_budgets, train_and_search
 from .hub import save_tiers
 from .modeling_sam_semantic import SamSupernetForSemanticSegmentation
-from .pretrained import load_embedded_sam
+from .pretrained import load_sam
 from .semantic_evaluation import evaluate_dataset_class_mean_iou
 
 SEMANTIC_DEMO_SAM = "shapes-sam"
@@ -62,7 +62,7 @@ def run_semantic_demo(
 
     print(f"[1/5] Shipped SAM {SEMANTIC_DEMO_SAM!r} → class-segmentation supernet ({len(SYNTHETIC_SEMANTIC_ID2LABEL)} classes)")
     supernet = SamSupernetForSemanticSegmentation.from_sam(
-        load_embedded_sam(SEMANTIC_DEMO_SAM), id2label=SYNTHETIC_SEMANTIC_ID2LABEL
+        load_sam(SEMANTIC_DEMO_SAM), id2label=SYNTHETIC_SEMANTIC_ID2LABEL
     )
     splits = make_synthetic_semantic_dataset_dict(num_train, num_validation, seed=seed)
 

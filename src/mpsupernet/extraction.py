@@ -10,13 +10,14 @@ from collections.abc import Iterator
 
 import torch
 
-from .bitops import format_bitops, is_budget, parse_budget
+from .bitops import BitOpsCounter, format_bitops, is_budget, parse_budget
 from .architecture import CONV_PATHS, FLOAT_BITS, SubnetArchitecture, is_float_bits
 from .elastic import ElasticQuantizedConv2d
 from .lora import QuantizedLoraLinear
-from .modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration
+from .modeling_sam_subnet import SamSubnetForMaskGeneration
+from .subnet_layers import QuantizedLinear
 from .packing import pack_codes
-from .quantization import LsqQuantizer
+from .quantization import LsqQuantizer, quantizers_restored_on_error
 from .search_space import SearchSpace
 
 BIT_LADDERS = ("weight_bits", "activation_bits")
@@ -53,23 +54,25 @@ def extract_subnet(
         those bits).
         `TypeError`: if `arch_or_budget` is neither an architecture nor a budget.
     """
+    # One counter prices everything below: the references are counted once per call.
+    counter = BitOpsCounter(supernet.config)
     arch = arch_or_budget
     if isinstance(arch, dict):
         arch = SubnetArchitecture.from_dict(arch)
     elif is_budget(arch):
-        arch = select_architecture(supernet, arch, pareto_front)
+        arch = select_architecture(counter, arch, pareto_front)
     elif not isinstance(arch, SubnetArchitecture):
         raise TypeError(
             f"`extract_subnet` takes an architecture (SubnetArchitecture or dict) or a BitOPs budget (a number or a "
             f"str such as '120G' or '5%'), got {type(arch).__name__}: {arch!r}."
         )
-    with supernet.using_subnet(arch):
-        return _extract_active_subnet(supernet, arch)
+    with quantizers_restored_on_error(supernet), supernet.using_subnet(arch):
+        return _extract_active_subnet(supernet, arch, counter)
 
 
-def _extract_active_subnet(supernet, arch: SubnetArchitecture) -> SamSubnetForMaskGeneration:
+def _extract_active_subnet(supernet, arch: SubnetArchitecture, counter: BitOpsCounter) -> SamSubnetForMaskGeneration:
     source_config = supernet.config
-    report = supernet.bitops_report(arch)
+    report = counter.report(arch)
     config = supernet.subnet_class.config_class(
         vision_config=source_config.vision_config.to_dict(),
         prompt_encoder_config=source_config.prompt_encoder_config.to_dict(),
@@ -82,6 +85,7 @@ def _extract_active_subnet(supernet, arch: SubnetArchitecture) -> SamSubnetForMa
         activation_offset=source_config.activation_offset,
         float_bits=source_config.float_bits,
         step_size_min=source_config.step_size_min,
+        attention_chunk_elements=source_config.attention_chunk_elements,
         base_model_name_or_path=source_config.base_model_name_or_path,
         training_dataset=source_config.training_dataset,
         **supernet.subnet_config_kwargs(),
@@ -90,7 +94,7 @@ def _extract_active_subnet(supernet, arch: SubnetArchitecture) -> SamSubnetForMa
     subnet = supernet.subnet_class(config).to(device=supernet.device, dtype=supernet.dtype).eval()
 
     encoder, target_encoder = supernet.sam.vision_encoder, subnet.sam.vision_encoder
-    hidden = supernet.search_space.hidden_size_of(arch)
+    hidden = counter.search_space.hidden_size_of(arch)
     # The blocks, the position embedding and the convolutions are cut to the architecture below; the rest is shared.
     cut = ("vision_encoder.layers.", "vision_encoder.pos_embed", *(f"vision_encoder.{p}." for p in CONV_PATHS.values()))
     shared = {key: value for key, value in supernet.sam.state_dict().items() if not key.startswith(cut)}
@@ -176,8 +180,7 @@ def _effective_weight_step(quantizer: LsqQuantizer, rows: torch.Tensor | None) -
     step is not quite the one used. Quantizing a weight whose every row holds one stored step gives code 1 times the
     step used: exactly that step. With it, `codes * step` reproduces the fake-quantized weight bit for bit.
     """
-    step = quantizer.step_size[quantizer.bit_index(quantizer.active_bits)]
-    step = step.clamp_min(quantizer.step_floor(step.dtype))
+    step = quantizer.step_magnitude(quantizer.step_size[quantizer.bit_index(quantizer.active_bits)])
     if rows is not None:
         step = step[rows.to(step.device)]
     return quantizer(step.unsqueeze(1), channel_index=rows)[:, 0]
@@ -202,12 +205,14 @@ def _copy_quantizer(source: LsqQuantizer, target: LsqQuantizer, name: str) -> No
             f"({source.step_size[index].tolist()}); exporting it would give a layer that outputs nothing useful. "
             "Recalibrate the supernet on clean images (`calibrate_quantizers`) or retrain it before extracting."
         )
-    target.step_size.copy_(source.step_size[index : index + 1])
+    target.step_size.copy_(source.step_size[index : index + 1].abs())
     if source.offset is not None:
         target.offset.copy_(source.offset[index : index + 1])
 
 
-def select_architecture(supernet, budget: int | float | str, pareto_front=None) -> SubnetArchitecture:
+def select_architecture(
+    counter: BitOpsCounter, budget: int | float | str, pareto_front=None
+) -> SubnetArchitecture:
     """The architecture to extract under a BitOPs budget.
 
     With a Pareto front, its best entry under the budget (`pareto_front.best_under`). Without one, a cost-only
@@ -216,7 +221,7 @@ def select_architecture(supernet, budget: int | float | str, pareto_front=None) 
     budget, but knows nothing of quality; run the search (`mpsupernet.search`) for a front to choose from instead.
 
     Args:
-        supernet (`SamSupernetForMaskGeneration`): the supernet.
+        counter (`BitOpsCounter`): the cost function of the supernet's configuration (`BitOpsCounter(config)`).
         budget (`int`, `float` or `str`): BitOPs, or a string that `mpsupernet.bitops.parse_budget` reads ("120G",
             "1.5T", "35e9", "5%" of the full-precision model).
         pareto_front (`mpsupernet.search.ParetoFront`, *optional*): evaluated architectures to choose from.
@@ -225,16 +230,16 @@ def select_architecture(supernet, budget: int | float | str, pareto_front=None) 
         `ValueError`: if the budget is not understood, is below the smallest subnet's BitOPs (the message names
         them), if the Pareto front has nothing under it, or if its choice does not fit this supernet.
     """
-    space = supernet.search_space
-    max_bitops = parse_budget(budget, supernet.bitops_report(space.full_precision()).total_bitops)
-    smallest = supernet.bitops_report(space.smallest()).total_bitops
+    space = counter.search_space
+    max_bitops = parse_budget(budget, counter.full_precision_bitops)
+    smallest = counter.bitops(space.smallest())
     if max_bitops < smallest:
         raise ValueError(
             f"Budget {budget!r} ({max_bitops} BitOPs) is below the cheapest subnet of this supernet: the smallest "
             f"reachable BitOPs is {format_bitops(smallest, exact=True)}."
         )
     if pareto_front is None:
-        return next(arch for arch in descent_path(space) if supernet.bitops_report(arch).total_bitops <= max_bitops)
+        return next(arch for arch in descent_path(space) if counter.bitops(arch) <= max_bitops)
     entry = pareto_front.best_under(max_bitops)
     if entry is None:
         raise ValueError(
@@ -249,7 +254,7 @@ def select_architecture(supernet, budget: int | float | str, pareto_front=None) 
             f"The Pareto front's choice under {budget!r} does not fit this supernet ({error}): the front was made for "
             "another supernet configuration. Run the search on this supernet, or give no front for a cost-only choice."
         ) from None
-    bitops = supernet.bitops_report(arch).total_bitops
+    bitops = counter.bitops(arch)
     if bitops > max_bitops:
         raise ValueError(
             f"The Pareto front's choice under {budget!r} costs {format_bitops(bitops, exact=True)} in this supernet, more than the "

@@ -4,7 +4,6 @@ import dataclasses
 import difflib
 import os
 import random
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ from .bitops import BitOpsReport, count_bitops
 from .configuration_sam_supernet import SamSupernetConfig
 from .elastic import ElasticQuantizedConv2d, ElasticSamVisionAttention, ElasticSamVisionEncoder
 from .lora import QuantizedLoraLinear
+from .quantization import quantizers_restored_on_error
 from .modeling_sam_base import SamQuantizedPreTrainedModel
 from .modeling_sam_subnet import SamSubnetForMaskGeneration
 from .search_space import SearchSpace
@@ -180,7 +180,8 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
 
         Raises:
             `TypeError`: if `pixel_values` is not a `torch.Tensor` (as transformers models, this takes no numpy).
-            `ValueError`: if a bit-width is not among the search space's choices.
+            `ValueError`: if a bit-width is not among the search space's choices, or if a step would be set from
+            non-finite values (a NaN pixel); the quantizers are then left exactly as they were.
         """
         if not isinstance(pixel_values, torch.Tensor):
             kind = type(pixel_values)
@@ -191,9 +192,10 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         was_training = self.training
         self.eval()
         try:
-            for bits in activation_bits or self.search_space.activation_bit_choices:
-                with self.using_subnet(self.search_space.largest(weight_bits, bits)):
-                    self.get_image_embeddings(pixel_values)
+            with quantizers_restored_on_error(self):
+                for bits in activation_bits or self.search_space.activation_bit_choices:
+                    with self.using_subnet(self.search_space.largest(weight_bits, bits)):
+                        self.get_image_embeddings(pixel_values)
         finally:
             self.train(was_training)
 
@@ -250,15 +252,6 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         """
         return count_bitops(self.config, self.active_subnet if arch is None else SubnetArchitecture.coerce(arch))
 
-    def bitops(self, arch: SubnetArchitecture | dict | None = None) -> BitOpsReport:
-        """Deprecated alias of [`bitops_report`]."""
-        warnings.warn(
-            "`SamSupernetForMaskGeneration.bitops` is deprecated; use `bitops_report` (the subnet's name too).",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return self.bitops_report(arch)
-
     def extract_subnet(
         self,
         budget: int | float | str,
@@ -306,6 +299,49 @@ def _check_config_overrides(overrides: dict, config_class: type = SamSupernetCon
             f"`from_sam` got {unknown}, which are not `{config_class.__name__}` arguments{hints}; allowed: the "
             f"`{config_class.__name__}` fields {fields} and `attn_implementation`."
         )
+
+
+def load_supernet(
+    supernet: "str | os.PathLike | SamSupernetForMaskGeneration", seed: int = 0
+) -> SamSupernetForMaskGeneration:
+    """A supernet from what the CLI and `run_search` accept: a supernet, a shipped SAM's name or a saved supernet.
+
+    Args:
+        supernet (`str`, `os.PathLike` or `SamSupernetForMaskGeneration`): a supernet (returned as it is); the name
+            of a SAM shipped in the package (`mpsupernet.pretrained.SHIPPED_SAM_NAMES`; a folder of that name here is
+            read as the folder), which becomes a new supernet with the default configuration; or a folder or Hub id of
+            a saved supernet (`SamSupernetForMaskGeneration.from_pretrained`, or
+            `SamSupernetForSemanticSegmentation.from_pretrained` for a semantic one).
+        seed (`int`, *optional*, defaults to 0): seeds the new supernet's adapters, which are initialised from
+            torch's global generator (seeded per process at random otherwise).
+
+    Raises:
+        `TypeError`: for any other type. `OSError`: from `from_pretrained`, for a folder or Hub id that cannot be read.
+    """
+    from transformers import set_seed
+
+    from .pretrained import load_sam, shipped_sam_name
+
+    if isinstance(supernet, SamSupernetForMaskGeneration):
+        return supernet
+    if not isinstance(supernet, (str, os.PathLike)):
+        raise TypeError(
+            "A supernet is a SamSupernetForMaskGeneration, a shipped SAM's name, a folder or a Hub repo id, got "
+            f"{type(supernet).__name__}: {supernet!r}."
+        )
+    name = shipped_sam_name(supernet)
+    if name is None:
+        from transformers import PretrainedConfig
+
+        from .tasks import is_semantic
+
+        if is_semantic(PretrainedConfig.get_config_dict(supernet)[0]):
+            from .modeling_sam_semantic import SamSupernetForSemanticSegmentation
+
+            return SamSupernetForSemanticSegmentation.from_pretrained(supernet)
+        return SamSupernetForMaskGeneration.from_pretrained(supernet)
+    set_seed(seed)
+    return SamSupernetForMaskGeneration.from_sam(load_sam(name))
 
 
 def sam_source_name(sam: SamModel) -> str | None:
@@ -379,4 +415,4 @@ def _reorder_channels(encoder: ElasticSamVisionEncoder) -> None:
             permute(linear.lora_B, 1)
 
 
-__all__ = ["SamSupernetForMaskGeneration", "SamSupernetPreTrainedModel"]
+__all__ = ["SamSupernetForMaskGeneration", "SamSupernetPreTrainedModel", "load_supernet"]

@@ -5,6 +5,8 @@ A supernet switches a layer between 2 and 8 bits from one step to the next; one 
 """
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -103,6 +105,47 @@ def tensors_state_key(*tensors: torch.Tensor) -> tuple:
     return tuple((t.data_ptr(), t.device, t.dtype, None if t.is_inference() else t._version) for t in tensors)
 
 
+class TensorStatistics(NamedTuple):
+    """What a per-tensor step is set from: element count, mean, standard deviation (unbiased; `mean|x|` for a single
+    element), minimum and maximum of a tensor (see [`LsqQuantizer.initialize_from_statistics`]).
+
+    [`merge`] combines the statistics of the parts of one tensor into those of the whole, so that a tensor computed a
+    part at a time (the attention probabilities of `mpsupernet.chunked_attention`) sets the step the whole would.
+    """
+
+    count: int
+    mean: torch.Tensor
+    std: torch.Tensor
+    minimum: torch.Tensor
+    maximum: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "TensorStatistics":
+        """The statistics of `x`, computed in float32."""
+        x = x.detach().float()
+        return cls(x.numel(), x.mean(), x.std() if x.numel() > 1 else x.abs().mean(), x.min(), x.max())
+
+    @classmethod
+    def merge(cls, parts: list["TensorStatistics"]) -> "TensorStatistics":
+        """The statistics of the tensor made of `parts` (disjoint, together every element), in float64.
+
+        Chan, Golub and LeVeque's pairwise update: the sum of squared deviations of the whole is that of each part
+        plus `count * (part mean - mean)²` per part, which stays accurate where a sum of squares would not.
+        """
+        if len(parts) == 1:
+            return parts[0]
+        counts = torch.tensor([part.count for part in parts], dtype=torch.float64, device=parts[0].mean.device)
+        means = torch.stack([part.mean for part in parts]).double()
+        stds = torch.stack([part.std for part in parts]).double()
+        count = counts.sum()
+        mean = (counts * means).sum() / count
+        squared_deviations = ((counts - 1) * stds.square()).sum() + (counts * (means - mean).square()).sum()
+        std = (squared_deviations / (count - 1)).sqrt()
+        minimum = torch.stack([part.minimum for part in parts]).min()
+        maximum = torch.stack([part.maximum for part in parts]).max()
+        return cls(int(count), mean.float(), std.float(), minimum, maximum)
+
+
 def integer_range(bits: int, signed: bool) -> tuple[int, int]:
     """The integer grid of a `bits`-bit quantizer: `[-2^(b-1), 2^(b-1) - 1]` if signed, else `[0, 2^b - 1]`."""
     if signed:
@@ -160,21 +203,31 @@ class LsqQuantizer(nn.Module):
         `step_size_min` is below it (so that the bound is never 0, and `x / step` never `0 / 0`)."""
         return max(self.step_size_min, torch.finfo(dtype).tiny)
 
-    def bounded_step(self, step: torch.Tensor) -> torch.Tensor:
-        """`step` clamped to its floor in the forward pass, with the gradient of the unclamped step (straight-through).
+    def step_magnitude(self, step: torch.Tensor) -> torch.Tensor:
+        """The grid spacing a stored `step` stands for: `|step|`, raised to its floor (see [`step_floor`]).
 
-        With a plain clamp a step at its floor would get no gradient and could never grow again. The forward value is
-        the clamped step exactly: written as `step + (clamped - step).detach()`, a step far below the floor (-0.5
-        from a checkpoint or a large optimizer step) would cancel to 0 or below in float32 and turn `x / step` into
-        NaN.
+        A step is a spacing, so its sign means nothing: one that an optimizer step or a checkpoint drove negative
+        quantizes with its magnitude. Clamping it to the floor instead would clip every input to the grid's ends, and
+        the layer below would get no gradient until the step climbed back above zero.
         """
-        return step.clamp_min(self.step_floor(step.dtype)).detach() + (step - step.detach())
+        return step.abs().clamp_min(self.step_floor(step.dtype))
+
+    def bounded_step(self, step: torch.Tensor) -> torch.Tensor:
+        """[`step_magnitude`] in the forward pass, with the gradient of `|step|` without the floor (straight-through).
+
+        With a plain clamp a step at its floor would get no gradient and could never grow again; the sign of the
+        gradient follows the step's (a step of exactly 0 counts as positive, so that it still gets one). The forward
+        value is the bounded magnitude exactly: written as `step + (bounded - step).detach()`, a step far from the
+        floor (3e4 from a checkpoint or a large optimizer step) would round in float32 and turn `x / step` into NaN.
+        """
+        magnitude = torch.where(step < 0, -step, step)
+        return self.step_magnitude(step).detach() + (magnitude - magnitude.detach())
 
     @torch.no_grad()
     def collapsed_channels(self, bits: int) -> torch.Tensor:
-        """Mask of the channels whose `bits`-bit step is at (or below) its floor, or not finite."""
+        """Mask of the channels whose `bits`-bit step is at (or below) its floor in magnitude, or not finite."""
         step = self.step_size[self.bit_index(bits)]
-        return ~torch.isfinite(step) | (step <= self.step_floor(step.dtype))
+        return ~torch.isfinite(step) | (step.abs() <= self.step_floor(step.dtype))
 
     def extra_repr(self) -> str:
         return f"bit_choices={self.bit_choices}, signed={self.signed}, offset={self.offset is not None}"
@@ -207,40 +260,52 @@ class LsqQuantizer(nn.Module):
         """Sets the step size (and offset) of `bits` from the statistics of `x`.
 
         Per-channel steps follow LSQ's initialisation (`2 * mean|x| / sqrt(q_max)`), which suits low bit-widths far
-        better than max-scaling. Per-tensor activation ranges are clipped to three standard deviations around the
-        mean, which keeps rare outliers from wasting the grid.
+        better than max-scaling. Per-tensor steps are set by [`initialize_from_statistics`].
         """
-        index = self.bit_index(bits)
+        if channel_dim is None:
+            self.initialize_from_statistics(TensorStatistics.of(x), bits)
+            return
+        _, q_max = integer_range(bits, self.signed)
+        per_channel = x.detach().float().transpose(0, channel_dim).flatten(1).abs().mean(dim=1)
+        self._set_step(bits, 2 * per_channel / math.sqrt(q_max), low=None, per_tensor=False)
+
+    @torch.no_grad()
+    def initialize_from_statistics(self, statistics: TensorStatistics, bits: int) -> None:
+        """Sets the per-tensor step size (and offset) of `bits` from the statistics of a tensor.
+
+        The range is clipped to three standard deviations around the mean, which keeps rare outliers from wasting the
+        grid; with an offset the grid spans the clipped range, otherwise it is symmetric around zero.
+        """
         q_min, q_max = integer_range(bits, self.signed)
-        x = x.detach().float()
-        if channel_dim is not None:
-            per_channel = x.transpose(0, channel_dim).flatten(1).abs().mean(dim=1)
-            step = 2 * per_channel / math.sqrt(q_max)
+        mean, std = statistics.mean, statistics.std
+        low = torch.maximum(statistics.minimum, mean - 3 * std)
+        high = torch.minimum(statistics.maximum, mean + 3 * std)
+        if self.offset is not None:
+            step = (high - low) / (q_max - q_min)
+            self._sync_mean(low)
         else:
-            mean, std = x.mean(), x.std() if x.numel() > 1 else x.abs().mean()
-            low = torch.maximum(x.min(), mean - 3 * std)
-            high = torch.minimum(x.max(), mean + 3 * std)
-            if self.offset is not None:
-                step = (high - low) / (q_max - q_min)
-                self._sync_mean(low)
-                self.offset.data[index] = low
-            else:
-                step = torch.maximum(high.abs(), low.abs()) / q_max
-            step = step.reshape(1)
-        if not bool(torch.isfinite(step).all()) or (self.offset is not None and not bool(torch.isfinite(low))):
+            step, low = torch.maximum(high.abs(), low.abs()) / q_max, None
+        self._set_step(bits, step.reshape(1), low, per_tensor=True)
+
+    def _set_step(self, bits: int, step: torch.Tensor, low: torch.Tensor | None, per_tensor: bool) -> None:
+        """Checks and stores the step of `bits` (and `low` as the offset of an offset quantizer)."""
+        index = self.bit_index(bits)
+        if not bool(torch.isfinite(step).all()) or (low is not None and not bool(torch.isfinite(low))):
             raise ValueError(
                 f"The {bits}-bit step size of {self.name} would be set from a tensor with non-finite values (NaN or "
                 "inf); refusing it, so that the quantizer is not poisoned. Check the input images (a NaN pixel?) "
                 "before calibrating or training."
             )
         floor = self.step_floor(self.step_size.dtype)
-        if channel_dim is None and bool(step.le(floor).all()):
+        if per_tensor and bool(step.le(floor).all()):
             logger.warning(
                 f"The {bits}-bit step size of {self.name} starts at its floor ({floor:.3g}): the tensor it was set "
                 "from is all (nearly) zero. Calibrate it on real images."
             )
         step = step.clamp_min(floor)
         self._sync_mean(step)
+        if low is not None:
+            self.offset.data[index] = low
         self.step_size.data[index] = step.to(self.step_size.dtype)
         self.initialized[index] = True
 
@@ -267,10 +332,12 @@ class LsqQuantizer(nn.Module):
         """Initialises the step (and offset) of `bits` (default: the active bit-width) from `x` if it is not set yet,
         as `forward` does; nothing at a float bit-width."""
         bits = self.active_bits if bits is None else bits
-        if is_float_bits(bits) or x.device.type == "meta":
-            return
-        if not bool(self.initialized[self.bit_index(bits)]):
+        if x.device.type != "meta" and self.needs_initialization(bits):
             self.initialize(x, bits, channel_dim=0 if self.step_size.shape[1] > 1 else None)
+
+    def needs_initialization(self, bits: int) -> bool:
+        """Whether the step of `bits` is still unset (never at a float bit-width, which has none)."""
+        return not is_float_bits(bits) and not bool(self.initialized[self.bit_index(bits)])
 
     def quantize_function(self):
         """The active fake quantization as a function of `(x, step_size, offset)`, or `None` at a float bit-width.
@@ -298,22 +365,30 @@ class LsqQuantizer(nn.Module):
         step_size: torch.Tensor,
         offset: torch.Tensor | None = None,
         channel_index: torch.Tensor | None = None,
+        elements: int | None = None,
     ) -> torch.Tensor:
         """Fake-quantizes `x` at `bits` with the given step-size (and offset) tables, one row per bit-width.
 
         The tables are arguments rather than read from the module so that a caller can recompute a quantized tensor
-        from detached copies of them (see `QuantizedLoraLinear`); `forward` passes the module's own.
+        from detached copies of them (see `QuantizedLoraLinear`); `forward` passes the module's own. `elements` is
+        for a per-tensor step applied to `x` as a part of a larger tensor (see [`fake_quantize_arguments`]).
         """
         if is_float_bits(bits):
             return x
-        return LsqFakeQuantize.apply(x, *self.fake_quantize_arguments(x, bits, step_size, offset, channel_index))
+        arguments = self.fake_quantize_arguments(x, bits, step_size, offset, channel_index, elements)
+        return LsqFakeQuantize.apply(x, *arguments)
 
     def fake_quantize_arguments(
-        self, x: torch.Tensor, bits: int, step_size: torch.Tensor, offset=None, channel_index=None
+        self, x: torch.Tensor, bits: int, step_size: torch.Tensor, offset=None, channel_index=None, elements=None
     ) -> LsqArguments:
         """The step (bounded, per channel of `x` or per tensor), offset, integer range and step-gradient scale with
         which [`fake_quantize`] quantizes `x` at `bits` (not a float bit-width), from the same arguments; the step
-        and offset keep their autograd graph back to the tables."""
+        and offset keep their autograd graph back to the tables.
+
+        LSQ scales the step's gradient by `1 / sqrt(elements per step * q_max)`. A per-tensor step applied to a part
+        of a tensor (a chunk of attention probabilities) passes the whole tensor's element count as `elements`, so
+        that the parts' step gradients add up to the whole tensor's.
+        """
         index = self.bit_index(bits)
         q_min, q_max = integer_range(bits, self.signed)
         step = self.bounded_step(step_size[index])
@@ -323,7 +398,7 @@ class LsqQuantizer(nn.Module):
             step = step.reshape(-1, *([1] * (x.dim() - 1)))
             elements_per_step = x[0].numel()
         else:
-            elements_per_step = x.numel()
+            elements_per_step = x.numel() if elements is None else elements
         offset = offset[index] if offset is not None else None
         grad_scale = 1.0 / math.sqrt(elements_per_step * q_max)
         return LsqArguments(step, offset, q_min, q_max, grad_scale)
@@ -333,7 +408,7 @@ class LsqQuantizer(nn.Module):
         """Integer codes and per-channel scales of a weight at `bits` (for export): `x ≈ codes * scales`."""
         index = self.bit_index(bits)
         q_min, q_max = integer_range(bits, self.signed)
-        step = self.step_size[index].clamp_min(self.step_floor(self.step_size.dtype))
+        step = self.step_magnitude(self.step_size[index])
         step = step.reshape(-1, *([1] * (x.dim() - 1)))
         codes = torch.clamp(torch.round(x / step), q_min, q_max).to(torch.int8)
         return codes, step.reshape(-1)
@@ -344,6 +419,25 @@ def name_quantizers(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, LsqQuantizer):
             module.name = name
+
+
+@contextmanager
+def quantizers_restored_on_error(model: nn.Module) -> Iterator[None]:
+    """Puts every `LsqQuantizer` of `model` back as it was (steps, offsets, which bit-widths are set) if the `with`
+    block raises: a refused calibration or extraction changes nothing, even when it fails after some quantizers
+    were initialised from the tensors they saw first. The quantizers are small: the copy costs little."""
+    saved = {
+        name: {key: value.detach().clone() for key, value in module.state_dict().items()}
+        for name, module in model.named_modules()
+        if isinstance(module, LsqQuantizer)
+    }
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for name, state in saved.items():
+                model.get_submodule(name).load_state_dict(state)
+        raise
 
 
 def collapsed_step_sizes(model: nn.Module) -> list[str]:

@@ -32,11 +32,18 @@ from pathlib import Path
 import numpy as np
 
 from .choices import EXPORT_TARGETS
+from .integrity import check_digests, read_config
+from .layout import (
+    CONFIG_NAME,
+    EXPORT_DIGEST_KEY,
+    EXPORT_KEY,
+    PREPROCESSOR_NAME,
+    PROMPT_DECODER_NAME,
+    VISION_ENCODER_NAME,
+)
 
 RUNTIMES = EXPORT_TARGETS
 """The runtimes `OnnxSamModel` runs an export on: those it is exported for."""
-VISION_ENCODER_FILE = "vision_encoder.onnx"
-PROMPT_DECODER_FILE = "prompt_encoder_mask_decoder.onnx"
 
 
 @dataclass
@@ -137,7 +144,7 @@ class OnnxSamModel:
         processor_config (`dict`): the exported `preprocessor_config.json` (mean, std, sizes).
     """
 
-    decoder_file = PROMPT_DECODER_FILE
+    decoder_file = PROMPT_DECODER_NAME
     """The decoder graph this class runs beside the encoder."""
     model_types = ("sam_subnet",)
     """The `model_type`s of the exports this class runs (a semantic export has its own class)."""
@@ -157,8 +164,8 @@ class OnnxSamModel:
                 f"`num_threads` must be a positive integer (or None for the runtime's default); got {num_threads!r}."
             )
         self.directory = Path(directory)
-        self.config = json.loads((self.directory / "config.json").read_text(encoding="utf-8"))
-        if "export" not in self.config:
+        self.config = json.loads((self.directory / CONFIG_NAME).read_text(encoding="utf-8"))
+        if EXPORT_KEY not in self.config:
             raise ValueError(
                 f"{str(self.directory)!r} holds no ONNX export (its config.json has no `export` section); write one "
                 "with `SamSubnetForMaskGeneration.export_onnx`."
@@ -171,17 +178,17 @@ class OnnxSamModel:
                 "prompts; run it with `mpsupernet.runtime_semantic.OnnxSamForSemanticSegmentation`, and a promptable "
                 "one with `mpsupernet.runtime.OnnxSamModel`."
             )
-        self.processor_config = json.loads((self.directory / "preprocessor_config.json").read_text(encoding="utf-8"))
-        self.image_size = int(self.config["export"]["image_size"])
+        self.processor_config = json.loads((self.directory / PREPROCESSOR_NAME).read_text(encoding="utf-8"))
+        self.image_size = int(self.config[EXPORT_KEY]["image_size"])
         self.runtime = runtime
-        settings = self.config["export"]["runtime"][runtime]
+        settings = self.config[EXPORT_KEY]["runtime"][runtime]
         if runtime == "onnxruntime":
             options = (provider, session_options, num_threads)
-            self.vision_encoder = _OnnxRuntimeGraph(self.directory / VISION_ENCODER_FILE, settings, *options)
+            self.vision_encoder = _OnnxRuntimeGraph(self.directory / VISION_ENCODER_NAME, settings, *options)
             self.prompt_decoder = _OnnxRuntimeGraph(self.directory / self.decoder_file, {}, *options)
         else:
             device = "CPU" if provider == "CPUExecutionProvider" else provider
-            self.vision_encoder = _OpenVinoGraph(self.directory / VISION_ENCODER_FILE, settings, device, num_threads)
+            self.vision_encoder = _OpenVinoGraph(self.directory / VISION_ENCODER_NAME, settings, device, num_threads)
             self.prompt_decoder = _OpenVinoGraph(self.directory / self.decoder_file, settings, device, num_threads)
 
     @classmethod
@@ -218,6 +225,8 @@ class OnnxSamModel:
         Raises:
             `ValueError`: if the folder holds no export, `runtime` is unknown or `num_threads` is not a positive
             integer.
+            `OSError`: if a file the export's `config.json` records a digest for is missing or is not that file (a
+            file of another export, or an export interrupted part-way), naming it.
             `FileNotFoundError`: naming `pretrained_model_name_or_path` if it is neither a local folder nor a Hub
             repository that can be read (an invalid id, no such repository, the Hub unreachable and nothing cached).
         """
@@ -242,18 +251,33 @@ class OnnxSamModel:
                     local_files_only=local_files_only,
                 )
             directory = Path(root) / subfolder if subfolder else Path(root)
-        if not (directory / "config.json").is_file():
-            raise ValueError(f"No config.json in {str(directory)!r}: not an ONNX export of mpsupernet.")
+        if not (directory / CONFIG_NAME).is_file():
+            raise ValueError(f"No {CONFIG_NAME} in {str(directory)!r}: not an ONNX export of mpsupernet.")
+        export = (read_config(directory) or {}).get(EXPORT_KEY)
+        if isinstance(export, dict) and EXPORT_DIGEST_KEY in export:
+            # Exports before digests were recorded load as before.
+            source = f"{pretrained_model_name_or_path}/{subfolder}" if subfolder else pretrained_model_name_or_path
+            check_digests(directory, export[EXPORT_DIGEST_KEY], EXPORT_KEY, source)
         return cls(directory, runtime=runtime, provider=provider, session_options=session_options, num_threads=num_threads)
 
     # --- model --------------------------------------------------------------------------------------------------------
     def get_image_embeddings(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Image embeddings `(batch, channels, grid, grid)` of `pixel_values` `(batch, 3, image_size, image_size)`."""
+        """Image embeddings `(batch, channels, grid, grid)` of `pixel_values` `(batch, 3, image_size, image_size)`.
+
+        Raises:
+            `ValueError`: if `pixel_values` have another shape or hold a NaN or an infinity.
+        """
         pixel_values = np.asarray(pixel_values, dtype=np.float32)
         expected = (3, self.image_size, self.image_size)
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
             raise ValueError(
                 f"pixel_values must have shape (batch, {', '.join(map(str, expected))}); got {pixel_values.shape}."
+            )
+        if not np.isfinite(pixel_values).all():
+            bad = int(np.size(pixel_values) - np.isfinite(pixel_values).sum())
+            raise ValueError(
+                f"pixel_values hold {bad} non-finite values (NaN or inf); the quantized encoder would clip them into "
+                "finite but meaningless masks. Check the image (a NaN pixel?) and its preprocessing."
             )
         return self.vision_encoder({"pixel_values": pixel_values})[0]
 
@@ -336,7 +360,8 @@ class OnnxSamModel:
     def preprocess(self, images, input_points=None, input_labels=None, input_boxes=None) -> dict[str, np.ndarray]:
         """What `SamProcessor(images, ..., return_tensors="np")` gives, with Pillow and numpy only.
 
-        Each image's longest side is resized to `image_size` (bilinear), values are rescaled to [0, 1], normalised
+        An image with transparency (RGBA, LA, a palette with a transparent colour) is composited onto white first,
+        as `SamProcessor` does. Each image's longest side is resized to `image_size` (bilinear), values are rescaled to [0, 1], normalised
         with the processor's mean and std and zero-padded to a square; prompt coordinates (in original pixels) are
         scaled to the resized frame.
 
@@ -363,7 +388,7 @@ class OnnxSamModel:
         std = np.asarray(self.processor_config["image_std"], np.float32)
         batch, original_sizes, reshaped_sizes = [], [], []
         for image in images:
-            image = _as_pil_image(image).convert("RGB")
+            image = _as_rgb(_as_pil_image(image))
             width, height = image.size
             scale = longest / max(height, width)
             new_height, new_width = int(height * scale + 0.5), int(width * scale + 0.5)
@@ -428,6 +453,16 @@ def _as_pil_image(image):
         got = kind if array.dtype == object else f"{kind} of shape {array.shape} and dtype {array.dtype}"
         raise TypeError(f"Each image must be {allowed}; got a {got}.")
     return Image.fromarray(array)
+
+
+def _as_rgb(image):
+    """`image` in RGB; transparent pixels are blended onto white, as transformers' `convert_to_rgb` does."""
+    from PIL import Image
+
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image.convert("RGB")
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
 
 
 def resize_bilinear(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .layout import CLASS_DECODER_NAME
 from .runtime import OnnxSamModel, resize_bilinear
 
-CLASS_DECODER_FILE = "class_decoder.onnx"
 PROMPT_INPUTS = ("input_points", "input_labels", "input_boxes", "input_masks")
 
 
@@ -46,7 +46,7 @@ class OnnxSamForSemanticSegmentation(OnnxSamModel):
         id2label (`dict[int, str]`): the class names, from the exported configuration.
     """
 
-    decoder_file = CLASS_DECODER_FILE
+    decoder_file = CLASS_DECODER_NAME
     model_types = ("sam_semantic_subnet",)
 
     @property
@@ -108,4 +108,4 @@ class OnnxSamForSemanticSegmentation(OnnxSamModel):
         return maps
 
 
-__all__ = ["CLASS_DECODER_FILE", "OnnxSamForSemanticSegmentation", "OnnxSemanticSegmenterOutput"]
+__all__ = ["OnnxSamForSemanticSegmentation", "OnnxSemanticSegmenterOutput"]

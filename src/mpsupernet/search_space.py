@@ -1,6 +1,6 @@
 """The search space that makes, checks, samples, mutates and crosses subnet architectures.
 
-`SubnetArchitecture` itself lives in `mpsupernet.architecture` (re-exported here, where it was first defined).
+The architecture itself, `SubnetArchitecture`, lives in `mpsupernet.architecture`.
 """
 
 import random
@@ -311,4 +311,4 @@ class SearchSpace:
                 raise ValueError(f"`{field}` of {where} is {value!r}; allowed: {sorted(allowed)}.")
 
 
-__all__ = ["LAYER_PATHS", "SearchSpace", "SubnetArchitecture"]
+__all__ = ["SearchSpace"]

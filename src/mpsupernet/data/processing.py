@@ -306,7 +306,7 @@ def collate_fn(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
     Returns:
         `dict[str, torch.Tensor]` with the stacked tensors; empty when every example of the batch was skipped, which
-        training and evaluation loops should pass over (`mpsupernet.evaluation.evaluate_mean_iou` does).
+        training and evaluation loops should pass over (`mpsupernet.metrics.evaluate_mean_iou` does).
     """
     examples = [example for example in examples if example.get("pixel_values") is not None]
     if not examples:

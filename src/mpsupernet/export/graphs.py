@@ -24,14 +24,9 @@ from torch import nn
 from transformers.models.sam.modeling_sam import SamVisionAttention
 
 from ..architecture import is_float_bits
-from ..modeling_sam_subnet import (
-    QuantizedConv2d,
-    QuantizedLinear,
-    SamSubnetForMaskGeneration,
-    SamSubnetVisionAttention,
-)
-from ..quantization import LsqQuantizer, integer_range
 from ..packing import unpack_codes
+from ..quantization import LsqQuantizer, integer_range
+from ..subnet_layers import QuantizedConv2d, QuantizedLinear, SamSubnetVisionAttention
 from .ops import dequantize, quantize
 
 
@@ -46,7 +41,7 @@ class ActivationQuantizerGraph(nn.Module):
         self.q_min, self.q_max = integer_range(self.bits, quantizer.signed) if self.enabled else (0, 0)
         # signed grids are stored shifted into uint8 (exact: the zero point is an integer)
         self.zero_point = -self.q_min
-        step = quantizer.step_size[0, 0].clamp_min(quantizer.step_size_min) if self.enabled else torch.tensor(1.0)
+        step = quantizer.step_magnitude(quantizer.step_size[0, 0]) if self.enabled else torch.tensor(1.0)
         self.register_buffer("step", step.detach().clone().float().reshape(()))
         offset = quantizer.offset[0, 0] if self.enabled and quantizer.offset is not None else torch.tensor(0.0)
         self.offset = float(offset.detach())
@@ -181,15 +176,29 @@ class AttentionGraph(nn.Module):
         return self.proj(output.reshape(batch_size, height, width, -1)), None
 
 
+def antialiased_resize_matrix(size: int, new_size: int) -> torch.Tensor:
+    """The `(new_size, size)` matrix `M` with `M @ x` = `x` resized along its first axis as
+    `F.interpolate(..., mode="bilinear", align_corners=False, antialias=True)` resizes each axis (the filter is
+    separable), read off by resizing the unit vectors.
+
+    ONNX has the antialiased resize as an attribute of `Resize`, which OpenVINO (2026.4) ignores: a reduced-resolution
+    tier then gets embeddings off by about 2 there. Two matrix products with constant matrices compute the same
+    resize on every runtime.
+    """
+    unit_vectors = torch.eye(size).reshape(size, 1, 1, size)
+    resized = F.interpolate(unit_vectors, size=(1, new_size), mode="bilinear", align_corners=False, antialias=True)
+    return resized[:, 0, 0, :].T.contiguous()
+
+
 class VisionEncoderGraph(nn.Module):
     """A subnet's image encoder for export: pixel values at the base `image_size` in, image embeddings out.
 
-    As `ResizingSamVisionEncoder`: base-size images are resized to the subnet's resolution (bilinear, antialiased),
-    the position embedding is the subnet's (interpolated once, here, in PyTorch), and the embeddings are resized
-    back to the base grid.
+    As `ResizingSamVisionEncoder`: base-size images are resized to the subnet's resolution (bilinear, antialiased;
+    as two products with [`antialiased_resize_matrix`]), the position embedding is the subnet's (interpolated once,
+    here, in PyTorch), and the embeddings are resized back to the base grid.
     """
 
-    def __init__(self, subnet: SamSubnetForMaskGeneration):
+    def __init__(self, subnet: nn.Module):
         super().__init__()
         encoder = subnet.sam.vision_encoder
         self.image_size, self.resolution = encoder.image_size, encoder.resolution
@@ -199,6 +208,8 @@ class VisionEncoderGraph(nn.Module):
         with torch.no_grad():
             pos_embed = encoder.position_embedding(grid).detach().float().clone() if encoder.pos_embed is not None else None
         self.register_buffer("pos_embed", pos_embed)
+        resize = antialiased_resize_matrix(self.image_size, self.resolution) if self.resolution != self.image_size else None
+        self.register_buffer("resize", resize)
         self.layers = nn.ModuleList()
         for source in encoder.layers:
             layer = copy.deepcopy(source)
@@ -210,10 +221,8 @@ class VisionEncoderGraph(nn.Module):
         self.neck.conv2 = conv_graph(encoder.neck.conv2, grid)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.resolution != self.image_size:
-            pixel_values = F.interpolate(
-                pixel_values, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False, antialias=True
-            )
+        if self.resize is not None:
+            pixel_values = self.resize @ pixel_values @ self.resize.T
         hidden_states = self.projection(pixel_values).permute(0, 2, 3, 1)
         if self.pos_embed is not None:
             hidden_states = hidden_states + self.pos_embed
@@ -239,7 +248,7 @@ class PromptEncoderMaskDecoderGraph(nn.Module):
     (multimask output). `mpsupernet.runtime.OnnxSamModel` builds these inputs from what `SamProcessor` gives.
     """
 
-    def __init__(self, subnet: SamSubnetForMaskGeneration):
+    def __init__(self, subnet: nn.Module):
         super().__init__()
         sam = copy.deepcopy(subnet.sam).float()
         self.prompt_encoder, self.mask_decoder = sam.prompt_encoder, sam.mask_decoder
@@ -279,7 +288,7 @@ class ClassDecoderGraph(nn.Module):
     Output: `logits` `(batch, num_labels, 4 * grid, 4 * grid)`, the class logits.
     """
 
-    def __init__(self, subnet: SamSubnetForMaskGeneration):
+    def __init__(self, subnet: nn.Module):
         super().__init__()
         sam = copy.deepcopy(subnet.sam).float()
         self.mask_decoder = sam.mask_decoder

@@ -10,12 +10,11 @@ The folder it writes (see `SamSubnetForMaskGeneration.export_onnx` for the user-
 - `preprocessor_config.json`: the processor the subnet saves beside its weights (SAM's image processor at the
   model's image size; `SamSemanticImageProcessor` for a semantic subnet).
 
-Everything is written into a staging folder beside the destination and moved into place only once complete.
+Everything is written into a staging folder beside the destination (`mpsupernet.atomic.replace_folder`), and
+`config.json` records the sha256 of every file it describes, checked by `mpsupernet.runtime.OnnxSamModel` on load.
 """
 
-import json
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,22 +25,28 @@ import onnxscript.optimizer
 import torch
 
 from ..architecture import is_float_bits
-from ..checkpoints import exported_file_names
+from ..atomic import replace_folder
 from ..choices import EXPORT_TARGETS, WEIGHT_CONTAINERS
 from ..image_processing import PillowSamImageProcessor
-from ..metrics import mask_iou
-from ..modeling_sam_subnet import QuantizedLinear, SamSubnetForMaskGeneration
+from ..integrity import described_files, digests_of, read_config, write_config
+from ..layout import (
+    CLASS_DECODER_NAME,
+    CONFIG_NAME,
+    EXPORT_DIGEST_KEY,
+    EXPORT_FILES_KEY,
+    EXPORT_KEY,
+    PREPROCESSOR_NAME,
+    PROMPT_DECODER_NAME,
+    VISION_ENCODER_NAME,
+)
+from ..metrics.mask import mask_iou
 from ..quantization import LsqQuantizer
+from ..subnet_layers import QuantizedLinear
 from .graphs import ClassDecoderGraph, PromptEncoderMaskDecoderGraph, VisionEncoderGraph
 from .ops import ONNX_TRANSLATIONS
 
 MIN_OPSET = 21
 """INT4 tensors and `QuantizeLinear`/`DequantizeLinear` with the types used here need ONNX opset 21."""
-VISION_ENCODER_FILE = "vision_encoder.onnx"
-PROMPT_DECODER_FILE = "prompt_encoder_mask_decoder.onnx"
-CLASS_DECODER_FILE = "class_decoder.onnx"
-CONFIG_FILE = "config.json"
-PREPROCESSOR_FILE = "preprocessor_config.json"
 INTEGER_MATMUL_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul")
 """onnxruntime nodes that multiply integer codes (what its QDQ fusions turn `DQ -> MatMul` pairs into)."""
 ONNXRUNTIME_SETTINGS = {
@@ -124,7 +129,7 @@ def check_export_arguments(target: str, weight_container: str, opset: int | None
     return opset
 
 
-def check_quantizers(subnet: SamSubnetForMaskGeneration) -> None:
+def check_quantizers(subnet: torch.nn.Module) -> None:
     """Refuses a subnet whose encoder holds steps, offsets or weight scales that are unset or not finite, or steps
     collapsed to their floor (`LsqQuantizer.collapsed_channels`: the layer would pass nearly nothing on)."""
     for name, module in subnet.sam.vision_encoder.named_modules():
@@ -161,12 +166,21 @@ def check_destination(save_directory: Path) -> None:
     if not save_directory.is_dir():
         return
     present = sorted(path.name for path in save_directory.iterdir())
-    foreign = [name for name in present if name not in exported_file_names(save_directory)]
+    foreign = [name for name in present if name not in _export_files(save_directory)]
     if foreign:
         raise ValueError(
             f"Cannot export into {str(save_directory)!r}: it holds files that an ONNX export did not write "
             f"({', '.join(foreign[:5])}); choose an empty or new folder."
         )
+
+
+def _export_files(directory: Path) -> set[str]:
+    """The names an ONNX export wrote into `directory`, `config.json` included (none where its config has no
+    `export` section: a folder that also holds weights is a saved model, not an export)."""
+    config = read_config(directory)
+    if config is None or EXPORT_KEY not in config:
+        return set()
+    return described_files({EXPORT_KEY: config[EXPORT_KEY]})
 
 
 def _sample_inputs(image_size: int, num_images: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
@@ -235,7 +249,7 @@ def _store_int4_codes(model: ir.Model, encoder: VisionEncoderGraph) -> None:
 
 
 def export_onnx(
-    subnet: SamSubnetForMaskGeneration,
+    subnet: torch.nn.Module,
     save_directory: str | os.PathLike,
     *,
     target: str = "onnxruntime",
@@ -243,24 +257,24 @@ def export_onnx(
     opset: int | None = None,
     verify: bool = True,
 ) -> OnnxExportReport:
-    """Exports `subnet` to ONNX into `save_directory` (see `SamSubnetForMaskGeneration.export_onnx`)."""
+    """Exports `subnet` to ONNX into `save_directory` (see `SamSubnetForMaskGeneration.export_onnx`).
+
+    The folder is written through the one staging helper (`mpsupernet.atomic.replace_folder`): a new folder appears
+    complete, with the permissions `save_pretrained` gives; over an earlier export, `config.json` (whose digests name
+    the new files) moves in first, so that a kill part-way leaves a folder that is refused on load, never a mix.
+    """
     opset = check_export_arguments(target, weight_container, opset)
     check_quantizers(subnet)
     destination = Path(save_directory)
     check_destination(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.staging-", dir=destination.parent))
-    try:
-        report = _write(subnet, staging, destination, target, weight_container, opset, verify)
-        _move_into_place(staging, destination)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    report = OnnxExportReport(str(destination), target, weight_container, opset)
+    config = subnet.config.to_dict()
+    replace_folder(destination, lambda folder: _write_export(subnet, folder, config, report, verify))
     return report
 
 
 def add_onnx_export(
-    subnet: SamSubnetForMaskGeneration,
+    subnet: torch.nn.Module,
     model_directory: str | os.PathLike,
     *,
     target: str = "onnxruntime",
@@ -272,7 +286,7 @@ def add_onnx_export(
 
     The ONNX files and `preprocessor_config.json` are added, and the folder's `config.json` gains the `export`
     section (the rest of it stays as saved), so that the folder loads both as the PyTorch subnet and with
-    `mpsupernet.runtime.OnnxSamModel`. The export is made in a scratch folder beside it and moved in once complete.
+    `mpsupernet.runtime.OnnxSamModel`. It is written as [`export_onnx`] writes over an earlier export.
 
     Args:
         subnet (`SamSubnetForMaskGeneration`): the subnet saved in `model_directory`.
@@ -287,36 +301,55 @@ def add_onnx_export(
         `ValueError`: for a folder without `config.json`, and everything `export_onnx` refuses.
     """
     directory = Path(model_directory)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
+    config = read_config(directory)
+    if config is None:
         raise ValueError(
-            f"Cannot add an ONNX export to {str(directory)!r}: it holds no {CONFIG_FILE} of a saved subnet."
+            f"Cannot add an ONNX export to {str(directory)!r}: it holds no {CONFIG_NAME} of a saved subnet."
         )
-    with tempfile.TemporaryDirectory(prefix=f".{directory.name}.onnx-", dir=directory.parent) as scratch:
-        exported = Path(scratch) / "export"
-        report = export_onnx(
-            subnet, exported, target=target, weight_container=weight_container, opset=opset, verify=verify
-        )
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        config["export"] = json.loads((exported / CONFIG_FILE).read_text(encoding="utf-8"))["export"]
-        (exported / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _move_into_place(exported, directory)
-    report.directory = str(directory)
-    report.file_bytes = {name: (directory / name).stat().st_size for name in config["export"]["files"]}
+    opset = check_export_arguments(target, weight_container, opset)
+    check_quantizers(subnet)
+    report = OnnxExportReport(str(directory), target, weight_container, opset)
+    replace_folder(directory, lambda folder: _write_export(subnet, folder, config, report, verify))
     return report
 
 
-def _write(subnet, staging: Path, destination: Path, target, weight_container, opset, verify) -> OnnxExportReport:
+def _write_export(subnet, folder: Path, config: dict, report: OnnxExportReport, verify: bool) -> None:
+    """Writes the image processor, the graphs and `config` with the export section into `folder` (a staging folder),
+    and fills `report`."""
+    subnet._save_companion_files(folder)
+    config[EXPORT_KEY] = write_onnx_files(
+        subnet, folder, target=report.target, weight_container=report.weight_container, opset=report.opset
+    )
+    write_config(folder, config)
+    report.file_bytes = {name: (folder / name).stat().st_size for name in config[EXPORT_KEY][EXPORT_FILES_KEY]}
+    report.num_blocks = len(subnet.architecture.kept_blocks)
+    if verify:
+        _verify(subnet, folder, report)
+
+
+def write_onnx_files(subnet, folder: Path, *, target: str, weight_container: str, opset: int) -> dict:
+    """Writes the two ONNX graphs of `subnet` into `folder`, and returns the `export` section of its `config.json`.
+
+    An inner writer: `folder` is a folder its caller owns (a staging folder of [`export_onnx`], [`add_onnx_export`]
+    or `mpsupernet.hub.save_tiers`) and already holds the model's `preprocessor_config.json`. The options are
+    checked by the caller ([`check_export_arguments`], [`check_quantizers`]).
+
+    Returns:
+        `dict`: the format, target, weight container and opset; `files` (the graphs, any external data, the
+        processor and `config.json`) and `sha256` (the digest of each of them but `config.json`); the image size
+        and resolution; each kept layer's bits and weight storage; the runtime settings that keep the integer
+        kernels.
+    """
     config = subnet.config
     image_size = config.vision_config.image_size
     arch = subnet.architecture
+    before = set(os.listdir(folder))
     was_training = subnet.training
     subnet.eval()
     try:
         with torch.no_grad():
             encoder = VisionEncoderGraph(subnet).eval()
-            sample = _sample_inputs(image_size)
-            pixel_values = torch.from_numpy(sample["pixel_values"])
+            pixel_values = torch.from_numpy(_sample_inputs(image_size)["pixel_values"])
             embeddings = encoder(pixel_values)
         batch = torch.export.Dim("batch")
         program = _export_graph(
@@ -325,19 +358,19 @@ def _write(subnet, staging: Path, destination: Path, target, weight_container, o
         )
         if weight_container == "int4":
             _store_int4_codes(program.model, encoder)
-        _save(program.model, staging / VISION_ENCODER_FILE)
-        _export_decoder(subnet, embeddings, opset, staging)
+        _save(program.model, folder / VISION_ENCODER_NAME)
+        _export_decoder(subnet, embeddings, opset, folder)
     finally:
         subnet.train(was_training)
 
-    subnet._save_companion_files(staging)
-    config_dict = config.to_dict()
-    config_dict["export"] = {
+    files = sorted((set(os.listdir(folder)) - before) | {PREPROCESSOR_NAME})
+    return {
         "format": "onnx",
         "target": target,
         "weight_container": weight_container,
         "opset": opset,
-        "files": sorted(path.name for path in staging.iterdir()),
+        EXPORT_FILES_KEY: files + [CONFIG_NAME],
+        EXPORT_DIGEST_KEY: digests_of(folder, files),
         "image_size": image_size,
         "resolution": arch.resolution,
         "layers": {
@@ -353,20 +386,6 @@ def _write(subnet, staging: Path, destination: Path, target, weight_container, o
         },
         "runtime": {"onnxruntime": ONNXRUNTIME_SETTINGS, "openvino": OPENVINO_SETTINGS},
     }
-    config_dict["export"]["files"].append(CONFIG_FILE)
-    (staging / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    report = OnnxExportReport(
-        directory=str(destination),
-        target=target,
-        weight_container=weight_container,
-        opset=opset,
-        file_bytes={name: (staging / name).stat().st_size for name in config_dict["export"]["files"]},
-        num_blocks=len(arch.kept_blocks),
-    )
-    if verify:
-        _verify(subnet, staging, sample, report)
-    return report
 
 
 def _is_semantic(subnet) -> bool:
@@ -387,7 +406,7 @@ def _export_decoder(subnet, embeddings: torch.Tensor, opset: int, staging: Path)
             decoder, (embeddings,), opset, ["image_embeddings"], ["logits"],
             {"image_embeddings": {0: torch.export.Dim("batch")}},
         )
-        _save(program.model, staging / CLASS_DECODER_FILE)
+        _save(program.model, staging / CLASS_DECODER_NAME)
         return
     with torch.no_grad():
         decoder = PromptEncoderMaskDecoderGraph(subnet).eval()
@@ -407,7 +426,7 @@ def _export_decoder(subnet, embeddings: torch.Tensor, opset: int, staging: Path)
         ["image_embeddings", *prompts], ["iou_scores", "pred_masks"],
         (None, {1: point_batch, 2: num_points}, {1: point_batch, 2: num_points}, {1: point_batch, 2: num_boxes}),
     )
-    _save(program.model, staging / PROMPT_DECODER_FILE)
+    _save(program.model, staging / PROMPT_DECODER_NAME)
 
 
 def count_integer_matmuls(path: str | os.PathLike, settings: dict = ONNXRUNTIME_SETTINGS) -> int:
@@ -431,9 +450,10 @@ def count_integer_matmuls(path: str | os.PathLike, settings: dict = ONNXRUNTIME_
         return sum(node.op_type in INTEGER_MATMUL_OPS for node in graph.node)
 
 
-def _verify(subnet, staging: Path, sample: dict, report: OnnxExportReport) -> None:
+def _verify(subnet, staging: Path, report: OnnxExportReport) -> None:
     from ..runtime import OnnxSamModel
 
+    sample = _sample_inputs(subnet.config.vision_config.image_size)
     if _is_semantic(subnet):
         _verify_semantic(subnet, staging, sample, report)
         return
@@ -450,7 +470,7 @@ def _verify(subnet, staging: Path, sample: dict, report: OnnxExportReport) -> No
     report.subnet_embedding_scale = float(np.abs(reference_embeddings).mean())
     report.mask_iou = float(mask_iou(torch.from_numpy(outputs.pred_masks), reference.pred_masks > 0).mean())
     report.num_sample_images = len(sample["pixel_values"])
-    report.integer_matmul_nodes = count_integer_matmuls(staging / VISION_ENCODER_FILE)
+    report.integer_matmul_nodes = count_integer_matmuls(staging / VISION_ENCODER_NAME)
 
 
 def _verify_semantic(subnet, staging: Path, sample: dict, report: OnnxExportReport) -> None:
@@ -472,13 +492,4 @@ def _verify_semantic(subnet, staging: Path, sample: dict, report: OnnxExportRepo
     agreement.update(torch.from_numpy(logits).argmax(dim=1), reference.argmax(dim=1))
     report.mask_iou = agreement.compute()["mean_iou"]
     report.num_sample_images = len(pixel_values)
-    report.integer_matmul_nodes = count_integer_matmuls(staging / VISION_ENCODER_FILE)
-
-
-def _move_into_place(staging: Path, destination: Path) -> None:
-    """Moves the staged export to `destination`: a rename when it does not exist, else file by file."""
-    if not destination.exists():
-        os.rename(staging, destination)
-        return
-    for path in staging.iterdir():
-        os.replace(path, destination / path.name)
+    report.integer_matmul_nodes = count_integer_matmuls(staging / VISION_ENCODER_NAME)

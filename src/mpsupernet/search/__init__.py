@@ -1,13 +1,13 @@
 """Evolutionary search over subnet architectures and the Pareto front it finds.
 
 The package's rooms: `front` (the front and its JSON; numpy only), `plot` (matplotlib), `encoding` (the integer
-genotype), `problem` (the pymoo problem and repair), `run` (`evolutionary_search`, `run_search` and the mIoU
-evaluator) and `ranking` (Kendall's tau between inherited and stand-alone mIoU). The front's names load eagerly;
-the search's load on first use, so that `mpsupernet.search.front` and readers of a saved front never import pymoo.
+genotype), `problem` (the pymoo problem and repair) and `run` (`evolutionary_search`, `run_search` and the mIoU evaluator).
+The front's names load eagerly; the search's load on first use, so that `mpsupernet.search.front` and readers of a
+saved front never import pymoo. The search prices architectures with `mpsupernet.bitops.BitOpsCounter` and never
+imports training (the ranking analysis, which fine-tunes, is `benchmarks/_ranking.py`).
 """
 
-import importlib
-
+from .._lazy import lazy_attributes
 from .front import PARETO_FRONT_FORMAT_VERSION, TABLE_COLUMNS, ParetoEntry, ParetoFront, non_dominated_mask
 
 _LAZY_NAMES = {
@@ -17,8 +17,6 @@ _LAZY_NAMES = {
     "make_miou_evaluator": "run",
     "run_search": "run",
     "plot_pareto_front": "plot",
-    "RankingResult": "ranking",
-    "ranking_correlation": "ranking",
 }
 
 __all__ = [
@@ -31,11 +29,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _LAZY_NAMES:
-        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY_NAMES)

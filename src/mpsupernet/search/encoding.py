@@ -4,7 +4,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..search_space import SearchSpace, SubnetArchitecture
+from ..architecture import SubnetArchitecture
+from ..search_space import SearchSpace
 
 
 class ArchitectureEncoding:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..architecture import SubnetArchitecture
 from ..atomic import write_file_atomic
 from ..bitops import parse_budget
-from ..search_space import SubnetArchitecture
 
 PARETO_FRONT_FORMAT_VERSION = 1
 TABLE_COLUMNS = ("GBitOPs", "% of FP", "% of W8A8", "mIoU")

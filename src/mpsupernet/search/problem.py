@@ -7,8 +7,8 @@ from pymoo.core.problem import Problem
 from pymoo.core.repair import Repair
 from tqdm.auto import tqdm
 
-from ..bitops import BitOpsReport
-from ..search_space import SubnetArchitecture
+from ..architecture import SubnetArchitecture
+from ..bitops import BitOpsCounter, BitOpsReport
 from .encoding import ArchitectureEncoding
 from .front import ParetoEntry, ParetoFront
 
@@ -32,8 +32,8 @@ class _CanonicalRepair(Repair):
 class _Evaluations:
     """Prices architectures (analytically) and scores those within the budget (through `evaluate`), each once."""
 
-    def __init__(self, supernet, evaluate, max_bitops: int | None, min_bitops: int | None):
-        self.supernet = supernet
+    def __init__(self, counter: BitOpsCounter, evaluate, max_bitops: int | None, min_bitops: int | None):
+        self.counter = counter
         self.evaluate = evaluate
         self.max_bitops = max_bitops
         self.min_bitops = min_bitops
@@ -42,7 +42,7 @@ class _Evaluations:
 
     def report(self, arch: SubnetArchitecture) -> BitOpsReport:
         if arch not in self.reports:
-            self.reports[arch] = self.supernet.bitops_report(arch)
+            self.reports[arch] = self.counter.report(arch)
         return self.reports[arch]
 
     @property

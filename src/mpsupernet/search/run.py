@@ -1,6 +1,6 @@
 """Evolutionary multi-objective search over subnet architectures, and the mIoU evaluator it runs.
 
-The search minimises two objectives at once, BitOPs (analytic, free: `SamSupernetForMaskGeneration.bitops`) and
+The search minimises two objectives at once, BitOPs (analytic, free: `mpsupernet.bitops.BitOpsCounter`) and
 minus the mean IoU of a subnet on validation data (measured, expensive), with an optional BitOPs budget as a hard
 constraint. It runs pymoo's NSGA-II (or SMS-EMOA) on an integer encoding of `SubnetArchitecture`
 (`ArchitectureEncoding`) and returns a `ParetoFront`: the non-dominated architectures among all those evaluated, kept
@@ -24,9 +24,10 @@ from pymoo.operators.repair.rounding import RoundingRepair
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..bitops import format_bitops, parse_budget
+from ..bitops import BitOpsCounter, format_bitops, parse_budget
 from ..checkpoints import state_dict_sha256
-from ..search_space import SearchSpace, SubnetArchitecture
+from ..architecture import SubnetArchitecture
+from ..search_space import SearchSpace
 from .encoding import ArchitectureEncoding
 from .front import ParetoFront
 from .problem import _ArchitectureProblem, _CanonicalRepair, _checked_mean_iou, _Evaluations
@@ -102,7 +103,8 @@ def evolutionary_search(
     lockstep. Only the main process shows the progress bar and logs.
 
     Args:
-        supernet (`SamSupernetForMaskGeneration`): prices architectures (`supernet.bitops`) and defines the space.
+        supernet (`SamSupernetForMaskGeneration`): its configuration defines the space and the cost function
+            (`BitOpsCounter`); `evaluate` runs it.
         evaluate (`Callable[[SubnetArchitecture], float]`): the mean IoU of an architecture (e.g.
             `make_miou_evaluator(...)`); deterministic, for the search to be.
         population_size (`int`, *optional*, defaults to 16): architectures per generation, at least 2.
@@ -122,15 +124,16 @@ def evolutionary_search(
         `ParetoFront`: with the full-precision point, the W8A8 reference, the date and the settings in `metadata`.
     """
     _check_search_settings(algorithm, population_size, generations)
-    space: SearchSpace = supernet.search_space
-    full_precision = supernet.full_precision_subnet()
-    full_precision_report = supernet.bitops_report(full_precision)
-    max_bitops, min_bitops = _bitops_bounds(supernet, full_precision_report.total_bitops, max_bitops, min_bitops)
+    counter = BitOpsCounter(supernet.config)
+    space: SearchSpace = counter.search_space
+    full_precision = space.full_precision()
+    full_precision_report = counter.report(full_precision)
+    max_bitops, min_bitops = _bitops_bounds(counter, max_bitops, min_bitops)
     full_precision_mean_iou = None
     if evaluate_full_precision:
         full_precision_mean_iou = _checked_mean_iou(evaluate(full_precision), full_precision)
 
-    evaluations = _Evaluations(supernet, evaluate, max_bitops, min_bitops)
+    evaluations = _Evaluations(counter, evaluate, max_bitops, min_bitops)
     encoding = ArchitectureEncoding(space)
     # Integer genes through pymoo's real-valued operators plus rounding, as pymoo documents for integer variables; a
     # small distribution index (eta=3) makes steps of more than one choice likely despite the rounding.
@@ -170,7 +173,7 @@ def _front_metadata(
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "search": {
             **search,
-            "bit_granularity": supernet.search_space.config.bit_granularity,
+            "bit_granularity": supernet.config.bit_granularity,
             "num_evaluations": num_evaluations,
         },
     }
@@ -186,13 +189,14 @@ def _check_search_settings(algorithm: str, population_size: int, generations: in
 
 
 def _bitops_bounds(
-    supernet, full_precision_bitops: int, max_bitops: float | str | None, min_bitops: float | str | None
+    counter: BitOpsCounter, max_bitops: float | str | None, min_bitops: float | str | None
 ) -> tuple[int | None, int | None]:
     """The BitOPs bounds as whole numbers, checked against the cheapest and the dearest subnet."""
+    full_precision_bitops = counter.full_precision_bitops
     max_bitops = None if max_bitops is None else parse_budget(max_bitops, full_precision_bitops, name="max_bitops")
     min_bitops = None if min_bitops is None else parse_budget(min_bitops, full_precision_bitops, name="min_bitops")
-    cheapest = supernet.bitops_report(supernet.search_space.smallest()).total_bitops
-    dearest = supernet.bitops_report(supernet.search_space.largest()).total_bitops
+    cheapest = counter.bitops(counter.search_space.smallest())
+    dearest = counter.bitops(counter.search_space.largest())
     if max_bitops is not None and max_bitops < cheapest:
         raise ValueError(
             f"`max_bitops` is {max_bitops:,} but the smallest subnet costs {cheapest:,} BitOPs; no architecture fits. "
@@ -264,10 +268,10 @@ def make_miou_evaluator(
         max_batches (`int`, *optional*): evaluate on at most this many batches (per process).
 
     Returns:
-        `Callable[[SubnetArchitecture], float]`: leaves the architecture it evaluated active in the supernet.
+        `Callable[[SubnetArchitecture], float]`: the subnet active before a call is active again after it.
     """
-    # Imported here: evaluation.py pulls in the data pipeline, which the search itself does not need.
-    from ..evaluation import evaluate_mean_iou
+    # Imported here: the evaluation loops pull in the data pipeline, which the search itself does not need.
+    from ..metrics.evaluation import evaluate_mean_iou
     from ..modeling_sam_semantic import SamSupernetForSemanticSegmentation
     from ..semantic_evaluation import evaluate_class_mean_iou
 
@@ -278,13 +282,13 @@ def make_miou_evaluator(
         autocast = accelerator.autocast
 
     def evaluate(arch: SubnetArchitecture) -> float:
-        supernet.set_subnet(arch)
         with autocast():
             if isinstance(supernet, SamSupernetForSemanticSegmentation):
-                return evaluate_class_mean_iou(supernet, dataloader, max_batches=max_batches, show_progress=False)[
-                    "mean_iou"
-                ]
-            return evaluate_mean_iou(supernet, dataloader, max_batches=max_batches, show_progress=False)
+                with supernet.using_subnet(arch):
+                    return evaluate_class_mean_iou(supernet, dataloader, max_batches=max_batches, show_progress=False)[
+                        "mean_iou"
+                    ]
+            return evaluate_mean_iou(supernet, dataloader, max_batches=max_batches, show_progress=False, subnet=arch)
 
     return evaluate
 
@@ -310,8 +314,9 @@ def run_search(
     Writes `pareto_front.json` and `pareto_front.png` into `output_dir` (on the main process).
 
     Args:
-        supernet_path_or_model (`str`, `os.PathLike` or `SamSupernetForMaskGeneration`): a supernet, or a folder or
-            Hub repo id for `SamSupernetForMaskGeneration.from_pretrained`.
+        supernet_path_or_model (`str`, `os.PathLike` or `SamSupernetForMaskGeneration`): what
+            `mpsupernet.modeling_sam_supernet.load_supernet` reads: a supernet, a folder or Hub repo id of one, or a
+            shipped SAM's name (a new supernet of it).
         dataset (`datasets.Dataset`): validation examples in the standard schema (`image`, `masks`, `image_id`);
             prompts are sampled by `SamSegmentationPreprocessor` with `seed`, the same for every architecture. A
             semantic supernet takes the semantic schema (`image`, `annotation`) and is scored by class mIoU.
@@ -337,7 +342,9 @@ def run_search(
     ):
         # 0 would evaluate nothing: every architecture's mean IoU would be NaN, refused only at the first one.
         raise ValueError(f"`max_eval_batches` must be a positive integer or None, got {max_eval_batches!r}.")
-    supernet = _load_supernet(supernet_path_or_model)
+    from ..modeling_sam_supernet import load_supernet
+
+    supernet = load_supernet(supernet_path_or_model, seed=seed)
     semantic = isinstance(supernet, SamSupernetForSemanticSegmentation)
     check_dataset_task(dataset, "dataset", semantic)
     if accelerator is None:
@@ -372,22 +379,3 @@ def run_search(
         front.plot(output_dir / "pareto_front.png", budgets=budgets)
     accelerator.wait_for_everyone()
     return front
-
-
-def _load_supernet(supernet_path_or_model):
-    from transformers import PretrainedConfig
-
-    from ..modeling_sam_semantic import SamSupernetForSemanticSegmentation
-    from ..modeling_sam_supernet import SamSupernetForMaskGeneration
-
-    if isinstance(supernet_path_or_model, (str, os.PathLike)):
-        model_type = PretrainedConfig.get_config_dict(supernet_path_or_model)[0].get("model_type")
-        semantic = model_type == SamSupernetForSemanticSegmentation.config_class.model_type
-        model_class = SamSupernetForSemanticSegmentation if semantic else SamSupernetForMaskGeneration
-        return model_class.from_pretrained(supernet_path_or_model)
-    if isinstance(supernet_path_or_model, SamSupernetForMaskGeneration):
-        return supernet_path_or_model
-    raise TypeError(
-        "`supernet_path_or_model` must be a SamSupernetForMaskGeneration, a folder or a Hub repo id, got "
-        f"{type(supernet_path_or_model).__name__}: {supernet_path_or_model!r}."
-    )

@@ -1,7 +1,7 @@
 """Supernet training: losses, the sandwich rule with progressive bit-widths, the Trainer and the Accelerate loop."""
 
 from .arguments import SUPERNET_OPTIONS, SupernetTrainingArguments
-from .loop import arguments_from_keywords, train_supernet
+from .loop import train_supernet
 from .losses import (
     DISTILLATION_KINDS,
     SamLossOutput,
@@ -19,12 +19,10 @@ from .policies import (
     quantizer_parameter_groups,
     split_quantizer_groups,
 )
-from .sampling import (
+from .sampling import FixedArchitectureSampler, ProgressiveBitsSchedule, SandwichSampler
+from .step import (
     DISTILLATION_TEACHERS,
     QUANTIZER_LR_SCALE,
-    FixedArchitectureSampler,
-    ProgressiveBitsSchedule,
-    SandwichSampler,
     SandwichStepOutput,
     check_distillation,
     check_distributed_support,
@@ -50,7 +48,6 @@ __all__ = [
     "SubnetLossWindow",
     "SupernetTrainer",
     "SupernetTrainingArguments",
-    "arguments_from_keywords",
     "calibrate_from_dataset",
     "check_distillation",
     "check_distributed_support",

@@ -2,9 +2,10 @@
 
 from dataclasses import dataclass, field, fields
 
+import torch
 from transformers import TrainingArguments
 
-from .sampling import QUANTIZER_LR_SCALE, check_distillation
+from .step import QUANTIZER_LR_SCALE, check_distillation
 
 
 @dataclass
@@ -14,7 +15,9 @@ class SupernetTrainingArguments(TrainingArguments):
     `SupernetTrainer` and `train_supernet` read the same object, so an option means the same in both. Two
     `TrainingArguments` defaults change for this model: `remove_unused_columns=False` (the preprocessing transform
     needs the raw columns, and `ground_truth_masks` is no forward argument) and `ddp_find_unused_parameters=True`
-    (each subnet leaves some trained parameters unused).
+    (each subnet leaves some trained parameters unused). And `use_cpu` is set on a machine without an accelerator
+    (CUDA, XPU or MPS): it changes nothing there but how Accelerate is set up, which DeepSpeed on several CPU
+    processes needs.
 
     Args:
         num_random_subnets (`int`, *optional*, defaults to 2): random subnets per step, besides the largest and the
@@ -57,6 +60,10 @@ class SupernetTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if not self.use_cpu and not _has_accelerator():
+            # Without it, TrainingArguments sets Accelerate up as one process under a DeepSpeed launch on CPUs
+            # (Accelerate 1.16), and the Accelerator built after it configures DeepSpeed for one process of many.
+            self.use_cpu = True
         super().__post_init__()
         if not isinstance(self.num_random_subnets, int) or isinstance(self.num_random_subnets, bool):
             raise ValueError(f"`num_random_subnets` must be a non-negative integer, got {self.num_random_subnets!r}.")
@@ -94,6 +101,11 @@ class SupernetTrainingArguments(TrainingArguments):
             return args
         values = {item.name: getattr(args, item.name) for item in fields(args) if item.init}
         return cls(**{**values, **supernet_options})
+
+
+def _has_accelerator() -> bool:
+    """Whether torch sees a device other than the CPU (CUDA, XPU or MPS) that `TrainingArguments` would choose."""
+    return torch.cuda.is_available() or torch.xpu.is_available() or torch.backends.mps.is_available()
 
 
 SUPERNET_OPTIONS = tuple(

@@ -31,7 +31,8 @@ from ..data.processing import SamSegmentationPreprocessor, collate_fn, remove_ex
 from ..data.semantic import SemanticSegmentationPreprocessor, check_dataset_task
 from ..modeling_sam_semantic import SamSupernetForSemanticSegmentation
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
-from .arguments import SUPERNET_OPTIONS, SupernetTrainingArguments
+from .arguments import SupernetTrainingArguments
+from .engine import check_engine
 from .policies import (
     SubnetLossWindow,
     calibrate_from_dataset,
@@ -49,7 +50,7 @@ from .resume import (
     load_state,
     resolve_checkpoint,
 )
-from .sampling import check_distributed_support, evaluate_subnets, supernet_training_step
+from .step import check_distributed_support, evaluate_subnets, supernet_training_step
 
 
 logger = logging.get_logger(__name__)
@@ -95,74 +96,6 @@ def _micro_batches(accelerator: Accelerator, dataloader, preprocessor: SamSegmen
         epoch, skip = epoch + 1, 0
 
 
-# The keyword arguments of train_supernet before `SupernetTrainingArguments`, kept for one release.
-_KEYWORD_ARGUMENTS = (
-    "output_dir",
-    "max_steps",
-    "learning_rate",
-    "batch_size",
-    "warmup_ratio",
-    "gradient_accumulation_steps",
-    "mixed_precision",
-    "gradient_checkpointing",
-    "seed",
-    "resume_from_checkpoint",
-    "save_steps",
-    "log_steps",
-    "max_grad_norm",
-    *SUPERNET_OPTIONS,
-)
-_REQUIRED_KEYWORD_ARGUMENTS = ("output_dir", "max_steps", "learning_rate", "batch_size")
-_MIXED_PRECISION = ("no", "bf16", "fp16")
-
-
-def arguments_from_keywords(**kwargs) -> SupernetTrainingArguments:
-    """The `SupernetTrainingArguments` of `train_supernet`'s keyword arguments (the form before the object).
-
-    `batch_size` sets the train and eval batch sizes, `warmup_ratio` the (fractional) `warmup_steps`,
-    `mixed_precision` `bf16` or `fp16`, `save_steps` (or `None`) the `save_strategy`, `log_steps` `logging_steps`,
-    `gradient_checkpointing` `activation_checkpointing`;
-    the other names are fields of the object. Defaults are those `train_supernet` always had.
-
-    Raises:
-        `TypeError`: naming an unknown or a missing required argument.
-        `ValueError`: for a `warmup_ratio` outside [0, 1) or an unknown `mixed_precision`.
-    """
-    unknown = sorted(set(kwargs) - set(_KEYWORD_ARGUMENTS))
-    if unknown:
-        raise TypeError(
-            f"train_supernet() got unexpected keyword argument(s) {unknown}; allowed: {_KEYWORD_ARGUMENTS}."
-        )
-    missing = [name for name in _REQUIRED_KEYWORD_ARGUMENTS if name not in kwargs]
-    if missing:
-        raise TypeError(f"train_supernet() needs `args` or the keyword argument(s) {missing}.")
-    warmup_ratio = kwargs.pop("warmup_ratio", 0.05)
-    if not 0 <= warmup_ratio < 1:
-        raise ValueError(f"`warmup_ratio` must be in [0, 1), got {warmup_ratio!r}.")
-    mixed_precision = kwargs.pop("mixed_precision", "no")
-    if mixed_precision not in _MIXED_PRECISION:
-        raise ValueError(f"`mixed_precision` must be one of {_MIXED_PRECISION}, got {mixed_precision!r}.")
-    batch_size = kwargs.pop("batch_size")
-    save_steps = kwargs.pop("save_steps", None)
-    return SupernetTrainingArguments(
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        warmup_steps=warmup_ratio,
-        bf16=mixed_precision == "bf16",
-        fp16=mixed_precision == "fp16",
-        # TrainingArguments refuses bf16 on a machine without an accelerator unless told it runs on the CPU.
-        use_cpu=mixed_precision == "bf16" and not torch.cuda.is_available(),
-        save_strategy="no" if save_steps is None else "steps",
-        save_steps=500 if save_steps is None else save_steps,
-        logging_steps=kwargs.pop("log_steps", 10),
-        activation_checkpointing=kwargs.pop("gradient_checkpointing", False),
-        lr_scheduler_type="linear",
-        weight_decay=0.0,
-        report_to="none",
-        **kwargs,
-    )
-
-
 def _absolute_steps(value: float, max_steps: int) -> int:
     """A `TrainingArguments` step count: a share of `max_steps` below 1, else a number of steps (as `Trainer`)."""
     return math.ceil(max_steps * value) if 0 < value < 1 else int(value)
@@ -191,10 +124,9 @@ def train_supernet(
     model: SamSupernetForMaskGeneration,
     train_dataset: Dataset,
     eval_dataset: Dataset | None = None,
-    args: SupernetTrainingArguments | None = None,
     *,
+    args: SupernetTrainingArguments,
     preprocessor: SamSegmentationPreprocessor | SemanticSegmentationPreprocessor | None = None,
-    **kwargs,
 ) -> dict:
     """Trains a supernet with the sandwich rule in an Accelerate loop and saves it with `save_pretrained`.
 
@@ -223,15 +155,12 @@ def train_supernet(
             a dataset of the other task is refused.
         eval_dataset (`datasets.Dataset`, *optional*): the same schema; if given, the mean mask IoU (semantic: the
             dataset-level class mIoU) of the largest and the smallest subnets is measured before and after training.
-        args (`SupernetTrainingArguments`, *optional*): the run's settings, as for `SupernetTrainer`.
+        args (`SupernetTrainingArguments`): the run's settings, as for `SupernetTrainer` (any `TrainingArguments`
+            is read as `SupernetTrainingArguments` with the default supernet options).
         preprocessor (`SamSegmentationPreprocessor`, *optional*): how examples become prompts and targets; defaults
             to box prompts, 4 per image, seeded with `seed` (for a `SamSupernetForSemanticSegmentation`, a
-            `SemanticSegmentationPreprocessor`: images and label maps, no prompts). Evaluation uses a copy of it fixed at epoch 0.
-        kwargs: instead of `args`, deprecated and kept for one release: `output_dir`, `max_steps`, `learning_rate`,
-            `batch_size` (required), `warmup_ratio` (0.05), `gradient_accumulation_steps` (1), `mixed_precision`
-            (`"no"`, `"bf16"` or `"fp16"`), `gradient_checkpointing` (`False`), `seed` (0), `resume_from_checkpoint`,
-            `save_steps` (`None`: no checkpoints), `log_steps` (10), `max_grad_norm` (1.0) and the supernet options
-            (see `arguments_from_keywords`).
+            `SemanticSegmentationPreprocessor`: images and label maps, no prompts). Evaluation uses a copy of it
+            fixed at epoch 0.
 
     Returns:
         `dict`: `steps` (optimizer steps reached), `resumed_from_step`, `seconds` (training time of this call),
@@ -239,11 +168,7 @@ def train_supernet(
         `mean_iou_after` (`{"largest": ..., "smallest": ...}`, or `None` without `eval_dataset`), `log_history`
         (the logged losses) and `output_dir`.
     """
-    if args is not None and kwargs:
-        raise TypeError(f"Give train_supernet either `args` or keyword arguments, not both (got {sorted(kwargs)}).")
-    if args is None:
-        args = arguments_from_keywords(**kwargs)
-    elif not isinstance(args, SupernetTrainingArguments):
+    if not isinstance(args, SupernetTrainingArguments):
         args = SupernetTrainingArguments.from_training_arguments(args)
     if not isinstance(model, SamSupernetForMaskGeneration):
         raise TypeError(f"train_supernet trains a SamSupernetForMaskGeneration, got {type(model).__name__}.")
@@ -304,6 +229,7 @@ class _AccelerateLoop:
             ),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        check_engine(self.accelerator)
         set_seed(args.seed)
         self.model = model
         self.supernet = model

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..metrics import mask_iou
+from ..metrics.mask import mask_iou
 
 
 DISTILLATION_KINDS = ("kl", "mse")

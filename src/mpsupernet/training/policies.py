@@ -9,12 +9,13 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..architecture import SubnetArchitecture
 from ..data import dataset_name
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from ..quantization import collapsed_step_sizes
-from ..search_space import SubnetArchitecture
 from .arguments import SupernetTrainingArguments
-from .sampling import FixedArchitectureSampler, SandwichSampler, is_quantizer_parameter
+from .sampling import FixedArchitectureSampler, SandwichSampler
+from .step import is_quantizer_parameter
 
 
 logger = logging.get_logger(__name__)

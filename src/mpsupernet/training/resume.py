@@ -16,20 +16,17 @@ from pathlib import Path
 from transformers.utils import logging
 
 from ..atomic import (
-    STAGING_MARKER,
     apply_default_permissions,
     make_staging_directory,
     move_into_place,
     remove_stale_staging,
     write_file_atomic,
 )
-from ..checkpoints import file_sha256
+from ..integrity import file_sha256
+from ..layout import CHECKPOINT_COMPLETE_NAME, CHECKPOINT_PREFIX, STAGING_MARKER, TRAINING_STATE_NAME
 
 logger = logging.get_logger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint"
-COMPLETE_NAME = "checkpoint_complete.json"
-STATE_NAME = "training_state.json"
 CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 
 
@@ -39,9 +36,9 @@ def mark_complete(folder: str | os.PathLike, step: int) -> None:
     digests = {
         path.relative_to(folder).as_posix(): file_sha256(path)
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != COMPLETE_NAME
+        if path.is_file() and path.name != CHECKPOINT_COMPLETE_NAME
     }
-    write_file_atomic(folder / COMPLETE_NAME, json.dumps({"step": step, "sha256": digests}, indent=2) + "\n")
+    write_file_atomic(folder / CHECKPOINT_COMPLETE_NAME, json.dumps({"step": step, "sha256": digests}, indent=2) + "\n")
 
 
 def incompleteness(folder: str | os.PathLike) -> str | None:
@@ -50,17 +47,17 @@ def incompleteness(folder: str | os.PathLike) -> str | None:
     if not folder.is_dir():
         return "it is not a folder"
     try:
-        digests = json.loads((folder / COMPLETE_NAME).read_text(encoding="utf-8"))["sha256"]
+        digests = json.loads((folder / CHECKPOINT_COMPLETE_NAME).read_text(encoding="utf-8"))["sha256"]
     except FileNotFoundError:
-        return f"it has no {COMPLETE_NAME}: its save was interrupted, or an older mpsupernet wrote it"
+        return f"it has no {CHECKPOINT_COMPLETE_NAME}: its save was interrupted, or an older mpsupernet wrote it"
     except (OSError, ValueError, KeyError, TypeError):
-        return f"its {COMPLETE_NAME} cannot be read"
+        return f"its {CHECKPOINT_COMPLETE_NAME} cannot be read"
     if not isinstance(digests, dict):
-        return f"its {COMPLETE_NAME} cannot be read"
+        return f"its {CHECKPOINT_COMPLETE_NAME} cannot be read"
     for name, expected in digests.items():
         path = folder / name
         if ".." in Path(name).parts or Path(name).is_absolute():
-            return f"its {COMPLETE_NAME} names {name!r}, outside the checkpoint"
+            return f"its {CHECKPOINT_COMPLETE_NAME} names {name!r}, outside the checkpoint"
         if not path.is_file():
             return f"{name} is missing"
         if file_sha256(path) != expected:
@@ -132,7 +129,7 @@ def finish_checkpoint(target: str | os.PathLike, step: int, state: dict) -> Path
     """
     target, staging = Path(target), checkpoint_staging(target)
     apply_default_permissions(staging)
-    write_file_atomic(staging / STATE_NAME, json.dumps(state, indent=2) + "\n")
+    write_file_atomic(staging / TRAINING_STATE_NAME, json.dumps(state, indent=2) + "\n")
     mark_complete(staging, step)
     if target.exists():
         # Moved aside under a staging name, so that a kill right here leaves it to be cleaned up, not resumed from.
@@ -147,12 +144,11 @@ def finish_checkpoint(target: str | os.PathLike, step: int, state: dict) -> Path
 
 def load_state(checkpoint: str | os.PathLike) -> dict:
     """The loop's own state saved in a checkpoint (`training_state.json`)."""
-    return json.loads((Path(checkpoint) / STATE_NAME).read_text(encoding="utf-8"))
+    return json.loads((Path(checkpoint) / TRAINING_STATE_NAME).read_text(encoding="utf-8"))
 
 
 __all__ = [
     "CHECKPOINT_PREFIX",
-    "COMPLETE_NAME",
     "begin_checkpoint",
     "finish_checkpoint",
     "incompleteness",

@@ -60,7 +60,7 @@ def semantic_training_step(
     Returns:
         `SandwichStepOutput` with each subnet's (detached, unscaled) losses.
     """
-    from .sampling import SandwichStepOutput
+    from .step import SandwichStepOutput
 
     check_semantic_batch(batch)
     supernet = accelerator.unwrap_model(model)

@@ -14,8 +14,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 from ..data.processing import SamSegmentationPreprocessor, collate_fn
+from ..layout import CARD_NAME
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from .arguments import SUPERNET_OPTIONS, SupernetTrainingArguments
+from .engine import check_engine
 from .policies import (
     SubnetLossWindow,
     calibrate_from_dataset,
@@ -26,7 +28,7 @@ from .policies import (
     warn_collapsed_steps,
 )
 from .resume import mark_complete, resolve_checkpoint
-from .sampling import (
+from .step import (
     check_distributed_support,
     check_batch_for,
     evaluate_subnets,
@@ -109,7 +111,7 @@ class SupernetTrainer(Trainer):
                 raise ValueError(
                     f"SupernetTrainer does not call `{name}`: its `evaluate` measures the mean mask IoU of the largest "
                     "and the smallest subnets. For other metrics or subnets, run "
-                    "`mpsupernet.training.evaluate_subnets` (or `mpsupernet.evaluation`) on the trained supernet."
+                    "`mpsupernet.training.evaluate_subnets` (or `mpsupernet.metrics`) on the trained supernet."
                 )
         for name in ("train_dataset", "eval_dataset"):
             _check_preprocessed(kwargs.get(name), name)
@@ -126,6 +128,7 @@ class SupernetTrainer(Trainer):
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = True
         super().__init__(model=model, args=args, data_collator=data_collator or collate_fn, **kwargs)
+        check_engine(self.accelerator, args)
         self.sampler = make_sandwich_sampler(model, args)
         self._subnet_losses = SubnetLossWindow()
         self.add_callback(PromptEpochCallback(self))
@@ -204,7 +207,7 @@ class SupernetTrainer(Trainer):
             repo_id=self.hub_model_id,
             license=kwargs.get("license") or "apache-2.0",
         )
-        card.save(os.path.join(self.args.output_dir, "README.md"))
+        card.save(os.path.join(self.args.output_dir, CARD_NAME))
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The parent's choice (no biases, no norms) without the quantizers' step sizes and offsets."""

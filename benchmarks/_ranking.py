@@ -14,9 +14,10 @@ from pathlib import Path
 
 from scipy.stats import kendalltau
 
-from ..architecture import SubnetArchitecture
-from ..evaluation import evaluate_dataset_mean_iou
-from ..training import train_supernet
+from mpsupernet.architecture import SubnetArchitecture
+from mpsupernet.bitops import BitOpsCounter
+from mpsupernet.metrics import evaluate_dataset_mean_iou
+from mpsupernet.training import SupernetTrainingArguments, train_supernet
 
 
 @dataclass
@@ -89,16 +90,17 @@ def ranking_correlation(
         folder = Path(output_dir) if output_dir is not None else Path(scratch)
         inherited, standalone = [], []
         for index, arch in enumerate(archs):
-            inherited.append(_mean_iou(supernet, arch, eval_dataset, seed))
+            inherited.append(evaluate_dataset_mean_iou(supernet, eval_dataset, seed=seed, subnet=arch))
             folder_of_arch = folder / f"arch_{index}"
             tuned = _fine_tune(
                 supernet, arch, train_dataset, fine_tune_steps, learning_rate, batch_size, seed, folder_of_arch
             )
-            standalone.append(_mean_iou(tuned, arch, eval_dataset, seed))
+            standalone.append(evaluate_dataset_mean_iou(tuned, eval_dataset, seed=seed, subnet=arch))
     tau, p_value = kendalltau(inherited, standalone)
+    counter = BitOpsCounter(supernet.config)
     return RankingResult(
         architectures=[arch.to_dict() for arch in archs],
-        bitops=[supernet.bitops_report(arch).total_bitops for arch in archs],
+        bitops=[counter.bitops(arch) for arch in archs],
         inherited_mean_iou=inherited,
         standalone_mean_iou=standalone,
         kendall_tau=float(tau),
@@ -110,24 +112,22 @@ def ranking_correlation(
 def _fine_tune(supernet, arch, dataset, steps, learning_rate, batch_size, seed, output_dir):
     """A copy of `supernet` trained on `arch` alone (its other subnets are left as the copy had them)."""
     tuned = copy.deepcopy(supernet)
-    train_supernet(
-        tuned,
-        dataset,
-        output_dir=output_dir,
+    args = SupernetTrainingArguments(
+        output_dir=str(output_dir),
         max_steps=steps,
         learning_rate=learning_rate,
-        batch_size=batch_size,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        warmup_steps=0.05,
+        logging_steps=max(steps // 5, 1),
+        save_strategy="no",
+        report_to="none",
         seed=seed,
         fixed_architecture=arch.to_dict(),
         distillation=None,
-        log_steps=max(steps // 5, 1),
     )
+    train_supernet(tuned, dataset, args=args)
     return tuned.eval()
-
-
-def _mean_iou(model, arch, dataset, seed: int) -> float:
-    with model.using_subnet(arch):
-        return evaluate_dataset_mean_iou(model.eval(), dataset, seed=seed)
 
 
 __all__ = ["RankingResult", "ranking_correlation"]

@@ -1,8 +1,8 @@
 """Mask IoU of promptable segmentation and a mean-IoU metric that syncs across processes (torch only).
 
 IoU is computed at the resolution of SAM's `pred_masks`: `SamSegmentationPreprocessor` gives `ground_truth_masks`
-in that very frame, so no upsampling is needed. The losses and the search use this module; dataset evaluation, which
-needs `datasets` and PIL, is `mpsupernet.evaluation`.
+in that very frame, so no upsampling is needed. The losses, the export check and the evaluation loops
+(`mpsupernet.metrics.evaluation`) use this module; the `mask_iou` evaluation module computes with it too.
 """
 
 import torch

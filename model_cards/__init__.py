@@ -1,1 +1,0 @@
-"""Model card templates, rendered with huggingface_hub.ModelCard."""
