@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -38,7 +37,7 @@ from mpsupernet.demo import BATCH_SIZE, LEARNING_RATE
 from mpsupernet.demo_semantic import SEMANTIC_DEMO_SAM, SEMANTIC_TRAIN_STEPS
 from mpsupernet.pretrained import load_sam
 from mpsupernet.runtime import cpu_model
-from mpsupernet.semantic_evaluation import ClassConfusionMatrix, class_predictions, evaluate_dataset_class_mean_iou
+from mpsupernet.metrics import SemanticAreas, evaluate_dataset_semantic_mean_iou
 
 NAME = "semantic_quality"
 BUDGET_SHARES = (0.03, 0.05, 0.10)
@@ -91,17 +90,17 @@ def train(model, splits: dict, args: argparse.Namespace, seed: int, output_dir: 
 
 
 def subnet_test_miou(supernet, arch, test) -> float:
-    with supernet.using_subnet(arch):
-        return evaluate_dataset_class_mean_iou(supernet, test)["mean_iou"]
+    return evaluate_dataset_semantic_mean_iou(supernet, test, subnet=arch)["mean_iou"]
 
 
 def onnx_test_miou(model, test, config) -> float:
     """Class mIoU of an ONNX model (`OnnxSamForSemanticSegmentation`) on the test split."""
-    metric = ClassConfusionMatrix(config.num_labels, config.semantic_loss_ignore_index)
+    metric = SemanticAreas(config.num_labels, config.semantic_loss_ignore_index)
     loader = DataLoader(test.with_transform(SemanticSegmentationPreprocessor(config)), batch_size=8, collate_fn=collate_fn)
     for batch in loader:
         logits = torch.from_numpy(model(pixel_values=batch["pixel_values"].numpy()).logits)
-        metric.update(class_predictions(logits, batch["labels"].shape[-2:]), batch["labels"])
+        logits = torch.nn.functional.interpolate(logits, size=batch["labels"].shape[-2:], mode="bilinear")
+        metric.update(logits.argmax(dim=1).numpy(), batch["labels"].numpy())
     return metric.compute()["mean_iou"]
 
 

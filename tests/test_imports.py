@@ -17,7 +17,6 @@ MAX_LINES = 600
 # What issue 23's persistence work (the hub/ package, one writer) removes; each has a strict xfail below, which fails
 # once it is gone, so that these lines are deleted with it.
 KNOWN_CYCLE_EDGE = ("mpsupernet.modeling_sam_subnet", "mpsupernet.export")  # subnet.export_onnx -> export/ -> subnet
-KNOWN_LONG_MODULES = {"mpsupernet.hub"}
 
 
 def module_names() -> dict[str, Path]:
@@ -129,15 +128,7 @@ def test_the_search_package_does_not_import_training():
     assert not {name for name in reached if name.startswith(f"{PACKAGE}.training")}
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="split by issue 23 (hub/)"))
-        if name in KNOWN_LONG_MODULES
-        else name
-        for name in sorted(module_names())
-    ],
-)
+@pytest.mark.parametrize("name", sorted(module_names()))
 def test_no_module_is_over_the_line_limit(name):
     lines = module_names()[name].read_text(encoding="utf-8").count("\n")
     assert lines <= MAX_LINES, f"{name} has {lines} lines; split it by role (at most {MAX_LINES})."

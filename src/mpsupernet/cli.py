@@ -158,12 +158,11 @@ def cmd_convert(args) -> None:
 
 
 def _supernet_option(path: str, seed: int = 0, task: str = "promptable", num_labels: int | None = None):
-    """The supernet `--supernet` names (see `load_supernet`), or a `SourceError` naming the option. A shipped SAM
+    """The supernet `--supernet` names (see `mpsupernet.tasks.load_task_supernet`), or a `SourceError` naming the option. A shipped SAM
     becomes a new supernet of `task` (for `"semantic"`, with `num_labels` classes, by default the synthetic
     dataset's); a saved supernet must be of `task`."""
-    from .modeling_sam_supernet import load_supernet
     from .pretrained import shipped_sam_name
-    from .tasks import is_semantic
+    from .tasks import is_semantic, load_task_supernet
 
     if task == "semantic" and shipped_sam_name(path) is not None:
         from transformers import set_seed
@@ -176,7 +175,7 @@ def _supernet_option(path: str, seed: int = 0, task: str = "promptable", num_lab
         classes = {"num_labels": num_labels} if num_labels else {"id2label": SYNTHETIC_SEMANTIC_ID2LABEL}
         return SamSupernetForSemanticSegmentation.from_sam(load_sam(shipped_sam_name(path)), **classes)
     with loading("--supernet", path, shipped_sams=True):
-        supernet = load_supernet(path, seed)
+        supernet = load_task_supernet(path, seed)
     if is_semantic(supernet.config) != (task == "semantic"):
         found = "semantic" if is_semantic(supernet.config) else "promptable"
         raise ValueError(f"--supernet {path!r} is a {found} supernet, but --task is {task!r}; give --task {found}.")

@@ -17,7 +17,7 @@ from .demo import check_demo_settings, finish_demo, pick_tier_budgets, train_and
 from .hub import save_tiers
 from .modeling_sam_semantic import SamSupernetForSemanticSegmentation
 from .pretrained import load_sam
-from .semantic_evaluation import evaluate_dataset_class_mean_iou
+from .metrics.evaluation import evaluate_dataset_semantic_mean_iou
 
 SEMANTIC_DEMO_SAM = "shapes-sam"
 """The shipped SAM the semantic demo starts from: the one pretrained on the package's shapes (whose classes the demo
@@ -72,7 +72,7 @@ def run_semantic_demo(
     print(f"[4/5] Extracting tiers under {', '.join(f'{n}: {format_bitops(b)}' for n, b in budgets.items())}")
     tiers = {name: supernet.extract_subnet(budget, pareto_front=front) for name, budget in budgets.items()}
     mean_ious = {
-        name: evaluate_dataset_class_mean_iou(tier, splits["validation"])["mean_iou"] for name, tier in tiers.items()
+        name: evaluate_dataset_semantic_mean_iou(tier, splits["validation"])["mean_iou"] for name, tier in tiers.items()
     }
     manifest = save_tiers(tiers, output / "tiers", mean_ious=mean_ious, export_onnx=export_onnx)
 

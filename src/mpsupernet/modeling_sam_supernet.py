@@ -310,8 +310,7 @@ def load_supernet(
         supernet (`str`, `os.PathLike` or `SamSupernetForMaskGeneration`): a supernet (returned as it is); the name
             of a SAM shipped in the package (`mpsupernet.pretrained.SHIPPED_SAM_NAMES`; a folder of that name here is
             read as the folder), which becomes a new supernet with the default configuration; or a folder or Hub id of
-            a saved supernet (`SamSupernetForMaskGeneration.from_pretrained`, or
-            `SamSupernetForSemanticSegmentation.from_pretrained` for a semantic one).
+            a saved supernet (`SamSupernetForMaskGeneration.from_pretrained`).
         seed (`int`, *optional*, defaults to 0): seeds the new supernet's adapters, which are initialised from
             torch's global generator (seeded per process at random otherwise).
 
@@ -331,14 +330,6 @@ def load_supernet(
         )
     name = shipped_sam_name(supernet)
     if name is None:
-        from transformers import PretrainedConfig
-
-        from .tasks import is_semantic
-
-        if is_semantic(PretrainedConfig.get_config_dict(supernet)[0]):
-            from .modeling_sam_semantic import SamSupernetForSemanticSegmentation
-
-            return SamSupernetForSemanticSegmentation.from_pretrained(supernet)
         return SamSupernetForMaskGeneration.from_pretrained(supernet)
     set_seed(seed)
     return SamSupernetForMaskGeneration.from_sam(load_sam(name))

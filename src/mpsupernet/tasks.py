@@ -37,6 +37,28 @@ def subnet_class(config):
     return SamSubnetForMaskGeneration
 
 
+def load_task_supernet(supernet, seed: int = 0):
+    """`mpsupernet.modeling_sam_supernet.load_supernet`, but a saved semantic supernet (a folder or Hub id whose
+    `config.json` has a semantic `model_type`) loads as `SamSupernetForSemanticSegmentation`.
+
+    Raises:
+        `OSError`: from reading the config of a folder or Hub id that holds none, as `load_supernet`.
+    """
+    import os
+
+    from transformers import PretrainedConfig
+
+    from .modeling_sam_supernet import load_supernet
+    from .pretrained import shipped_sam_name
+
+    if isinstance(supernet, (str, os.PathLike)) and shipped_sam_name(supernet) is None:
+        if is_semantic(PretrainedConfig.get_config_dict(supernet)[0]):
+            from .modeling_sam_semantic import SamSupernetForSemanticSegmentation
+
+            return SamSupernetForSemanticSegmentation.from_pretrained(supernet)
+    return load_supernet(supernet, seed)
+
+
 def onnx_model_class(config):
     """The torch-free class that runs the ONNX export of a subnet with this configuration."""
     if is_semantic(config):
@@ -48,4 +70,4 @@ def onnx_model_class(config):
     return OnnxSamModel
 
 
-__all__ = ["PIPELINE_TAGS", "SEMANTIC_MODEL_TYPES", "is_semantic", "onnx_model_class", "pipeline_tag", "subnet_class"]
+__all__ = ["PIPELINE_TAGS", "SEMANTIC_MODEL_TYPES", "is_semantic", "load_task_supernet", "onnx_model_class", "pipeline_tag", "subnet_class"]

@@ -475,7 +475,7 @@ def _verify(subnet, staging: Path, report: OnnxExportReport) -> None:
 
 def _verify_semantic(subnet, staging: Path, sample: dict, report: OnnxExportReport) -> None:
     from ..runtime_semantic import OnnxSamForSemanticSegmentation
-    from ..semantic_evaluation import ClassConfusionMatrix
+    from ..metrics.semantic import SemanticAreas
 
     model = OnnxSamForSemanticSegmentation.from_pretrained(staging)
     pixel_values = sample["pixel_values"]
@@ -488,8 +488,8 @@ def _verify_semantic(subnet, staging: Path, sample: dict, report: OnnxExportRepo
     report.embedding_mean_abs_error = float(error.mean())
     report.embedding_max_abs_error = float(error.max())
     report.subnet_embedding_scale = float(np.abs(reference_embeddings).mean())
-    agreement = ClassConfusionMatrix(subnet.config.num_labels)
-    agreement.update(torch.from_numpy(logits).argmax(dim=1), reference.argmax(dim=1))
-    report.mask_iou = agreement.compute()["mean_iou"]
+    agreement = SemanticAreas(subnet.config.num_labels)
+    agreement.update(logits.argmax(axis=1), reference.argmax(dim=1).numpy())
+    report.mask_iou = float(agreement.compute()["mean_iou"])
     report.num_sample_images = len(pixel_values)
     report.integer_matmul_nodes = count_integer_matmuls(staging / VISION_ENCODER_NAME)

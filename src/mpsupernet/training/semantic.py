@@ -48,7 +48,7 @@ def semantic_training_step(
     distillation_kind: str = "kl",
     distillation_weight: float = 1.0,
     backward_kwargs: dict | None = None,
-):
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Trains the sandwich on one batch of images and label maps, as `supernet_training_step` does for prompts.
 
     For each subnet in order: activate it, compute its class logits and its loss (`0.2 * CE + 0.8 * Dice`, ignored
@@ -58,10 +58,9 @@ def semantic_training_step(
     runs under `defer_gradient_sync` (see `supernet_training_step`).
 
     Returns:
-        `SandwichStepOutput` with each subnet's (detached, unscaled) losses.
+        `tuple[dict, dict]`: each subnet's (detached, unscaled) total loss and distillation loss, by name (the
+        fields of `SandwichStepOutput`).
     """
-    from .step import SandwichStepOutput
-
     check_semantic_batch(batch)
     supernet = accelerator.unwrap_model(model)
     pixel_values, labels = batch["pixel_values"], batch["labels"]
@@ -87,7 +86,7 @@ def semantic_training_step(
                 loss = loss + distillation_weight * distilled
             accelerator.backward(loss * loss_scale, **(backward_kwargs or {}))
         losses[name] = loss.detach()
-    return SandwichStepOutput(losses=losses, distillation_losses=distillation_losses)
+    return losses, distillation_losses
 
 
 __all__ = ["check_semantic_batch", "class_distillation_loss", "semantic_training_step"]

@@ -205,7 +205,7 @@ def supernet_training_step(
     supernet = accelerator.unwrap_model(model)
     _check_step_inputs(supernet, batch, archs, distillation, distillation_kind)
     if isinstance(supernet, SamSupernetForSemanticSegmentation):
-        return semantic_training_step(
+        losses, distillation_losses = semantic_training_step(
             model,
             batch,
             archs,
@@ -217,6 +217,7 @@ def supernet_training_step(
             distillation_weight=distillation_weight,
             backward_kwargs=backward_kwargs,
         )
+        return SandwichStepOutput(losses=losses, distillation_losses=distillation_losses)
     inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
     targets = batch["ground_truth_masks"]
     teacher_logits = None
@@ -261,9 +262,11 @@ def evaluate_subnets(
         `dict[str, float]`: the mean IoU of each subnet.
     """
     if isinstance(model, SamSupernetForSemanticSegmentation):
+        # A class head has no prompts, so it takes no `multimask_output`.
+        kwargs = {key: value for key, value in evaluate_kwargs.items() if key != "multimask_output"}
         return {
             name: evaluate_semantic_mean_iou(
-                model, dataloader, subnet=arch, description=f"class mIoU of the {name} subnet", **evaluate_kwargs
+                model, dataloader, subnet=arch, description=f"class mIoU of the {name} subnet", **kwargs
             )["mean_iou"]
             for name, arch in archs.items()
         }
