@@ -14,9 +14,6 @@ import pytest
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "mpsupernet"
 MAX_LINES = 600
-# What issue 23's persistence work (the hub/ package, one writer) removes; each has a strict xfail below, which fails
-# once it is gone, so that these lines are deleted with it.
-KNOWN_CYCLE_EDGE = ("mpsupernet.modeling_sam_subnet", "mpsupernet.export")  # subnet.export_onnx -> export/ -> subnet
 
 
 def module_names() -> dict[str, Path]:
@@ -104,14 +101,6 @@ def test_the_graph_reader_resolves_relative_and_function_level_imports(tmp_path,
     assert find_cycle({"x": {"y"}, "y": set()}) is None
 
 
-def test_the_package_has_no_import_cycle_but_the_known_one():
-    graph = import_graph()
-    graph[KNOWN_CYCLE_EDGE[0]].discard(KNOWN_CYCLE_EDGE[1])
-    cycle = find_cycle(graph)
-    assert cycle is None, f"Import cycle: {' -> '.join(cycle)}"
-
-
-@pytest.mark.xfail(strict=True, reason="subnet.export_onnx imports export/, which imports the subnet (issue 23, hub/)")
 def test_the_package_has_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, f"Import cycle: {' -> '.join(cycle)}"

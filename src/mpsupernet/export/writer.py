@@ -27,6 +27,7 @@ import torch
 from ..architecture import is_float_bits
 from ..atomic import replace_folder
 from ..choices import EXPORT_TARGETS, WEIGHT_CONTAINERS
+from ..configuration_sam_semantic import SamSemanticSubnetConfig
 from ..image_processing import PillowSamImageProcessor
 from ..integrity import described_files, digests_of, read_config, write_config
 from ..layout import (
@@ -390,9 +391,8 @@ def write_onnx_files(subnet, folder: Path, *, target: str, weight_container: str
 
 def _is_semantic(subnet) -> bool:
     """Whether `subnet` is a class-segmentation subnet (prompt-free class head) rather than a promptable one."""
-    from ..modeling_sam_semantic import SamSubnetForSemanticSegmentation
-
-    return isinstance(subnet, SamSubnetForSemanticSegmentation)
+    # Told by its config: the model class would import the subnet module, which imports this package.
+    return isinstance(subnet.config, SamSemanticSubnetConfig)
 
 
 def _export_decoder(subnet, embeddings: torch.Tensor, opset: int, staging: Path) -> None:
