@@ -258,6 +258,13 @@ def test_demo_help_states_run_demos_defaults(capsys):
     assert set(stated) == {"output-dir", "train-steps", "population-size", "generations", "seed"}
     for option, default in stated.items():
         assert default == str(defaults[option.replace("-", "_")].default), option
+    from mpsupernet.demo_semantic import run_semantic_demo
+
+    semantic = dict(re.findall(r"--([a-z-]+) \S+ [^(]*\(default: [^)]+\) \(semantic: ([^)]+)\)", help_text))
+    semantic_defaults = inspect.signature(run_semantic_demo).parameters
+    assert set(semantic) == {"output-dir", "train-steps", "population-size", "generations"}
+    for option, default in semantic.items():
+        assert default == str(semantic_defaults[option.replace("-", "_")].default), option
 
 
 @pytest.mark.parametrize(

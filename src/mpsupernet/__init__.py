@@ -2,7 +2,8 @@
 
 `import mpsupernet` is light: it imports neither torch nor transformers, so that `mpsupernet --help` answers at
 once. Every public name is imported on first use (as in transformers' own lazy module). The models register with
-transformers' Auto classes (`AutoConfig`, `AutoModel`, `AutoModelForMaskGeneration`, in `_torch_api.py`) as soon
+transformers' Auto classes (`AutoConfig`, `AutoModel`, `AutoModelForMaskGeneration`, `AutoModelForSemanticSegmentation`,
+`AutoImageProcessor`, in `_torch_api.py`) as soon
 as transformers is imported, so that `import mpsupernet` followed by `AutoModel.from_pretrained(<tier>)` works in
 either import order. Without torch nothing is registered, and `mpsupernet.runtime` (ONNX, numpy and Pillow only)
 still imports.
@@ -27,6 +28,12 @@ _LAZY_NAMES = {
     "BitOpsReport": "bitops",
     "count_bitops": "bitops",
     "parse_budget": "bitops",
+    "IGNORE_INDEX": "configuration_sam_semantic",
+    "SamSemanticImageProcessor": "image_processing_sam_semantic",
+    "SamSemanticSubnetConfig": "configuration_sam_semantic",
+    "SamSemanticSupernetConfig": "configuration_sam_semantic",
+    "SamSubnetForSemanticSegmentation": "modeling_sam_semantic",
+    "SamSupernetForSemanticSegmentation": "modeling_sam_semantic",
     "SamSubnetConfig": "configuration_sam_supernet",
     "SamSupernetConfig": "configuration_sam_supernet",
     "extract_subnet": "extraction",
@@ -58,9 +65,12 @@ __all__ = sorted(_LAZY_NAMES)
 if TYPE_CHECKING:
     from .architecture import SubnetArchitecture
     from .bitops import BitOpsReport, count_bitops, parse_budget
+    from .configuration_sam_semantic import IGNORE_INDEX, SamSemanticSubnetConfig, SamSemanticSupernetConfig
     from .configuration_sam_supernet import SamSubnetConfig, SamSupernetConfig
     from .extraction import extract_subnet
     from .latency import LatencyModel, fit_latency_model
+    from .image_processing_sam_semantic import SamSemanticImageProcessor
+    from .modeling_sam_semantic import SamSubnetForSemanticSegmentation, SamSupernetForSemanticSegmentation
     from .hub import load_subnet, push_tiers, render_subnet_card, render_tiers_card, save_tiers
     from .metrics import load_metric
     from .modeling_sam_subnet import SamSubnetForMaskGeneration

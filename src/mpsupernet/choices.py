@@ -7,6 +7,8 @@ torch or datasets.
 
 DATASET_SCHEMA_NAMES = ("standard", "coco", "semantic")
 """How a dataset may store its masks: the keys of `mpsupernet.data.DATASET_SCHEMAS` (which maps each to its adapter)."""
+TASKS = ("promptable", "semantic")
+"""What a supernet is trained for: masks for box and point prompts, or a class per pixel without prompts."""
 EXPORT_TARGETS = ("onnxruntime", "openvino")
 """Runtimes an export is made for. Both read the same QDQ graph; the target decides the settings recorded for it."""
 WEIGHT_CONTAINERS = ("int8", "int4")

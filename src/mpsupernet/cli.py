@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
-from .choices import DATASET_SCHEMA_NAMES, EXPORT_TARGETS, WEIGHT_CONTAINERS
+from .choices import DATASET_SCHEMA_NAMES, EXPORT_TARGETS, TASKS, WEIGHT_CONTAINERS
 
 
 class SourceError(Exception):
@@ -60,8 +60,17 @@ def loading(option: str, value: str, hub: bool = True, shipped_sams: bool = Fals
         raise SourceError(f"{option} {value!r} {found}{tried_hub}{detail}.{names}") from None
 
 
-def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64, num_validation: int = 32, seed: int = 0):
-    """Train and validation splits in the standard schema (`image`, `masks`, `image_id`).
+def load_dataset_splits(
+    spec: str,
+    schema: str = "standard",
+    num_train: int = 64,
+    num_validation: int = 32,
+    seed: int = 0,
+    task: str = "promptable",
+    reduce_labels: bool = False,
+):
+    """Train and validation splits in the standard schema (`image`, `masks`, `image_id`), or for `task="semantic"`
+    in the semantic schema (`image`, `annotation`; see `mpsupernet.data.semantic`).
 
     Args:
         spec (`str`): `"synthetic"` (the built-in dataset), a folder written by `Dataset.save_to_disk` /
@@ -71,19 +80,32 @@ def load_dataset_splits(spec: str, schema: str = "standard", num_train: int = 64
         num_train, num_validation (`int`): sizes of the synthetic splits, or of the split made when a dataset has
             no validation split.
         seed (`int`): seed of the synthetic data and of the split.
+        task (`str`): `"promptable"` or `"semantic"` (the dataset keeps its label maps; `schema` is not used).
+        reduce_labels (`bool`): for `task="semantic"`, apply ADE20K's label reduction (0 → 255, `c` → `c - 1`).
     """
     import datasets
 
-    from .data import DATASET_SCHEMAS, make_synthetic_segmentation_dataset_dict, to_standard_schema
+    from .data import (
+        DATASET_SCHEMAS,
+        from_ade20k,
+        make_synthetic_segmentation_dataset_dict,
+        make_synthetic_semantic_dataset_dict,
+        to_standard_schema,
+    )
 
     if schema not in DATASET_SCHEMAS:
         raise ValueError(f"Unknown dataset schema {schema!r}; allowed: {list(DATASET_SCHEMAS)}.")
+    semantic = task == "semantic"
     if spec == "synthetic":
-        splits = make_synthetic_segmentation_dataset_dict(num_train, num_validation, seed=seed)
+        make = make_synthetic_semantic_dataset_dict if semantic else make_synthetic_segmentation_dataset_dict
+        splits = make(num_train, num_validation, seed=seed)
         return splits["train"], splits["validation"]
     with loading("--dataset", spec):
         loaded = datasets.load_from_disk(spec) if Path(spec).exists() else datasets.load_dataset(spec)
-    loaded = to_standard_schema(loaded, schema)
+    if semantic:
+        loaded = from_ade20k(loaded) if reduce_labels else loaded
+    else:
+        loaded = to_standard_schema(loaded, schema)
     if isinstance(loaded, datasets.Dataset):
         split = loaded.train_test_split(test_size=min(num_validation, len(loaded) // 2), seed=seed)
         return split["train"], split["test"]
@@ -100,6 +122,27 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-train", type=int, default=64, help="training images of the synthetic dataset")
     parser.add_argument("--num-validation", type=int, default=32, help="validation images")
+    _add_task_argument(parser)
+    parser.add_argument(
+        "--reduce-labels", action="store_true", help="--task semantic: ADE20K's label reduction (0 → 255, c → c-1)"
+    )
+    parser.add_argument(
+        "--num-labels", type=int, default=None,
+        help="--task semantic with a new supernet: the classes (default: the synthetic dataset's, or 150 with --reduce-labels)",
+    )
+
+
+def _add_task_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task", default="promptable", choices=TASKS,
+        help="promptable: masks for box and point prompts; semantic: a class per pixel, without prompts",
+    )
+
+
+def _dataset_splits(args):
+    return load_dataset_splits(
+        args.dataset, args.schema, args.num_train, args.num_validation, args.seed, args.task, args.reduce_labels
+    )
 
 
 def cmd_convert(args) -> None:
@@ -114,12 +157,29 @@ def cmd_convert(args) -> None:
     print(f"Supernet saved to {args.output_dir}")
 
 
-def _supernet_option(path: str, seed: int = 0):
-    """The supernet `--supernet` names (see `load_supernet`), or a `SourceError` naming the option."""
-    from .modeling_sam_supernet import load_supernet
+def _supernet_option(path: str, seed: int = 0, task: str = "promptable", num_labels: int | None = None):
+    """The supernet `--supernet` names (see `mpsupernet.tasks.load_task_supernet`), or a `SourceError` naming the option. A shipped SAM
+    becomes a new supernet of `task` (for `"semantic"`, with `num_labels` classes, by default the synthetic
+    dataset's); a saved supernet must be of `task`."""
+    from .pretrained import shipped_sam_name
+    from .tasks import is_semantic, load_task_supernet
 
+    if task == "semantic" and shipped_sam_name(path) is not None:
+        from transformers import set_seed
+
+        from .data import SYNTHETIC_SEMANTIC_ID2LABEL
+        from .modeling_sam_semantic import SamSupernetForSemanticSegmentation
+        from .pretrained import load_sam
+
+        set_seed(seed)  # the adapters are initialised from torch's global generator, seeded per process at random
+        classes = {"num_labels": num_labels} if num_labels else {"id2label": SYNTHETIC_SEMANTIC_ID2LABEL}
+        return SamSupernetForSemanticSegmentation.from_sam(load_sam(shipped_sam_name(path)), **classes)
     with loading("--supernet", path, shipped_sams=True):
-        return load_supernet(path, seed)
+        supernet = load_task_supernet(path, seed)
+    if is_semantic(supernet.config) != (task == "semantic"):
+        found = "semantic" if is_semantic(supernet.config) else "promptable"
+        raise ValueError(f"--supernet {path!r} is a {found} supernet, but --task is {task!r}; give --task {found}.")
+    return supernet
 
 
 def training_arguments(args):
@@ -161,8 +221,10 @@ def cmd_train(args) -> None:
     from .training.loop import train_supernet
 
     settings = training_arguments(args)
-    train, validation = load_dataset_splits(args.dataset, args.schema, args.num_train, args.num_validation, args.seed)
-    summary = train_supernet(_supernet_option(args.supernet, args.seed), train, validation, args=settings)
+    train, validation = _dataset_splits(args)
+    num_labels = args.num_labels or (150 if args.reduce_labels else None)
+    supernet = _supernet_option(args.supernet, args.seed, args.task, num_labels)
+    summary = train_supernet(supernet, train, validation, args=settings)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -194,9 +256,9 @@ def cmd_latency_model(args) -> None:
 def cmd_search(args) -> None:
     from .search import run_search
 
-    _, validation = load_dataset_splits(args.dataset, args.schema, args.num_train, args.num_validation, args.seed)
+    _, validation = _dataset_splits(args)
     front = run_search(
-        _supernet_option(args.supernet, args.seed),
+        _supernet_option(args.supernet, args.seed, args.task),
         validation,
         output_dir=args.output_dir,
         population_size=args.population_size,
@@ -217,7 +279,7 @@ def cmd_extract(args) -> None:
     from .hub import save_subnet_with_card
     from .search.front import ParetoFront
 
-    supernet = _supernet_option(args.supernet)
+    supernet = _supernet_option(args.supernet, task=args.task)
     front = None
     if args.pareto_front:
         with loading("--pareto-front", args.pareto_front, hub=False):
@@ -252,22 +314,25 @@ def cmd_extract(args) -> None:
     print(json.dumps(subnet.bitops_report().summary(), indent=2))
 
 
-def cmd_export(args) -> None:
-    from .modeling_sam_subnet import SamSubnetForMaskGeneration
+def _load_subnet_folder(option: str, folder: str):
+    """A saved subnet, promptable or semantic (its config says which)."""
+    from transformers import PretrainedConfig
 
-    with loading("--subnet", args.subnet):
-        subnet = SamSubnetForMaskGeneration.from_pretrained(args.subnet)
+    from .tasks import subnet_class
+
+    with loading(option, folder):
+        return subnet_class(PretrainedConfig.get_config_dict(folder)[0]).from_pretrained(folder)
+
+
+def cmd_export(args) -> None:
+    subnet = _load_subnet_folder("--subnet", args.subnet)
     print(subnet.export_onnx(args.output_dir, target=args.target, weight_container=args.weight_container))
 
 
 def cmd_push(args) -> None:
     from .hub import push_tiers
-    from .modeling_sam_subnet import SamSubnetForMaskGeneration
 
-    tiers = {}
-    for name, folder in _unique_names("--tier", args.tier).items():
-        with loading("--tier", folder):
-            tiers[name] = SamSubnetForMaskGeneration.from_pretrained(folder)
+    tiers = {name: _load_subnet_folder("--tier", folder) for name, folder in _unique_names("--tier", args.tier).items()}
     mean_ious = _unique_names("--mean-iou", args.mean_iou)
     with talking_to_the_hub(args.repo_id):
         url = push_tiers(
@@ -302,11 +367,14 @@ def _unique_names(option: str, pairs: list[tuple[str, object]]) -> dict:
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    if args.task == "semantic":
+        from .demo_semantic import run_semantic_demo as run
+    else:
+        from .demo import run_demo as run
 
-    # Only the options given: the others keep run_demo's defaults (importing them here would import torch).
+    # Only the options given: the others keep the demo's defaults (importing them here would import torch).
     options = ("output_dir", "train_steps", "population_size", "generations", "seed")
-    run_demo(**{name: getattr(args, name) for name in options if getattr(args, name) is not None})
+    run(**{name: getattr(args, name) for name in options if getattr(args, name) is not None})
 
 
 def _add_latency_arguments(parser: argparse.ArgumentParser) -> None:
@@ -375,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--budget", default=None, help='"120G", "1.5T", "5%%" or a number of BitOPs')
     _add_latency_arguments(extract)
     extract.add_argument("--pareto-front", default=None, help="pareto_front.json written by `mpsupernet search`")
+    _add_task_argument(extract)
     extract.add_argument("--output-dir", required=True)
     extract.add_argument("--base-model", default=None, help="for the card; default: the supernet's recorded base model")
     extract.add_argument(
@@ -425,11 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(func=cmd_push)
 
     demo = commands.add_parser("demo", help="the whole method end to end on the embedded default, offline")
-    demo.add_argument("--output-dir", help="where everything goes (default: outputs/demo)")
-    demo.add_argument("--train-steps", type=int, help="sandwich steps of supernet training (default: 400)")
-    demo.add_argument("--population-size", type=int, help="the search's population (default: 16)")
-    demo.add_argument("--generations", type=int, help="the search's generations (default: 6)")
+    demo.add_argument("--output-dir", help="where everything goes (default: outputs/demo) (semantic: outputs/demo-semantic)")
+    demo.add_argument("--train-steps", type=int, help="sandwich steps of supernet training (default: 400) (semantic: 200)")
+    demo.add_argument("--population-size", type=int, help="the search's population (default: 16) (semantic: 12)")
+    demo.add_argument("--generations", type=int, help="the search's generations (default: 6) (semantic: 4)")
     demo.add_argument("--seed", type=int, help="seeds data, prompts, sampling and search (default: 0)")
+    _add_task_argument(demo)
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -34,6 +34,14 @@ _LOAD_HINTS = {
         "load an extracted subnet with `SamSubnetForMaskGeneration.from_pretrained`, or a tiers folder with "
         "`mpsupernet.load_subnet`"
     ),
+    "sam_semantic_supernet": (
+        "it segments classes without prompts: load it with `SamSupernetForSemanticSegmentation.from_pretrained` (or "
+        "`AutoModelForSemanticSegmentation`)"
+    ),
+    "sam_semantic_subnet": (
+        "it segments classes without prompts: load it with `SamSubnetForSemanticSegmentation.from_pretrained`, "
+        "`AutoModelForSemanticSegmentation` or `pipeline(\"image-segmentation\", model=...)`"
+    ),
 }
 """How to load a checkpoint of each model type, for the error of a class given another type."""
 

@@ -139,6 +139,41 @@ def write_summary(output: Path, rows: list[dict], training: dict, started: float
     return summary
 
 
+def check_demo_settings(train_steps, num_train, num_validation, population_size, generations, seed) -> None:
+    """Refuses bad demo settings before anything is loaded or written (see `run_demo`'s Raises)."""
+    for name, value in (("train_steps", train_steps), ("num_train", num_train), ("num_validation", num_validation)):
+        _check_positive_int(name, value)
+    _check_search_settings("nsga2", population_size, generations)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
+
+
+def train_and_search(supernet, splits, output: Path, train_steps: int, population_size: int, generations: int, seed: int):
+    """Steps 2 and 3 of a demo: sandwich training on the train split (saved under `output/supernet`), then the
+    evolutionary search on the validation split (front written into `output`); returns `(training, front)`."""
+    print(f"[2/5] Supernet training: {train_steps} sandwich steps on {len(splits['train'])} synthetic images")
+    args = training_arguments(output / "supernet", train_steps, seed)
+    training = train_supernet(supernet, splits["train"], splits["validation"], args=args)
+    print(f"[3/5] Evolutionary search: population {population_size}, {generations} generations")
+    front = run_search(
+        supernet.eval(),
+        splits["validation"],
+        output_dir=output,
+        population_size=population_size,
+        generations=generations,
+        seed=seed,
+    )
+    return training, front
+
+
+def finish_demo(output: Path, rows: list[dict], manifest: dict, training: dict, started: float) -> dict:
+    """Step 5 of a demo: prints the table (with the machine the tiers' latency was measured on) and writes
+    `summary.json`."""
+    measured = [tier for tier in manifest["tiers"].values() if tier.get("latency_ms") is not None]
+    print_summary(rows, machine=describe_latency_measurement(measured[0]) if measured else None)
+    return write_summary(output, rows, training, started)
+
+
 def run_demo(
     output_dir: str = "outputs/demo",
     train_steps: int = TRAIN_STEPS,
@@ -166,11 +201,7 @@ def run_demo(
             negative `generations` or `seed`, or a value that is not an integer; raised before anything is loaded or
             written, not minutes later by the training or the search.
     """
-    for name, value in (("train_steps", train_steps), ("num_train", num_train), ("num_validation", num_validation)):
-        _check_positive_int(name, value)
-    _check_search_settings("nsga2", population_size, generations)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
+    check_demo_settings(train_steps, num_train, num_validation, population_size, generations, seed)
     started = time.perf_counter()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -189,19 +220,7 @@ def run_demo(
     else:
         real3_mious["pretrained"] = evaluate_real3_mean_iou(sam, real3, seed=seed)
 
-    print(f"[2/5] Supernet training: {train_steps} sandwich steps on {num_train} synthetic images")
-    args = training_arguments(output / "supernet", train_steps, seed)
-    training = train_supernet(supernet, splits["train"], splits["validation"], args=args)
-
-    print(f"[3/5] Evolutionary search: population {population_size}, {generations} generations")
-    front = run_search(
-        supernet.eval(),
-        splits["validation"],
-        output_dir=output,
-        population_size=population_size,
-        generations=generations,
-        seed=seed,
-    )
+    training, front = train_and_search(supernet, splits, output, train_steps, population_size, generations, seed)
 
     budgets = pick_tier_budgets(front)
     print(f"[4/5] Extracting tiers under {', '.join(f'{n}: {format_bitops(b)}' for n, b in budgets.items())}")
@@ -215,6 +234,4 @@ def run_demo(
 
     print("[5/5] Summary")
     rows = summary_rows(front.full_precision_bitops, sam_miou, manifest, real3_mious)
-    measured = [tier for tier in manifest["tiers"].values() if tier.get("latency_ms") is not None]
-    print_summary(rows, machine=describe_latency_measurement(measured[0]) if measured else None)
-    return write_summary(output, rows, training, started)
+    return finish_demo(output, rows, manifest, training, started)

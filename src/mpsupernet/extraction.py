@@ -12,7 +12,6 @@ import torch
 
 from .bitops import BitOpsCounter, format_bitops, is_budget, parse_budget
 from .architecture import CONV_PATHS, FLOAT_BITS, SubnetArchitecture, is_float_bits
-from .configuration_sam_supernet import SamSubnetConfig
 from .elastic import ElasticQuantizedConv2d
 from .lora import QuantizedLoraLinear
 from .modeling_sam_subnet import SamSubnetForMaskGeneration
@@ -74,7 +73,7 @@ def extract_subnet(
 def _extract_active_subnet(supernet, arch: SubnetArchitecture, counter: BitOpsCounter) -> SamSubnetForMaskGeneration:
     source_config = supernet.config
     report = counter.report(arch)
-    config = SamSubnetConfig(
+    config = supernet.subnet_class.config_class(
         vision_config=source_config.vision_config.to_dict(),
         prompt_encoder_config=source_config.prompt_encoder_config.to_dict(),
         mask_decoder_config=source_config.mask_decoder_config.to_dict(),
@@ -89,9 +88,10 @@ def _extract_active_subnet(supernet, arch: SubnetArchitecture, counter: BitOpsCo
         attention_chunk_elements=source_config.attention_chunk_elements,
         base_model_name_or_path=source_config.base_model_name_or_path,
         training_dataset=source_config.training_dataset,
+        **supernet.subnet_config_kwargs(),
     )
     config._attn_implementation = source_config._attn_implementation
-    subnet = SamSubnetForMaskGeneration(config).to(device=supernet.device, dtype=supernet.dtype).eval()
+    subnet = supernet.subnet_class(config).to(device=supernet.device, dtype=supernet.dtype).eval()
 
     encoder, target_encoder = supernet.sam.vision_encoder, subnet.sam.vision_encoder
     hidden = counter.search_space.hidden_size_of(arch)

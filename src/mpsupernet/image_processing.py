@@ -92,6 +92,18 @@ def low_res_mask_size(image_size: int, patch_size: int) -> int:
     return 4 * (image_size // patch_size)
 
 
+def sam_processor_settings(image_size: int, patch_size: int) -> dict:
+    """The size settings of SAM's image processor for a model whose input is `image_size` pixels square (see
+    [`sam_image_processor`])."""
+    mask_size = low_res_mask_size(image_size, patch_size)
+    return {
+        "size": {"longest_edge": image_size},
+        "pad_size": {"height": image_size, "width": image_size},
+        "mask_size": {"longest_edge": mask_size},
+        "mask_pad_size": {"height": mask_size, "width": mask_size},
+    }
+
+
 def sam_image_processor(image_size: int, patch_size: int):
     """The SAM image processor (Pillow backend) for a model whose input is `image_size` pixels square.
 
@@ -107,10 +119,4 @@ def sam_image_processor(image_size: int, patch_size: int):
         [`SamQuantizedImageProcessorPil`]: longest edge resized to `image_size`, padded to `image_size` x
         `image_size`, input masks at SAM's low-resolution size (`low_res_mask_size`).
     """
-    mask_size = low_res_mask_size(image_size, patch_size)
-    return SamQuantizedImageProcessorPil(
-        size={"longest_edge": image_size},
-        pad_size={"height": image_size, "width": image_size},
-        mask_size={"longest_edge": mask_size},
-        mask_pad_size={"height": mask_size, "width": mask_size},
-    )
+    return SamQuantizedImageProcessorPil(**sam_processor_settings(image_size, patch_size))

@@ -10,7 +10,8 @@ A model folder (`save_pretrained`, a tier, `export_onnx`):
 - the weights (transformers' names: `model.safetensors`, its shards and index);
 - `preprocessor_config.json` (`PREPROCESSOR_NAME`): the image processor at the model's input size;
 - `vision_encoder.onnx` and `prompt_encoder_mask_decoder.onnx` (`VISION_ENCODER_NAME`, `PROMPT_DECODER_NAME`): the
-  ONNX export;
+  ONNX export; a semantic segmentation subnet's has `class_decoder.onnx` (`CLASS_DECODER_NAME`) in place of the
+  prompt decoder;
 - `README.md` (`CARD_NAME`): the model card.
 
 A tiers folder (`save_tiers`, `push_tiers`): `tiers.json` (`MANIFEST_NAME`), the root card `README.md`, and one
@@ -31,6 +32,7 @@ PREPROCESSOR_NAME = "preprocessor_config.json"
 CARD_NAME = "README.md"
 VISION_ENCODER_NAME = "vision_encoder.onnx"
 PROMPT_DECODER_NAME = "prompt_encoder_mask_decoder.onnx"
+CLASS_DECODER_NAME = "class_decoder.onnx"
 MANIFEST_NAME = "tiers.json"
 GENERATION_PREFIX = "_v"
 CHECKPOINT_PREFIX = "checkpoint"

@@ -21,11 +21,14 @@ from .elastic import ElasticQuantizedConv2d, ElasticSamVisionAttention, ElasticS
 from .lora import QuantizedLoraLinear
 from .quantization import quantizers_restored_on_error
 from .modeling_sam_base import SamQuantizedPreTrainedModel
+from .modeling_sam_subnet import SamSubnetForMaskGeneration
 from .search_space import SearchSpace
 
 logger = logging.get_logger(__name__)
 
-SAM_CONFIG_KEYS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path")
+SAM_CONFIG_KEYS_NOT_COPIED = (
+    "model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "id2label", "label2id"
+)
 
 
 class SamSupernetPreTrainedModel(SamQuantizedPreTrainedModel):
@@ -57,6 +60,9 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         config ([`SamSupernetConfig`]): the base SAM configuration plus the supernet settings.
     """
 
+    subnet_class = SamSubnetForMaskGeneration
+    """The class `extract_subnet` returns."""
+
     def __init__(self, config: SamSupernetConfig):
         super().__init__(config)
         self.search_space = SearchSpace(config)
@@ -83,17 +89,17 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         from (see [`sam_source_name`]), for model cards.
         """
         attn_implementation = config_overrides.pop("attn_implementation", None)
-        _check_config_overrides(config_overrides)
+        _check_config_overrides(config_overrides, cls.config_class)
         if not isinstance(sam, SamModel):
             sam = SamModel.from_pretrained(sam, **(sam_kwargs or {}))
         attn_implementation = attn_implementation or sam.config._attn_implementation
         base = {k: v for k, v in sam.config.to_dict().items() if k not in SAM_CONFIG_KEYS_NOT_COPIED}
         config_overrides.setdefault("base_model_name_or_path", sam_source_name(sam))
-        config = SamSupernetConfig(**{**base, **config_overrides})
+        config = cls.config_class(**{**base, **config_overrides})
         config._attn_implementation = attn_implementation
         model = cls(config)
         model.to(dtype=sam.dtype)
-        incompatible = model.sam.load_state_dict(sam.state_dict(), strict=False)
+        incompatible = model.sam.load_state_dict(model._base_weights(sam), strict=False)
         if incompatible.unexpected_keys:
             raise ValueError(f"The SAM checkpoint has weights the supernet cannot place: {incompatible.unexpected_keys}.")
         missing_base = [key for key in incompatible.missing_keys if parameter_kind(key) is None]
@@ -106,6 +112,14 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
 
     def _make_vision_encoder(self, config: SamSupernetConfig) -> ElasticSamVisionEncoder:
         return ElasticSamVisionEncoder(config)
+
+    def _base_weights(self, sam: SamModel) -> dict[str, torch.Tensor]:
+        """The weights of `sam` that `from_sam` copies into `self.sam`: all of them, as they are."""
+        return sam.state_dict()
+
+    def subnet_config_kwargs(self) -> dict:
+        """Settings of this supernet's config that its extracted subnets' configs carry besides the shared ones."""
+        return {}
 
     def _after_loading(self) -> None:
         """Loading replaces the parameter objects, so the base weights are frozen again afterwards."""
@@ -291,17 +305,17 @@ class SamSupernetForMaskGeneration(SamSupernetPreTrainedModel):
         return subnet
 
 
-def _check_config_overrides(overrides: dict) -> None:
-    """Refuses `from_sam` overrides that are not `SamSupernetConfig` fields: a config keeps unknown arguments as
+def _check_config_overrides(overrides: dict, config_class: type = SamSupernetConfig) -> None:
+    """Refuses `from_sam` overrides that are not fields of `config_class`: a config keeps unknown arguments as
     attributes, so a misspelled option (`weight_bits_choices`) would otherwise change nothing, silently."""
-    fields = [field.name for field in dataclasses.fields(SamSupernetConfig)]
+    fields = [field.name for field in dataclasses.fields(config_class)]
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         matches = {name: difflib.get_close_matches(name, fields, 1) for name in unknown}
         hints = "".join(f" ({name!r}: did you mean {match[0]!r}?)" for name, match in matches.items() if match)
         raise ValueError(
-            f"`from_sam` got {unknown}, which are not `SamSupernetConfig` arguments{hints}; allowed: the "
-            f"`SamSupernetConfig` fields {fields} and `attn_implementation`."
+            f"`from_sam` got {unknown}, which are not `{config_class.__name__}` arguments{hints}; allowed: the "
+            f"`{config_class.__name__}` fields {fields} and `attn_implementation`."
         )
 
 

@@ -133,7 +133,7 @@ def _prompts_per_image(name: str, prompts, num_images: int, nesting: int, layout
 
 
 class OnnxSamModel:
-    """An exported SAM subnet run by onnxruntime or OpenVINO, without PyTorch.
+    """An exported promptable SAM subnet run by onnxruntime or OpenVINO, without PyTorch.
 
     Make one with [`OnnxSamModel.from_pretrained`]. The encoder runs with the session settings the export recorded
     (`config.json`'s `export.runtime`), which keep its Linears on integer kernels.
@@ -143,6 +143,11 @@ class OnnxSamModel:
         image_size (`int`): the side of the square input (`pixel_values` are `(batch, 3, image_size, image_size)`).
         processor_config (`dict`): the exported `preprocessor_config.json` (mean, std, sizes).
     """
+
+    decoder_file = PROMPT_DECODER_NAME
+    """The decoder graph this class runs beside the encoder."""
+    model_types = ("sam_subnet",)
+    """The `model_type`s of the exports this class runs (a semantic export has its own class)."""
 
     def __init__(
         self,
@@ -165,6 +170,14 @@ class OnnxSamModel:
                 f"{str(self.directory)!r} holds no ONNX export (its config.json has no `export` section); write one "
                 "with `SamSubnetForMaskGeneration.export_onnx`."
             )
+        model_type = self.config.get("model_type")
+        if model_type not in self.model_types:
+            raise ValueError(
+                f"{str(self.directory)!r} holds an export of a `{model_type}`, which {type(self).__name__} does not run "
+                f"(it runs {list(self.model_types)}): a semantic segmentation subnet segments every class without "
+                "prompts; run it with `mpsupernet.runtime_semantic.OnnxSamForSemanticSegmentation`, and a promptable "
+                "one with `mpsupernet.runtime.OnnxSamModel`."
+            )
         self.processor_config = json.loads((self.directory / PREPROCESSOR_NAME).read_text(encoding="utf-8"))
         self.image_size = int(self.config[EXPORT_KEY]["image_size"])
         self.runtime = runtime
@@ -172,11 +185,11 @@ class OnnxSamModel:
         if runtime == "onnxruntime":
             options = (provider, session_options, num_threads)
             self.vision_encoder = _OnnxRuntimeGraph(self.directory / VISION_ENCODER_NAME, settings, *options)
-            self.prompt_decoder = _OnnxRuntimeGraph(self.directory / PROMPT_DECODER_NAME, {}, *options)
+            self.prompt_decoder = _OnnxRuntimeGraph(self.directory / self.decoder_file, {}, *options)
         else:
             device = "CPU" if provider == "CPUExecutionProvider" else provider
             self.vision_encoder = _OpenVinoGraph(self.directory / VISION_ENCODER_NAME, settings, device, num_threads)
-            self.prompt_decoder = _OpenVinoGraph(self.directory / PROMPT_DECODER_NAME, settings, device, num_threads)
+            self.prompt_decoder = _OpenVinoGraph(self.directory / self.decoder_file, settings, device, num_threads)
 
     @classmethod
     def from_pretrained(

@@ -1,5 +1,5 @@
-"""Segmentation data for SAM: a synthetic dataset, real evaluation images, adapters from Hub schemas, prompt sampling
-and preprocessing."""
+"""Segmentation data for SAM: synthetic datasets (instances and classes), the semantic schema (ADE20K's), real
+evaluation images, adapters from Hub schemas, prompt sampling and preprocessing."""
 
 from .adapters import (
     DATASET_SCHEMAS,
@@ -21,6 +21,19 @@ from .processing import (
     remove_examples_without_masks,
 )
 from .prompts import PAD_POINT_LABEL, jitter_box, mask_to_box, sample_points
+from .semantic import (
+    ADE20K_NUM_LABELS,
+    SEMANTIC_FEATURES,
+    SYNTHETIC_SEMANTIC_DATASET_NAME,
+    SYNTHETIC_SEMANTIC_ID2LABEL,
+    SemanticSegmentationPreprocessor,
+    check_dataset_task,
+    from_ade20k,
+    is_semantic_dataset,
+    make_synthetic_semantic_dataset,
+    make_synthetic_semantic_dataset_dict,
+    reduce_ade20k_labels,
+)
 from .real import REAL3_DOMAINS, REAL3_FEATURES, REAL3_INSTALL, is_real3_available, load_real3_dataset
 from .synthetic import (
     SYNTHETIC_DATASET_NAME,
@@ -31,6 +44,17 @@ from .synthetic import (
 
 
 __all__ = [
+    "ADE20K_NUM_LABELS",
+    "SEMANTIC_FEATURES",
+    "SYNTHETIC_SEMANTIC_DATASET_NAME",
+    "SYNTHETIC_SEMANTIC_ID2LABEL",
+    "SemanticSegmentationPreprocessor",
+    "check_dataset_task",
+    "from_ade20k",
+    "is_semantic_dataset",
+    "make_synthetic_semantic_dataset",
+    "make_synthetic_semantic_dataset_dict",
+    "reduce_ade20k_labels",
     "DATASET_SCHEMAS",
     "MODEL_INPUT_NAMES",
     "PAD_POINT_LABEL",

@@ -169,6 +169,11 @@ class SamSegmentationPreprocessor:
                 f"(do_pad={image_processor.do_pad}), but the model's input is {self.image_size}x{self.image_size}."
             )
 
+    @property
+    def required_columns(self) -> list[str]:
+        """The dataset columns this preprocessor reads."""
+        return [self.image_column, self.masks_column]
+
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch that seeds the prompts, so that every epoch samples new ones.
 

@@ -278,3 +278,31 @@ class PromptEncoderMaskDecoderGraph(nn.Module):
             multimask_output=True,
         )
         return iou_scores, masks
+
+
+class ClassDecoderGraph(nn.Module):
+    """The class head of a semantic subnet without prompts, in float: SAM's mask decoder with one mask token per
+    class, fed only the learned no-mask embedding (what `SamForSemanticSegmentationMixin.forward` runs).
+
+    Input: `image_embeddings` `(batch, channels, grid, grid)` float32 (the encoder's output).
+    Output: `logits` `(batch, num_labels, 4 * grid, 4 * grid)`, the class logits.
+    """
+
+    def __init__(self, subnet: nn.Module):
+        super().__init__()
+        sam = copy.deepcopy(subnet.sam).float()
+        self.mask_decoder = sam.mask_decoder
+        with torch.no_grad():
+            self.register_buffer("image_positional_embeddings", sam.get_image_wide_positional_embeddings().clone())
+            self.register_buffer("no_mask_embedding", sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).clone())
+
+    def forward(self, image_embeddings):
+        batch_size = image_embeddings.shape[0]
+        masks, _ = self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=self.image_positional_embeddings.expand(batch_size, -1, -1, -1),
+            sparse_prompt_embeddings=None,
+            dense_prompt_embeddings=self.no_mask_embedding.expand_as(image_embeddings),
+            multimask_output=True,
+        )
+        return masks[:, 0]

@@ -3,10 +3,12 @@
 The folder it writes (see `SamSubnetForMaskGeneration.export_onnx` for the user-facing description):
 
 - `vision_encoder.onnx`: the image encoder in QDQ form (`mpsupernet.export.graphs.VisionEncoderGraph`);
-- `prompt_encoder_mask_decoder.onnx`: SAM's prompt encoder and mask decoder in float;
+- `prompt_encoder_mask_decoder.onnx`: SAM's prompt encoder and mask decoder in float; for a semantic subnet,
+  `class_decoder.onnx` instead: the prompt-free class head (`mpsupernet.export.graphs.ClassDecoderGraph`);
 - `config.json`: the subnet's configuration with an `export` section (files, per-layer bits and storage, target,
   the runtime settings that keep the integer kernels);
-- `preprocessor_config.json`: transformers' `SamImageProcessor` at the model's image size.
+- `preprocessor_config.json`: the processor the subnet saves beside its weights (SAM's image processor at the
+  model's image size; `SamSemanticImageProcessor` for a semantic subnet).
 
 Everything is written into a staging folder beside the destination (`mpsupernet.atomic.replace_folder`), and
 `config.json` records the sha256 of every file it describes, checked by `mpsupernet.runtime.OnnxSamModel` on load.
@@ -25,9 +27,11 @@ import torch
 from ..architecture import is_float_bits
 from ..atomic import replace_folder
 from ..choices import EXPORT_TARGETS, WEIGHT_CONTAINERS
-from ..image_processing import PillowSamImageProcessor, sam_image_processor
+from ..configuration_sam_semantic import SamSemanticSubnetConfig
+from ..image_processing import PillowSamImageProcessor
 from ..integrity import described_files, digests_of, read_config, write_config
 from ..layout import (
+    CLASS_DECODER_NAME,
     CONFIG_NAME,
     EXPORT_DIGEST_KEY,
     EXPORT_FILES_KEY,
@@ -39,7 +43,7 @@ from ..layout import (
 from ..metrics.mask import mask_iou
 from ..quantization import LsqQuantizer
 from ..subnet_layers import QuantizedLinear
-from .graphs import PromptEncoderMaskDecoderGraph, VisionEncoderGraph
+from .graphs import ClassDecoderGraph, PromptEncoderMaskDecoderGraph, VisionEncoderGraph
 from .ops import ONNX_TRANSLATIONS
 
 MIN_OPSET = 21
@@ -74,7 +78,8 @@ class OnnxExportReport:
             the PyTorch subnet on the sample images.
         subnet_embedding_scale (`float`, *optional*): mean absolute value of those embeddings, for scale.
         mask_iou (`float`, *optional*): mean IoU between the binarized masks (logit > 0) of onnxruntime and PyTorch
-            (sample images: two images of `mpsupernet.data.make_synthetic_segmentation_dataset`, a box and a point each).
+            (sample images: two images of `mpsupernet.data.make_synthetic_segmentation_dataset`, a box and a point each);
+            for a semantic subnet, the class mIoU of onnxruntime's class maps against PyTorch's on those images.
         num_sample_images (`int`): images the errors were measured on (0 without `verify`).
     """
 
@@ -339,8 +344,7 @@ def add_onnx_export(
 def _write_export(subnet, folder: Path, config: dict, report: OnnxExportReport, verify: bool) -> None:
     """Writes the image processor, the graphs and `config` with the export section into `folder` (a staging folder),
     and fills `report`."""
-    vision = subnet.config.vision_config
-    sam_image_processor(vision.image_size, vision.patch_size).save_pretrained(folder)
+    subnet._save_companion_files(folder)
     config[EXPORT_KEY] = write_onnx_files(
         subnet, folder, target=report.target, weight_container=report.weight_container, opset=report.opset
     )
@@ -373,30 +377,13 @@ def write_onnx_files(subnet, folder: Path, *, target: str, weight_container: str
     try:
         with torch.no_grad():
             encoder = VisionEncoderGraph(subnet).eval()
-            decoder = PromptEncoderMaskDecoderGraph(subnet).eval()
             pixel_values = torch.from_numpy(_sample_inputs(image_size)["pixel_values"])
             embeddings = encoder(pixel_values)
         batch = torch.export.Dim("batch")
         _write_vision_encoder(
             encoder, pixel_values, folder / VISION_ENCODER_NAME, opset, weight_container, {"pixel_values": {0: batch}}
         )
-        # One image per call (the runtime loops over a batch): with a dynamic image batch, the exported
-        # `repeat_interleave` of SAM's mask decoder expands to a wrong shape for batches above 1. Traced with a
-        # different size in every dynamic dimension, none 0 or 1: torch.export specializes sizes 0 and 1 and gives
-        # dimensions of equal size one symbol.
-        prompts = {
-            "input_points": torch.full((1, 3, 4, 2), image_size / 2),
-            "input_labels": torch.ones(1, 3, 4, dtype=torch.int64),
-            "input_boxes": torch.full((1, 3, 5, 4), image_size / 4),
-        }
-        point_batch, num_points = torch.export.Dim("point_batch"), torch.export.Dim("num_points")
-        num_boxes = torch.export.Dim("num_boxes")
-        program = _export_graph(
-            decoder, (embeddings[:1], *prompts.values()), opset,
-            ["image_embeddings", *prompts], ["iou_scores", "pred_masks"],
-            (None, {1: point_batch, 2: num_points}, {1: point_batch, 2: num_points}, {1: point_batch, 2: num_boxes}),
-        )
-        _save(program.model, folder / PROMPT_DECODER_NAME)
+        _export_decoder(subnet, embeddings, opset, folder)
     finally:
         subnet.train(was_training)
 
@@ -425,6 +412,46 @@ def write_onnx_files(subnet, folder: Path, *, target: str, weight_container: str
     }
 
 
+def _is_semantic(subnet) -> bool:
+    """Whether `subnet` is a class-segmentation subnet (prompt-free class head) rather than a promptable one."""
+    # Told by its config: the model class would import the subnet module, which imports this package.
+    return isinstance(subnet.config, SamSemanticSubnetConfig)
+
+
+def _export_decoder(subnet, embeddings: torch.Tensor, opset: int, staging: Path) -> None:
+    """Writes the decoder graph: the prompt-free class head of a semantic subnet, else the prompt encoder and mask
+    decoder."""
+    image_size = subnet.config.vision_config.image_size
+    if _is_semantic(subnet):
+        with torch.no_grad():
+            decoder = ClassDecoderGraph(subnet).eval()
+        program = _export_graph(
+            decoder, (embeddings,), opset, ["image_embeddings"], ["logits"],
+            {"image_embeddings": {0: torch.export.Dim("batch")}},
+        )
+        _save(program.model, staging / CLASS_DECODER_NAME)
+        return
+    with torch.no_grad():
+        decoder = PromptEncoderMaskDecoderGraph(subnet).eval()
+    # One image per call (the runtime loops over a batch): with a dynamic image batch, the exported
+    # `repeat_interleave` of SAM's mask decoder expands to a wrong shape for batches above 1. Traced with a
+    # different size in every dynamic dimension, none 0 or 1: torch.export specializes sizes 0 and 1 and gives
+    # dimensions of equal size one symbol.
+    prompts = {
+        "input_points": torch.full((1, 3, 4, 2), image_size / 2),
+        "input_labels": torch.ones(1, 3, 4, dtype=torch.int64),
+        "input_boxes": torch.full((1, 3, 5, 4), image_size / 4),
+    }
+    point_batch, num_points = torch.export.Dim("point_batch"), torch.export.Dim("num_points")
+    num_boxes = torch.export.Dim("num_boxes")
+    program = _export_graph(
+        decoder, (embeddings[:1], *prompts.values()), opset,
+        ["image_embeddings", *prompts], ["iou_scores", "pred_masks"],
+        (None, {1: point_batch, 2: num_points}, {1: point_batch, 2: num_points}, {1: point_batch, 2: num_boxes}),
+    )
+    _save(program.model, staging / PROMPT_DECODER_NAME)
+
+
 def count_integer_matmuls(path: str | os.PathLike, settings: dict = ONNXRUNTIME_SETTINGS) -> int:
     """Integer-matmul nodes in the graph onnxruntime runs for the model at `path`, after its extended optimisation.
 
@@ -450,6 +477,9 @@ def _verify(subnet, staging: Path, report: OnnxExportReport) -> None:
     from ..runtime import OnnxSamModel
 
     sample = _sample_inputs(subnet.config.vision_config.image_size)
+    if _is_semantic(subnet):
+        _verify_semantic(subnet, staging, sample, report)
+        return
     model = OnnxSamModel.from_pretrained(staging)
     prompts = {key: sample[key] for key in ("input_boxes", "input_points", "input_labels")}
     with torch.no_grad():
@@ -463,4 +493,26 @@ def _verify(subnet, staging: Path, report: OnnxExportReport) -> None:
     report.subnet_embedding_scale = float(np.abs(reference_embeddings).mean())
     report.mask_iou = float(mask_iou(torch.from_numpy(outputs.pred_masks), reference.pred_masks > 0).mean())
     report.num_sample_images = len(sample["pixel_values"])
+    report.integer_matmul_nodes = count_integer_matmuls(staging / VISION_ENCODER_NAME)
+
+
+def _verify_semantic(subnet, staging: Path, sample: dict, report: OnnxExportReport) -> None:
+    from ..runtime_semantic import OnnxSamForSemanticSegmentation
+    from ..metrics.semantic import SemanticAreas
+
+    model = OnnxSamForSemanticSegmentation.from_pretrained(staging)
+    pixel_values = sample["pixel_values"]
+    with torch.no_grad():
+        reference = subnet(pixel_values=torch.from_numpy(pixel_values)).logits
+        reference_embeddings = subnet.get_image_embeddings(torch.from_numpy(pixel_values)).numpy()
+    embeddings = model.get_image_embeddings(pixel_values)
+    logits = model(image_embeddings=embeddings).logits
+    error = np.abs(embeddings - reference_embeddings)
+    report.embedding_mean_abs_error = float(error.mean())
+    report.embedding_max_abs_error = float(error.max())
+    report.subnet_embedding_scale = float(np.abs(reference_embeddings).mean())
+    agreement = SemanticAreas(subnet.config.num_labels)
+    agreement.update(logits.argmax(axis=1), reference.argmax(dim=1).numpy())
+    report.mask_iou = float(agreement.compute()["mean_iou"])
+    report.num_sample_images = len(pixel_values)
     report.integer_matmul_nodes = count_integer_matmuls(staging / VISION_ENCODER_NAME)

@@ -12,6 +12,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..bitops import format_budget
 from ..layout import MANIFEST_NAME, VISION_ENCODER_NAME
+from ..tasks import is_semantic, pipeline_tag
 from .manifest import check_mean_iou, describe_latency_measurement, select_tier
 
 CARD_TAGS = ["mpsupernet", "segment-anything", "sam", "mixed-precision", "quantization", "lora", "bitops"]
@@ -50,14 +51,14 @@ def _hub_url(model_id: str) -> str | None:
 
 
 def _subnet_card_data(
-    summary: dict, base_model: str, dataset_name, dataset_split, license: str, title: str, mean_iou, latency
+    summary: dict, base_model: str, dataset_name, dataset_split, license: str, title: str, mean_iou, latency, task: str
 ) -> ModelCardData:
     """The metadata of a subnet card: provenance, the mIoU as an eval result, BitOPs and the published latency."""
     eval_results = None
     if mean_iou is not None:
         eval_results = [
             EvalResult(
-                task_type="mask-generation",
+                task_type=task,
                 dataset_type=dataset_name,
                 dataset_name=dataset_name,
                 dataset_split=dataset_split,
@@ -66,7 +67,7 @@ def _subnet_card_data(
                 metric_value=round(float(mean_iou), 6),
             )
         ]
-    card_data = _card_data(base_model, dataset_name, license, title, eval_results)
+    card_data = _card_data(base_model, dataset_name, license, title, eval_results, task)
     # BitOPs in the metadata let the Hub's search and `load_subnet` read the cost without parsing the body.
     card_data.bitops = summary["bitops"]
     card_data.bitops_share_of_full_precision = round(summary["share_of_full_precision"], 6)
@@ -134,7 +135,10 @@ def render_subnet_card(
     summary = report.summary()
     gbitops = summary["gbitops"]
     title = f"{base_model.split('/')[-1]} mixed-precision subnet, {gbitops:.3g} GBitOPs"
-    card_data = _subnet_card_data(summary, base_model, dataset_name, dataset_split, license, title, mean_iou, latency)
+    task = pipeline_tag(subnet.config)
+    card_data = _subnet_card_data(
+        summary, base_model, dataset_name, dataset_split, license, title, mean_iou, latency, task
+    )
     subfolder = subfolder if repo_id else None
     return _render_card(
         "subnet_card.md",
@@ -159,6 +163,8 @@ def render_subnet_card(
         image_size=subnet.config.vision_config.image_size,
         file_bytes=dict(file_bytes or {}),
         latency=latency,
+        semantic=is_semantic(subnet.config),
+        id2label=getattr(subnet.config, "id2label", None),
         latency_limits=_latency_limits(manifest, subfolder, latency) if repo_id else None,
     )
 
@@ -213,7 +219,7 @@ def render_supernet_card(
     card_data = ModelCardData(
         base_model=config.base_model_name_or_path,
         base_model_relation="finetune" if config.base_model_name_or_path else None,
-        pipeline_tag="mask-generation",
+        pipeline_tag=pipeline_tag(config),
         library_name="mpsupernet",
         license=license,
         tags=CARD_TAGS + ["supernet"],
@@ -271,11 +277,13 @@ def card_provenance(models, base_model: str | None, dataset_name: str | None) ->
     return base_model, dataset_name
 
 
-def _card_data(base_model: str, dataset_name: str | None, license: str, title: str, eval_results) -> ModelCardData:
+def _card_data(
+    base_model: str, dataset_name: str | None, license: str, title: str, eval_results, task: str = "mask-generation"
+) -> ModelCardData:
     return ModelCardData(
         base_model=base_model,
         base_model_relation="quantized",
-        pipeline_tag="mask-generation",
+        pipeline_tag=task,
         library_name="mpsupernet",
         license=license,
         tags=CARD_TAGS,

@@ -10,6 +10,7 @@ from transformers.utils import logging
 from .._hub_ids import check_hub_id, finding_on_the_hub
 from ..bitops import parse_budget
 from ..layout import CONFIG_NAME, MANIFEST_NAME, VISION_ENCODER_NAME
+from ..tasks import onnx_model_class, subnet_class
 from .manifest import TIERS_SOURCE, read_tiers_manifest, select_tier
 
 logger = logging.get_logger(__name__)
@@ -117,15 +118,21 @@ def _resolve_commit(repo_id: str, revision: str | None, token, cache_dir) -> str
     return Path(path).parent.name  # <cache>/models--<namespace>--<name>/snapshots/<commit>/tiers.json
 
 
-def _load_tier(manifest: dict, max_bitops, where: str, source, *, max_latency_ms, runtime, **kwargs):
-    from ..modeling_sam_subnet import SamSubnetForMaskGeneration
+def _tier_config(source, subfolder: str, kwargs: dict) -> dict:
+    """The `config.json` of a tier (a promptable or a semantic subnet), read before its weights."""
+    from transformers import PretrainedConfig
 
+    if isinstance(source, Path):
+        return PretrainedConfig.get_config_dict(source / subfolder)[0]
+    hub = {key: kwargs[key] for key in ("revision", "token") if key in kwargs}
+    return PretrainedConfig.get_config_dict(source, subfolder=subfolder, **hub)[0]
+
+
+def _load_tier(manifest: dict, max_bitops, where: str, source, *, max_latency_ms, runtime, **kwargs):
     tier = select_tier(manifest, max_bitops, max_latency_ms=max_latency_ms)
     entry = manifest["tiers"][tier]
     subfolder = entry["subfolder"]
     if runtime != "pytorch":
-        from ..runtime import OnnxSamModel
-
         if VISION_ENCODER_NAME not in (entry["file_bytes"] or {}):
             raise ValueError(
                 f"Tier {tier!r} of {where} has no ONNX export (it was saved with `export_onnx=False`); load it with "
@@ -142,12 +149,13 @@ def _load_tier(manifest: dict, max_bitops, where: str, source, *, max_latency_ms
                     f"Tier {tier!r} of {MANIFEST_NAME} in {where} names the subfolder {subfolder!r}, which holds no "
                     "subnet (no config.json)."
                 )
+        config = _tier_config(source, subfolder, kwargs)
         if runtime != "pytorch":
-            model = OnnxSamModel.from_pretrained(source, subfolder=subfolder, runtime=runtime, **kwargs)
+            model = onnx_model_class(config).from_pretrained(source, subfolder=subfolder, runtime=runtime, **kwargs)
         elif isinstance(source, Path):
-            model = SamSubnetForMaskGeneration.from_pretrained(source / subfolder, **kwargs)
+            model = subnet_class(config).from_pretrained(source / subfolder, **kwargs)
         else:
-            model = SamSubnetForMaskGeneration.from_pretrained(source, subfolder=subfolder, **kwargs)
+            model = subnet_class(config).from_pretrained(source, subfolder=subfolder, **kwargs)
     except FileNotFoundError as error:
         if isinstance(source, Path):
             raise

@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard
 
 from ..atomic import parents_made, remove_stale_staging, replace_folder, write_file_atomic, writer_lock
 from ..layout import CARD_NAME, GENERATION_PREFIX, MANIFEST_NAME
+from ..tasks import onnx_model_class, pipeline_tag
 from .cards import card_provenance, render_subnet_card, render_tiers_card
 from .manifest import (
     MANIFEST_FORMAT_VERSION,
@@ -25,6 +26,8 @@ from .manifest import (
 
 # Tier names start with a letter or digit, so these never collide with one.
 GENERATION_PATTERN = re.compile(rf"^{GENERATION_PREFIX}(\d+)$")
+SUBNET_MODEL_TYPES = ("sam_subnet", "sam_semantic_subnet")
+"""The `model_type`s a tier may have: an extracted promptable or semantic segmentation subnet."""
 
 
 def save_subnet_with_card(subnet, save_directory: str | os.PathLike, **card_kwargs) -> ModelCard:
@@ -220,13 +223,13 @@ def export_and_measure_tier(subnet, folder: str | os.PathLike, onnx_options: Map
     import onnxruntime as ort
 
     from ..export.writer import write_onnx_files
-    from ..runtime import OnnxSamModel, measure_latency
+    from ..runtime import measure_latency
 
     export = {key: onnx_options[key] for key in ("target", "weight_container", "opset")}
     subnet.write_model_folder(Path(folder), export=lambda folder: write_onnx_files(subnet, folder, **export))
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = onnx_options["threads"]
-    model = OnnxSamModel.from_pretrained(folder, session_options=session_options)
+    model = onnx_model_class(subnet.config).from_pretrained(folder, session_options=session_options)
     measurement = measure_latency(model, runs=onnx_options["runs"]).to_dict()
     return {"latency_ms": measurement.pop("ms_per_image"), "latency_measurement": measurement}
 
@@ -320,10 +323,17 @@ def _check_tiers(tiers: Mapping[str, object], mean_ious: Mapping[str, float]) ->
                 f"Tier name {name!r} is reserved for a file of the tiers repository ({sorted(RESERVED_NAMES)}); "
                 "choose another."
             )
-        if getattr(getattr(subnet, "config", None), "model_type", None) != "sam_subnet":
+        if getattr(getattr(subnet, "config", None), "model_type", None) not in SUBNET_MODEL_TYPES:
             raise ValueError(
-                f"Tier {name!r} is a {type(subnet).__name__}, not an extracted SamSubnetForMaskGeneration."
+                f"Tier {name!r} is a {type(subnet).__name__}, not an extracted SamSubnetForMaskGeneration (or "
+                "SamSubnetForSemanticSegmentation)."
             )
+    tasks = {name: pipeline_tag(subnet.config) for name, subnet in tiers.items()}
+    if len(set(tasks.values())) > 1:
+        raise ValueError(
+            f"The tiers mix tasks ({tasks}): one tiers repository serves one task, so that `load_subnet` returns the "
+            "same kind of model under every budget. Save promptable and semantic tiers apart."
+        )
     unknown = sorted(set(mean_ious) - set(tiers))
     if unknown:
         raise ValueError(f"`mean_ious` names tiers {unknown} that are not among {sorted(tiers)}.")

@@ -15,6 +15,7 @@ from .semantic import SemanticAreas, intersect_and_union, mean_iou, reduce_label
 
 _LAZY_NAMES = {
     "evaluate_dataset_mean_iou": "evaluation",
+    "evaluate_dataset_semantic_mean_iou": "evaluation",
     "evaluate_mean_iou": "evaluation",
     "evaluate_real3_mean_iou": "evaluation",
     "evaluate_semantic_mean_iou": "evaluation",

@@ -219,6 +219,26 @@ def evaluate_semantic_mean_iou(
     return areas.compute()
 
 
+def evaluate_dataset_semantic_mean_iou(
+    model: Any, dataset, batch_size: int = 8, show_progress: bool = False, **evaluate_kwargs
+) -> dict[str, float | np.ndarray]:
+    """[`evaluate_semantic_mean_iou`] on a dataset in the semantic schema (`image`, `annotation`), preprocessed with
+    `mpsupernet.data.SemanticSegmentationPreprocessor` at the model's input size (`model.config`).
+
+    Args:
+        model: a `SamSupernetForSemanticSegmentation` or `SamSubnetForSemanticSegmentation`.
+        dataset (`datasets.Dataset`): the examples, without a transform.
+        batch_size (`int`, *optional*, defaults to 8): images per batch.
+        show_progress, evaluate_kwargs: see `evaluate_semantic_mean_iou` (`subnet`, `reduce_labels`, ...).
+    """
+    from ..data.semantic import SemanticSegmentationPreprocessor
+
+    loader = torch.utils.data.DataLoader(
+        dataset.with_transform(SemanticSegmentationPreprocessor(model.config)), batch_size=batch_size, collate_fn=collate_fn
+    )
+    return evaluate_semantic_mean_iou(model, loader, show_progress=show_progress, **evaluate_kwargs)
+
+
 def evaluate_real3_mean_iou(model: Any, dataset=None, seed: int = 0) -> dict[str, float]:
     """Box-prompt mean IoU on real-3 (`mpsupernet.data.load_real3_dataset`): per domain and over all instances.
 

@@ -299,7 +299,8 @@ def _log_generation(generation: int, generations: int, evaluations: _Evaluations
 def make_miou_evaluator(
     supernet, dataloader, accelerator=None, max_batches: int | None = None
 ) -> Callable[[SubnetArchitecture], float]:
-    """An `evaluate` for `evolutionary_search`: activates an architecture and measures its mean IoU.
+    """An `evaluate` for `evolutionary_search`: activates an architecture and measures its mean IoU (for a
+    `SamSupernetForSemanticSegmentation`, the dataset-level class mIoU of `mpsupernet.metrics.evaluate_semantic_mean_iou`).
 
     Args:
         supernet (`SamSupernetForMaskGeneration`): the supernet to run.
@@ -314,7 +315,8 @@ def make_miou_evaluator(
         `Callable[[SubnetArchitecture], float]`: the subnet active before a call is active again after it.
     """
     # Imported here: the evaluation loops pull in the data pipeline, which the search itself does not need.
-    from ..metrics.evaluation import evaluate_mean_iou
+    from ..metrics.evaluation import evaluate_mean_iou, evaluate_semantic_mean_iou
+    from ..modeling_sam_semantic import SamSupernetForSemanticSegmentation
 
     autocast = contextlib.nullcontext
     if accelerator is not None:
@@ -324,6 +326,12 @@ def make_miou_evaluator(
 
     def evaluate(arch: SubnetArchitecture) -> float:
         with autocast():
+            if isinstance(supernet, SamSupernetForSemanticSegmentation):
+                return float(
+                    evaluate_semantic_mean_iou(
+                        supernet, dataloader, max_batches=max_batches, show_progress=False, subnet=arch
+                    )["mean_iou"]
+                )
             return evaluate_mean_iou(supernet, dataloader, max_batches=max_batches, show_progress=False, subnet=arch)
 
     return evaluate
@@ -354,10 +362,11 @@ def run_search(
 
     Args:
         supernet_path_or_model (`str`, `os.PathLike` or `SamSupernetForMaskGeneration`): what
-            `mpsupernet.modeling_sam_supernet.load_supernet` reads: a supernet, a folder or Hub repo id of one, or a
-            shipped SAM's name (a new supernet of it).
+            `mpsupernet.tasks.load_task_supernet` reads: a supernet, a folder or Hub repo id of one (promptable or
+            semantic), or a shipped SAM's name (a new promptable supernet of it).
         dataset (`datasets.Dataset`): validation examples in the standard schema (`image`, `masks`, `image_id`);
-            prompts are sampled by `SamSegmentationPreprocessor` with `seed`, the same for every architecture.
+            prompts are sampled by `SamSegmentationPreprocessor` with `seed`, the same for every architecture. A
+            semantic supernet takes the semantic schema (`image`, `annotation`) and is scored by class mIoU.
         output_dir (`str` or `os.PathLike`): where to write the front.
         population_size, generations, max_bitops, seed, algorithm, latency_model, max_latency_ms, max_weight_bytes: see
             `evolutionary_search` (with a latency model the front's JSON and plot carry predicted latency).
@@ -370,8 +379,9 @@ def run_search(
     """
     from torch.utils.data import DataLoader
 
-    from ..data import SamSegmentationPreprocessor, collate_fn
+    from ..data import SamSegmentationPreprocessor, SemanticSegmentationPreprocessor, check_dataset_task, collate_fn
     from ..data import dataset_name as name_of_dataset
+    from ..modeling_sam_semantic import SamSupernetForSemanticSegmentation
 
     if eval_batch_size < 1:
         raise ValueError(f"`eval_batch_size` must be at least 1, got {eval_batch_size}.")
@@ -380,15 +390,20 @@ def run_search(
     ):
         # 0 would evaluate nothing: every architecture's mean IoU would be NaN, refused only at the first one.
         raise ValueError(f"`max_eval_batches` must be a positive integer or None, got {max_eval_batches!r}.")
-    from ..modeling_sam_supernet import load_supernet
+    from ..tasks import load_task_supernet
 
-    supernet = load_supernet(supernet_path_or_model, seed=seed)
+    supernet = load_task_supernet(supernet_path_or_model, seed=seed)
+    semantic = isinstance(supernet, SamSupernetForSemanticSegmentation)
+    check_dataset_task(dataset, "dataset", semantic)
     if accelerator is None:
         from accelerate import Accelerator
 
         accelerator = Accelerator()
     supernet.eval()
-    preprocessor = SamSegmentationPreprocessor(supernet.config, seed=seed)
+    if semantic:
+        preprocessor = SemanticSegmentationPreprocessor(supernet.config)
+    else:
+        preprocessor = SamSegmentationPreprocessor(supernet.config, seed=seed)
     dataloader = DataLoader(
         dataset.with_transform(preprocessor), batch_size=eval_batch_size, shuffle=False, collate_fn=collate_fn
     )

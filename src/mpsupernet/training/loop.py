@@ -28,6 +28,8 @@ from transformers import get_scheduler
 from transformers.utils import logging
 
 from ..data.processing import SamSegmentationPreprocessor, collate_fn, remove_examples_without_masks
+from ..data.semantic import SemanticSegmentationPreprocessor, check_dataset_task
+from ..modeling_sam_semantic import SamSupernetForSemanticSegmentation
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from .arguments import SupernetTrainingArguments
 from .engine import check_engine
@@ -74,7 +76,7 @@ def _check_dataset(dataset, name: str, preprocessor: SamSegmentationPreprocessor
             "data itself. Pass the dataset in the standard schema without a transform, and your "
             "`SamSegmentationPreprocessor` as `preprocessor=`."
         )
-    required = [preprocessor.image_column, preprocessor.masks_column]
+    required = preprocessor.required_columns
     missing = [column for column in required if column not in dataset.column_names]
     if missing:
         raise ValueError(
@@ -124,7 +126,7 @@ def train_supernet(
     eval_dataset: Dataset | None = None,
     *,
     args: SupernetTrainingArguments,
-    preprocessor: SamSegmentationPreprocessor | None = None,
+    preprocessor: SamSegmentationPreprocessor | SemanticSegmentationPreprocessor | None = None,
 ) -> dict:
     """Trains a supernet with the sandwich rule in an Accelerate loop and saves it with `save_pretrained`.
 
@@ -148,13 +150,17 @@ def train_supernet(
     Args:
         model (`SamSupernetForMaskGeneration`): the supernet to train (in place).
         train_dataset (`datasets.Dataset`): examples in the standard schema (`image`, `masks`, `image_id`; see
-            `mpsupernet.data`), without a transform. Examples without a non-empty mask are removed first.
-        eval_dataset (`datasets.Dataset`, *optional*): the same schema; if given, the mean mask IoU of the largest
-            and the smallest subnets is measured before and after training.
+            `mpsupernet.data`), without a transform. Examples without a non-empty mask are removed first. A
+            `SamSupernetForSemanticSegmentation` trains on the semantic schema (`image`, `annotation`) instead, and
+            a dataset of the other task is refused.
+        eval_dataset (`datasets.Dataset`, *optional*): the same schema; if given, the mean mask IoU (semantic: the
+            dataset-level class mIoU) of the largest and the smallest subnets is measured before and after training.
         args (`SupernetTrainingArguments`): the run's settings, as for `SupernetTrainer` (any `TrainingArguments`
             is read as `SupernetTrainingArguments` with the default supernet options).
         preprocessor (`SamSegmentationPreprocessor`, *optional*): how examples become prompts and targets; defaults
-            to box prompts, 4 per image, seeded with `seed`. Evaluation uses a copy of it fixed at epoch 0.
+            to box prompts, 4 per image, seeded with `seed` (for a `SamSupernetForSemanticSegmentation`, a
+            `SemanticSegmentationPreprocessor`: images and label maps, no prompts). Evaluation uses a copy of it
+            fixed at epoch 0.
 
     Returns:
         `dict`: `steps` (optimizer steps reached), `resumed_from_step`, `seconds` (training time of this call),
@@ -167,7 +173,15 @@ def train_supernet(
     if not isinstance(model, SamSupernetForMaskGeneration):
         raise TypeError(f"train_supernet trains a SamSupernetForMaskGeneration, got {type(model).__name__}.")
     _check_arguments(args)
-    preprocessor = preprocessor or SamSegmentationPreprocessor(model.config, seed=args.seed)
+    semantic = isinstance(model, SamSupernetForSemanticSegmentation)
+    check_dataset_task(train_dataset, "train_dataset", semantic)
+    check_dataset_task(eval_dataset, "eval_dataset", semantic)
+    if preprocessor is None:
+        preprocessor = (
+            SemanticSegmentationPreprocessor(model.config)
+            if semantic
+            else SamSegmentationPreprocessor(model.config, seed=args.seed)
+        )
     vision = model.config.vision_config
     if (preprocessor.image_size, preprocessor.patch_size) != (vision.image_size, vision.patch_size):
         raise ValueError(
@@ -223,14 +237,18 @@ class _AccelerateLoop:
 
     def prepare_data(self, train_dataset: Dataset, eval_dataset: Dataset | None) -> None:
         """The training dataloader and, with `eval_dataset`, this process's shard of the evaluation data."""
-        accelerator, masks_column = self.accelerator, self.preprocessor.masks_column
-        with accelerator.main_process_first():
-            self.train_data = remove_examples_without_masks(train_dataset, masks_column=masks_column)
-            eval_data = (
-                remove_examples_without_masks(eval_dataset, masks_column=masks_column)
-                if eval_dataset is not None
-                else None
-            )
+        accelerator = self.accelerator
+        self.train_data, eval_data = train_dataset, eval_dataset
+        if isinstance(self.preprocessor, SamSegmentationPreprocessor):
+            # Label maps always have pixels to train on; per-object masks may all be empty.
+            masks_column = self.preprocessor.masks_column
+            with accelerator.main_process_first():
+                self.train_data = remove_examples_without_masks(train_dataset, masks_column=masks_column)
+                eval_data = (
+                    remove_examples_without_masks(eval_dataset, masks_column=masks_column)
+                    if eval_dataset is not None
+                    else None
+                )
         if len(self.train_data) == 0:
             raise ValueError("`train_dataset` has no example with a non-empty mask; there is nothing to train on.")
         self.train_loader = DataLoader(

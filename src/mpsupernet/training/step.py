@@ -14,10 +14,12 @@ from torch import nn
 
 from ..architecture import SubnetArchitecture, parameter_kind
 from ..data.processing import MODEL_INPUT_NAMES
-from ..metrics.evaluation import evaluate_mean_iou
+from ..metrics.evaluation import evaluate_mean_iou, evaluate_semantic_mean_iou
+from ..modeling_sam_semantic import SamSupernetForSemanticSegmentation
 from ..modeling_sam_supernet import SamSupernetForMaskGeneration
 from .losses import DISTILLATION_KINDS, mask_distillation_loss, sam_loss
 from .sampling import ProgressiveBitsSchedule
+from .semantic import check_semantic_batch, semantic_training_step
 
 
 DISTILLATION_TEACHERS = ("largest", "full_precision")
@@ -120,7 +122,15 @@ def _defer_gradient_sync(accelerator: Accelerator, model: nn.Module):
         gradient_state._set_sync_gradients(True)
 
 
-def _check_step_inputs(batch: dict, archs: dict, distillation: str | None, distillation_kind: str) -> None:
+def check_batch_for(supernet, batch: dict) -> None:
+    """Raises a `ValueError` naming what is missing if `batch` cannot train `supernet` (its task's inputs)."""
+    if isinstance(supernet, SamSupernetForSemanticSegmentation):
+        check_semantic_batch(batch)
+    else:
+        check_training_batch(batch)
+
+
+def _check_step_inputs(supernet, batch: dict, archs: dict, distillation: str | None, distillation_kind: str) -> None:
     check_distillation(distillation, distillation_kind)
     if not archs:
         raise ValueError("`archs` is empty; give at least one subnet to train.")
@@ -129,7 +139,7 @@ def _check_step_inputs(batch: dict, archs: dict, distillation: str | None, disti
             f"With distillation='largest' the first subnet must be named 'largest' (it is the teacher); got the "
             f"order {list(archs)}."
         )
-    check_training_batch(batch)
+    check_batch_for(supernet, batch)
 
 
 @torch.no_grad()
@@ -192,8 +202,22 @@ def supernet_training_step(
     Returns:
         `SandwichStepOutput` with each subnet's (detached, unscaled) losses.
     """
-    _check_step_inputs(batch, archs, distillation, distillation_kind)
     supernet = accelerator.unwrap_model(model)
+    _check_step_inputs(supernet, batch, archs, distillation, distillation_kind)
+    if isinstance(supernet, SamSupernetForSemanticSegmentation):
+        losses, distillation_losses = semantic_training_step(
+            model,
+            batch,
+            archs,
+            accelerator=accelerator,
+            defer_gradient_sync=_defer_gradient_sync,
+            loss_scale=loss_scale,
+            distillation=distillation,
+            distillation_kind=distillation_kind,
+            distillation_weight=distillation_weight,
+            backward_kwargs=backward_kwargs,
+        )
+        return SandwichStepOutput(losses=losses, distillation_losses=distillation_losses)
     inputs = {name: batch[name] for name in MODEL_INPUT_NAMES if name in batch}
     targets = batch["ground_truth_masks"]
     teacher_logits = None
@@ -223,7 +247,8 @@ def supernet_training_step(
 def evaluate_subnets(
     model: nn.Module, dataloader, archs: dict[str, SubnetArchitecture], **evaluate_kwargs
 ) -> dict[str, float]:
-    """Mean mask IoU of each subnet on a dataloader (`mpsupernet.metrics.evaluate_mean_iou` with `subnet`).
+    """Mean mask IoU of each subnet on a dataloader (`mpsupernet.metrics.evaluate_mean_iou` with `subnet`); for a
+    semantic supernet, the dataset-level class mIoU (`mpsupernet.metrics.evaluate_semantic_mean_iou`).
 
     The model's active subnet is restored afterwards.
 
@@ -236,6 +261,15 @@ def evaluate_subnets(
     Returns:
         `dict[str, float]`: the mean IoU of each subnet.
     """
+    if isinstance(model, SamSupernetForSemanticSegmentation):
+        # A class head has no prompts, so it takes no `multimask_output`.
+        kwargs = {key: value for key, value in evaluate_kwargs.items() if key != "multimask_output"}
+        return {
+            name: evaluate_semantic_mean_iou(
+                model, dataloader, subnet=arch, description=f"class mIoU of the {name} subnet", **kwargs
+            )["mean_iou"]
+            for name, arch in archs.items()
+        }
     return {
         name: evaluate_mean_iou(
             model, dataloader, subnet=arch, description=f"mIoU of the {name} subnet", **evaluate_kwargs

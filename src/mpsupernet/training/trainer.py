@@ -30,7 +30,7 @@ from .policies import (
 from .resume import mark_complete, resolve_checkpoint
 from .step import (
     check_distributed_support,
-    check_training_batch,
+    check_batch_for,
     evaluate_subnets,
     is_quantizer_parameter,
     supernet_training_step,
@@ -242,7 +242,7 @@ class SupernetTrainer(Trainer):
                 "A training batch is empty: every example in it has no non-empty mask. Remove such examples before "
                 "training with `mpsupernet.data.remove_examples_without_masks(dataset)`."
             )
-        check_training_batch(inputs)
+        check_batch_for(self.accelerator.unwrap_model(model), inputs)
         step = self.state.global_step
         fraction = min(step / self.state.max_steps, 1.0)
         self.sampler.schedule.initialize_new_bits(self.accelerator.unwrap_model(model), fraction)
