@@ -85,7 +85,8 @@ class QuantizedSamVisionAttention(SamVisionAttention):
         chunk_rows = query_chunk_rows(query.shape[0], tokens, tokens, self.chunk_elements)
         # Returned weights and dropout (whose mask a recomputation would not repeat) need the whole path.
         whole_only = bool(output_attentions) or (self.training and self.dropout > 0)
-        chunked = chunk_rows < tokens and not whole_only
+        # A meta tensor (pricing with torch's flop counter) holds no memory: the whole path counts the same products.
+        chunked = chunk_rows < tokens and not whole_only and query.device.type != "meta"
         if self.use_sdpa and not self.probs_quantizer.is_quantizing and not output_attentions and not chunked:
             bias = self.relative_position_bias(query, *self.core_parameters()[:2], height, width)
             attn_output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
