@@ -255,9 +255,9 @@ def test_the_shipped_sams_stay_below_the_default_chunk_budget(name):
     """The demo and the quality benchmark (shipped SAMs, batches of at most 8 images) run every attention whole, on
     the code that ran before chunking existed, so their figures reproduce as they were."""
     from mpsupernet.demo import BATCH_SIZE
-    from mpsupernet.pretrained import embedded_sam_config
+    from mpsupernet.pretrained import shipped_sam_config
 
-    vision = embedded_sam_config(name).vision_config
+    vision = shipped_sam_config(name).vision_config
     tokens = (vision.image_size // vision.patch_size) ** 2
     batch_heads = max(BATCH_SIZE, 8) * vision.num_attention_heads
     budget = SamSupernetConfig().attention_chunk_elements
